@@ -1,0 +1,180 @@
+"""Decode kernels on the GPU against the fp32 reference (nox -s test-cuda / test-hip).
+
+Every case: fresh random inputs, the output pre-filled with NaN (poisoned) and passed as `out=`,
+so an element the kernel fails to write fails the test. Tolerances (max abs error against the
+fp32 reference, outputs are O(1)): fp16 2e-3, bf16 1.6e-2 (a few ulps of each format at 1.0).
+"""
+
+import pytest
+import torch
+
+import ikport
+from ikport import reference
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nox -s test-cuda)"),
+]
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DEV = "cuda"
+
+
+def rand(*shape, dtype, gen):
+    return torch.randn(*shape, generator=gen, device=DEV, dtype=torch.float32).to(dtype)
+
+
+def poisoned(q):
+    return torch.full_like(q, float("nan"))
+
+
+def check(out, ref, dtype):
+    assert torch.isfinite(out).all(), "kernel left NaN (unwritten or bad math)"
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= TOL[dtype], f"max abs error {err:.3e} > {TOL[dtype]:.1e}"
+
+
+def case(B, Hq, Hkv, Tq, L, D, dtype, seed, lens="random"):
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q = rand(B, Hq, Tq, D, dtype=dtype, gen=g)
+    k = rand(B, Hkv, L, D, dtype=dtype, gen=g)
+    v = rand(B, Hkv, L, D, dtype=dtype, gen=g)
+    if lens == "full":
+        kv_lens = torch.full((B,), L, dtype=torch.int32, device=DEV)
+    else:  # all different where possible, the first sequence full
+        kv_lens = torch.randint(1, L + 1, (B,), generator=g, device=DEV, dtype=torch.int32)
+        kv_lens[0] = L
+    return q, k, v, kv_lens
+
+
+SHAPES = [  # B, Hq, Hkv, Tq, L, D
+    (1, 1, 1, 1, 1, 64), (2, 8, 8, 1, 7, 128), (3, 8, 4, 1, 4097, 128), (4, 32, 8, 1, 1000, 128),
+    (2, 12, 4, 1, 333, 64), (1, 16, 2, 1, 9000, 128), (5, 8, 1, 1, 515, 128),
+    (2, 4, 2, 1, 300, 80), (2, 4, 2, 1, 300, 96), (2, 4, 2, 1, 300, 112), (2, 4, 2, 1, 300, 192),
+    (2, 8, 2, 1, 2049, 256), (1, 32, 8, 1, 32768, 128), (2, 16, 1, 1, 100, 16),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-T{}-L{}-D{}".format(*s))
+@pytest.mark.parametrize("variant", ["split", "split1"])
+def test_decode_matches_reference(shape, dtype, variant):
+    q, k, v, lens = case(*shape, dtype, seed=hash(shape) % 1000)
+    out = poisoned(q)
+    ikport.attention(q, k, v, kv_lens=lens, out=out, variant=variant)
+    check(out, reference.attention(q, k, v, kv_lens=lens), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 8, 2, 1, 129, 128), (1, 4, 4, 3, 50, 64), (3, 6, 2, 1, 1, 128)])
+def test_naive_matches_reference(shape, dtype):
+    q, k, v, lens = case(*shape, dtype, seed=7)
+    out = poisoned(q)
+    ikport.attention(q, k, v, kv_lens=lens, out=out, variant="naive")
+    check(out, reference.attention(q, k, v, kv_lens=lens), dtype)
+
+
+@pytest.mark.parametrize("Tq", [2, 4, 7])
+@pytest.mark.parametrize("causal", [True, False])
+def test_multi_token_queries(Tq, causal):
+    q, k, v, lens = case(3, 8, 2, Tq, 700, 128, torch.float16, seed=Tq)
+    lens[1] = Tq  # shortest length that keeps every causal row non-empty
+    out = poisoned(q)
+    ikport.attention(q, k, v, kv_lens=lens, causal=causal, out=out)
+    check(out, reference.attention(q, k, v, kv_lens=lens, causal=causal), torch.float16)
+
+
+@pytest.mark.parametrize("variant", ["split", "split1", "naive"])
+def test_zero_length_sequence_gives_zeros(variant):
+    q, k, v, lens = case(3, 8, 2, 1, 600, 128, torch.float16, seed=3)
+    lens[1] = 0
+    out = poisoned(q)
+    ikport.attention(q, k, v, kv_lens=lens, out=out, variant=variant)
+    assert torch.all(out[1] == 0)
+    check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
+
+
+def test_lengths_past_the_cache_are_clamped():
+    q, k, v, _ = case(2, 8, 2, 1, 300, 128, torch.float16, seed=4)
+    lens = torch.tensor([10_000, -5], dtype=torch.int32, device=DEV)
+    out = ikport.attention(q, k, v, kv_lens=lens)
+    check(out, reference.attention(q, k, v, kv_lens=lens.clamp(0, 300)), torch.float16)
+
+
+def test_strided_static_cache_slice():
+    """A view into a preallocated [B_max, Hkv, L_max, D] cache, no copy."""
+    g = torch.Generator(device=DEV).manual_seed(5)
+    cache_k = rand(6, 4, 2048, 128, dtype=torch.float16, gen=g)
+    cache_v = rand(6, 4, 2048, 128, dtype=torch.float16, gen=g)
+    k, v = cache_k[1:4, :, :1500], cache_v[1:4, :, :1500]
+    assert not k.is_contiguous()
+    q = rand(3, 16, 1, 128, dtype=torch.float16, gen=g)
+    lens = torch.tensor([1500, 700, 1], dtype=torch.int32, device=DEV)
+    out = poisoned(q)
+    ikport.attention(q, k, v, kv_lens=lens, out=out)
+    check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
+
+
+def test_query_head_strides():
+    """q as a transposed view of [B, Tq, Hq, D] (the layout a QKV projection produces)."""
+    g = torch.Generator(device=DEV).manual_seed(6)
+    q = rand(2, 1, 16, 128, dtype=torch.float16, gen=g).transpose(1, 2)
+    _, k, v, lens = case(2, 16, 4, 1, 900, 128, torch.float16, seed=6)
+    out = poisoned(torch.empty(2, 16, 1, 128, dtype=torch.float16, device=DEV))
+    ikport.attention(q, k, v, kv_lens=lens, out=out)
+    check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("page_size", [1, 16, 256])
+@pytest.mark.parametrize("variant", ["split", "naive"])
+def test_paged_matches_reference(page_size, dtype, variant):
+    q, k, v, lens = case(3, 16, 4, 1, 1100, 128, dtype, seed=page_size)
+    g = torch.Generator().manual_seed(page_size)
+    kp, vp, bt = ikport.paged_kv_from_dense(k, v, page_size, generator=g)
+    out = poisoned(q)
+    ikport.paged_attention(q, kp, vp, bt, lens, out=out, variant=variant)
+    check(out, reference.attention(q, k, v, kv_lens=lens), dtype)
+
+
+def test_cuda_graph_replay_is_bit_identical_to_eager():
+    q, k, v, lens = case(4, 32, 8, 1, 4096, 128, torch.float16, seed=8)
+    out = torch.empty_like(q)
+    ikport.attention(q, k, v, kv_lens=lens, out=out)  # compile and plan outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        ikport.attention(q, k, v, kv_lens=lens, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    for new_lens in ([4096, 1, 2000, 3333], [17, 4096, 0, 1024]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = ikport.attention(q, k, v, kv_lens=lens)
+        assert torch.equal(out, eager)
+        check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("b_transposed", [False, True])
+def test_matrix_shim_tile_product(dtype, b_transposed):
+    """The mma shim (ldmatrix + mma.sync here) computes A @ B exactly as fp32 would."""
+    from ikport import manifest
+    from ikport.dispatch import backend_for
+    from ikport.kernels import MmaTileParams, get_kernel
+
+    M, N, K = 48, 64, 80
+    g = torch.Generator(device=DEV).manual_seed(9)
+    a = rand(M, K, dtype=dtype, gen=g)
+    b = rand(N, K, dtype=dtype, gen=g) if b_transposed else rand(K, N, dtype=dtype, gen=g)
+    c = torch.full((M, N), float("nan"), device=DEV)
+    be = backend_for(a.device)
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    kern = get_kernel(manifest.spec("mma_tile", "tile", dtype=name, b_transposed=b_transposed), be, 0)
+    warp = be.device_info(0).warp_size
+    kern.launch((N // 16, M // 16, 1), (warp, 1, 1), 0,
+                MmaTileParams(a.data_ptr(), b.data_ptr(), c.data_ptr(), M, N, K),
+                torch.cuda.current_stream().cuda_stream)
+    torch.cuda.synchronize()
+    torch.testing.assert_close(c, reference.mma_tile(a, b, b_transposed), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,71 @@
+"""Every manifest kernel compiles for every NVIDIA target with NVRTC, no GPU needed (CPU).
+The AMD targets are compiled in tests/test_amd.py."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ikport import manifest, toolchain
+from ikport.backends.base import CompileError
+from ikport.backends.target import Target
+
+NVIDIA_TARGETS = ["sm_80", "sm_89", "sm_90"]
+
+
+@pytest.fixture(scope="module")
+def nvidia_rows():
+    pytest.importorskip("cuda.bindings", reason="pip install 'ikport[cuda]'")
+    specs = list(manifest.default_instantiations())
+    return toolchain.compile_all(specs, [Target(t) for t in NVIDIA_TARGETS])
+
+
+def test_every_kernel_compiles_for_every_nvidia_target(nvidia_rows):
+    failed = [(r.kernel, r.target, r.error) for r in nvidia_rows if r.status != "ok"]
+    assert not failed
+    assert {r.target for r in nvidia_rows} == set(NVIDIA_TARGETS)
+    assert all(r.registers and r.registers <= 255 for r in nvidia_rows)
+
+
+def test_decode_kernels_do_not_spill(nvidia_rows):
+    spills = [(r.kernel, r.target, r.spill_bytes) for r in nvidia_rows
+              if r.kernel.startswith("attention_decode") and r.spill_bytes]
+    assert not spills
+
+
+def test_matrix_shim_becomes_mma_sync_and_ldmatrix(nvidia_rows):
+    for r in nvidia_rows:
+        if r.kernel.startswith("mma_tile"):
+            assert r.instructions["mma"] == 2, r  # 16x16x16 = two m16n8k16
+            assert r.instructions["ldmatrix"] >= 2, r
+
+
+def test_compile_error_names_kernel_target_options_and_log():
+    pytest.importorskip("cuda.bindings")
+    from ikport.dispatch import get_backend
+
+    with pytest.raises(CompileError) as e:
+        get_backend("cuda").compile("__global__ void broken( { }", ["broken"], ["-DX=1"], Target("sm_90"))
+    msg = str(e.value)
+    assert "broken" in msg and "sm_90" in msg and "-DX=1" in msg and "error" in msg.lower()
+
+
+def test_failed_row_carries_first_error_line(monkeypatch):
+    def boom(*a, **k):
+        raise CompileError("k", Target("sm_90"), [], "ikport.cu(3): error: expected a ;\nmore")
+
+    monkeypatch.setattr(toolchain, "_compile", boom)
+    row = toolchain.compile_one(next(manifest.default_instantiations()), Target("sm_90"))
+    assert row.status == "failed" and "expected a ;" in row.error
+
+
+def test_cli_compile_json():
+    pytest.importorskip("cuda.bindings")
+    out = subprocess.run(
+        [sys.executable, "-m", "ikport", "compile", "--target", "sm_90", "--json", "--filter", "mma_tile"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    rows = json.loads(out)
+    assert len(rows) == 4 and all(r["status"] == "ok" and r["target"] == "sm_90" for r in rows)
+    assert {"kernel", "target", "status", "error"} <= set(rows[0])
