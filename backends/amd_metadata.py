@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .base import KernelResources
 
@@ -29,11 +30,11 @@ def elf_notes(blob: bytes) -> list[tuple[str, int, bytes]]:
     """(owner name, type, descriptor) of every note in the SHT_NOTE sections of a 64-bit ELF."""
     if blob[:4] != b"\x7fELF" or blob[4] != 2 or blob[5] != 1:
         raise ValueError("not a 64-bit little-endian ELF file (an AMD code object is one)")
-    shoff, = struct.unpack_from("<Q", blob, 0x28)
+    (shoff,) = struct.unpack_from("<Q", blob, 0x28)
     shentsize, shnum = struct.unpack_from("<HH", blob, 0x3A)
     notes = []
     for i in range(shnum):
-        sh_type, = struct.unpack_from("<I", blob, shoff + i * shentsize + 4)
+        (sh_type,) = struct.unpack_from("<I", blob, shoff + i * shentsize + 4)
         if sh_type != _SHT_NOTE:
             continue
         offset, size = struct.unpack_from("<QQ", blob, shoff + i * shentsize + 0x18)
@@ -41,15 +42,18 @@ def elf_notes(blob: bytes) -> list[tuple[str, int, bytes]]:
     return notes
 
 
+def _align4(n: int) -> int:  # AMDGPU notes pad the name and the descriptor to 4 bytes
+    return (n + 3) & ~3
+
+
 def _parse_notes(data: bytes) -> list[tuple[str, int, bytes]]:
     out, pos = [], 0
-    align4 = lambda n: (n + 3) & ~3  # noqa: E731 - AMDGPU notes pad name and desc to 4 bytes
     while pos + 12 <= len(data):
         namesz, descsz, ntype = struct.unpack_from("<III", data, pos)
         name = data[pos + 12 : pos + 12 + namesz].rstrip(b"\0").decode(errors="replace")
-        desc_at = pos + 12 + align4(namesz)
+        desc_at = pos + 12 + _align4(namesz)
         out.append((name, ntype, data[desc_at : desc_at + descsz]))
-        pos = desc_at + align4(descsz)
+        pos = desc_at + _align4(descsz)
     return out
 
 
@@ -60,6 +64,7 @@ def unpackb(data: bytes) -> Any:
     return value
 
 
+# fmt: off
 _FIXED = {  # type byte -> (struct format, kind)
     0xCA: (">f", "num"), 0xCB: (">d", "num"),
     0xCC: (">B", "num"), 0xCD: (">H", "num"), 0xCE: (">I", "num"), 0xCF: (">Q", "num"),
@@ -68,6 +73,7 @@ _FIXED = {  # type byte -> (struct format, kind)
     0xC4: (">B", "bin"), 0xC5: (">H", "bin"), 0xC6: (">I", "bin"),
     0xDC: (">H", "array"), 0xDD: (">I", "array"), 0xDE: (">H", "map"), 0xDF: (">I", "map"),
 }
+# fmt: on
 
 
 def _unpack(data: bytes, pos: int) -> tuple[Any, int]:
@@ -88,7 +94,7 @@ def _unpack(data: bytes, pos: int) -> tuple[Any, int]:
     if b not in _FIXED:
         raise ValueError(f"msgpack type 0x{b:02x} at offset {pos - 1} is not supported")
     fmt, kind = _FIXED[b]
-    n, = struct.unpack_from(fmt, data, pos)
+    (n,) = struct.unpack_from(fmt, data, pos)
     pos += struct.calcsize(fmt)
     return (n, pos) if kind == "num" else _unpack_payload(data, pos, kind, n)
 
@@ -139,8 +145,10 @@ def resources_from_metadata(k: dict[str, Any]) -> KernelResources:
 def resources_by_name(blob: bytes, lowered: dict[str, str]) -> dict[str, KernelResources]:
     """Resources of each name expression's kernel (`lowered`: name expression -> symbol)."""
     kernels = kernel_metadata(blob)
-    return {n: resources_from_metadata(kernels[s]) if s in kernels else KernelResources()
-            for n, s in lowered.items()}
+    return {
+        n: resources_from_metadata(kernels[s]) if s in kernels else KernelResources()
+        for n, s in lowered.items()
+    }
 
 
 # ---- name expression -> mangled symbol, through probe kernels ----------------------------------
@@ -148,8 +156,11 @@ def probe_source(names: Sequence[str]) -> str:
     """Text to append to a source: one empty probe kernel per name expression (index i)."""
     if not names:
         return ""
-    lines = ["", "// ---- ikport: one probe per name expression, to find its mangled symbol",
-             f"template <int I, auto F> __global__ void {PROBE_NAME}() {{}}"]
+    lines = [
+        "",
+        "// ---- ikport: one probe per name expression, to find its mangled symbol",
+        f"template <int I, auto F> __global__ void {PROBE_NAME}() {{}}",
+    ]
     lines += [f"template __global__ void {PROBE_NAME}<{i}, &{n}>();" for i, n in enumerate(names)]
     return "\n".join(lines) + "\n"
 
@@ -173,6 +184,8 @@ def lowered_from_probes(blob: bytes, names: Sequence[str]) -> dict[str, str]:
             lowered[names[int(m.group(1))]] = max(inside, key=len)
     missing = [n for n in names if n not in lowered]
     if missing:
-        raise RuntimeError(f"no kernel symbol found for name expression(s) {missing} in the code "
-                           f"object (kernels: {kernels})")
+        raise RuntimeError(
+            f"no kernel symbol found for name expression(s) {missing} in the code "
+            f"object (kernels: {kernels})"
+        )
     return lowered

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import base64
 import ctypes
-import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from . import amd_metadata
 from .base import (
@@ -72,6 +72,8 @@ class HipBackend(Backend):
 
     def __init__(self) -> None:
         self._hip, self._rtc = _import_bindings()
+        self._version: str | None = None
+        self._devices: dict[int, DeviceInfo] = {}
 
     # ---- compile ------------------------------------------------------------------------------
     def _rtc_check(self, result: tuple, what: str) -> Any:
@@ -80,13 +82,14 @@ class HipBackend(Backend):
             raise RuntimeError(f"hipRTC {what} failed: {getattr(err, 'name', err)}")
         return result[1] if len(result) == 2 else result[1:]
 
-    @functools.lru_cache(maxsize=None)
     def compiler_version(self) -> str:
-        major, minor = self._rtc_check(self._rtc.hiprtcVersion(), "version")
-        err, v = self._hip.hipRuntimeGetVersion()  # major * 10^7 + minor * 10^5 + patch
-        ok = err == self._hip.hipError_t.hipSuccess
-        hip_ver = f"{v // 10_000_000}.{v // 100_000 % 100}.{v % 100_000}" if ok else "unknown"
-        return f"hiprtc {major}.{minor} hip {hip_ver} comgr {_comgr_version()}"
+        if self._version is None:
+            major, minor = self._rtc_check(self._rtc.hiprtcVersion(), "version")
+            err, v = self._hip.hipRuntimeGetVersion()  # major * 10^7 + minor * 10^5 + patch
+            ok = err == self._hip.hipError_t.hipSuccess
+            hip = f"{v // 10_000_000}.{v // 100_000 % 100}.{v % 100_000}" if ok else "unknown"
+            self._version = f"hiprtc {major}.{minor} hip {hip} comgr {_comgr_version()}"
+        return self._version
 
     def base_options(self, target: Target) -> list[str]:
         return [f"--offload-arch={target.arch}", "-O3", "-std=c++17"] + [
@@ -99,7 +102,9 @@ class HipBackend(Backend):
         rtc = self._rtc
         opts = self.base_options(target) + list(options)
         text = source + amd_metadata.probe_source(names)
-        prog = self._rtc_check(rtc.hiprtcCreateProgram(text.encode(), b"ikport.hip", 0, [], []), "create")
+        prog = self._rtc_check(
+            rtc.hiprtcCreateProgram(text.encode(), b"ikport.hip", 0, [], []), "create"
+        )
         try:
             for n in names:
                 self._rtc_check(rtc.hiprtcAddNameExpression(prog, n.encode()), "add name")
@@ -108,9 +113,9 @@ class HipBackend(Backend):
             if err != rtc.hiprtcResult.HIPRTC_SUCCESS:
                 raise CompileError(", ".join(names) or "<module>", target, opts, log)
             size = self._rtc_check(rtc.hiprtcGetCodeSize(prog), "code size")
-            code = bytearray(size)
-            self._rtc_check((rtc.hiprtcGetCode(prog, code)[0], None), "get code")
-            code = bytes(code)
+            buf = bytearray(size)
+            self._rtc_check((rtc.hiprtcGetCode(prog, buf)[0], None), "get code")
+            code = bytes(buf)
             lowered = self._lowered_names(prog, names, code)
         finally:
             rtc.hiprtcDestroyProgram(prog.createRef())
@@ -147,38 +152,76 @@ class HipBackend(Backend):
         return result[1] if len(result) == 2 else None
 
     def load(self, module: CompiledModule, device: int) -> Any:
-        # torch (ROCm) uses the runtime's primary context: selecting the device is enough.
+        # torch (ROCm) uses the runtime's primary context: making `device` current is enough. The
+        # thread's device is put back after: a launch must happen with its stream's device current.
+        previous = self._check(self._hip.hipGetDevice(), "hipGetDevice")
         self._check(self._hip.hipSetDevice(device), "hipSetDevice")
-        return self._check(self._hip.hipModuleLoadData(module.binary), "hipModuleLoadData")
+        try:
+            return self._check(self._hip.hipModuleLoadData(module.binary), "hipModuleLoadData")
+        finally:
+            self._hip.hipSetDevice(previous)
 
     def get_function(self, loaded: Any, module: CompiledModule, name: str) -> Any:
         sym = module.lowered_names[name].encode()
-        return self._check(self._hip.hipModuleGetFunction(loaded, sym), f"hipModuleGetFunction({name})")
+        return self._check(
+            self._hip.hipModuleGetFunction(loaded, sym), f"hipModuleGetFunction({name})"
+        )
 
     def set_max_dynamic_shared(self, fn: Any, nbytes: int) -> None:
-        # AMD has no opt-in ceiling below the hardware's: any kernel may use all of the LDS a
-        # workgroup can have (device_info().max_smem_per_block), and hipFuncSetAttribute only
-        # knows kernels registered by hipcc, not module functions. A larger request fails at launch.
-        pass
+        # AMD needs no opt-in: a launch may use all the LDS of a workgroup. ROCm 6+ still records
+        # and range-checks the value for module functions; HIP 5 knows only hipcc-registered
+        # kernels here (hipErrorInvalidDeviceFunction), so that answer is ignored.
+        attr = self._hip.hipFuncAttribute.hipFuncAttributeMaxDynamicSharedMemorySize
+        err = self._hip.hipFuncSetAttribute(fn, attr, nbytes)[0]
+        if err != self._hip.hipError_t.hipErrorInvalidDeviceFunction:
+            self._check((err,), f"hipFuncSetAttribute(max dynamic LDS = {nbytes})")
 
-    def launch(self, fn, grid, block, shared_bytes, params, stream: int) -> None:
+    def launch(
+        self,
+        fn: Any,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        shared_bytes: int,
+        params: ctypes.Structure,
+        stream: int,
+    ) -> None:
         ptr, keep = params_pointer(params)
         err = self._hip.hipModuleLaunchKernel(
-            fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], shared_bytes, stream, ptr, None
+            fn,
+            grid[0],
+            grid[1],
+            grid[2],
+            block[0],
+            block[1],
+            block[2],
+            shared_bytes,
+            stream,
+            ptr,
+            None,
         )[0]
         del keep
         if err != self._hip.hipError_t.hipSuccess:
-            self._check((err,), f"hipModuleLaunchKernel grid={grid} block={block} smem={shared_bytes}")
+            self._check(
+                (err,), f"hipModuleLaunchKernel grid={grid} block={block} smem={shared_bytes}"
+            )
 
-    @functools.lru_cache(maxsize=None)
     def device_info(self, device: int) -> DeviceInfo:
+        if device not in self._devices:
+            self._devices[device] = self._query_device(device)
+        return self._devices[device]
+
+    def _query_device(self, device: int) -> DeviceInfo:
         import torch
 
         p = torch.cuda.get_device_properties(device)
         attrs = self._hip.hipDeviceAttribute_t
 
         def attr(a: Any) -> int:
-            return int(self._check(self._hip.hipDeviceGetAttribute(a, device), f"hipDeviceGetAttribute({a})"))
+            return int(
+                self._check(
+                    self._hip.hipDeviceGetAttribute(a, device), f"hipDeviceGetAttribute({a})"
+                )
+            )
 
         return DeviceInfo(
             name=p.name,
@@ -191,9 +234,13 @@ class HipBackend(Backend):
 
 
 # ---- compiling in a child process -------------------------------------------------------------
-def _find_amdhip64() -> Path | None:
+def amdhip64_path() -> Path | None:
+    """The HIP runtime library (hipRTC lives inside it on HIP 5.2), or None."""
     roots = [os.environ.get("ROCM_PATH"), "/opt/rocm", "/usr"]
-    dirs = [Path(r, "lib") for r in roots if r] + [Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib64")]
+    dirs = [Path(r, "lib") for r in roots if r] + [
+        Path("/usr/lib/x86_64-linux-gnu"),
+        Path("/usr/lib64"),
+    ]
     for d in dirs:
         for name in ("libamdhip64.so", "libamdhip64.so.6", "libamdhip64.so.5"):
             if (d / name).exists():
@@ -210,7 +257,7 @@ def hiprtc_library_dir() -> str | None:
         return None
     except OSError:
         pass
-    amdhip = _find_amdhip64()
+    amdhip = amdhip64_path()
     if amdhip is None:
         return None
     folder = cache_root() / "hiprtc-lib"
@@ -252,11 +299,20 @@ def compile_in_subprocess(
     libdir = hiprtc_library_dir()
     if libdir:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libdir, env.get("LD_LIBRARY_PATH")]))
-    request = json.dumps({"source": source, "names": list(names), "options": list(options), "arch": arch})
+    request = json.dumps(
+        {"source": source, "names": list(names), "options": list(options), "arch": arch}
+    )
     code = _CHILD.format(folder=str(Path(__file__).resolve().parent))
     try:
-        proc = subprocess.run([sys.executable, "-c", code], input=request, capture_output=True,
-                              text=True, env=env, timeout=timeout)
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            input=request,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"hipRTC compile for {arch} took over {timeout} s; child killed") from e
     if proc.returncode < 0:
@@ -269,7 +325,9 @@ def compile_in_subprocess(
         )
     lines = proc.stdout.strip().splitlines()
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"hipRTC child for {arch} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(
+            f"hipRTC child for {arch} exited with {proc.returncode}:\n{proc.stderr[-4000:]}"
+        )
     reply = json.loads(lines[-1])  # the last line is the reply; the compiler may print above it
     if reply["status"] == "unavailable":
         raise BackendUnavailable(reply["message"])
@@ -277,8 +335,14 @@ def compile_in_subprocess(
         raise CompileError(reply["kernel"], target, reply["options"], reply["log"])
     binary = base64.b64decode(reply["binary"])
     lowered = reply["lowered_names"]
-    return CompiledModule(target, binary, lowered, reply["compiler"], reply["log"],
-                          amd_metadata.resources_by_name(binary, lowered))
+    return CompiledModule(
+        target,
+        binary,
+        lowered,
+        reply["compiler"],
+        reply["log"],
+        amd_metadata.resources_by_name(binary, lowered),
+    )
 
 
 def _child_main() -> None:
@@ -286,8 +350,13 @@ def _child_main() -> None:
     req = json.loads(sys.stdin.read())
     try:
         m = HipBackend().compile(req["source"], req["names"], req["options"], Target(req["arch"]))
-        reply = {"status": "ok", "binary": base64.b64encode(m.binary).decode(), "log": m.log,
-                 "lowered_names": m.lowered_names, "compiler": m.compiler}
+        reply = {
+            "status": "ok",
+            "binary": base64.b64encode(m.binary).decode(),
+            "log": m.log,
+            "lowered_names": m.lowered_names,
+            "compiler": m.compiler,
+        }
     except BackendUnavailable as e:
         reply = {"status": "unavailable", "message": str(e)}
     except CompileError as e:

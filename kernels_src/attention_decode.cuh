@@ -211,7 +211,10 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   const T* vbase = static_cast<const T*>(p.v) + d0;
   const int* bt_row = PAGED ? p.block_table + b * p.bt_sb : nullptr;
 
-  for (int t0 = t_begin + g; t0 < t_end; t0 += C::kGroups * U) {
+  // The trip count is the same for every lane of the block (shuffles below need the whole warp);
+  // rows past the split's end are masked, not skipped.
+  for (int base = t_begin; base < t_end; base += C::kGroups * U) {
+    const int t0 = base + g;
     uint4 kr[U], vr[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {  // issue every load of the step before using any

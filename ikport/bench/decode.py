@@ -14,7 +14,7 @@ import contextlib
 import math
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -45,7 +45,7 @@ MIN_ITERS = 10
 
 @dataclass(frozen=True)
 class Workload:
-    """One decode shape: q [batch, q_heads, 1, head_dim], K/V [batch, kv_heads, kv_len, head_dim]."""
+    """A decode shape: q [batch, q_heads, 1, head_dim], K/V [batch, kv_heads, kv_len, head_dim]."""
 
     id: str
     batch: int
@@ -63,13 +63,18 @@ class Workload:
 
     @property
     def kv_bytes(self) -> int:
-        element = torch.finfo(DTYPES[self.dtype]).bits // 8
+        element = DTYPES[self.dtype].itemsize
         return 2 * self.batch * self.kv_heads * self.kv_len * self.head_dim * element
 
     def shape(self) -> dict[str, Any]:
         return {
-            "B": self.batch, "Hq": self.q_heads, "Hkv": self.kv_heads, "L": self.kv_len,
-            "D": self.head_dim, "dtype": self.dtype, "page_size": self.page_size,
+            "B": self.batch,
+            "Hq": self.q_heads,
+            "Hkv": self.kv_heads,
+            "L": self.kv_len,
+            "D": self.head_dim,
+            "dtype": self.dtype,
+            "page_size": self.page_size,
         }
 
 
@@ -88,7 +93,9 @@ def sweep_id(batch: int, kv_len: int, head_dim: int, dtype: str) -> str:
 
 def sweep_workloads() -> list[Workload]:
     """Batch x length at head_dim 128 fp16 (caches over ~4 GB left out), head dims, bf16."""
-    grid = [Workload(sweep_id(b, n, HEAD_DIM, "fp16"), b, n) for b in SWEEP_BATCH for n in SWEEP_LEN]
+    grid = [
+        Workload(sweep_id(b, n, HEAD_DIM, "fp16"), b, n) for b in SWEEP_BATCH for n in SWEEP_LEN
+    ]
     out = [w for w in grid if w.kv_bytes <= SWEEP_MAX_KV_BYTES]
     out += [Workload(sweep_id(8, 4096, d, "fp16"), 8, 4096, head_dim=d) for d in SWEEP_HEAD_DIM]
     out.append(Workload(sweep_id(8, 4096, HEAD_DIM, "bf16"), 8, 4096, dtype="bf16"))
@@ -100,6 +107,15 @@ def workloads(quick: bool) -> list[Workload]:
 
 
 @dataclass
+class PagedKV:
+    """pages [num_pages, kv_heads, page_size, head_dim] and an int32 block table [batch, pages]."""
+
+    k_pages: torch.Tensor
+    v_pages: torch.Tensor
+    block_table: torch.Tensor
+
+
+@dataclass
 class InputSet:
     """One set of random inputs; paged workloads carry both layouts (peers read the dense one)."""
 
@@ -107,26 +123,27 @@ class InputSet:
     k: torch.Tensor
     v: torch.Tensor
     kv_lens: torch.Tensor
-    k_pages: torch.Tensor | None = None
-    v_pages: torch.Tensor | None = None
-    block_table: torch.Tensor | None = None
+    paged: PagedKV | None = None
+
+    def pages(self) -> PagedKV:
+        if self.paged is None:
+            raise ValueError("this input set has no paged copy of its cache")
+        return self.paged
 
 
-def make_sets(w: Workload, count: int) -> list[InputSet]:
+def make_sets(w: Workload, count: int, device: str = "cuda") -> list[InputSet]:
     """`count` sets of inputs drawn from N(0, 0.25), seeded by the workload id."""
-    gen = torch.Generator(device="cuda").manual_seed(zlib.crc32(w.id.encode()))
-    randn = partial(torch.randn, generator=gen, device="cuda", dtype=DTYPES[w.dtype])
+    gen = torch.Generator(device=device).manual_seed(zlib.crc32(w.id.encode()))
+    randn = partial(torch.randn, generator=gen, device=device, dtype=DTYPES[w.dtype])
     sets = []
     for _ in range(count):
         q = randn(w.batch, w.q_heads, 1, w.head_dim) * 0.5
         k = randn(w.batch, w.kv_heads, w.kv_len, w.head_dim) * 0.5
         v = randn(w.batch, w.kv_heads, w.kv_len, w.head_dim) * 0.5
-        lens = torch.full((w.batch,), w.kv_len, dtype=torch.int32, device="cuda")
+        lens = torch.full((w.batch,), w.kv_len, dtype=torch.int32, device=device)
         s = InputSet(q, k, v, lens)
         if w.page_size:
-            s.k_pages, s.v_pages, s.block_table = ikport.paged_kv_from_dense(
-                k, v, w.page_size, shuffle=True
-            )
+            s.paged = PagedKV(*ikport.paged_kv_from_dense(k, v, w.page_size, shuffle=True))
         sets.append(s)
     return sets
 
@@ -144,7 +161,9 @@ def reference(s: InputSet, rows: list[int]) -> torch.Tensor:
     return (scores.softmax(-1) @ v).view(n, hq, 1, d)
 
 
-def max_abs_error(out: torch.Tensor, ref: torch.Tensor, rows: list[int], q_shape: torch.Size) -> float:
+def max_abs_error(
+    out: torch.Tensor, ref: torch.Tensor, rows: list[int], q_shape: torch.Size
+) -> float:
     got = out.reshape(q_shape)[rows].float()
     if not torch.isfinite(got).all():
         return math.inf
@@ -155,7 +174,7 @@ def max_abs_error(out: torch.Tensor, ref: torch.Tensor, rows: list[int], q_shape
 class Prepared:
     """An implementation bound to every input set: `fns[i]()` runs it on set i under `context`."""
 
-    fns: list[Callable[[], torch.Tensor]]
+    fns: Sequence[Callable[[], Any]]
     context: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
     note: str = ""
 
@@ -166,10 +185,13 @@ Builder = Callable[[Workload, list[InputSet]], Prepared]
 def _ikport(variant: str | None) -> Builder:
     def build(w: Workload, sets: list[InputSet]) -> Prepared:
         if w.page_size:
-            fns = [
-                partial(ikport.paged_attention, s.q, s.k_pages, s.v_pages, s.block_table, s.kv_lens)
-                for s in sets
-            ]
+
+            def paged_call(s: InputSet) -> Callable[[], torch.Tensor]:
+                p = s.pages()
+                args = (s.q, p.k_pages, p.v_pages, p.block_table, s.kv_lens)
+                return partial(ikport.paged_attention, *args)
+
+            fns = [paged_call(s) for s in sets]
             return Prepared(fns, note=f"paged_attention, page {w.page_size}, shuffled block table")
         return Prepared([partial(ikport.attention, s.q, s.k, s.v, variant=variant) for s in sets])
 
@@ -178,7 +200,9 @@ def _ikport(variant: str | None) -> Builder:
 
 def _sdpa(backend: SDPBackend | None) -> Builder:
     def build(w: Workload, sets: list[InputSet]) -> Prepared:
-        fns = [partial(F.scaled_dot_product_attention, s.q, s.k, s.v, enable_gqa=True) for s in sets]
+        fns = [
+            partial(F.scaled_dot_product_attention, s.q, s.k, s.v, enable_gqa=True) for s in sets
+        ]
         if backend is None:
             return Prepared(fns, note="enable_gqa=True, backend chosen by torch")
         return Prepared(fns, partial(sdpa_kernel, backend), f"enable_gqa=True, {backend.name}")
@@ -225,21 +249,34 @@ def _flashinfer(w: Workload, sets: list[InputSet]) -> Prepared:
         wrapper = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, kv_layout="HND")
         indices = block_table[:, :used].reshape(-1).to(torch.int32).contiguous()
         indptr = torch.arange(w.batch + 1, dtype=torch.int32, device="cuda") * used
-        last = torch.full((w.batch,), w.kv_len - (used - 1) * page, dtype=torch.int32, device="cuda")
+        last = torch.full(
+            (w.batch,), w.kv_len - (used - 1) * page, dtype=torch.int32, device="cuda"
+        )
         dtype = DTYPES[w.dtype]
         wrapper.plan(
-            indptr, indices, last, w.q_heads, w.kv_heads, w.head_dim, page,
-            q_data_type=dtype, kv_data_type=dtype,
+            indptr,
+            indices,
+            last,
+            w.q_heads,
+            w.kv_heads,
+            w.head_dim,
+            page,
+            q_data_type=dtype,
+            kv_data_type=dtype,
         )
         return wrapper
 
-    q_views = [s.q.view(w.batch, w.q_heads, w.head_dim) for s in sets]
+    def q3(s: InputSet) -> torch.Tensor:  # FlashInfer's decode query is [B, Hq, D]
+        return s.q.view(w.batch, w.q_heads, w.head_dim)
+
     if w.page_size:
+        paged = [s.pages() for s in sets]
         fns = [
-            partial(plan(s.block_table).run, qv, (s.k_pages, s.v_pages))
-            for s, qv in zip(sets, q_views)
+            partial(plan(p.block_table).run, q3(s), (p.k_pages, p.v_pages))
+            for s, p in zip(sets, paged, strict=True)
         ]
-        return Prepared(fns, note=f"paged HND, page {page}, ikport's shuffled block table; plan() untimed")
+        note = f"paged HND, page {page}, ikport's shuffled block table; plan() untimed"
+        return Prepared(fns, note=note)
 
     def pages(t: torch.Tensor) -> torch.Tensor:
         b, h, n, d = t.shape
@@ -247,10 +284,12 @@ def _flashinfer(w: Workload, sets: list[InputSet]) -> Prepared:
 
     if w.kv_len % page:
         raise ValueError(f"kv_len {w.kv_len} is not a multiple of page {page}")
-    table = torch.arange(w.batch * used, dtype=torch.int32, device="cuda").view(w.batch, used)
-    wrapper = plan(table)
-    fns = [partial(wrapper.run, qv, (pages(s.k), pages(s.v))) for s, qv in zip(sets, q_views)]
-    return Prepared(fns, note=f"paged HND copy of the dense cache, page {page}, contiguous pages; plan() untimed")
+    wrapper = plan(
+        torch.arange(w.batch * used, dtype=torch.int32, device="cuda").view(w.batch, used)
+    )
+    fns = [partial(wrapper.run, q3(s), (pages(s.k), pages(s.v))) for s in sets]
+    note = f"paged HND copy of the dense cache, page {page}, contiguous pages; plan() untimed"
+    return Prepared(fns, note=note)
 
 
 PEERS: dict[str, Builder] = {
@@ -258,7 +297,7 @@ PEERS: dict[str, Builder] = {
     "sdpa-flash": _sdpa(SDPBackend.FLASH_ATTENTION),
     "sdpa-default": _sdpa(None),
     "eager-grouped-matmul": _eager(grouped_matmul_attention, "q grouped per KV head, fp32 softmax"),
-    "hf-repeat-kv": _eager(repeat_kv_attention, "K/V repeated to 32 heads, default SDPA"),
+    "hf-repeat-kv": _eager(repeat_kv_attention, "K/V repeated to every query head, default SDPA"),
 }
 
 
@@ -285,7 +324,7 @@ class WrongResult(AssertionError):
 
 
 @dataclass
-class Run:
+class Results:
     rows: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[dict[str, str]] = field(default_factory=list)
     errors: list[dict[str, str]] = field(default_factory=list)
@@ -323,8 +362,29 @@ def time_prepared(w: Workload, impl: str, prepared: Prepared) -> dict[str, Any]:
     return row
 
 
-def bench_workload(w: Workload, run: Run, with_flashinfer: bool) -> None:
-    """Check then time every implementation on `w`, appending to `run`."""
+def check_and_time(
+    w: Workload, impl: str, build: Builder, sets: list[InputSet], ref: torch.Tensor, rows: list[int]
+) -> dict[str, Any]:
+    """Bind `impl` to the sets, compare its output with the reference, then time it.
+
+    Raises WrongResult where an ikport implementation misses the tolerance.
+    """
+    prepared = build(w, sets)
+    with prepared.context():
+        err = max_abs_error(prepared.fns[0](), ref, rows, sets[0].q.shape)
+        if impl.startswith("ikport") and not err <= TOLERANCE[w.dtype]:
+            raise WrongResult(
+                f"{impl} on {w.id} {w.shape()}: max abs error {err:.3g} against the float32 "
+                f"reference (tolerance {TOLERANCE[w.dtype]}) on sequences {rows}"
+            )
+        row = time_prepared(w, impl, prepared)
+    row["max_abs_err"] = float(f"{err:.3g}")
+    return row
+
+
+def bench_workload(w: Workload, results: Results, with_flashinfer: bool) -> None:
+    """Check and time every implementation on `w`; a failing peer goes to `skipped`, a failing
+    ikport call to `errors`, a wrong ikport result stops the run."""
     sets = make_sets(w, harness.rotation_count(w.kv_bytes, harness.l2_cache_bytes()))
     rows = check_rows(w.batch)
     ref = reference(sets[0], rows)
@@ -332,36 +392,32 @@ def bench_workload(w: Workload, run: Run, with_flashinfer: bool) -> None:
     for impl, build in implementations(w, with_flashinfer):
         ours = impl.startswith("ikport")
         try:
-            prepared = build(w, sets)
-            with prepared.context():
-                err = max_abs_error(prepared.fns[0](), ref, rows, sets[0].q.shape)
-                if ours and not err <= TOLERANCE[w.dtype]:
-                    raise WrongResult(
-                        f"{impl} on {w.id} {w.shape()}: max abs error {err:.3g} against the float32 "
-                        f"reference (tolerance {TOLERANCE[w.dtype]}) on sequences {rows}"
-                    )
-                row = time_prepared(w, impl, prepared)
+            row = check_and_time(w, impl, build, sets, ref, rows)
         except WrongResult:
             raise
-        except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, never fatal
+        except Exception as exc:  # noqa: BLE001 - recorded with its reason, never fatal
             reason = f"{type(exc).__name__}: {exc}".strip()[:400]
-            (run.errors if ours else run.skipped).append({"workload": w.id, "impl": impl, "reason": reason})
-            print(f"  {impl:22s} {'ERROR' if ours else 'skipped'}: {reason.splitlines()[0]}", flush=True)
+            entry = {"workload": w.id, "impl": impl, "reason": reason}
+            (results.errors if ours else results.skipped).append(entry)
+            print(
+                f"  {impl:22s} {'ERROR' if ours else 'skipped'}: {reason.splitlines()[0]}",
+                flush=True,
+            )
             continue
-        finally:
-            prepared = None  # free per-implementation buffers (FlashInfer pages) before the next
-        row["max_abs_err"] = float(f"{err:.3g}")
-        run.rows.append(row)
+        results.rows.append(row)
         print(
-            f"  {impl:22s} {row['median_us']:10.2f} us {row['GBps']:7.0f} GB/s {row['pct_roof']:5.1f}%"
-            f"  eager {row['eager_us']:9.2f} us  err {err:.1e}",
+            f"  {impl:22s} {row['median_us']:10.2f} us {row['GBps']:7.0f} GB/s "
+            f"{row['pct_roof']:5.1f}%  eager {row['eager_us']:9.2f} us  "
+            f"err {row['max_abs_err']:.1e}",
             flush=True,
         )
-    ours_row = next((r for r in run.rows if r["workload"] == w.id and r["impl"] == "ikport"), None)
+    ours_row = next(
+        (r for r in results.rows if r["workload"] == w.id and r["impl"] == "ikport"), None
+    )
     if ours_row is not None:
-        run.speedups[w.id] = {
+        results.speedups[w.id] = {
             r["impl"]: round(r["median_us"] / ours_row["median_us"], 3)
-            for r in run.rows
+            for r in results.rows
             if r["workload"] == w.id and not r["impl"].startswith("ikport")
         }
 
@@ -384,27 +440,30 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, device: str) -> Path | No
     ours = {
         (r["shape"]["B"], r["shape"]["L"]): r
         for r in rows
-        if r["impl"] == "ikport" and r["workload"] == sweep_id(r["shape"]["B"], r["shape"]["L"], HEAD_DIM, "fp16")
+        if r["impl"] == "ikport"
+        and r["workload"].startswith("sweep-")
+        and (r["shape"]["D"], r["shape"]["dtype"]) == (HEAD_DIM, "fp16")
     }
     if not ours:
         return None
     fig, (ax_t, ax_p) = plt.subplots(1, 2, figsize=(13, 5))
-    for color, b in zip(("C0", "C1", "C2", "C3"), SWEEP_BATCH):
+    for color, b in zip(("C0", "C1", "C2", "C3"), SWEEP_BATCH, strict=True):
         points = sorted((n, r) for (bb, n), r in ours.items() if bb == b)
         if not points:
             continue
         lens = [n for n, _ in points]
-        peers = [best_peer(rows, r["workload"]) for _, r in points]
-        ax_t.plot(lens, [r["median_us"] for _, r in points], "-o", color=color, label=f"ikport B={b}")
-        ax_p.plot(lens, [r["pct_roof"] for _, r in points], "-o", color=color, label=f"ikport B={b}")
-        have = [(n, p) for n, p in zip(lens, peers) if p is not None]
-        ax_t.plot([n for n, _ in have], [p["median_us"] for _, p in have], "--s", color=color,
-                  alpha=0.6, label=f"best peer B={b}")
-        ax_p.plot([n for n, _ in have], [p["pct_roof"] for _, p in have], "--s", color=color,
-                  alpha=0.6, label=f"best peer B={b}")
+        peers = [(n, best_peer(rows, r["workload"])) for n, r in points]
+        have = [(n, p) for n, p in peers if p is not None]
+        for ax, key in ((ax_t, "median_us"), (ax_p, "pct_roof")):
+            ours_y = [r[key] for _, r in points]
+            ax.plot(lens, ours_y, "-o", color=color, label=f"ikport B={b}")
+            peer_x, peer_y = [n for n, _ in have], [p[key] for _, p in have]
+            ax.plot(peer_x, peer_y, "--s", color=color, alpha=0.6, label=f"best peer B={b}")
         for n, p in have:
-            ax_p.annotate(p["impl"], (n, p["pct_roof"]), fontsize=6, alpha=0.7,
-                          textcoords="offset points", xytext=(3, -8))
+            where = (n, p["pct_roof"])
+            ax_p.annotate(
+                p["impl"], where, fontsize=6, alpha=0.7, textcoords="offset points", xytext=(3, -8)
+            )
     for ax in (ax_t, ax_p):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("KV length L (tokens)")
@@ -413,7 +472,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, device: str) -> Path | No
     ax_t.set_ylabel("kernel time (us, median)")
     ax_p.set_ylabel(f"% of read roof ({harness.READ_ROOF_GBPS:.0f} GB/s)")
     ax_p.set_ylim(0, 105)
-    ax_p.legend(fontsize=7, ncol=2, loc="lower right")
+    ax_p.legend(fontsize=7, ncol=2, loc="best")
     fig.suptitle(f"Decode attention, Hq=32 Hkv=8 D=128 fp16, {device}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -421,27 +480,41 @@ def plot_sweep(rows: list[dict[str, Any]], path: Path, device: str) -> Path | No
     return path
 
 
-def print_tables(run: Run) -> None:
-    """Every row, then per workload ikport against the best peer (read from the end of the log)."""
-    print(f"\n{'workload':26s} {'impl':22s} {'median':>9s} {'min':>9s} {'max':>9s} {'GB/s':>6s} "
-          f"{'%roof':>6s} {'eager':>9s} {'err':>8s}")
-    for r in run.rows:
-        print(f"{r['workload']:26s} {r['impl']:22s} {r['median_us']:9.2f} {r['min_us']:9.2f} "
-              f"{r['max_us']:9.2f} {r['GBps']:6.0f} {r['pct_roof']:6.1f} {r['eager_us']:9.2f} "
-              f"{r['max_abs_err']:8.1e}")
-    for entry in run.skipped:
-        print(f"skipped {entry['workload']} {entry['impl']}: {entry['reason'].splitlines()[0][:120]}")
-    print(f"\n{'workload':26s} {'ikport us':>9s} {'%roof':>6s} {'eager':>8s}  {'best peer':22s} "
-          f"{'peer us':>9s} {'speedup':>7s}")
-    for wid in dict.fromkeys(r["workload"] for r in run.rows):
-        ours = next((r for r in run.rows if r["workload"] == wid and r["impl"] == "ikport"), None)
-        peer = best_peer(run.rows, wid)
+def print_tables(results: Results) -> None:
+    """Every row (sleep2x: median with the sleep doubled, locked workloads), then per workload
+    ikport against the best peer: speedup = peer time / ikport time."""
+    print(
+        f"\n{'workload':26s} {'impl':22s} {'median':>9s} {'min':>9s} {'max':>9s} {'GB/s':>6s} "
+        f"{'%roof':>6s} {'eager':>9s} {'err':>8s} {'sleep2x':>9s}"
+    )
+    for r in results.rows:
+        print(
+            f"{r['workload']:26s} {r['impl']:22s} {r['median_us']:9.2f} {r['min_us']:9.2f} "
+            f"{r['max_us']:9.2f} {r['GBps']:6.0f} {r['pct_roof']:6.1f} {r['eager_us']:9.2f} "
+            f"{r['max_abs_err']:8.1e} {r.get('median_us_sleep2x', '-'):>9}"
+        )
+    for entry in results.skipped:
+        reason = entry["reason"].splitlines()[0][:120]
+        print(f"skipped {entry['workload']} {entry['impl']}: {reason}")
+    print(
+        f"\n{'workload':26s} {'ikport us':>9s} {'%roof':>6s} {'eager':>8s}  {'best peer':22s} "
+        f"{'peer us':>9s} {'speedup':>7s}"
+    )
+    for wid in dict.fromkeys(r["workload"] for r in results.rows):
+        ours = next(
+            (r for r in results.rows if r["workload"] == wid and r["impl"] == "ikport"), None
+        )
+        peer = best_peer(results.rows, wid)
         if ours is None or peer is None:
             continue
-        print(f"{wid:26s} {ours['median_us']:9.2f} {ours['pct_roof']:6.1f} {ours['eager_us']:8.1f}  "
-              f"{peer['impl']:22s} {peer['median_us']:9.2f} {peer['median_us'] / ours['median_us']:7.3f}")
-    for entry in run.errors:
-        print(f"IKPORT ERROR {entry['workload']} {entry['impl']}: {entry['reason'].splitlines()[0][:200]}")
+        speedup = peer["median_us"] / ours["median_us"]
+        print(
+            f"{wid:26s} {ours['median_us']:9.2f} {ours['pct_roof']:6.1f} {ours['eager_us']:8.1f}  "
+            f"{peer['impl']:22s} {peer['median_us']:9.2f} {speedup:7.3f}"
+        )
+    for entry in results.errors:
+        reason = entry["reason"].splitlines()[0][:200]
+        print(f"IKPORT ERROR {entry['workload']} {entry['impl']}: {reason}")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -457,40 +530,51 @@ def run(args: argparse.Namespace) -> int:
     meta = harness.device_meta(commit=args.commit)
     out = Path(args.out or f"docs/results/decode-{harness.device_slug(meta['device'])}.json")
     problem = flashinfer_problem()
-    run_ = Run()
+    results = Results()
     if problem is None:
         import flashinfer
 
         meta["versions"]["flashinfer"] = flashinfer.__version__
     else:
-        run_.skipped.append({"workload": "*", "impl": "flashinfer", "reason": f"not importable: {problem}"})
+        results.skipped.append(
+            {"workload": "*", "impl": "flashinfer", "reason": f"not importable: {problem}"}
+        )
     roof = [harness.measure_read_roof(n) for n in (134_217_728, 1 << 30)]
     for w in workloads(args.quick):
-        bench_workload(w, run_, problem is None)
+        bench_workload(w, results, problem is None)
         torch.cuda.empty_cache()
     extra = {
         "bytes": "K+V = 2 * B * Hkv * L * D * element size; every sequence holds L tokens",
         "method": (
             "kernel time: torch.cuda._sleep queued before the start event (sized at 2x the call's "
             "host time, >= 100 us; median_us_sleep2x re-times locked workloads with it doubled); "
-            "eager_us: call on an idle GPU, synchronize after each; inputs rotated over > 3x the L2; "
-            "max_abs_err against float32 on the first, middle and last sequence"
+            "eager_us: call on an idle GPU, synchronize after each; input sets rotated, "
+            "> 3x the L2 in total; max_abs_err against float32 on the first, middle and last "
+            "sequence"
         ),
         "read_measured": roof,
-        "speedup_vs_peers": run_.speedups,
-        "skipped": run_.skipped,
-        "errors": run_.errors,
+        "speedup_vs_peers": results.speedups,
+        "skipped": results.skipped,
+        "errors": results.errors,
     }
     path = harness.write_results(
-        out, command=args.command, ceiling_GBps=harness.READ_ROOF_GBPS, results=run_.rows,
-        extra=extra, meta=meta,
+        out,
+        command=args.command,
+        ceiling_GBps=harness.READ_ROOF_GBPS,
+        results=results.rows,
+        extra=extra,
+        meta=meta,
     )
-    print_tables(run_)
-    print(f"\nread pass (informational): " + ", ".join(
-        f"{r['bytes'] / 1e6:.0f} MB {r['median_us']:.1f} us {r['GBps']:.0f} GB/s" for r in roof))
+    print_tables(results)
+    print(
+        "\nread pass (informational): "
+        + ", ".join(
+            f"{r['bytes'] / 1e6:.0f} MB {r['median_us']:.1f} us {r['GBps']:.0f} GB/s" for r in roof
+        )
+    )
     print(f"wrote {path}")
     if not args.no_plot:
-        plot = plot_sweep(run_.rows, path.with_suffix(".png"), meta["device"])
+        plot = plot_sweep(results.rows, path.with_suffix(".png"), meta["device"])
         print(f"wrote {plot}" if plot else "plot skipped (no matplotlib or no sweep rows)")
     print(f"{meta['device']}, commit {meta['commit'][:12]}, {time.perf_counter() - start:.0f} s")
-    return 1 if run_.errors else 0
+    return 1 if results.errors else 0

@@ -37,6 +37,8 @@ ROW_KEYS = ("workload", "impl", "median_us", "min_us", "max_us", "GBps", "eager_
 FILE_KEYS = ("device", "driver", "commit", "date", "versions", "command", "ceiling_GBps", "results")
 
 _MIN_SLEEP_US = 100.0
+# A call whose host time is this long waits on the GPU itself; no sleep can hide that.
+_MAX_SLEEP_US = 20_000.0
 _SLEEP_RETRIES = 3
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -101,7 +103,7 @@ def _warm_up(fns: Sequence[Callable[[], Any]], count: int) -> list[float]:
 def _sleep_us_for(host_us: list[float]) -> float:
     """A sleep comfortably above the host time of one call (first call left out: it compiles)."""
     steady = host_us[1:] or host_us or [0.0]
-    return max(_MIN_SLEEP_US, 2.0 * max(steady))
+    return min(_MAX_SLEEP_US, max(_MIN_SLEEP_US, 2.0 * max(steady)))
 
 
 def kernel_time(
@@ -115,8 +117,8 @@ def kernel_time(
 
     Each run queues ``torch.cuda._sleep(sleep_cycles)``, then start event, call, end event; one
     synchronize at the end reads all the pairs. Without `sleep_cycles` the sleep is sized at twice
-    the call's steady host time (100 us at least), and doubled and re-timed (up to 3 times) if any
-    run's dispatch outlasted it.
+    the call's steady host time (within 100 us - 20 ms), and doubled and re-timed (up to 3 times,
+    20 ms at most) if any run's dispatch outlasted it.
     """
     if not fns:
         raise ValueError("kernel_time needs at least one callable")
@@ -125,10 +127,11 @@ def kernel_time(
     rate = sleep_cycles_per_us()
     cycles = round(_sleep_us_for(host) * rate) if sleep_cycles is None else sleep_cycles
     timing = _timed_loop(fns, iters, cycles, rate)
+    longest = round(_MAX_SLEEP_US * rate)
     for _ in range(_SLEEP_RETRIES if auto else 0):
-        if timing.late == 0:
+        if timing.late == 0 or cycles >= longest:
             break
-        cycles *= 2
+        cycles = min(2 * cycles, longest)
         timing = _timed_loop(fns, iters, cycles, rate)
     return timing
 
@@ -155,7 +158,7 @@ def _timed_loop(fns: Sequence[Callable[[], Any]], iters: int, cycles: int, rate:
         if gc_enabled:
             gc.enable()
     torch.cuda.synchronize()
-    samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends)]
+    samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True)]
     return Timing.from_samples(
         samples,
         sleep_cycles=cycles,
@@ -174,7 +177,9 @@ def check_sleep_insensitive(
     too short and launch latency leaked into the events.
     """
     first = kernel_time(fns, warmup=warmup, iters=iters)
-    second = kernel_time(fns, warmup=min(warmup, 2), iters=iters, sleep_cycles=2 * first.sleep_cycles)
+    second = kernel_time(
+        fns, warmup=min(warmup, 2), iters=iters, sleep_cycles=2 * first.sleep_cycles
+    )
     return first, second
 
 
@@ -199,10 +204,14 @@ def eager_time(fns: Sequence[Callable[[], Any]], *, warmup: int = 10, iters: int
     return Timing.from_samples(samples)
 
 
-def rotation_count(bytes_per_set: int, l2_bytes: int, *, factor: float = 3.0, minimum: int = 2) -> int:
+def rotation_count(
+    bytes_per_set: int, l2_bytes: int, *, factor: float = 3.0, minimum: int = 2
+) -> int:
     """Input sets to rotate among so their total exceeds `factor` x the L2 (at least `minimum`)."""
     if bytes_per_set <= 0 or l2_bytes <= 0:
-        raise ValueError(f"sizes must be positive: bytes_per_set={bytes_per_set}, l2_bytes={l2_bytes}")
+        raise ValueError(
+            f"sizes must be positive: bytes_per_set={bytes_per_set}, l2_bytes={l2_bytes}"
+        )
     return max(minimum, int(factor * l2_bytes // bytes_per_set) + 1)
 
 
@@ -263,7 +272,8 @@ def device_slug(name: str) -> str:
     """Short device id for file names: 'NVIDIA H100 80GB HBM3' -> 'h100'."""
     drop = {"nvidia", "amd", "geforce", "tesla", "instinct", "radeon", "pcie", "nvl"}
     words = [
-        w for w in re.split(r"[^a-z0-9]+", name.lower())
+        w
+        for w in re.split(r"[^a-z0-9]+", name.lower())
         if w and w not in drop and not re.fullmatch(r"\d+gb|hbm\d*e?|sxm\d*", w)
     ]
     return "-".join(words) or "unknown"
@@ -297,7 +307,9 @@ def _git_commit() -> tuple[str, bool | None]:
     sha = _command_output(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT)
     if sha is None:
         return "unknown", None
-    status = _command_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT)
+    status = _command_output(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT
+    )
     return sha, bool(status)
 
 
@@ -352,13 +364,15 @@ def write_results(
 ) -> Path:
     """Write a result file in the protocol's shape; returns its path.
 
-    `meta` defaults to device_meta(); `extra` adds top-level keys (skipped peers, notes, ...) but may
-    not replace the protocol's own. Every row must carry ROW_KEYS with finite numbers.
+    `meta` defaults to device_meta(); `extra` adds top-level keys (skipped peers, notes, ...) but
+    may not replace the protocol's own. Every row must carry ROW_KEYS with finite numbers.
     """
     for i, row in enumerate(results):
         missing = [k for k in ROW_KEYS if k not in row]
         if missing:
-            raise ValueError(f"result row {i} ({row.get('workload')}/{row.get('impl')}) lacks {missing}")
+            raise ValueError(
+                f"result row {i} ({row.get('workload')}/{row.get('impl')}) lacks {missing}"
+            )
         bad = [k for k in ROW_KEYS[2:] if not math.isfinite(row[k])]
         if bad:
             raise ValueError(f"result row {i} has non-finite {bad}")
