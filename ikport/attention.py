@@ -135,6 +135,7 @@ def paged_kv_from_dense(
 # ---- GPU path ------------------------------------------------------------------------------------
 @dataclass
 class _DecodePlan:
+    device: int
     main: Kernel
     combine: Kernel | None
     grid: tuple[int, int, int]
@@ -144,13 +145,15 @@ class _DecodePlan:
     rows_per_split: int
     kv_capacity: int
     page_size_log2: int
+    rotate: int
 
 
 _plans: dict[tuple, _DecodePlan] = {}
 
 
-def _raw_stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+def _raw_stream(device_index: int) -> int:
+    """Raw handle of torch's current stream (a CUDA graph capture records on it)."""
+    return torch._C._cuda_getCurrentRawStream(device_index)
 
 
 def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePlan:
@@ -173,7 +176,8 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
     dtype = _DTYPE_NAME[q.dtype]
     if variant == "naive":
         main = get_kernel(spec("attention_decode", "naive", dtype=dtype, head_dim=D), backend, dev)
-        plan = _DecodePlan(main, None, (Tq * Hq, B, 1), (128, 1, 1), 0, 1, capacity, capacity, ps_log2)
+        plan = _DecodePlan(dev, main, None, (Tq * Hq, B, 1), (128, 1, 1), 0, 1, capacity, capacity,
+                           ps_log2, 0)
     else:
         info = backend.device_info(dev)
         cfg = configs.decode_config(
@@ -182,7 +186,7 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
         )
         main = get_kernel(
             spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=cfg.rows, paged=paged,
-                 threads=cfg.threads),
+                 threads=cfg.threads, unroll=cfg.unroll),
             backend, dev,
         )
         combine = None
@@ -191,8 +195,8 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
         warps = cfg.threads // info.warp_size
         smem = warps * cfg.rows * (D + 2) * 4
         plan = _DecodePlan(
-            main, combine, (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
-            cfg.num_splits, cfg.rows_per_split, capacity, ps_log2,
+            dev, main, combine, (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
+            cfg.num_splits, cfg.rows_per_split, capacity, ps_log2, cfg.rotate,
         )
     _plans[key] = plan
     return plan
@@ -217,9 +221,9 @@ def _decode(backend, q, k, v, block_table, kv_lens, causal, scale, variant, out)
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         block_table.stride(0) if block_table is not None else 0,
         B, Hq, k.shape[1], Tq, plan.kv_capacity, plan.page_size_log2, S, plan.rows_per_split,
-        int(bool(causal) and Tq > 1), scale * _LOG2E,
+        int(bool(causal) and Tq > 1), plan.rotate, scale * _LOG2E,
     )
-    stream = _raw_stream(q.device)
+    stream = _raw_stream(plan.device)
     plan.main.launch(plan.grid, plan.block, plan.shared_bytes, p, stream)
     if plan.combine is not None:
         plan.combine.launch((B * Hq * Tq, 1, 1), (D, 1, 1), 0, p, stream)

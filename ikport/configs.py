@@ -15,6 +15,13 @@ MIN_ROWS_PER_SPLIT = 256
 DECODE_BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3, 8: 2}
 
 
+# Benchmarks and tuning runs may pin any DecodeConfig field here (e.g. {"num_splits": 8});
+# the dispatcher's plan cache must be cleared after changing it. Empty in normal use.
+decode_overrides: dict[str, int] = {}
+DECODE_UNROLL = 4
+DECODE_ROTATE = 1
+
+
 @dataclass(frozen=True)
 class DecodeConfig:
     rows: int  # query rows per block (template parameter)
@@ -22,6 +29,8 @@ class DecodeConfig:
     threads: int
     num_splits: int
     rows_per_split: int  # KV rows each split streams
+    unroll: int = DECODE_UNROLL  # KV rows per row group per step (template parameter)
+    rotate: int = DECODE_ROTATE  # stagger each block's start within its split
 
 
 def decode_row_tile(rows_total: int) -> int:
@@ -36,16 +45,21 @@ def decode_config(
     num_splits: int | None = None,
 ) -> DecodeConfig:
     """Split-K so that blocks fill every SM about once: each block streams a contiguous chunk."""
+    num_splits = decode_overrides.get("num_splits", num_splits)
+    threads = decode_overrides.get("threads", DECODE_THREADS)
     rows_total = group * q_len
     rows = decode_row_tile(rows_total)
     row_tiles = -(-rows_total // rows)
     base_blocks = batch * kv_heads * row_tiles
     if num_splits is None:
-        slots = sm_count * DECODE_BLOCKS_PER_SM[rows]
+        slots = sm_count * DECODE_BLOCKS_PER_SM[rows] * DECODE_THREADS // threads
         num_splits = max(1, round(slots / base_blocks))
         num_splits = min(num_splits, max(1, kv_capacity // MIN_ROWS_PER_SPLIT))
     num_splits = max(1, min(num_splits, kv_capacity))
     rows_per_split = -(-kv_capacity // num_splits)
     rows_per_split = -(-rows_per_split // 16) * 16  # whole steps of the row groups
     num_splits = -(-kv_capacity // rows_per_split)
-    return DecodeConfig(rows, row_tiles, DECODE_THREADS, num_splits, rows_per_split)
+    return DecodeConfig(
+        rows, row_tiles, threads, num_splits, rows_per_split,
+        decode_overrides.get("unroll", DECODE_UNROLL), decode_overrides.get("rotate", DECODE_ROTATE),
+    )

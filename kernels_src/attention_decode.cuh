@@ -31,6 +31,7 @@ struct DecodeParams {
   int page_size_log2;  // paged only
   int num_splits, rows_per_split;
   int causal;
+  int rotate;        // 1: each block starts its split at a block-dependent step (see below)
   float scale_log2;  // softmax scale * log2(e): scores are kept in the log2 domain
 };
 
@@ -146,7 +147,7 @@ __global__ void __launch_bounds__(128) attn_decode_naive(DecodeParams p) {
 //
 // Query rows of a block: r = (head in group) * Tq + token, row tile blockIdx.y % row_tiles.
 // grid (num_splits, Hkv * row_tiles, B), block THREADS, dynamic shared memory smem_bytes().
-template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS>
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL>
 struct SplitConfig {
   static constexpr int kVec = 8;  // elements per lane per row: one 16-byte load
   static constexpr int kLanesNeeded = HEAD_DIM / kVec;
@@ -154,15 +155,15 @@ struct SplitConfig {
                             : kLanesNeeded <= 8 ? 8 : kLanesNeeded <= 16 ? 16 : 32;
   static constexpr int kWarps = THREADS / ik::kWarpSize;
   static constexpr int kGroups = THREADS / kLPR;  // row groups per block
-  static constexpr int kUnroll = ROWS <= 4 ? 4 : 2;
+  static constexpr int kUnroll = UNROLL;  // rows per row group per step, loads all in flight
   static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16, <= 256");
   static_assert(THREADS % ik::kWarpSize == 0, "block must be whole warps");
   static constexpr int smem_bytes() { return kWarps * ROWS * (HEAD_DIM + 2) * 4; }
 };
 
-template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS>
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL>
 __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
-  using C = SplitConfig<T, HEAD_DIM, ROWS, PAGED, THREADS>;
+  using C = SplitConfig<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL>;
   constexpr int LPR = C::kLPR, VEC = C::kVec, U = C::kUnroll;
   extern __shared__ float smem[];
 
@@ -212,9 +213,16 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   const int* bt_row = PAGED ? p.block_table + b * p.bt_sb : nullptr;
 
   // The trip count is the same for every lane of the block (shuffles below need the whole warp);
-  // rows past the split's end are masked, not skipped.
-  for (int base = t_begin; base < t_end; base += C::kGroups * U) {
-    const int t0 = base + g;
+  // rows past the split's end are masked, not skipped. With `rotate`, blocks start at different
+  // steps of their split and wrap around: blocks streaming same-aligned regions in lockstep
+  // would otherwise hit the same DRAM channels at once (softmax order does not matter).
+  constexpr int kStep = C::kGroups * U;
+  const int n_steps = t_end > t_begin ? (t_end - t_begin + kStep - 1) / kStep : 0;
+  const int first = (p.rotate && n_steps) ? (blockIdx.y * 7 + blockIdx.z * 13 + split * 3) % n_steps : 0;
+  for (int i = 0; i < n_steps; ++i) {
+    int step = i + first;
+    if (step >= n_steps) step -= n_steps;
+    const int t0 = t_begin + step * kStep + g;
     uint4 kr[U], vr[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {  // issue every load of the step before using any

@@ -24,8 +24,8 @@ pytestmark = pytest.mark.amd_offline
 
 DECODE = [
     ("attn_decode_naive<ik::half_t, 128>", "DecodeParams"),
-    ("attn_decode_split<ik::half_t, 128, 4, false, 128>", "DecodeParams"),
-    ("attn_decode_split<ik::bf16_t, 64, 8, true, 128>", "DecodeParams"),
+    ("attn_decode_split<ik::half_t, 128, 4, false, 128, 4>", "DecodeParams"),
+    ("attn_decode_split<ik::bf16_t, 64, 8, true, 128, 2>", "DecodeParams"),
     ("attn_decode_combine<ik::bf16_t, 128>", "DecodeParams"),
 ]
 MMA = [
