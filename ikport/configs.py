@@ -19,7 +19,7 @@ DECODE_BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3, 8: 2}
 # the dispatcher's plan cache must be cleared after changing it. Empty in normal use.
 decode_overrides: dict[str, int] = {}
 DECODE_UNROLL = 4
-DECODE_ROTATE = 1
+DECODE_ROTATE = 0
 
 
 @dataclass(frozen=True)
