@@ -109,6 +109,10 @@ class Backend(abc.ABC):
     def device_info(self, device: int) -> DeviceInfo:
         """Arch string, SM/CU count, shared-memory limit, warp size of `device`."""
 
+    def occupancy(self, fn: Any, block_threads: int, shared_bytes: int) -> int | None:
+        """Blocks of `fn` resident on one SM/CU at once, or None where the backend cannot say."""
+        return None
+
     def target_for(self, device: int) -> Target:
         return Target(self.device_info(device).arch)
 

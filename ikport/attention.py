@@ -180,20 +180,21 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                            ps_log2, 0)
     else:
         info = backend.device_info(dev)
-        cfg = configs.decode_config(
-            sm_count=info.sm_count, batch=B, kv_heads=Hkv, group=Hq // Hkv, q_len=Tq,
-            kv_capacity=capacity, num_splits=1 if variant == "split1" else None,
-        )
+        rows, _, threads, unroll = configs.decode_tiles(Hq // Hkv, Tq)
         main = get_kernel(
-            spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=cfg.rows, paged=paged,
-                 threads=cfg.threads, unroll=cfg.unroll),
+            spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=rows, paged=paged,
+                 threads=threads, unroll=unroll),
             backend, dev,
+        )
+        smem = threads // info.warp_size * rows * (D + 2) * 4
+        cfg = configs.decode_config(
+            sm_count=info.sm_count, blocks_per_sm=backend.occupancy(main.fn, threads, smem),
+            batch=B, kv_heads=Hkv, group=Hq // Hkv, q_len=Tq, kv_capacity=capacity,
+            num_splits=1 if variant == "split1" else None,
         )
         combine = None
         if cfg.num_splits > 1:
             combine = get_kernel(spec("attention_decode", "combine", dtype=dtype, head_dim=D), backend, dev)
-        warps = cfg.threads // info.warp_size
-        smem = warps * cfg.rows * (D + 2) * 4
         plan = _DecodePlan(
             dev, main, combine, (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
             cfg.num_splits, cfg.rows_per_split, capacity, ps_log2, cfg.rotate,
