@@ -1,0 +1,14 @@
+"""ikport: portable LLM-inference GPU kernels, compiled at run time (NVRTC on NVIDIA, hipRTC on AMD).
+
+    import ikport
+    out = ikport.attention(q, k, v, kv_lens=lens)          # decode over a contiguous KV cache
+    out = ikport.paged_attention(q, k_pages, v_pages, block_table, lens)
+
+CPU tensors run the PyTorch reference; GPU tensors run a compiled kernel, never the reference.
+"""
+
+__version__ = "0.1.0"
+
+from .attention import attention, paged_attention, paged_kv_from_dense  # noqa: E402
+
+__all__ = ["attention", "paged_attention", "paged_kv_from_dense", "__version__"]

@@ -1,0 +1,97 @@
+"""Command line: `python -m ikport info | compile`.
+
+  python -m ikport info                         environment, for bug reports
+  python -m ikport compile --target all         every manifest kernel for sm_80, sm_89, sm_90,
+                                                gfx90a, gfx942, gfx1100 (no GPU needed)
+  python -m ikport compile --target sm_90 --json --filter decode
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+
+from . import __version__, knobs
+
+
+def _info() -> int:
+    import torch
+
+    print(f"ikport {__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    print(f"torch build: cuda={torch.version.cuda} hip={getattr(torch.version, 'hip', None)}")
+    print(f"cache dir: {knobs.cache_dir()}  (IKPORT_CACHE_DIR; disk cache {'on' if knobs.disk_cache_enabled() else 'off'})")
+    print(f"IKPORT_BACKEND: {knobs.forced_backend() or '(auto)'}")
+    try:
+        from .dispatch import get_backend
+
+        print(f"cuda backend: {get_backend('cuda').compiler_version()}")
+    except Exception as e:
+        print(f"cuda backend: unavailable ({e.__class__.__name__}: {str(e).splitlines()[0]})")
+    try:
+        from .backends.amd_offline import AmdOfflineCompiler
+
+        c = AmdOfflineCompiler()
+        print(f"amd offline compiler: {c.compiler_version() if c.available() else 'not installed'}")
+    except Exception as e:
+        print(f"amd offline compiler: unavailable ({e})")
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            arch = getattr(p, "gcnArchName", None) or f"sm_{p.major}{p.minor}"
+            print(f"gpu {i}: {p.name} {arch} {p.multi_processor_count} SMs/CUs {p.total_memory >> 20} MiB")
+        try:
+            from cuda.bindings import driver
+
+            driver.cuInit(0)
+            print(f"driver: CUDA {driver.cuDriverGetVersion()[1]}")
+        except Exception:
+            pass
+    else:
+        print("gpu: none visible to torch")
+    return 0
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from .manifest import default_instantiations
+    from .toolchain import compile_all, parse_targets
+
+    specs = [s for s in default_instantiations() if args.filter in s.uri]
+    rows = compile_all(specs, parse_targets(args.target), extra_hiprtc=args.hiprtc)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=1))
+    else:
+        hdr = f"{'kernel':<78} {'target':<8} {'compiler':<9} {'status':<6} {'regs':>5} {'agpr':>5} {'sgpr':>5} {'smem/LDS':>8} {'spill':>6} {'mma':>4}"
+        print(hdr)
+        for r in rows:
+            f = lambda v: "-" if v is None else str(v)  # noqa: E731
+            print(f"{r.kernel:<78} {r.target:<8} {r.compiler:<9} {r.status:<6} {f(r.registers):>5} "
+                  f"{f(r.agprs):>5} {f(r.sgprs):>5} {f(r.shared_bytes):>8} {f(r.spill_bytes):>6} "
+                  f"{r.instructions.get('mma', 0):>4}")
+            if r.status != "ok":
+                print(f"    error: {r.error}")
+        failed = sum(r.status != "ok" for r in rows)
+        print(f"{len(rows) - failed} compiled, {failed} failed")
+    return 1 if any(r.status != "ok" for r in rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ikport", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="print the environment")
+    c = sub.add_parser("compile", help="compile manifest kernels for targets (no GPU needed)")
+    c.add_argument("--target", default="all", help="'all' or a comma list: sm_80,sm_90,gfx942,...")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--filter", default="", help="only kernels whose URI contains this text")
+    c.add_argument("--hiprtc", action="store_true",
+                   help="also compile gfx90a with the installed hipRTC (subprocess)")
+    args = ap.parse_args(argv)
+    if args.cmd == "info":
+        return _info()
+    return _compile(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,231 @@
+"""Public attention API: `attention` (contiguous KV cache) and `paged_attention` (paged cache).
+
+Both take torch-SDPA-style [batch, heads, seq, head_dim] tensors; fewer KV heads than query
+heads means grouped-query attention. GPU tensors run the decode kernels of
+kernels_src/attention_decode.cuh; CPU tensors run ikport.reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from . import checks, configs, dispatch, reference
+from .backends.base import Backend
+from .kernels import DecodeParams, Kernel, get_kernel
+from .manifest import spec
+
+# Journey variants a caller (the benchmark) may force; None picks the default, "split".
+DECODE_VARIANTS = ("naive", "split1", "split")
+_DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+_LOG2E = 1.4426950408889634
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    kv_lens: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+    variant: str | None = None,
+) -> torch.Tensor:
+    """Attention of a few query tokens over a KV cache.
+
+    Args:
+        q: [B, Hq, Tq, D] fp16/bf16 (fp32/fp64 too on the CPU). Tq <= 128 on the GPU.
+        k, v: [B, Hkv, L, D], Hq a multiple of Hkv. Any strides in the first three dims (e.g. a
+            slice of a preallocated cache) as long as the last dim is contiguous and the other
+            strides are multiples of 8 elements.
+        causal: query token i sees keys up to kv_len - Tq + i (aligned bottom-right).
+        scale: softmax scale, default 1/sqrt(D).
+        kv_lens: int32 [B] on q's device: valid keys per sequence (default L). Values are
+            clamped to [0, L] on the device; a sequence of length 0 gives zeros.
+        out: optional [B, Hq, Tq, D] contiguous tensor (q's dtype) to write the result into.
+        variant: force a journey variant ("naive", "split1", "split"); default "split".
+
+    Returns:
+        [B, Hq, Tq, D] in q's dtype.
+
+    Example:
+        >>> q = torch.randn(8, 32, 1, 128, device="cuda", dtype=torch.float16)
+        >>> k = torch.randn(8, 8, 4096, 128, device="cuda", dtype=torch.float16)
+        >>> out = ikport.attention(q, k, k, kv_lens=torch.full((8,), 4000, dtype=torch.int32, device="cuda"))
+    """
+    checks.attention(q, k, v, kv_lens)
+    checks.out(out, q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = dispatch.backend_for(q.device)
+    if backend is None:
+        return _into(out, reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens))
+    return _decode(backend, q, k, v, None, kv_lens, causal, scale, variant, out)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_pages: torch.Tensor,
+    v_pages: torch.Tensor,
+    block_table: torch.Tensor,
+    kv_lens: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    out: torch.Tensor | None = None,
+    variant: str | None = None,
+) -> torch.Tensor:
+    """Attention over a paged KV cache (the vLLM/SGLang layout).
+
+    Args:
+        q: [B, Hq, Tq, D].
+        k_pages, v_pages: [num_pages, Hkv, page_size, D]; page_size a power of two in [1, 256].
+        block_table: int32 [B, max_pages]: page ids of each sequence, in order. Entries for
+            pages below kv_len must be valid page ids (they are not range-checked on the device).
+        kv_lens: int32 [B] on the device (clamped to [0, max_pages * page_size]).
+    Other arguments as in `attention`.
+    """
+    checks.paged(q, k_pages, v_pages, block_table, kv_lens)
+    checks.out(out, q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    backend = dispatch.backend_for(q.device)
+    if backend is None:
+        ref = reference.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal, scale=scale)
+        return _into(out, ref)
+    return _decode(backend, q, k_pages, v_pages, block_table, kv_lens, causal, scale, variant, out)
+
+
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def paged_kv_from_dense(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    page_size: int,
+    *,
+    shuffle: bool = True,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Copy a dense cache [B, Hkv, L, D] into pages [B * ceil(L / page_size), Hkv, page_size, D]
+    and an int32 block table [B, ceil(L / page_size)]; `shuffle` scatters the pages in a random
+    (non-monotonic) order, as a long-running server's allocator would. For tests and benchmarks."""
+    B, Hkv, L, D = k.shape
+    n = -(-L // page_size)
+    pad = n * page_size - L
+    def pages(x: torch.Tensor) -> torch.Tensor:
+        x = torch.nn.functional.pad(x, (0, 0, 0, pad)) if pad else x
+        return x.view(B, Hkv, n, page_size, D).permute(0, 2, 1, 3, 4).reshape(B * n, Hkv, page_size, D)
+    order = (
+        torch.randperm(B * n, generator=generator) if shuffle else torch.arange(B * n)
+    ).to(k.device)
+    k_pages = torch.empty((B * n, Hkv, page_size, D), dtype=k.dtype, device=k.device)
+    v_pages = torch.empty_like(k_pages)
+    k_pages[order] = pages(k)
+    v_pages[order] = pages(v)
+    block_table = order.view(B, n).to(torch.int32).contiguous()
+    return k_pages, v_pages, block_table
+
+
+# ---- GPU path ------------------------------------------------------------------------------------
+@dataclass
+class _DecodePlan:
+    device: int
+    main: Kernel
+    combine: Kernel | None
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_bytes: int
+    num_splits: int
+    rows_per_split: int
+    kv_capacity: int
+    page_size_log2: int
+    rotate: int
+
+
+_plans: dict[tuple, _DecodePlan] = {}
+
+
+def _raw_stream(device_index: int) -> int:
+    """Raw handle of torch's current stream (a CUDA graph capture records on it)."""
+    return torch._C._cuda_getCurrentRawStream(device_index)
+
+
+def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePlan:
+    B, Hq, Tq, D = q.shape
+    Hkv = k.shape[1]
+    paged = block_table is not None
+    if paged:
+        page_size = k.shape[2]
+        capacity, ps_log2 = block_table.shape[1] * page_size, page_size.bit_length() - 1
+    else:
+        capacity, ps_log2 = k.shape[2], 0
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    key = (backend.name, dev, q.dtype, B, Hq, Hkv, Tq, D, capacity, paged, ps_log2, variant)
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    variant = variant or "split"
+    if variant not in DECODE_VARIANTS:
+        raise ValueError(f"unknown decode variant {variant!r}; choose from {DECODE_VARIANTS}")
+    dtype = _DTYPE_NAME[q.dtype]
+    if variant == "naive":
+        main = get_kernel(spec("attention_decode", "naive", dtype=dtype, head_dim=D), backend, dev)
+        plan = _DecodePlan(dev, main, None, (Tq * Hq, B, 1), (128, 1, 1), 0, 1, capacity, capacity,
+                           ps_log2, 0)
+    else:
+        info = backend.device_info(dev)
+        rows, _, threads, unroll = configs.decode_tiles(Hq // Hkv, Tq)
+        main = get_kernel(
+            spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=rows, paged=paged,
+                 threads=threads, unroll=unroll),
+            backend, dev,
+        )
+        smem = threads // info.warp_size * rows * (D + 2) * 4
+        cfg = configs.decode_config(
+            sm_count=info.sm_count, blocks_per_sm=backend.occupancy(main.fn, threads, smem),
+            batch=B, kv_heads=Hkv, group=Hq // Hkv, q_len=Tq, kv_capacity=capacity,
+            num_splits=1 if variant == "split1" else None,
+        )
+        combine = None
+        if cfg.num_splits > 1:
+            combine = get_kernel(spec("attention_decode", "combine", dtype=dtype, head_dim=D), backend, dev)
+        plan = _DecodePlan(
+            dev, main, combine, (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
+            cfg.num_splits, cfg.rows_per_split, capacity, ps_log2, cfg.rotate,
+        )
+    _plans[key] = plan
+    return plan
+
+
+def _decode(backend, q, k, v, block_table, kv_lens, causal, scale, variant, out) -> torch.Tensor:
+    B, Hq, Tq, D = q.shape
+    plan = _plan(backend, q, k, block_table, variant)
+    if out is None:
+        out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
+    S = plan.num_splits
+    scratch = None
+    if S > 1:  # one allocation: partial outputs, then the log-sum-exps
+        rows = B * Hq * Tq * S
+        scratch = torch.empty(rows * (D + 1), dtype=torch.float32, device=q.device)
+    p = DecodeParams(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
+        scratch.data_ptr() if scratch is not None else 0,
+        scratch.data_ptr() + rows * D * 4 if scratch is not None else 0,
+        kv_lens.data_ptr() if kv_lens is not None else 0,
+        block_table.data_ptr() if block_table is not None else 0,
+        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        block_table.stride(0) if block_table is not None else 0,
+        B, Hq, k.shape[1], Tq, plan.kv_capacity, plan.page_size_log2, S, plan.rows_per_split,
+        int(bool(causal) and Tq > 1), plan.rotate, scale * _LOG2E,
+    )
+    stream = _raw_stream(plan.device)
+    plan.main.launch(plan.grid, plan.block, plan.shared_bytes, p, stream)
+    if plan.combine is not None:
+        plan.combine.launch((B * Hq * Tq, 1, 1), (D, 1, 1), 0, p, stream)
+    return out

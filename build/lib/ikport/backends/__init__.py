@@ -1,0 +1,1 @@
+"""Compile, load and launch: one interface (base.Backend), one module per vendor."""

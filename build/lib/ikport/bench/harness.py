@@ -1,0 +1,393 @@
+"""Timing utilities shared by every benchmark area, following the project's benchmark protocol.
+
+Kernel time: a ``torch.cuda._sleep`` kernel is queued just before the start event, so the GPU is
+still busy while the CPU dispatches the call and the events time the GPU work, not the launch.
+Eager time: the same call on an idle GPU, synchronized after each call, timed by the host clock.
+Both rotate among several input sets whose total is well above the L2, so runs miss the cache.
+
+Nothing here touches ``torch.cuda`` at import time: the module imports on CPU-only machines.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import math
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# The read ceiling of the lent H100 (16-byte vector reads over 1 GB): % of roof is taken against it.
+READ_ROOF_GBPS = 3087.0
+# The H100's L2, used when the device does not report its own.
+DEFAULT_L2_BYTES = 50 * 1024 * 1024
+# Keys every result row carries (PROTOCOL "Result files"); other keys may follow.
+ROW_KEYS = ("workload", "impl", "median_us", "min_us", "max_us", "GBps", "eager_us")
+# Top-level keys of a result file that `extra` may not replace.
+FILE_KEYS = ("device", "driver", "commit", "date", "versions", "command", "ceiling_GBps", "results")
+
+_MIN_SLEEP_US = 100.0
+# A call whose host time is this long waits on the GPU itself; no sleep can hide that.
+_MAX_SLEEP_US = 20_000.0
+_SLEEP_RETRIES = 3
+_REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Summary of one timed loop, in microseconds.
+
+    ``sleep_cycles``/``sleep_us``: the sleep queued ahead of each run (0 for eager time).
+    ``host_us``: median host time of one call. ``late``: runs whose dispatch outlasted the sleep
+    (their times may include launch latency; kernel_time retries with a longer sleep first).
+    """
+
+    median_us: float
+    min_us: float
+    max_us: float
+    n: int
+    sleep_cycles: int = 0
+    sleep_us: float = 0.0
+    host_us: float = 0.0
+    late: int = 0
+
+    @classmethod
+    def from_samples(cls, samples_us: Sequence[float], **fields: Any) -> Timing:
+        return cls(
+            median_us=statistics.median(samples_us),
+            min_us=min(samples_us),
+            max_us=max(samples_us),
+            n=len(samples_us),
+            **fields,
+        )
+
+
+@functools.cache
+def sleep_cycles_per_us() -> float:
+    """GPU clock cycles ``torch.cuda._sleep`` spins per microsecond, measured once with events."""
+    cycles = 1_000_000
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(3):
+        torch.cuda._sleep(100_000)  # keeps the GPU busy while the timed sleep is launched
+        start.record()
+        torch.cuda._sleep(cycles)
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end) * 1e3)
+    return cycles / statistics.median(samples)
+
+
+def _warm_up(fns: Sequence[Callable[[], Any]], count: int) -> list[float]:
+    """Call the rotation `count` times; returns each call's host time in us (no synchronize)."""
+    host_us = []
+    for i in range(count):
+        t0 = time.perf_counter_ns()
+        fns[i % len(fns)]()
+        host_us.append((time.perf_counter_ns() - t0) / 1e3)
+    torch.cuda.synchronize()
+    return host_us
+
+
+def _sleep_us_for(host_us: list[float]) -> float:
+    """A sleep comfortably above the host time of one call (first call left out: it compiles)."""
+    steady = host_us[1:] or host_us or [0.0]
+    return min(_MAX_SLEEP_US, max(_MIN_SLEEP_US, 2.0 * max(steady)))
+
+
+def kernel_time(
+    fns: Sequence[Callable[[], Any]],
+    *,
+    warmup: int = 10,
+    iters: int = 50,
+    sleep_cycles: int | None = None,
+) -> Timing:
+    """Kernel time of one call, rotating over `fns` (the same call on different input sets).
+
+    Each run queues ``torch.cuda._sleep(sleep_cycles)``, then start event, call, end event; one
+    synchronize at the end reads all the pairs. Without `sleep_cycles` the sleep is sized at twice
+    the call's steady host time (within 100 us - 20 ms), and doubled and re-timed (up to 3 times,
+    20 ms at most) if any run's dispatch outlasted it.
+    """
+    if not fns:
+        raise ValueError("kernel_time needs at least one callable")
+    host = _warm_up(fns, warmup)
+    auto = sleep_cycles is None
+    rate = sleep_cycles_per_us()
+    cycles = round(_sleep_us_for(host) * rate) if sleep_cycles is None else sleep_cycles
+    timing = _timed_loop(fns, iters, cycles, rate)
+    longest = round(_MAX_SLEEP_US * rate)
+    for _ in range(_SLEEP_RETRIES if auto else 0):
+        if timing.late == 0 or cycles >= longest:
+            break
+        cycles = min(2 * cycles, longest)
+        timing = _timed_loop(fns, iters, cycles, rate)
+    return timing
+
+
+def _timed_loop(fns: Sequence[Callable[[], Any]], iters: int, cycles: int, rate: float) -> Timing:
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    sleep_ns = cycles / rate * 1e3
+    host_us = []
+    late = 0
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(iters):
+            torch.cuda._sleep(cycles)
+            t0 = time.perf_counter_ns()
+            starts[i].record()
+            fns[i % len(fns)]()
+            ends[i].record()
+            elapsed = time.perf_counter_ns() - t0
+            host_us.append(elapsed / 1e3)
+            late += elapsed > sleep_ns
+    finally:
+        if gc_enabled:
+            gc.enable()
+    torch.cuda.synchronize()
+    samples = [s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends, strict=True)]
+    return Timing.from_samples(
+        samples,
+        sleep_cycles=cycles,
+        sleep_us=sleep_ns / 1e3,
+        host_us=statistics.median(host_us),
+        late=late,
+    )
+
+
+def check_sleep_insensitive(
+    fns: Sequence[Callable[[], Any]], *, warmup: int = 10, iters: int = 50
+) -> tuple[Timing, Timing]:
+    """The protocol's check: kernel time with the auto-sized sleep, then with that sleep doubled.
+
+    The two medians should agree to noise; a second one clearly lower means the first sleep was
+    too short and launch latency leaked into the events.
+    """
+    first = kernel_time(fns, warmup=warmup, iters=iters)
+    second = kernel_time(
+        fns, warmup=min(warmup, 2), iters=iters, sleep_cycles=2 * first.sleep_cycles
+    )
+    return first, second
+
+
+def eager_time(fns: Sequence[Callable[[], Any]], *, warmup: int = 10, iters: int = 50) -> Timing:
+    """Eager call time: each call on an idle GPU, host clock around call + synchronize."""
+    if not fns:
+        raise ValueError("eager_time needs at least one callable")
+    _warm_up(fns, warmup)
+    samples = []
+    gc_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for i in range(iters):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter_ns()
+            fns[i % len(fns)]()
+            torch.cuda.synchronize()
+            samples.append((time.perf_counter_ns() - t0) / 1e3)
+    finally:
+        if gc_enabled:
+            gc.enable()
+    return Timing.from_samples(samples)
+
+
+def rotation_count(
+    bytes_per_set: int, l2_bytes: int, *, factor: float = 3.0, minimum: int = 2
+) -> int:
+    """Input sets to rotate among so their total exceeds `factor` x the L2 (at least `minimum`)."""
+    if bytes_per_set <= 0 or l2_bytes <= 0:
+        raise ValueError(
+            f"sizes must be positive: bytes_per_set={bytes_per_set}, l2_bytes={l2_bytes}"
+        )
+    return max(minimum, int(factor * l2_bytes // bytes_per_set) + 1)
+
+
+def l2_cache_bytes() -> int:
+    """L2 size of the current CUDA device (the H100's 50 MiB if torch does not report it)."""
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0)) or DEFAULT_L2_BYTES
+
+
+def measure_read_roof(nbytes: int) -> dict[str, Any]:
+    """Informational streaming-read rate: kernel time of ``torch.sum`` over `nbytes` of float32.
+
+    torch's reduction kernel reads a contiguous float32 tensor with 16-byte vector loads and writes
+    one scalar, so this is a plain read pass; inputs rotate beyond the L2. It is a practical floor
+    for one pass, not the ceiling: % of roof is always taken against READ_ROOF_GBPS.
+    """
+    sets = rotation_count(nbytes, l2_cache_bytes())
+    xs = [torch.randn(nbytes // 4, device="cuda", dtype=torch.float32) for _ in range(sets)]
+    timing = kernel_time([functools.partial(torch.sum, x) for x in xs])
+    return {
+        "bytes": nbytes,
+        "median_us": round(timing.median_us, 2),
+        "GBps": round(gbps(nbytes, timing.median_us), 1),
+        "method": f"torch.sum over float32, {sets} rotated sets, kernel time",
+    }
+
+
+def gbps(nbytes: int, us: float) -> float:
+    """Bytes moved in `us` microseconds, in GB/s (1e9 bytes)."""
+    return nbytes / (us * 1e3)
+
+
+def result_row(
+    *,
+    workload: str,
+    impl: str,
+    kernel: Timing,
+    eager: Timing,
+    nbytes: int,
+    ceiling_GBps: float = READ_ROOF_GBPS,
+) -> dict[str, Any]:
+    """One result row in the protocol's shape, plus ``pct_roof`` and the run count ``n``."""
+    rate = gbps(nbytes, kernel.median_us)
+    return {
+        "workload": workload,
+        "impl": impl,
+        "median_us": round(kernel.median_us, 2),
+        "min_us": round(kernel.min_us, 2),
+        "max_us": round(kernel.max_us, 2),
+        "GBps": round(rate, 1),
+        "eager_us": round(eager.median_us, 2),
+        "pct_roof": round(100.0 * rate / ceiling_GBps, 1),
+        "n": kernel.n,
+    }
+
+
+def device_slug(name: str) -> str:
+    """Short device id for file names: 'NVIDIA H100 80GB HBM3' -> 'h100'."""
+    drop = {"nvidia", "amd", "geforce", "tesla", "instinct", "radeon", "pcie", "nvl"}
+    words = [
+        w
+        for w in re.split(r"[^a-z0-9]+", name.lower())
+        if w and w not in drop and not re.fullmatch(r"\d+gb|hbm\d*e?|sxm\d*", w)
+    ]
+    return "-".join(words) or "unknown"
+
+
+def _command_output(args: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        done = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=20, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def _driver_version() -> str:
+    smi = _command_output(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"])
+    if smi:
+        return smi.splitlines()[0].strip()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return str(pynvml.nvmlSystemGetDriverVersion())
+    except Exception:  # noqa: BLE001 - any failure means the version is unknown
+        return "unknown"
+
+
+def _git_commit() -> tuple[str, bool | None]:
+    """(HEAD sha, tree has uncommitted changes) of the checkout this package lives in."""
+    if not (_REPO_ROOT / ".git").exists():
+        return "unknown", None
+    sha = _command_output(["git", "rev-parse", "HEAD"], cwd=_REPO_ROOT)
+    if sha is None:
+        return "unknown", None
+    status = _command_output(
+        ["git", "status", "--porcelain", "--untracked-files=no"], cwd=_REPO_ROOT
+    )
+    return sha, bool(status)
+
+
+def _versions() -> dict[str, str]:
+    versions = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda),
+        "hip": str(torch.version.hip),
+    }
+    try:
+        import cuda.bindings
+
+        versions["cuda-python"] = cuda.bindings.__version__
+    except ImportError:
+        versions["cuda-python"] = "absent"
+    if torch.backends.cudnn.is_available():
+        versions["cudnn"] = str(torch.backends.cudnn.version())
+    try:
+        import ikport
+
+        versions["ikport"] = str(getattr(ikport, "__version__", "unknown"))
+    except ImportError:
+        versions["ikport"] = "absent"
+    return versions
+
+
+def device_meta(*, commit: str | None = None) -> dict[str, Any]:
+    """Device, driver, commit, date and versions for a result file (`commit` overrides git's)."""
+    cuda = torch.cuda.is_available()
+    sha, dirty = _git_commit()
+    meta: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "driver": _driver_version() if cuda and torch.version.cuda else "unknown",
+        "commit": commit or sha,
+        "date": datetime.now(timezone.utc).date().isoformat(),
+        "versions": _versions(),
+    }
+    if commit is None and dirty is not None:
+        meta["commit_dirty"] = dirty
+    return meta
+
+
+def write_results(
+    path: str | Path,
+    *,
+    command: str,
+    ceiling_GBps: float,
+    results: list[dict[str, Any]],
+    extra: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
+    """Write a result file in the protocol's shape; returns its path.
+
+    `meta` defaults to device_meta(); `extra` adds top-level keys (skipped peers, notes, ...) but
+    may not replace the protocol's own. Every row must carry ROW_KEYS with finite numbers.
+    """
+    for i, row in enumerate(results):
+        missing = [k for k in ROW_KEYS if k not in row]
+        if missing:
+            raise ValueError(
+                f"result row {i} ({row.get('workload')}/{row.get('impl')}) lacks {missing}"
+            )
+        bad = [k for k in ROW_KEYS[2:] if not math.isfinite(row[k])]
+        if bad:
+            raise ValueError(f"result row {i} has non-finite {bad}")
+    extra = extra or {}
+    clash = [k for k in extra if k in FILE_KEYS]
+    if clash:
+        raise ValueError(f"extra keys {clash} would replace the protocol's own")
+    doc: dict[str, Any] = dict(meta if meta is not None else device_meta())
+    doc.update(command=command, ceiling_GBps=float(ceiling_GBps))
+    doc.update(extra)
+    doc["results"] = results
+    absent = [k for k in FILE_KEYS if k not in doc]
+    if absent:
+        raise ValueError(f"meta lacks {absent}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
+    return path

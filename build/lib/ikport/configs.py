@@ -1,0 +1,95 @@
+"""Launch configurations: the only place tuning choices live. Derived from the device's SM/CU
+count and the shapes, never from a device name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DECODE_THREADS = 128
+DECODE_ROW_TILES = (1, 2, 4, 8)  # query rows one block serves (GQA group x query tokens)
+# Each split should stream at least this many KV rows, so the merge stays a small fraction.
+MIN_ROWS_PER_SPLIT = 256
+# Decode blocks that fit on one SM/CU at once, by query-row tile (from the compiler's register
+# counts at 128 threads: ~100-170 registers -> 3-4 blocks per SM on sm_80/sm_90).
+DECODE_BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3, 8: 2}
+
+
+# Benchmarks and tuning runs may pin any DecodeConfig field here (e.g. {"num_splits": 8});
+# the dispatcher's plan cache must be cleared after changing it. Empty in normal use.
+decode_overrides: dict[str, int] = {}
+DECODE_UNROLL = 4
+DECODE_ROTATE = 0
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    rows: int  # query rows per block (template parameter)
+    row_tiles: int  # blocks per KV head along the query rows
+    threads: int
+    num_splits: int
+    rows_per_split: int  # KV rows each split streams
+    unroll: int = DECODE_UNROLL  # KV rows per row group per step (template parameter)
+    rotate: int = DECODE_ROTATE  # stagger each block's start within its split
+
+
+def decode_row_tile(rows_total: int) -> int:
+    for r in DECODE_ROW_TILES:
+        if rows_total <= r:
+            return r
+    return DECODE_ROW_TILES[-1]
+
+
+def decode_tiles(group: int, q_len: int) -> tuple[int, int, int, int]:
+    """(rows, row_tiles, threads, unroll): the kernel template choice, before split-K."""
+    rows_total = group * q_len
+    rows = decode_row_tile(rows_total)
+    threads = decode_overrides.get("threads", DECODE_THREADS)
+    return rows, -(-rows_total // rows), threads, decode_overrides.get("unroll", DECODE_UNROLL)
+
+
+GOOD_WAVE_UTILIZATION = 0.95  # take the fewest splits that keep the waves this full
+
+
+def _rounded_splits(kv_capacity: int, splits: int) -> int:
+    """Splits actually launched once each split's rows are rounded up to whole 16-row steps."""
+    rows = -(-(-(-kv_capacity // splits)) // 16) * 16
+    return -(-kv_capacity // rows)
+
+
+def wave_utilization(blocks: int, slots: int) -> float:
+    """Fraction of the SM slots busy over the waves `blocks` need (1.0: every wave full)."""
+    waves = -(-blocks // slots)
+    return blocks / (waves * slots)
+
+
+def decode_config(
+    *, sm_count: int, blocks_per_sm: int | None, batch: int, kv_heads: int, group: int,
+    q_len: int, kv_capacity: int, num_splits: int | None = None,
+) -> DecodeConfig:
+    """Split-K count from the SM count and the kernel's occupancy: every block streams an equal
+    chunk, so the time is set by the number of waves; pick the split count whose blocks fill the
+    waves best (fewest splits on ties), keeping each split at least MIN_ROWS_PER_SPLIT rows.
+    Measured on the H100 (D3): 384 blocks in 396 slots 62 us, 400 blocks 83 us."""
+    rows, row_tiles, threads, unroll = decode_tiles(group, q_len)
+    base_blocks = batch * kv_heads * row_tiles
+    num_splits = decode_overrides.get("num_splits", num_splits)
+    if num_splits is None:
+        per_sm = blocks_per_sm or DECODE_BLOCKS_PER_SM[rows] * DECODE_THREADS // threads
+        slots = sm_count * max(1, per_sm)
+        max_splits = max(1, kv_capacity // MIN_ROWS_PER_SPLIT)
+        best = (0.0, 1)
+        for s in range(1, min(max_splits, 4 * -(-slots // base_blocks)) + 1):
+            util = wave_utilization(base_blocks * _rounded_splits(kv_capacity, s), slots)
+            if util >= GOOD_WAVE_UTILIZATION:
+                best = (util, s)
+                break
+            best = max(best, (util, s), key=lambda b: b[0])
+        num_splits = best[1]
+    num_splits = _rounded_splits(kv_capacity, max(1, min(num_splits, kv_capacity)))
+    rows_per_split = -(-kv_capacity // num_splits)
+    rows_per_split = -(-rows_per_split // 16) * 16
+    return DecodeConfig(
+        rows, row_tiles, threads, num_splits, rows_per_split, unroll,
+        decode_overrides.get("rotate", DECODE_ROTATE),
+    )

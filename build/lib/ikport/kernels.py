@@ -1,0 +1,119 @@
+"""From a KernelSpec to a launchable kernel: source assembly, disk + in-process cache, load.
+
+A kernel is compiled at most once per process (in-memory map by backend, target and URI) and at
+most once per machine (the disk cache), and loaded once per device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import __version__, knobs
+from .backends.base import Backend, CompiledModule
+from .backends.cache import DiskCache, cache_key
+from .backends.source import kernel_source
+from .backends.target import Target
+from .manifest import KernelSpec
+
+log = logging.getLogger("ikport")
+
+
+# By-value kernel arguments. Each mirrors the C struct of the same name field for field
+# (kernels_src/*.cuh); ctypes lays them out with the C rules the device ABI uses.
+class DecodeParams(ctypes.Structure):
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("part_out", ctypes.c_void_p), ("part_lse", ctypes.c_void_p),
+        ("kv_lens", ctypes.c_void_p), ("block_table", ctypes.c_void_p),
+        ("q_sb", ctypes.c_int64), ("q_sh", ctypes.c_int64), ("q_st", ctypes.c_int64),
+        ("k_sb", ctypes.c_int64), ("k_sh", ctypes.c_int64), ("k_st", ctypes.c_int64),
+        ("v_sb", ctypes.c_int64), ("v_sh", ctypes.c_int64), ("v_st", ctypes.c_int64),
+        ("o_sb", ctypes.c_int64), ("o_sh", ctypes.c_int64), ("o_st", ctypes.c_int64),
+        ("bt_sb", ctypes.c_int64),
+        ("batch", ctypes.c_int32), ("num_q_heads", ctypes.c_int32),
+        ("num_kv_heads", ctypes.c_int32), ("q_len", ctypes.c_int32),
+        ("kv_capacity", ctypes.c_int32), ("page_size_log2", ctypes.c_int32),
+        ("num_splits", ctypes.c_int32), ("rows_per_split", ctypes.c_int32),
+        ("causal", ctypes.c_int32), ("rotate", ctypes.c_int32), ("scale_log2", ctypes.c_float),
+    ]
+
+
+class MmaTileParams(ctypes.Structure):
+    _fields_ = [
+        ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p),
+        ("m", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+    ]
+
+
+PARAMS_TYPES: dict[str, type[ctypes.Structure]] = {
+    "DecodeParams": DecodeParams,
+    "MmaTileParams": MmaTileParams,
+}
+
+
+_lock = threading.Lock()
+_compiled: dict[tuple[str, str, str], CompiledModule] = {}
+_loaded: dict[tuple[str, str, int], "Kernel"] = {}
+
+
+def _disk_cache() -> DiskCache | None:
+    return DiskCache(knobs.cache_dir()) if knobs.disk_cache_enabled() else None
+
+
+def compile_spec(spec: KernelSpec, backend: Backend, target: Target) -> CompiledModule:
+    """Compiled code of `spec` for `target`: from memory, else the disk cache, else the compiler."""
+    mem_key = (backend.name, target.arch, spec.uri)
+    with _lock:
+        if mem_key in _compiled:
+            return _compiled[mem_key]
+        source = kernel_source(spec.source_file, [(spec.name_expr, spec.params_type)])
+        names = [spec.name_expr]
+        compiler = backend.compiler_version()
+        key = cache_key(source, names, [], target, compiler, __version__)
+        cache = _disk_cache()
+        module = cache.get(key) if cache else None
+        if module is None:
+            t0 = time.perf_counter()
+            module = backend.compile(source, names, [], target)
+            log.info("compiled %s for %s in %.2f s", spec.uri, target.arch, time.perf_counter() - t0)
+            if cache:
+                cache.put(key, module)
+        else:
+            log.debug("cache hit %s for %s", spec.uri, target.arch)
+        _compiled[mem_key] = module
+        return module
+
+
+@dataclass
+class Kernel:
+    """A loaded kernel on one device: launch it with its params struct on a stream."""
+
+    spec: KernelSpec
+    backend: Backend
+    fn: Any
+    max_dynamic_shared: int = 48 * 1024
+
+    def launch(self, grid, block, shared_bytes: int, params: ctypes.Structure, stream: int) -> None:
+        if shared_bytes > self.max_dynamic_shared:
+            self.backend.set_max_dynamic_shared(self.fn, shared_bytes)
+            self.max_dynamic_shared = shared_bytes
+        self.backend.launch(self.fn, grid, block, shared_bytes, params, stream)
+
+
+def get_kernel(spec: KernelSpec, backend: Backend, device: int) -> Kernel:
+    key = (backend.name, spec.uri, device)
+    k = _loaded.get(key)
+    if k is not None:
+        return k
+    target = backend.target_for(device)
+    module = compile_spec(spec, backend, target)
+    with _lock:
+        if key not in _loaded:
+            loaded = backend.load(module, device)
+            _loaded[key] = Kernel(spec, backend, backend.get_function(loaded, module, spec.name_expr))
+        return _loaded[key]

@@ -1,0 +1,354 @@
+// attention_decode.cuh -- decode attention: a few new query tokens per sequence attend to the
+// whole KV cache. Written once in the ik:: vocabulary (portability/ik.cuh); no vendor branches.
+//
+// Shapes (strides in elements; the last dim of every tensor is contiguous):
+//   q    [B, Hq, Tq, D]            out [B, Hq, Tq, D]
+//   K, V contiguous: [B, Hkv, L, D] (any batch/head/seq strides)
+//   K, V paged:      [num_pages, Hkv, page_size, D], block_table [B, max_pages] (int32)
+//   kv_lens [B] int32 on the device (clamped to [0, L] in the kernel: no host synchronization)
+// Query token t of Tq (causal) sees keys [0, kv_len - Tq + t]: aligned bottom-right.
+// kv_len == 0 gives a zero output row (documented in docs/api.md).
+#pragma once
+#include "ik.cuh"
+
+// Must match ikport/kernels.py DecodeParams field for field (ctypes mirrors C layout).
+struct DecodeParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* part_out;         // [B, Hq, Tq, num_splits, D] fp32, normalized partial outputs
+  float* part_lse;         // [B, Hq, Tq, num_splits] log2-sum-exp of each split (-inf if empty)
+  const int* kv_lens;      // [B]
+  const int* block_table;  // [B, bt_stride_b] or null when not paged
+  long long q_sb, q_sh, q_st;
+  long long k_sb, k_sh, k_st;  // paged: k_sb is the page stride
+  long long v_sb, v_sh, v_st;
+  long long o_sb, o_sh, o_st;
+  long long bt_sb;
+  int batch, num_q_heads, num_kv_heads, q_len;
+  int kv_capacity;     // L (contiguous) or max_pages * page_size (paged)
+  int page_size_log2;  // paged only
+  int num_splits, rows_per_split;
+  int causal;
+  int rotate;        // 1: each block starts its split at a block-dependent step (see below)
+  float scale_log2;  // softmax scale * log2(e): scores are kept in the log2 domain
+};
+
+namespace decode {
+
+// Sentinel for "no score yet": finite, so exp2(m_old - m_new) never sees (-inf) - (-inf).
+constexpr float kNoScore = -1.0e30f;
+
+IK_DEVICE int kv_len_of(const DecodeParams& p, int b) {
+  int n = p.kv_lens ? p.kv_lens[b] : p.kv_capacity;
+  return n < 0 ? 0 : (n > p.kv_capacity ? p.kv_capacity : n);
+}
+
+// Last key index (inclusive) query token tq may see, given the sequence length.
+IK_DEVICE int key_limit(const DecodeParams& p, int kv_len, int tq) {
+  return p.causal ? kv_len - p.q_len + tq : kv_len - 1;
+}
+
+template <bool PAGED>
+IK_DEVICE long long row_offset(const DecodeParams& p, const int* bt_row, long long sb, long long sh,
+                               long long st, int b, int h, int t) {
+  if (PAGED) {
+    int page = bt_row[t >> p.page_size_log2];
+    int off = t & ((1 << p.page_size_log2) - 1);
+    return page * sb + h * sh + off * st;
+  }
+  return b * sb + h * sh + static_cast<long long>(t) * st;
+}
+
+}  // namespace decode
+
+// ---------------------------------------------------------------------------------------------
+// v0 naive: one block per (query token, query head, sequence); each thread scores one key of a
+// 128-key tile with a scalar dot product, then the block folds the tile into an online softmax.
+// K/V are re-read for every query head of a GQA group. Kept as the journey's baseline.
+// grid (Tq * Hq, B), block 128.
+template <class T, int HEAD_DIM>
+__global__ void __launch_bounds__(128) attn_decode_naive(DecodeParams p) {
+  constexpr int kTile = 128;
+  constexpr int kDimsPerThread = (HEAD_DIM + kTile - 1) / kTile;
+  __shared__ float s_score[kTile];
+  __shared__ float s_red[kTile];
+  const int tid = threadIdx.x;
+  const int tq = blockIdx.x % p.q_len, hq = blockIdx.x / p.q_len, b = blockIdx.y;
+  const int group = p.num_q_heads / p.num_kv_heads, hk = hq / group;
+  const int kv_len = decode::kv_len_of(p, b);
+  const int last = decode::key_limit(p, kv_len, tq);
+  const T* q = static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh + tq * p.q_st;
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+  const int* bt_row = p.block_table ? p.block_table + b * p.bt_sb : nullptr;
+
+  float m = decode::kNoScore, l = 0.f, acc[kDimsPerThread];
+  for (int i = 0; i < kDimsPerThread; ++i) acc[i] = 0.f;
+
+  for (int t0 = 0; t0 <= last; t0 += kTile) {
+    int t = t0 + tid;
+    float s = -IK_INFINITY;
+    if (t <= last) {
+      long long off = bt_row ? decode::row_offset<true>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t)
+                             : decode::row_offset<false>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t);
+      float dot = 0.f;
+      for (int d = 0; d < HEAD_DIM; ++d)
+        dot += ik::dtype<T>::to_float(q[d]) * ik::dtype<T>::to_float(kbase[off + d]);
+      s = dot * p.scale_log2;
+    }
+    s_red[tid] = s;
+    ik::block_sync();
+    for (int w = kTile / 2; w > 0; w /= 2) {  // tile max
+      if (tid < w) s_red[tid] = fmaxf(s_red[tid], s_red[tid + w]);
+      ik::block_sync();
+    }
+    float m_new = fmaxf(m, s_red[0]);
+    float alpha = exp2f(m - m_new);
+    s_score[tid] = exp2f(s - m_new);
+    ik::block_sync();
+    float psum = 0.f;
+    for (int j = 0; j < kTile && t0 + j <= last; ++j) psum += s_score[j];
+    l = l * alpha + psum;
+    for (int i = 0; i < kDimsPerThread; ++i) {
+      int d = tid + i * kTile;
+      float a = acc[i] * alpha;
+      if (d < HEAD_DIM) {
+        for (int j = 0; j < kTile && t0 + j <= last; ++j) {
+          int tj = t0 + j;
+          long long off = bt_row ? decode::row_offset<true>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, tj)
+                                 : decode::row_offset<false>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, tj);
+          a += s_score[j] * ik::dtype<T>::to_float(vbase[off + d]);
+        }
+      }
+      acc[i] = a;
+    }
+    m = m_new;
+    ik::block_sync();
+  }
+  T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st;
+  float inv = l > 0.f ? 1.f / l : 0.f;
+  for (int i = 0; i < kDimsPerThread; ++i) {
+    int d = tid + i * kTile;
+    if (d < HEAD_DIM) out[d] = ik::dtype<T>::from_float(acc[i] * inv);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Split-K decode (flash-decoding) with one KV head per block serving all the query rows of its
+// GQA group, so every K/V row is read once from memory.
+//
+// A "row group" of LPR lanes holds one K/V row: 8 elements (16 bytes) per lane. Each row group
+// streams rows start+g, start+g+G, ... of its block's split, UNROLL rows per step with all loads
+// issued before first use, and keeps its own online softmax (fp32, log2 domain) for the block's
+// ROWS query rows. Row groups merge by shuffles, warps through shared memory, splits in
+// attn_decode_combine (or directly into `out` when num_splits == 1).
+//
+// Query rows of a block: r = (head in group) * Tq + token, row tile blockIdx.y % row_tiles.
+// grid (num_splits, Hkv * row_tiles, B), block THREADS, dynamic shared memory smem_bytes().
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL>
+struct SplitConfig {
+  static constexpr int kVec = 8;  // elements per lane per row: one 16-byte load
+  static constexpr int kLanesNeeded = HEAD_DIM / kVec;
+  static constexpr int kLPR = kLanesNeeded <= 1 ? 1 : kLanesNeeded <= 2 ? 2 : kLanesNeeded <= 4 ? 4
+                            : kLanesNeeded <= 8 ? 8 : kLanesNeeded <= 16 ? 16 : 32;
+  static constexpr int kWarps = THREADS / ik::kWarpSize;
+  static constexpr int kGroups = THREADS / kLPR;  // row groups per block
+  static constexpr int kUnroll = UNROLL;  // rows per row group per step, loads all in flight
+  static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16, <= 256");
+  static_assert(THREADS % ik::kWarpSize == 0, "block must be whole warps");
+  static constexpr int smem_bytes() { return kWarps * ROWS * (HEAD_DIM + 2) * 4; }
+};
+
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL>
+__global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
+  using C = SplitConfig<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL>;
+  constexpr int LPR = C::kLPR, VEC = C::kVec, U = C::kUnroll;
+  extern __shared__ float smem[];
+
+  const int split = blockIdx.x;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int rows_total = group * p.q_len;
+  const int row_tiles = (rows_total + ROWS - 1) / ROWS;
+  const int hk = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * ROWS;
+  const int b = blockIdx.z;
+  const int lane = ik::lane_id(), warp = ik::warp_id();
+  const int sub = lane % LPR;                         // lane within the row group
+  const int g = static_cast<int>(threadIdx.x) / LPR;  // row group within the block
+  const bool lane_active = sub < C::kLanesNeeded;     // head dims like 96 leave spare lanes
+  const int d0 = sub * VEC;
+
+  const int kv_len = decode::kv_len_of(p, b);
+  const int t_begin = split * p.rows_per_split;
+  const int t_end = min(t_begin + p.rows_per_split, kv_len);
+
+  // Query rows of this block, pre-scaled into the log2 domain; their key limits.
+  float q[ROWS][VEC];
+  int limit[ROWS];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    int rr = row0 + r;
+    bool valid = rr < rows_total && lane_active;
+    int hq = hk * group + (rr < rows_total ? rr / p.q_len : 0), tq = rr < rows_total ? rr % p.q_len : 0;
+    limit[r] = rr < rows_total ? decode::key_limit(p, kv_len, tq) : -1;
+    uint4 raw = make_uint4(0, 0, 0, 0);
+    if (valid) raw = ik::load16(static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh + tq * p.q_st + d0);
+    ik::unpack8<T>(raw, q[r]);
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) q[r][i] *= p.scale_log2;
+  }
+
+  float m[ROWS], l[ROWS], acc[ROWS][VEC];
+#pragma unroll
+  for (int r = 0; r < ROWS; ++r) {
+    m[r] = decode::kNoScore;
+    l[r] = 0.f;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) acc[r][i] = 0.f;
+  }
+
+  const T* kbase = static_cast<const T*>(p.k) + d0;
+  const T* vbase = static_cast<const T*>(p.v) + d0;
+  const int* bt_row = PAGED ? p.block_table + b * p.bt_sb : nullptr;
+
+  // The trip count is the same for every lane of the block (shuffles below need the whole warp);
+  // rows past the split's end are masked, not skipped. With `rotate`, blocks start at different
+  // steps of their split and wrap around: blocks streaming same-aligned regions in lockstep
+  // would otherwise hit the same DRAM channels at once (softmax order does not matter).
+  constexpr int kStep = C::kGroups * U;
+  const int n_steps = t_end > t_begin ? (t_end - t_begin + kStep - 1) / kStep : 0;
+  const int first = (p.rotate && n_steps) ? (blockIdx.y * 7 + blockIdx.z * 13 + split * 3) % n_steps : 0;
+  for (int i = 0; i < n_steps; ++i) {
+    int step = i + first;
+    if (step >= n_steps) step -= n_steps;
+    const int t0 = t_begin + step * kStep + g;
+    uint4 kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // issue every load of the step before using any
+      int t = t0 + u * C::kGroups;
+      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+      if (t < t_end && lane_active) {
+        kr[u] = ik::load16_stream(kbase + decode::row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t));
+        vr[u] = ik::load16_stream(vbase + decode::row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t));
+      }
+    }
+    float s[U][ROWS];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float kf[VEC];
+      ik::unpack8<T>(kr[u], kf);
+      int t = t0 + u * C::kGroups;
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) dot += q[r][i] * kf[i];
+        dot = ik::group_sum<LPR>(dot);
+        s[u][r] = (t < t_end && t <= limit[r]) ? dot : -IK_INFINITY;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      float m_new = m[r];
+#pragma unroll
+      for (int u = 0; u < U; ++u) m_new = fmaxf(m_new, s[u][r]);
+      float alpha = ik::exp2_fast(m[r] - m_new);
+      m[r] = m_new;
+      l[r] *= alpha;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[r][i] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; ++u) s[u][r] = ik::exp2_fast(s[u][r] - m_new);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      float vf[VEC];
+      ik::unpack8<T>(vr[u], vf);
+#pragma unroll
+      for (int r = 0; r < ROWS; ++r) {
+        l[r] += s[u][r];
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) acc[r][i] += s[u][r] * vf[i];
+      }
+    }
+  }
+
+  // Merge the row groups of each warp (lanes LPR, 2*LPR, ... apart hold the same dims).
+#pragma unroll
+  for (int o = LPR; o < ik::kWarpSize; o *= 2) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      float m_o = ik::shfl_xor(m[r], o), l_o = ik::shfl_xor(l[r], o);
+      float m_n = fmaxf(m[r], m_o);
+      float a = ik::exp2_fast(m[r] - m_n), c = ik::exp2_fast(m_o - m_n);
+      l[r] = l[r] * a + l_o * c;
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) acc[r][i] = acc[r][i] * a + ik::shfl_xor(acc[r][i], o) * c;
+      m[r] = m_n;
+    }
+  }
+
+  // Then the warps, through shared memory: [warp][row] m, l and [warp][row][dim] acc.
+  float* s_m = smem;
+  float* s_l = s_m + C::kWarps * ROWS;
+  float* s_acc = s_l + C::kWarps * ROWS;
+  if (lane < LPR) {
+#pragma unroll
+    for (int r = 0; r < ROWS; ++r) {
+      if (lane == 0) { s_m[warp * ROWS + r] = m[r]; s_l[warp * ROWS + r] = l[r]; }
+      if (lane_active) {
+#pragma unroll
+        for (int i = 0; i < VEC; ++i) s_acc[(warp * ROWS + r) * HEAD_DIM + d0 + i] = acc[r][i];
+      }
+    }
+  }
+  ik::block_sync();
+
+  for (int idx = threadIdx.x; idx < ROWS * HEAD_DIM; idx += THREADS) {
+    int r = idx / HEAD_DIM, d = idx % HEAD_DIM, rr = row0 + r;
+    if (rr >= rows_total) continue;
+    float m_all = decode::kNoScore;
+    for (int w = 0; w < C::kWarps; ++w) m_all = fmaxf(m_all, s_m[w * ROWS + r]);
+    float l_all = 0.f, o = 0.f;
+    for (int w = 0; w < C::kWarps; ++w) {
+      float f = ik::exp2_fast(s_m[w * ROWS + r] - m_all);
+      l_all += s_l[w * ROWS + r] * f;
+      o += s_acc[(w * ROWS + r) * HEAD_DIM + d] * f;
+    }
+    int hq = hk * group + rr / p.q_len, tq = rr % p.q_len;
+    float inv = l_all > 0.f ? 1.f / l_all : 0.f;
+    if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st;
+      out[d] = ik::dtype<T>::from_float(o * inv);
+    } else {
+      long long row = ((static_cast<long long>(b) * p.num_q_heads + hq) * p.q_len + tq) * p.num_splits + split;
+      p.part_out[row * HEAD_DIM + d] = o * inv;
+      if (d == 0) p.part_lse[row] = l_all > 0.f ? m_all + __log2f(l_all) : -IK_INFINITY;
+    }
+  }
+}
+
+// Merges the num_splits partial results of each (sequence, query head, token) row.
+// grid (B * Hq * Tq), block HEAD_DIM threads.
+template <class T, int HEAD_DIM>
+__global__ void __launch_bounds__(HEAD_DIM) attn_decode_combine(DecodeParams p) {
+  const long long row = blockIdx.x;
+  const int d = threadIdx.x;
+  const int S = p.num_splits;
+  const float* lse = p.part_lse + row * S;
+  float m = -IK_INFINITY;
+  for (int s = 0; s < S; ++s) m = fmaxf(m, lse[s]);
+  float w_sum = 0.f, o = 0.f;
+  if (m != -IK_INFINITY) {
+    for (int s = 0; s < S; ++s) {
+      float w = ik::exp2_fast(lse[s] - m);  // exp2(-inf) = 0 for empty splits
+      w_sum += w;
+      o += w * p.part_out[(row * S + s) * HEAD_DIM + d];
+    }
+  }
+  const int tq = row % p.q_len, hq = (row / p.q_len) % p.num_q_heads;
+  const int b = row / (static_cast<long long>(p.q_len) * p.num_q_heads);
+  T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st;
+  out[d] = ik::dtype<T>::from_float(w_sum > 0.f ? o / w_sum : 0.f);
+}

@@ -1,0 +1,37 @@
+"""Every environment variable ikport reads, in one place (read at use, so tests can set them).
+
+IKPORT_CACHE_DIR   where compiled kernels are kept (default: ~/.cache/ikport, or $XDG_CACHE_HOME/ikport)
+IKPORT_BACKEND     force a backend for GPU tensors: "cuda" or "hip" (default: from torch's build)
+IKPORT_LOG         logging level of the "ikport" logger: debug, info, warning (default: warning)
+IKPORT_NO_DISK_CACHE  set to 1 to compile in memory only
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("IKPORT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ikport"
+
+
+def disk_cache_enabled() -> bool:
+    return os.environ.get("IKPORT_NO_DISK_CACHE", "") not in ("1", "true", "yes")
+
+
+def forced_backend() -> str | None:
+    value = os.environ.get("IKPORT_BACKEND", "").strip().lower()
+    if not value:
+        return None
+    if value not in ("cuda", "hip"):
+        raise ValueError(f"IKPORT_BACKEND={value!r}: expected 'cuda' or 'hip'")
+    return value
+
+
+def log_level() -> str:
+    return os.environ.get("IKPORT_LOG", "warning").upper()

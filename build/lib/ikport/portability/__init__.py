@@ -1,0 +1,1 @@
+"""The shim headers (*.cuh) every ikport kernel includes; installed as package data."""

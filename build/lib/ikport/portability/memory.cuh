@@ -1,0 +1,22 @@
+// memory.cuh -- 16-byte vector access and the asynchronous global->shared copy.
+#pragma once
+
+namespace ik {
+
+IK_DEVICE uint4 load16(const void* p) { return vendor::load16(p); }
+// For data read exactly once (a KV cache stream): bypasses L1 where the vendor allows.
+IK_DEVICE uint4 load16_stream(const void* p) { return vendor::load16_stream(p); }
+IK_DEVICE void store16(void* p, uint4 v) { vendor::store16(p, v); }
+
+// Async copy: cp.async on NVIDIA sm_80+, a synchronous copy elsewhere (IK_HAS_ASYNC_COPY says
+// which). Usage is the same on every target: issue copies, commit a group, wait until at most N
+// groups are pending, then a barrier before other threads read the shared memory.
+IK_DEVICE void cp_async16(void* smem, const void* gmem) { vendor::cp_async16(smem, gmem); }
+IK_DEVICE void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+  vendor::cp_async16_zfill(smem, gmem, valid);
+}
+IK_DEVICE void cp_async_commit() { vendor::cp_async_commit(); }
+template <int N>
+IK_DEVICE void cp_async_wait() { vendor::cp_async_wait<N>(); }
+
+}  // namespace ik

@@ -1,0 +1,187 @@
+// mma.cuh -- one warp/wave computes C(16x16, fp32) += A(16x16) * B(16x16), A and B fp16 or bf16.
+//
+//   ik::mma::FragA<T> a; ik::mma::FragB<T> b; ik::mma::FragC c;
+//   ik::mma::zero(c);
+//   ik::mma::load_a(a, smem_A, lda);    // A[m][k] row-major in shared memory
+//   ik::mma::load_b(b, smem_B, ldb);    // B[k][n] row-major          (e.g. V in P*V)
+//   ik::mma::load_bt(b, smem_Bt, ldbt); // B given as Bt[n][k] row-major (e.g. K in Q*K^T)
+//   ik::mma::mma(c, a, b);
+//   slot s of this lane holds C[ik::mma::c_row(s)][ik::mma::c_col(s)], s < ik::mma::kCSlots.
+//
+// NVIDIA: ldmatrix + 2x mma.sync.m16n8k16 (row addresses must be 16-byte aligned: ld % 8 == 0).
+// CDNA: v_mfma_f32_16x16x16 (wave64). RDNA3: v_wmma_f32_16x16x16 (wave32).
+#pragma once
+#include "mma_layout.cuh"
+
+namespace ik {
+namespace mma {
+
+#if defined(IK_MMA_NV_M16N8K16)
+using Layout = layout::NvM16n8k16x2;
+#elif defined(IK_MMA_AMD_MFMA_16X16X16)
+using Layout = layout::AmdMfma16x16x16;
+#elif defined(IK_MMA_AMD_WMMA_W32)
+using Layout = layout::AmdWmma16x16x16W32;
+#endif
+
+#if defined(IK_MMA_NV_M16N8K16) || defined(IK_MMA_AMD_MFMA_16X16X16) || defined(IK_MMA_AMD_WMMA_W32)
+#define IK_HAS_MMA 1
+static_assert(Layout::kLanes == IK_WARP_SIZE, "matrix fragment layout assumes another warp size");
+
+inline constexpr int kCSlots = Layout::kC;
+IK_DEVICE int c_row(int s) { return Layout::c_row(lane_id(), s); }
+IK_DEVICE int c_col(int s) { return Layout::c_col(lane_id(), s); }
+
+struct FragC {
+  float x[Layout::kC];
+};
+IK_DEVICE void zero(FragC& c) {
+#pragma unroll
+  for (int i = 0; i < Layout::kC; ++i) c.x[i] = 0.f;
+}
+
+template <class T>
+IK_DEVICE unsigned short bits_at(const T* p) {
+  return *reinterpret_cast<const unsigned short*>(p);
+}
+
+#if defined(IK_MMA_NV_M16N8K16)
+template <class T>
+struct FragA { unsigned int r[4]; };
+template <class T>
+struct FragB { unsigned int r[4]; };
+
+IK_DEVICE unsigned int smem_addr(const void* p) {
+  return static_cast<unsigned int>(__cvta_generic_to_shared(p));
+}
+IK_DEVICE void ldmatrix_x4(unsigned int (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+IK_DEVICE void ldmatrix_x4_trans(unsigned int (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(p)));
+}
+// Lane l gives the address of row l%8 of 8x8 matrix l/8; the matrices are ordered to land in the
+// register order mma.sync expects (see mma_layout.cuh).
+template <class T>
+IK_DEVICE void load_a(FragA<T>& a, const T* s, int ld) {
+  int l = lane_id();
+  ldmatrix_x4(a.r, s + (l % 8 + 8 * ((l / 8) % 2)) * ld + 8 * (l / 16));
+}
+template <class T>
+IK_DEVICE void load_b(FragB<T>& b, const T* s, int ld) {
+  int l = lane_id();
+  ldmatrix_x4_trans(b.r, s + (l % 8 + 8 * ((l / 8) % 2)) * ld + 8 * (l / 16));
+}
+template <class T>
+IK_DEVICE void load_bt(FragB<T>& b, const T* s, int ld) {
+  int l = lane_id();
+  ldmatrix_x4(b.r, s + (l % 8 + 8 * (l / 16)) * ld + 8 * ((l / 8) % 2));
+}
+template <class T>
+IK_DEVICE void mma_m16n8k16(float (&c)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
+  if constexpr (is_same<T, bf16_t>::value) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+template <class T>
+IK_DEVICE void mma(FragC& c, const FragA<T>& a, const FragB<T>& b) {
+  float* lo = c.x;
+  float* hi = c.x + 4;
+  mma_m16n8k16<T>(*reinterpret_cast<float(*)[4]>(lo), a.r, b.r[0], b.r[1]);
+  mma_m16n8k16<T>(*reinterpret_cast<float(*)[4]>(hi), a.r, b.r[2], b.r[3]);
+}
+
+#else  // AMD: fragments are filled element by element from the layout's index math.
+typedef _Float16 ik_f16x4 __attribute__((ext_vector_type(4)));
+typedef short ik_i16x4 __attribute__((ext_vector_type(4)));
+typedef _Float16 ik_f16x16 __attribute__((ext_vector_type(16)));
+typedef short ik_i16x16 __attribute__((ext_vector_type(16)));
+typedef float ik_f32x4 __attribute__((ext_vector_type(4)));
+typedef float ik_f32x8 __attribute__((ext_vector_type(8)));
+
+template <class T>
+struct FragA { unsigned short x[Layout::kA]; };
+template <class T>
+struct FragB { unsigned short x[Layout::kB]; };
+
+template <class T>
+IK_DEVICE void load_a(FragA<T>& a, const T* s, int ld) {
+  int l = lane_id();
+#pragma unroll
+  for (int i = 0; i < Layout::kA; ++i) a.x[i] = bits_at(s + Layout::a_row(l, i) * ld + Layout::a_col(l, i));
+}
+template <class T>
+IK_DEVICE void load_b(FragB<T>& b, const T* s, int ld) {
+  int l = lane_id();
+#pragma unroll
+  for (int i = 0; i < Layout::kB; ++i) b.x[i] = bits_at(s + Layout::b_row(l, i) * ld + Layout::b_col(l, i));
+}
+template <class T>
+IK_DEVICE void load_bt(FragB<T>& b, const T* s, int ld) {
+  int l = lane_id();
+#pragma unroll
+  for (int i = 0; i < Layout::kB; ++i) b.x[i] = bits_at(s + Layout::b_col(l, i) * ld + Layout::b_row(l, i));
+}
+
+#if defined(IK_MMA_AMD_MFMA_16X16X16)
+template <class T>
+IK_DEVICE void mma(FragC& c, const FragA<T>& a, const FragB<T>& b) {
+  ik_f32x4 acc = {c.x[0], c.x[1], c.x[2], c.x[3]};
+  if constexpr (is_same<T, bf16_t>::value) {
+    ik_i16x4 va, vb;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) { va[i] = static_cast<short>(a.x[i]); vb[i] = static_cast<short>(b.x[i]); }
+    acc = __builtin_amdgcn_mfma_f32_16x16x16bf16_1k(va, vb, acc, 0, 0, 0);
+  } else {
+    ik_f16x4 va, vb;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      va[i] = __builtin_bit_cast(_Float16, a.x[i]);
+      vb[i] = __builtin_bit_cast(_Float16, b.x[i]);
+    }
+    acc = __builtin_amdgcn_mfma_f32_16x16x16f16(va, vb, acc, 0, 0, 0);
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) c.x[i] = acc[i];
+}
+#else  // IK_MMA_AMD_WMMA_W32
+template <class T>
+IK_DEVICE void mma(FragC& c, const FragA<T>& a, const FragB<T>& b) {
+  ik_f32x8 acc;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) acc[i] = c.x[i];
+  if constexpr (is_same<T, bf16_t>::value) {
+    ik_i16x16 va, vb;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) { va[i] = static_cast<short>(a.x[i]); vb[i] = static_cast<short>(b.x[i]); }
+    acc = __builtin_amdgcn_wmma_f32_16x16x16_bf16_w32(va, vb, acc);
+  } else {
+    ik_f16x16 va, vb;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      va[i] = __builtin_bit_cast(_Float16, a.x[i]);
+      vb[i] = __builtin_bit_cast(_Float16, b.x[i]);
+    }
+    acc = __builtin_amdgcn_wmma_f32_16x16x16_f16_w32(va, vb, acc);
+  }
+#pragma unroll
+  for (int i = 0; i < 8; ++i) c.x[i] = acc[i];
+}
+#endif
+#endif  // vendor
+#endif  // IK_HAS_MMA
+
+}  // namespace mma
+}  // namespace ik

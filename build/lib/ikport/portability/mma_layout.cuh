@@ -1,0 +1,51 @@
+// mma_layout.cuh -- which element of a 16x16x16 matrix-unit tile each lane holds, per instruction.
+//
+// Plain constexpr index math with no GPU dependency: the kernels' fragment loads use it, and a
+// CPU test compiles this file as host C++ and checks it against AMD's matrix instruction
+// calculator and the PTX ISA's mma.m16n8k16 tables (tests/test_mma_layout.py).
+// Slot s of a lane is the s-th 16-bit element (A, B) or the s-th fp32 (C) that lane holds.
+// A is [M=16][K=16], B is [K=16][N=16], C is [M=16][N=16].
+#pragma once
+#ifndef IK_HD
+#define IK_HD inline  // host-only build (the layout test)
+#endif
+
+namespace ik {
+namespace layout {
+
+// NVIDIA: two mma.sync.m16n8k16 (row.col) side by side. A in 4 regs of 2 halves, B in 2+2, C 4+4.
+struct NvM16n8k16x2 {
+  static constexpr int kLanes = 32, kA = 8, kB = 8, kC = 8;
+  static constexpr IK_HD int a_row(int l, int s) { return l / 4 + 8 * ((s / 2) % 2); }
+  static constexpr IK_HD int a_col(int l, int s) { return (l % 4) * 2 + 8 * (s / 4) + s % 2; }
+  static constexpr IK_HD int b_row(int l, int s) { return (l % 4) * 2 + 8 * ((s / 2) % 2) + s % 2; }
+  static constexpr IK_HD int b_col(int l, int s) { return 8 * (s / 4) + l / 4; }
+  static constexpr IK_HD int c_row(int l, int s) { return l / 4 + 8 * ((s / 2) % 2); }
+  static constexpr IK_HD int c_col(int l, int s) { return 8 * (s / 4) + (l % 4) * 2 + s % 2; }
+};
+
+// CDNA2/CDNA3 v_mfma_f32_16x16x16{f16,bf16_1k} (wave64): each lane holds 4 consecutive k.
+struct AmdMfma16x16x16 {
+  static constexpr int kLanes = 64, kA = 4, kB = 4, kC = 4;
+  static constexpr IK_HD int a_row(int l, int s) { return (void)s, l % 16; }
+  static constexpr IK_HD int a_col(int l, int s) { return 4 * (l / 16) + s; }
+  static constexpr IK_HD int b_row(int l, int s) { return 4 * (l / 16) + s; }
+  static constexpr IK_HD int b_col(int l, int s) { return (void)s, l % 16; }
+  static constexpr IK_HD int c_row(int l, int s) { return 4 * (l / 16) + s; }
+  static constexpr IK_HD int c_col(int l, int s) { return (void)s, l % 16; }
+};
+
+// RDNA3 v_wmma_f32_16x16x16_{f16,bf16} (wave32): lanes 16-31 repeat the A/B inputs of lanes 0-15;
+// the fp32 accumulator interleaves rows between the two half-waves.
+struct AmdWmma16x16x16W32 {
+  static constexpr int kLanes = 32, kA = 16, kB = 16, kC = 8;
+  static constexpr IK_HD int a_row(int l, int s) { return (void)s, l % 16; }
+  static constexpr IK_HD int a_col(int l, int s) { return (void)l, s; }
+  static constexpr IK_HD int b_row(int l, int s) { return (void)l, s; }
+  static constexpr IK_HD int b_col(int l, int s) { return (void)s, l % 16; }
+  static constexpr IK_HD int c_row(int l, int s) { return 2 * s + l / 16; }
+  static constexpr IK_HD int c_col(int l, int s) { return (void)s, l % 16; }
+};
+
+}  // namespace layout
+}  // namespace ik

@@ -1,0 +1,66 @@
+// types.cuh -- fp16/bf16 storage types and conversions, in one vocabulary for both vendors.
+#pragma once
+
+namespace ik {
+
+using half_t = vendor::half_t;
+using bf16_t = vendor::bf16_t;
+
+template <class A, class B>
+struct is_same { static constexpr bool value = false; };
+template <class A>
+struct is_same<A, A> { static constexpr bool value = true; };
+
+IK_DEVICE float bf16_bits_to_float(unsigned int bits16) { return __uint_as_float(bits16 << 16); }
+// Round to nearest even; NaN stays a (quiet) NaN.
+IK_DEVICE unsigned short float_to_bf16_bits(float f) {
+  unsigned int u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<unsigned short>((u >> 16) | 0x40u);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<unsigned short>(u >> 16);
+}
+
+// Element traits: ik::dtype<T>::to_float / from_float / unpack2 (two packed elements -> float2).
+template <class T>
+struct dtype;
+
+template <>
+struct dtype<half_t> {
+  static IK_DEVICE float to_float(half_t h) { return vendor::half_to_float(h); }
+  static IK_DEVICE half_t from_float(float f) { return vendor::float_to_half(f); }
+  static IK_DEVICE float2 unpack2(unsigned int u) { return vendor::half2_bits_to_float2(u); }
+  static IK_DEVICE unsigned short bits(half_t h) { return vendor::half_bits(h); }
+  static IK_DEVICE unsigned short bits_from_float(float f) { return vendor::half_bits(from_float(f)); }
+};
+
+template <>
+struct dtype<bf16_t> {
+  static IK_DEVICE float to_float(bf16_t h) { return bf16_bits_to_float(vendor::bf16_bits(h)); }
+  static IK_DEVICE bf16_t from_float(float f) { return vendor::bf16_from_bits(float_to_bf16_bits(f)); }
+  static IK_DEVICE float2 unpack2(unsigned int u) {
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+  }
+  static IK_DEVICE unsigned short bits(bf16_t h) { return vendor::bf16_bits(h); }
+  static IK_DEVICE unsigned short bits_from_float(float f) { return float_to_bf16_bits(f); }
+};
+
+// Eight 16-bit elements held in one 16-byte vector <-> eight floats.
+template <class T>
+IK_DEVICE void unpack8(const uint4& v, float out[8]) {
+  float2 a = dtype<T>::unpack2(v.x), b = dtype<T>::unpack2(v.y);
+  float2 c = dtype<T>::unpack2(v.z), d = dtype<T>::unpack2(v.w);
+  out[0] = a.x; out[1] = a.y; out[2] = b.x; out[3] = b.y;
+  out[4] = c.x; out[5] = c.y; out[6] = d.x; out[7] = d.y;
+}
+template <class T>
+IK_DEVICE uint4 pack8(const float in[8]) {
+  unsigned int w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    w[i] = static_cast<unsigned int>(dtype<T>::bits_from_float(in[2 * i])) |
+           (static_cast<unsigned int>(dtype<T>::bits_from_float(in[2 * i + 1])) << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+}  // namespace ik

@@ -1,0 +1,93 @@
+// vendor_cuda.cuh -- NVIDIA spelling of every shim concept. Same names, same order as vendor_hip.cuh.
+#pragma once
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+
+#define IK_VENDOR_NVIDIA 1
+#define IK_VENDOR_NAME "nvidia"
+#define IK_DEVICE __device__ __forceinline__
+#define IK_HD __host__ __device__ __forceinline__
+#define IK_RESTRICT __restrict__
+// +inf without <math.h>: NVRTC ships no libc headers.
+#define IK_INFINITY __int_as_float(0x7f800000)
+
+namespace ik {
+namespace vendor {
+
+using half_t = __half;
+using bf16_t = __nv_bfloat16;
+// A ballot over one warp: 32 bits on NVIDIA.
+using lane_mask_t = unsigned int;
+
+IK_DEVICE int lane_id() {
+  unsigned int l;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(l));
+  return static_cast<int>(l);
+}
+IK_DEVICE float shfl_xor(float v, int mask, int width) { return __shfl_xor_sync(0xffffffffu, v, mask, width); }
+IK_DEVICE int shfl_xor(int v, int mask, int width) { return __shfl_xor_sync(0xffffffffu, v, mask, width); }
+IK_DEVICE float shfl(float v, int src, int width) { return __shfl_sync(0xffffffffu, v, src, width); }
+IK_DEVICE int shfl(int v, int src, int width) { return __shfl_sync(0xffffffffu, v, src, width); }
+IK_DEVICE lane_mask_t ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
+IK_DEVICE void warp_sync() { __syncwarp(); }
+IK_DEVICE void block_sync() { __syncthreads(); }
+
+// 2^x on the special-function unit (ex2.approx: ~2 ulp, flushes denormals; inputs here are <= 0).
+IK_DEVICE float exp2_fast(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+IK_DEVICE float half_to_float(half_t h) { return __half2float(h); }
+IK_DEVICE half_t float_to_half(float f) { return __float2half_rn(f); }
+IK_DEVICE float2 half2_bits_to_float2(unsigned int u) {
+  __half2 h = *reinterpret_cast<__half2*>(&u);
+  return __half22float2(h);
+}
+IK_DEVICE unsigned short half_bits(half_t h) { return __half_as_ushort(h); }
+IK_DEVICE unsigned short bf16_bits(bf16_t h) { return __bfloat16_as_ushort(h); }
+IK_DEVICE bf16_t bf16_from_bits(unsigned short b) { return __ushort_as_bfloat16(b); }
+IK_DEVICE half_t half_from_bits(unsigned short b) { return __ushort_as_half(b); }
+
+// 16-byte loads. The streaming form skips L1 for data read exactly once (the KV cache).
+IK_DEVICE uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+IK_DEVICE uint4 load16_stream(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+// Asynchronous global->shared copy of 16 bytes: cp.async on sm_80 and newer, a plain copy before.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define IK_HAS_ASYNC_COPY 1
+IK_DEVICE void cp_async16(void* smem, const void* gmem) {
+  unsigned int s = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(s), "l"(gmem));
+}
+// Copies 16 bytes when `valid`, else writes 16 zero bytes (src-size 0), never reading gmem.
+IK_DEVICE void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+  unsigned int s = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+  int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
+}
+IK_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+IK_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
+#else
+#define IK_HAS_ASYNC_COPY 0
+IK_DEVICE void cp_async16(void* smem, const void* gmem) { store16(smem, load16(gmem)); }
+IK_DEVICE void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+  store16(smem, valid ? load16(gmem) : make_uint4(0, 0, 0, 0));
+}
+IK_DEVICE void cp_async_commit() {}
+template <int N>
+IK_DEVICE void cp_async_wait() {}
+#endif
+
+}  // namespace vendor
+}  // namespace ik
+
+#define IK_MMA_NV_M16N8K16 1

@@ -1,0 +1,92 @@
+// vendor_hip.cuh -- AMD spelling of every shim concept. Same names, same order as vendor_cuda.cuh.
+//
+// hipRTC pre-includes its runtime and fp16 headers and defines __HIPCC_RTC__; an offline clang
+// (-x hip) build needs the includes. HIP 5.2's hipRTC has no bf16 type: bf16 is bit-level here.
+#pragma once
+#if !defined(__HIPCC_RTC__)
+#include <hip/hip_runtime.h>
+#include <hip/hip_fp16.h>
+#endif
+
+#define IK_VENDOR_AMD 1
+#define IK_VENDOR_NAME "amd"
+#define IK_DEVICE __device__ __forceinline__
+#define IK_HD __host__ __device__ __forceinline__
+#define IK_RESTRICT __restrict__
+#define IK_INFINITY __builtin_huge_valf()
+
+#if defined(__AMDGCN_WAVEFRONT_SIZE) && defined(IK_WARP_SIZE)
+static_assert(IK_WARP_SIZE == __AMDGCN_WAVEFRONT_SIZE,
+              "IK_WARP_SIZE injected by the backend disagrees with the compiler's wavefront size");
+#endif
+
+namespace ik {
+namespace vendor {
+
+using half_t = __half;
+struct bf16_t {
+  unsigned short bits;
+};
+// __ballot returns 64 bits on AMD, also under wave32: never truncate it to 32.
+using lane_mask_t = unsigned long long;
+
+IK_DEVICE int lane_id() {
+  return static_cast<int>(__builtin_amdgcn_mbcnt_hi(~0u, __builtin_amdgcn_mbcnt_lo(~0u, 0u)));
+}
+// A wavefront runs in lockstep: HIP's shuffles take no mask.
+IK_DEVICE float shfl_xor(float v, int mask, int width) { return __shfl_xor(v, mask, width); }
+IK_DEVICE int shfl_xor(int v, int mask, int width) { return __shfl_xor(v, mask, width); }
+IK_DEVICE float shfl(float v, int src, int width) { return __shfl(v, src, width); }
+IK_DEVICE int shfl(int v, int src, int width) { return __shfl(v, src, width); }
+IK_DEVICE lane_mask_t ballot(bool p) { return __ballot(p); }
+// No independent thread scheduling: a wave is always converged; only LDS ordering is needed.
+IK_DEVICE void warp_sync() { __builtin_amdgcn_wave_barrier(); }
+IK_DEVICE void block_sync() { __syncthreads(); }
+
+IK_DEVICE float exp2_fast(float x) { return __builtin_exp2f(x); }
+
+IK_DEVICE unsigned short half_bits(half_t h) { return __builtin_bit_cast(unsigned short, h); }
+IK_DEVICE half_t half_from_bits(unsigned short b) { return __builtin_bit_cast(half_t, b); }
+IK_DEVICE float half_to_float(half_t h) {
+  return static_cast<float>(__builtin_bit_cast(_Float16, half_bits(h)));
+}
+IK_DEVICE half_t float_to_half(float f) {
+  return half_from_bits(__builtin_bit_cast(unsigned short, static_cast<_Float16>(f)));
+}
+IK_DEVICE float2 half2_bits_to_float2(unsigned int u) {
+  _Float16 lo = __builtin_bit_cast(_Float16, static_cast<unsigned short>(u & 0xffffu));
+  _Float16 hi = __builtin_bit_cast(_Float16, static_cast<unsigned short>(u >> 16));
+  return make_float2(static_cast<float>(lo), static_cast<float>(hi));
+}
+IK_DEVICE unsigned short bf16_bits(bf16_t h) { return h.bits; }
+IK_DEVICE bf16_t bf16_from_bits(unsigned short b) { return bf16_t{b}; }
+
+IK_DEVICE uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
+// The nontemporal builtin takes only native vector pointers; HIP's uint4 is a struct around one.
+typedef unsigned int ik_u32x4_t __attribute__((ext_vector_type(4)));
+IK_DEVICE uint4 load16_stream(const void* p) {
+  ik_u32x4_t v = __builtin_nontemporal_load(reinterpret_cast<const ik_u32x4_t*>(p));
+  return make_uint4(v.x, v.y, v.z, v.w);
+}
+IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+// No cp.async on AMD: a plain 16-byte load and LDS store; the caller's barrier orders them.
+#define IK_HAS_ASYNC_COPY 0
+IK_DEVICE void cp_async16(void* smem, const void* gmem) { store16(smem, load16(gmem)); }
+IK_DEVICE void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
+  store16(smem, valid ? load16(gmem) : make_uint4(0, 0, 0, 0));
+}
+IK_DEVICE void cp_async_commit() {}
+template <int N>
+IK_DEVICE void cp_async_wait() {}
+
+}  // namespace vendor
+}  // namespace ik
+
+// Matrix units: CDNA2/CDNA3 have MFMA (wave64), RDNA3 has WMMA (wave32). Other AMD targets have no
+// shim yet: a kernel that needs one fails to compile rather than silently running scalar code.
+#if defined(__gfx1100__) || defined(__gfx1101__) || defined(__gfx1102__)
+#define IK_MMA_AMD_WMMA_W32 1
+#elif defined(__gfx90a__) || defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__)
+#define IK_MMA_AMD_MFMA_16X16X16 1
+#endif
