@@ -10,6 +10,8 @@ another one.
   nox -s test-hip       the same suite on the AMD GPU present (ROCm torch + hip-python)
   nox -s bench-cuda -- decode [--quick]    benchmarks (PROTOCOL.md) -> docs/results/*.json
   nox -s bench-hip  -- decode [--quick]
+  nox -s report         CPU: docs/portability/REPORT.md (compile table for all six targets,
+                        instruction checks, docs/results/*.json numbers, plots if matplotlib)
 """
 
 from __future__ import annotations
@@ -84,3 +86,9 @@ def bench_cuda(session: nox.Session) -> None:
 @nox.session(name="bench-hip", python=False)
 def bench_hip(session: nox.Session) -> None:
     _bench(session, "hip")
+
+
+@nox.session(python=False)
+def report(session: nox.Session) -> None:
+    """The portability report (CPU only; GPU rows come from docs/results/*.json when present)."""
+    session.run("python", "-m", "ikport.report", *session.posargs)

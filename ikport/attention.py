@@ -180,13 +180,14 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                            ps_log2, 0)
     else:
         info = backend.device_info(dev)
-        rows, _, threads, unroll = configs.decode_tiles(Hq // Hkv, Tq)
+        rows, _, threads, unroll, stages = configs.decode_tiles(Hq // Hkv, Tq)
         main = get_kernel(
             spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=rows, paged=paged,
-                 threads=threads, unroll=unroll),
+                 threads=threads, unroll=unroll, stages=stages),
             backend, dev,
         )
-        smem = threads // info.warp_size * rows * (D + 2) * 4
+        smem = configs.decode_smem_bytes(threads=threads, warp_size=info.warp_size, rows=rows,
+                                         head_dim=D, unroll=unroll, stages=stages)
         cfg = configs.decode_config(
             sm_count=info.sm_count, blocks_per_sm=backend.occupancy(main.fn, threads, smem),
             batch=B, kv_heads=Hkv, group=Hq // Hkv, q_len=Tq, kv_capacity=capacity,

@@ -147,7 +147,7 @@ __global__ void __launch_bounds__(128) attn_decode_naive(DecodeParams p) {
 //
 // Query rows of a block: r = (head in group) * Tq + token, row tile blockIdx.y % row_tiles.
 // grid (num_splits, Hkv * row_tiles, B), block THREADS, dynamic shared memory smem_bytes().
-template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL>
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES>
 struct SplitConfig {
   static constexpr int kVec = 8;  // elements per lane per row: one 16-byte load
   static constexpr int kLanesNeeded = HEAD_DIM / kVec;
@@ -158,14 +158,20 @@ struct SplitConfig {
   static constexpr int kUnroll = UNROLL;  // rows per row group per step, loads all in flight
   static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16, <= 256");
   static_assert(THREADS % ik::kWarpSize == 0, "block must be whole warps");
-  static constexpr int smem_bytes() { return kWarps * ROWS * (HEAD_DIM + 2) * 4; }
+  // STAGES == 0: K/V go straight to registers. STAGES >= 2: a cp.async ring of STAGES steps in
+  // shared memory, STAGES - 1 steps ahead of the math; each thread reads back only the 16-byte
+  // slots it copied itself, so the ring needs no barrier. It aliases the merge buffer.
+  static_assert(STAGES == 0 || STAGES >= 2, "STAGES is 0 (registers) or a pipeline depth >= 2");
+  static constexpr int merge_bytes() { return kWarps * ROWS * (HEAD_DIM + 2) * 4; }
+  static constexpr int ring_bytes() { return STAGES * UNROLL * 2 * THREADS * 16; }
+  static constexpr int smem_bytes() { return merge_bytes() > ring_bytes() ? merge_bytes() : ring_bytes(); }
 };
 
-template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL>
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES>
 __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
-  using C = SplitConfig<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL>;
+  using C = SplitConfig<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL, STAGES>;
   constexpr int LPR = C::kLPR, VEC = C::kVec, U = C::kUnroll;
-  extern __shared__ float smem[];
+  extern __shared__ __attribute__((aligned(16))) float smem[];
 
   const int split = blockIdx.x;
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -219,18 +225,56 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   constexpr int kStep = C::kGroups * U;
   const int n_steps = t_end > t_begin ? (t_end - t_begin + kStep - 1) / kStep : 0;
   const int first = (p.rotate && n_steps) ? (blockIdx.y * 7 + blockIdx.z * 13 + split * 3) % n_steps : 0;
-  for (int i = 0; i < n_steps; ++i) {
+  auto step_row = [&](int i) {  // first row of this row group in the i-th step of the loop
     int step = i + first;
     if (step >= n_steps) step -= n_steps;
-    const int t0 = t_begin + step * kStep + g;
-    uint4 kr[U], vr[U];
+    return t_begin + step * kStep + g;
+  };
+  uint4* ring = reinterpret_cast<uint4*>(smem);
+  auto ring_slot = [&](int stage, int u, int kv) -> uint4* {
+    return ring + ((stage * U + u) * 2 + kv) * THREADS + threadIdx.x;
+  };
+  // Copies step i's K/V chunks of this thread into ring stage i % STAGES (zeros past the end).
+  auto issue = [&](int i) {
+    if (i < n_steps) {
+      const int t0 = step_row(i);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {  // issue every load of the step before using any
-      int t = t0 + u * C::kGroups;
-      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-      if (t < t_end && lane_active) {
-        kr[u] = ik::load16_stream(kbase + decode::row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t));
-        vr[u] = ik::load16_stream(vbase + decode::row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t));
+      for (int u = 0; u < U; ++u) {
+        int t = t0 + u * C::kGroups;
+        bool valid = t < t_end && lane_active;
+        long long ko = valid ? decode::row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t) : 0;
+        long long vo = valid ? decode::row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t) : 0;
+        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 0), kbase + ko, valid);
+        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 1), vbase + vo, valid);
+      }
+    }
+    ik::cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
+  };
+  if constexpr (STAGES > 0) {
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  }
+
+  for (int i = 0; i < n_steps; ++i) {
+    const int t0 = step_row(i);
+    uint4 kr[U], vr[U];
+    if constexpr (STAGES > 0) {
+      issue(i + STAGES - 1);
+      ik::cp_async_wait<STAGES - 1>();  // this thread's copies of step i have landed
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        kr[u] = *ring_slot(i % STAGES, u, 0);
+        vr[u] = *ring_slot(i % STAGES, u, 1);
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {  // issue every load of the step before using any
+        int t = t0 + u * C::kGroups;
+        kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+        if (t < t_end && lane_active) {
+          kr[u] = ik::load16_stream(kbase + decode::row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t));
+          vr[u] = ik::load16_stream(vbase + decode::row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t));
+        }
       }
     }
     float s[U][ROWS];
@@ -289,7 +333,12 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
     }
   }
 
-  // Then the warps, through shared memory: [warp][row] m, l and [warp][row][dim] acc.
+  // Then the warps, through shared memory: [warp][row] m, l and [warp][row][dim] acc. The merge
+  // buffer reuses the ring: every thread's copies must have landed and been read first.
+  if constexpr (STAGES > 0) {
+    ik::cp_async_wait<0>();
+    ik::block_sync();
+  }
   float* s_m = smem;
   float* s_l = s_m + C::kWarps * ROWS;
   float* s_acc = s_l + C::kWarps * ROWS;

@@ -8,6 +8,7 @@ HIP 5.2 needs). ci/setup-amd.sh installs both toolchains.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import re
@@ -24,8 +25,8 @@ pytestmark = pytest.mark.amd_offline
 
 DECODE = [
     ("attn_decode_naive<ik::half_t, 128>", "DecodeParams"),
-    ("attn_decode_split<ik::half_t, 128, 4, false, 128, 4>", "DecodeParams"),
-    ("attn_decode_split<ik::bf16_t, 64, 8, true, 128, 2>", "DecodeParams"),
+    ("attn_decode_split<ik::half_t, 128, 4, false, 128, 4, 3>", "DecodeParams"),
+    ("attn_decode_split<ik::bf16_t, 64, 8, true, 128, 2, 0>", "DecodeParams"),
     ("attn_decode_combine<ik::bf16_t, 128>", "DecodeParams"),
 ]
 MMA = [
@@ -157,3 +158,111 @@ def test_isa_version_numbers():
     assert isa_version("gfx90a") == ("90a", 9010)
     assert isa_version("gfx942") == ("942", 9402)
     assert isa_version("gfx1100") == ("1100", 11000)
+
+
+# ---- every manifest kernel, every AMD target: what the NVIDIA build has, the AMD build has ------
+@pytest.fixture(scope="module")
+def manifest_builds(tmp_path_factory) -> tuple[list, dict[str, dict[str, CompiledModule]]]:
+    """Every manifest instantiation, one program per family, for sm_90 (NVRTC) and each AMD target
+    (clang-19, the targets in parallel)."""
+    if not AmdOfflineCompiler.available():
+        pytest.skip(NO_CLANG)
+    pytest.importorskip("cuda.bindings", reason="the NVIDIA side needs NVRTC: ikport[cuda]")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ikport import manifest
+    from ikport.dispatch import get_backend
+
+    specs = list(manifest.default_instantiations())
+    families: dict[str, list] = {}
+    for s in specs:
+        families.setdefault(s.source_file, []).append(s)
+
+    def build(compile_fn) -> dict[str, CompiledModule]:
+        return {f: compile_fn(kernel_source(f, [(s.name_expr, s.params_type) for s in ss]),
+                              [s.name_expr for s in ss]) for f, ss in families.items()}
+
+    def amd(arch: str) -> dict[str, CompiledModule]:
+        return build(lambda src, names: AmdOfflineCompiler().compile(src, names, [], Target(arch)))
+
+    with pytest.MonkeyPatch.context() as mp:
+        if "IKPORT_CACHE_DIR" not in os.environ:
+            mp.setenv("IKPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ikport-cache"))
+        AmdOfflineCompiler().device_lib_dir()  # made once, before the threads
+        with ThreadPoolExecutor(max_workers=len(WAVEFRONT)) as pool:
+            modules = dict(zip(WAVEFRONT, pool.map(amd, WAVEFRONT)))
+        cuda = get_backend("cuda")
+        modules["sm_90"] = build(lambda src, names: cuda.compile(src, names, [], Target("sm_90")))
+    return specs, modules
+
+
+@functools.cache
+def kernel_bodies(assembly: str) -> dict[str, str]:
+    """Kernel symbol -> its instructions: PTX from `.entry sym(` to the next .entry; AMD ISA from
+    the `sym:` label to the next .Lfunc_end label."""
+    bodies = {}
+    entries = list(re.finditer(r"\.entry\s+(\w+)\s*\(", assembly))
+    for m, after in zip(entries, [*entries[1:], None]):
+        bodies[m.group(1)] = assembly[m.end():after.start() if after else len(assembly)]
+    for m in re.finditer(r"^(\w+):", assembly, re.MULTILINE):
+        end = assembly.find(".Lfunc_end", m.end())
+        if end > 0:
+            bodies.setdefault(m.group(1), assembly[m.end():end])
+    return bodies
+
+
+def kernel_assembly(module: CompiledModule, name_expr: str) -> str:
+    sym = module.lowered_names[name_expr]
+    body = kernel_bodies(module.assembly).get(sym)
+    assert body is not None, f"{name_expr} ({sym}) not found in the {module.target} assembly"
+    return body
+
+
+def dynamic_lds_bytes(spec, arch: str) -> int:
+    """The dynamic shared memory ikport/attention.py launches the kernel with (0: static only)."""
+    if (spec.family, spec.kernel) != ("attention_decode", "split"):
+        return 0
+    from ikport import configs
+
+    p = dict(spec.params)
+    return configs.decode_smem_bytes(
+        threads=p["threads"], warp_size=WAVEFRONT[arch], rows=p["rows"], head_dim=p["head_dim"],
+        unroll=p["unroll"], stages=p.get("stages", 0),
+    )
+
+
+def test_matrix_unit_on_amd_wherever_nvidia_has_mma(manifest_builds):
+    """Per manifest kernel: mma.sync in the sm_90 PTX <=> v_mfma (gfx90a, gfx942) / v_wmma (gfx1100)
+    in that target's ISA. A kernel that loses its matrix instructions on one AMD target (a silent
+    scalar fallback), or gains them, fails here."""
+    from ikport.toolchain import INSTRUCTION_PATTERNS
+
+    specs, modules = manifest_builds
+    mismatches, with_mma = [], 0
+    for s in specs:
+        ptx = kernel_assembly(modules["sm_90"][s.source_file], s.name_expr)
+        nv = len(re.findall(INSTRUCTION_PATTERNS["mma"], ptx))
+        with_mma += nv > 0
+        for arch, matrix in MATRIX_INSTRUCTION.items():
+            asm = kernel_assembly(modules[arch][s.source_file], s.name_expr)
+            amd = len(re.findall(rf"\b{matrix}\w*", asm))
+            if (amd > 0) != (nv > 0):
+                mismatches.append(f"{s.uri} on {arch}: {nv} mma.sync on sm_90, {amd} {matrix}*")
+    assert with_mma >= 1, "no manifest kernel uses mma on NVIDIA: the cross-check checked nothing"
+    assert not mismatches, "\n".join(mismatches)
+
+
+def test_every_manifest_kernel_fits_each_amd_target(manifest_builds):
+    """Static LDS plus the dynamic LDS the launcher asks for within the target's limit; the
+    wavefront size the shim assumed; no scratch."""
+    specs, modules = manifest_builds
+    bad = []
+    for arch, wave in WAVEFRONT.items():
+        limit = ARCH_TABLE[arch].max_smem_per_block
+        for s in specs:
+            r = modules[arch][s.source_file].resources[s.name_expr]
+            lds = r.shared_bytes + dynamic_lds_bytes(s, arch)
+            if lds > limit or r.wavefront_size != wave or r.spill_bytes != 0:
+                bad.append(f"{s.uri} on {arch}: LDS {lds} (limit {limit}), "
+                           f"wave {r.wavefront_size}, scratch {r.spill_bytes}")
+    assert not bad, "\n".join(bad)

@@ -5,6 +5,8 @@ so an element the kernel fails to write fails the test. Tolerances (max abs erro
 fp32 reference, outputs are O(1)): fp16 2e-3, bf16 1.6e-2 (a few ulps of each format at 1.0).
 """
 
+import sys
+
 import pytest
 import torch
 
@@ -178,3 +180,27 @@ def test_matrix_shim_tile_product(dtype, b_transposed):
                 torch.cuda.current_stream().cuda_stream)
     torch.cuda.synchronize()
     torch.testing.assert_close(c, reference.mma_tile(a, b, b_transposed), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("stages,unroll", [(2, 4), (3, 4), (4, 2)])
+@pytest.mark.parametrize("shape", [(3, 8, 4, 1, 4097, 128), (2, 4, 2, 1, 300, 96), (1, 32, 8, 1, 9000, 64),
+                                   (2, 8, 2, 3, 2049, 256)], ids=lambda s: "B{}-Hq{}-Hkv{}-T{}-L{}-D{}".format(*s))
+def test_async_copy_pipeline_matches_reference(shape, stages, unroll):
+    """The cp.async ring variant (STAGES >= 2), contiguous and paged."""
+    from ikport import configs
+    _plans = sys.modules["ikport.attention"]._plans
+
+    q, k, v, lens = case(*shape, torch.float16, seed=stages * 10 + unroll)
+    configs.decode_overrides.update(stages=stages, unroll=unroll)
+    _plans.clear()
+    try:
+        out = poisoned(q)
+        ikport.attention(q, k, v, kv_lens=lens, out=out, causal=True)
+        check(out, reference.attention(q, k, v, kv_lens=lens, causal=True), torch.float16)
+        kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(1))
+        out = poisoned(q)
+        ikport.paged_attention(q, kp, vp, bt, lens, out=out, causal=True)
+        check(out, reference.attention(q, k, v, kv_lens=lens, causal=True), torch.float16)
+    finally:
+        configs.decode_overrides.clear()
+        _plans.clear()

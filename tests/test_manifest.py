@@ -7,9 +7,9 @@ from ikport import manifest
 
 def test_spec_name_expression_and_uri():
     s = manifest.spec("attention_decode", "split", dtype="bf16", head_dim=96, rows=4, paged=True, threads=128,
-                      unroll=4)
-    assert s.name_expr == "attn_decode_split<ik::bf16_t, 96, 4, true, 128, 4>"
-    assert s.uri == "attention_decode.split[dtype=bf16,head_dim=96,rows=4,paged=true,threads=128,unroll=4]"
+                      unroll=4, stages=3)
+    assert s.name_expr == "attn_decode_split<ik::bf16_t, 96, 4, true, 128, 4, 3>"
+    assert s.uri == "attention_decode.split[dtype=bf16,head_dim=96,rows=4,paged=true,threads=128,unroll=4,stages=3]"
     assert s.params_type == "DecodeParams" and s.source_file == "attention_decode.cuh"
 
 
