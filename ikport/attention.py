@@ -18,7 +18,11 @@ from .kernels import DecodeParams, Kernel, get_kernel
 from .manifest import spec
 
 # Journey variants a caller (the benchmark) may force; None picks the default, "split".
-DECODE_VARIANTS = ("naive", "split1", "split")
+#   naive          v0: one block per query head, scalar loads
+#   split1         one block per KV head for its whole GQA group, 16-byte loads, no split-K
+#   split-unfused  + split-K, partial results merged by a second launch
+#   split          + the merge fused into the last block of each split group (default)
+DECODE_VARIANTS = ("naive", "split1", "split-unfused", "split")
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _LOG2E = 1.4426950408889634
 
@@ -46,7 +50,7 @@ def attention(
         kv_lens: int32 [B] on q's device: valid keys per sequence (default L). Values are
             clamped to [0, L] on the device; a sequence of length 0 gives zeros.
         out: optional [B, Hq, Tq, D] contiguous tensor (q's dtype) to write the result into.
-        variant: force a journey variant ("naive", "split1", "split"); default "split".
+        variant: force a journey variant (see DECODE_VARIANTS); default "split".
 
     Returns:
         [B, Hq, Tq, D] in q's dtype.
@@ -149,6 +153,18 @@ class _DecodePlan:
 
 
 _plans: dict[tuple, _DecodePlan] = {}
+# Split-K arrival counters per (device, stream): zero at rest, reset by the kernel's last block,
+# so one buffer serves every call on a stream (calls on one stream never overlap) and every
+# replay of a captured graph.
+_counters: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _split_counters(device: int, stream: int, n: int) -> torch.Tensor:
+    buf = _counters.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=torch.device("cuda", device))
+        _counters[(device, stream)] = buf
+    return buf
 
 
 def _raw_stream(device_index: int) -> int:
@@ -194,7 +210,7 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
             num_splits=1 if variant == "split1" else None,
         )
         combine = None
-        if cfg.num_splits > 1:
+        if cfg.num_splits > 1 and variant == "split-unfused":
             combine = get_kernel(spec("attention_decode", "combine", dtype=dtype, head_dim=D), backend, dev)
         plan = _DecodePlan(
             dev, main, combine, (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
@@ -214,18 +230,22 @@ def _decode(backend, q, k, v, block_table, kv_lens, causal, scale, variant, out)
     if S > 1:  # one allocation: partial outputs, then the log-sum-exps
         rows = B * Hq * Tq * S
         scratch = torch.empty(rows * (D + 1), dtype=torch.float32, device=q.device)
+    stream = _raw_stream(plan.device)
+    counters = 0
+    if S > 1 and plan.combine is None:
+        counters = _split_counters(plan.device, stream, plan.grid[1] * plan.grid[2]).data_ptr()
     p = DecodeParams(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
         scratch.data_ptr() if scratch is not None else 0,
         scratch.data_ptr() + rows * D * 4 if scratch is not None else 0,
         kv_lens.data_ptr() if kv_lens is not None else 0,
         block_table.data_ptr() if block_table is not None else 0,
+        counters,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         block_table.stride(0) if block_table is not None else 0,
         B, Hq, k.shape[1], Tq, plan.kv_capacity, plan.page_size_log2, S, plan.rows_per_split,
         int(bool(causal) and Tq > 1), plan.rotate, scale * _LOG2E,
     )
-    stream = _raw_stream(plan.device)
     plan.main.launch(plan.grid, plan.block, plan.shared_bytes, p, stream)
     if plan.combine is not None:
         plan.combine.launch((B * Hq * Tq, 1, 1), (D, 1, 1), 0, p, stream)

@@ -6,20 +6,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DECODE_THREADS = 128
+DECODE_THREADS = 256
 DECODE_ROW_TILES = (1, 2, 4, 8)  # query rows one block serves (GQA group x query tokens)
 # Each split should stream at least this many KV rows, so the merge stays a small fraction.
 MIN_ROWS_PER_SPLIT = 256
-# Decode blocks that fit on one SM/CU at once, by query-row tile (from the compiler's register
-# counts at 128 threads: ~100-170 registers -> 3-4 blocks per SM on sm_80/sm_90).
+# Decode blocks of 128 threads that fit on one SM/CU at once, by query-row tile, for backends
+# that cannot query occupancy (compiler register counts ~100-170 -> 3-4 blocks per SM).
 DECODE_BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3, 8: 2}
 
 
 # Benchmarks and tuning runs may pin any DecodeConfig field here (e.g. {"num_splits": 8});
 # the dispatcher's plan cache must be cleared after changing it. Empty in normal use.
 decode_overrides: dict[str, int] = {}
-DECODE_UNROLL = 4
-DECODE_STAGES = 0  # 0: K/V loads straight to registers; >= 2: cp.async ring this deep
+DECODE_UNROLL = 2
+DECODE_STAGES = 2  # 0: K/V loads straight to registers; >= 2: cp.async ring this deep
 DECODE_ROTATE = 0
 
 

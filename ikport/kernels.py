@@ -30,6 +30,7 @@ class DecodeParams(ctypes.Structure):
         ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
         ("out", ctypes.c_void_p), ("part_out", ctypes.c_void_p), ("part_lse", ctypes.c_void_p),
         ("kv_lens", ctypes.c_void_p), ("block_table", ctypes.c_void_p),
+        ("split_counters", ctypes.c_void_p),
         ("q_sb", ctypes.c_int64), ("q_sh", ctypes.c_int64), ("q_st", ctypes.c_int64),
         ("k_sb", ctypes.c_int64), ("k_sh", ctypes.c_int64), ("k_st", ctypes.c_int64),
         ("v_sb", ctypes.c_int64), ("v_sh", ctypes.c_int64), ("v_st", ctypes.c_int64),

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from . import __version__, knobs
-from .backends.source import kernel_source
+from .backends.source import KERNELS_DIR, kernel_source
 from .backends.target import ALL_TARGETS, ARCH_TABLE, ArchFacts, Target
 from .manifest import KernelSpec, default_instantiations
 from .toolchain import INSTRUCTION_PATTERNS, CompileRow, compile_one, default_route
@@ -688,7 +688,8 @@ accumulators plus its query slice; the compilers need {nv_regs} registers (sm_90
 VGPRs (gfx942, {cdna_agprs} of them AGPRs) and {rdna_regs} VGPRs (gfx1100), without spills
 ({nv_spill} / {cdna_spill} / {rdna_spill} bytes). CDNA's unified register file lets the compiler
 park values in AGPRs rather than spill: up to {cdna_agprs_max} AGPRs across this kernel's
-instantiations on gfx942, where NVIDIA's ceiling is {nv_regs_max} registers of 255. Wave64 changes the reductions, not the code: a K/V row is
+instantiations on gfx942; on sm_90 the same instantiations peak at {nv_regs_max} of the 255
+registers a thread may have. Wave64 changes the reductions, not the code: a K/V row is
 spread over {lpr} lanes (8 elements each), and the merge of row groups inside a warp loops
 `o = {lpr} .. kWarpSize`, {nv_steps} shuffle step(s) on wave32 and {cdna_steps} on wave64. The
 {threads}-thread block is {nv_warps} warps on NVIDIA but {cdna_warps} waves on CDNA, so the
@@ -976,6 +977,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="exit 1 if any kernel failed to compile or any instruction check failed")
     args = ap.parse_args(argv)
     targets = list(ALL_TARGETS) if args.target == "all" else [t.strip() for t in args.target.split(",") if t.strip()]
+    # Say which tree is compiled: an editable install of another checkout would silently win.
+    print(f"kernels from {KERNELS_DIR}")
     t0 = time.perf_counter()
     path, entries = build(args.out, args.results, targets, args.hiprtc, args.jobs)
     failed = [e for e in entries if e.row.status != "ok"]

@@ -21,6 +21,8 @@ struct DecodeParams {
   float* part_lse;         // [B, Hq, Tq, num_splits] log2-sum-exp of each split (-inf if empty)
   const int* kv_lens;      // [B]
   const int* block_table;  // [B, bt_stride_b] or null when not paged
+  int* split_counters;     // [B * gridDim.y], zero at rest: the last split block merges (null: a
+                           // separate attn_decode_combine launch merges)
   long long q_sb, q_sh, q_st;
   long long k_sb, k_sh, k_st;  // paged: k_sb is the page stride
   long long v_sb, v_sh, v_st;
@@ -59,6 +61,24 @@ IK_DEVICE long long row_offset(const DecodeParams& p, const int* bt_row, long lo
     return page * sb + h * sh + off * st;
   }
   return b * sb + h * sh + static_cast<long long>(t) * st;
+}
+
+// out[d] of one query row from its num_splits partial rows starting at `first` (weights from
+// the log2-sum-exps; empty splits have -inf and weigh 0; all empty gives 0).
+template <class T, int HEAD_DIM>
+IK_DEVICE void merge_splits(const DecodeParams& p, long long first, int d, T* out) {
+  const int S = p.num_splits;
+  float m = -IK_INFINITY;
+  for (int s = 0; s < S; ++s) m = fmaxf(m, ik::load_coherent(p.part_lse + first + s));
+  float w_sum = 0.f, o = 0.f;
+  if (m != -IK_INFINITY) {
+    for (int s = 0; s < S; ++s) {
+      float w = ik::exp2_fast(ik::load_coherent(p.part_lse + first + s) - m);
+      w_sum += w;
+      o += w * ik::load_coherent(p.part_out + (first + s) * HEAD_DIM + d);
+    }
+  }
+  out[d] = ik::dtype<T>::from_float(w_sum > 0.f ? o / w_sum : 0.f);
 }
 
 }  // namespace decode
@@ -376,28 +396,39 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
       if (d == 0) p.part_lse[row] = l_all > 0.f ? m_all + __log2f(l_all) : -IK_INFINITY;
     }
   }
+  if (p.num_splits == 1 || p.split_counters == nullptr) return;
+
+  // Fused merge: the last block of this (sequence, KV head, row tile) to finish combines every
+  // split's partial result, saving a second launch. Its counter goes back to zero for the next
+  // call (and for CUDA graph replays).
+  __shared__ int s_is_last;
+  ik::fence_device();
+  ik::block_sync();
+  if (threadIdx.x == 0) {
+    int* counter = p.split_counters + b * gridDim.y + blockIdx.y;
+    s_is_last = ik::atomic_add(counter, 1) == p.num_splits - 1;
+    if (s_is_last) *counter = 0;
+  }
+  ik::block_sync();
+  if (!s_is_last) return;
+  ik::fence_device();
+  for (int idx = threadIdx.x; idx < ROWS * HEAD_DIM; idx += THREADS) {
+    int r = idx / HEAD_DIM, d = idx % HEAD_DIM, rr = row0 + r;
+    if (rr >= rows_total) continue;
+    int hq = hk * group + rr / p.q_len, tq = rr % p.q_len;
+    long long row0s = ((static_cast<long long>(b) * p.num_q_heads + hq) * p.q_len + tq) * p.num_splits;
+    decode::merge_splits<T, HEAD_DIM>(p, row0s, d, static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st);
+  }
 }
 
-// Merges the num_splits partial results of each (sequence, query head, token) row.
+// Merges the num_splits partial results of each (sequence, query head, token) row, when the
+// split kernel runs without split_counters (the unfused journey variant).
 // grid (B * Hq * Tq), block HEAD_DIM threads.
 template <class T, int HEAD_DIM>
 __global__ void __launch_bounds__(HEAD_DIM) attn_decode_combine(DecodeParams p) {
   const long long row = blockIdx.x;
-  const int d = threadIdx.x;
-  const int S = p.num_splits;
-  const float* lse = p.part_lse + row * S;
-  float m = -IK_INFINITY;
-  for (int s = 0; s < S; ++s) m = fmaxf(m, lse[s]);
-  float w_sum = 0.f, o = 0.f;
-  if (m != -IK_INFINITY) {
-    for (int s = 0; s < S; ++s) {
-      float w = ik::exp2_fast(lse[s] - m);  // exp2(-inf) = 0 for empty splits
-      w_sum += w;
-      o += w * p.part_out[(row * S + s) * HEAD_DIM + d];
-    }
-  }
   const int tq = row % p.q_len, hq = (row / p.q_len) % p.num_q_heads;
   const int b = row / (static_cast<long long>(p.q_len) * p.num_q_heads);
-  T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st;
-  out[d] = ik::dtype<T>::from_float(w_sum > 0.f ? o / w_sum : 0.f);
+  decode::merge_splits<T, HEAD_DIM>(p, row * p.num_splits, threadIdx.x,
+                          static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st);
 }

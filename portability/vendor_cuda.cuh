@@ -60,6 +60,12 @@ IK_DEVICE uint4 load16_stream(const void* p) {
 }
 IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 
+// Cross-block handoff: a device-scope fence, an atomic counter, and a load that skips L1 (data
+// another block wrote).
+IK_DEVICE void fence_device() { __threadfence(); }
+IK_DEVICE int atomic_add(int* p, int v) { return atomicAdd(p, v); }
+IK_DEVICE float load_coherent(const float* p) { return __ldcg(p); }
+
 // Asynchronous global->shared copy of 16 bytes: cp.async on sm_80 and newer, a plain copy before.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define IK_HAS_ASYNC_COPY 1

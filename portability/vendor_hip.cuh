@@ -70,6 +70,12 @@ IK_DEVICE uint4 load16_stream(const void* p) {
 }
 IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 
+// __threadfence is an agent-scope seq_cst fence: on CDNA it also invalidates the vector L1, so a
+// plain load after it sees what other blocks wrote before their fence.
+IK_DEVICE void fence_device() { __threadfence(); }
+IK_DEVICE int atomic_add(int* p, int v) { return atomicAdd(p, v); }
+IK_DEVICE float load_coherent(const float* p) { return *p; }
+
 // No cp.async on AMD: a plain 16-byte load and LDS store; the caller's barrier orders them.
 #define IK_HAS_ASYNC_COPY 0
 IK_DEVICE void cp_async16(void* smem, const void* gmem) { store16(smem, load16(gmem)); }

@@ -58,7 +58,7 @@ SHAPES = [  # B, Hq, Hkv, Tq, L, D
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-T{}-L{}-D{}".format(*s))
-@pytest.mark.parametrize("variant", ["split", "split1"])
+@pytest.mark.parametrize("variant", ["split", "split-unfused", "split1"])
 def test_decode_matches_reference(shape, dtype, variant):
     q, k, v, lens = case(*shape, dtype, seed=hash(shape) % 1000)
     out = poisoned(q)
@@ -85,7 +85,7 @@ def test_multi_token_queries(Tq, causal):
     check(out, reference.attention(q, k, v, kv_lens=lens, causal=causal), torch.float16)
 
 
-@pytest.mark.parametrize("variant", ["split", "split1", "naive"])
+@pytest.mark.parametrize("variant", ["split", "split-unfused", "split1", "naive"])
 def test_zero_length_sequence_gives_zeros(variant):
     q, k, v, lens = case(3, 8, 2, 1, 600, 128, torch.float16, seed=3)
     lens[1] = 0
@@ -128,7 +128,7 @@ def test_query_head_strides():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("page_size", [1, 16, 256])
-@pytest.mark.parametrize("variant", ["split", "naive"])
+@pytest.mark.parametrize("variant", ["split", "split-unfused", "naive"])
 def test_paged_matches_reference(page_size, dtype, variant):
     q, k, v, lens = case(3, 16, 4, 1, 1100, 128, dtype, seed=page_size)
     g = torch.Generator().manual_seed(page_size)
