@@ -97,10 +97,10 @@ class Kernel:
     spec: KernelSpec
     backend: Backend
     fn: Any
-    max_dynamic_shared: int = 48 * 1024
+    max_dynamic_shared: int = 0  # the opt-in limit set so far (static shared memory comes on top)
 
     def launch(self, grid, block, shared_bytes: int, params: ctypes.Structure, stream: int) -> None:
-        if shared_bytes > self.max_dynamic_shared:
+        if shared_bytes > self.max_dynamic_shared and shared_bytes > 32 * 1024:
             self.backend.set_max_dynamic_shared(self.fn, shared_bytes)
             self.max_dynamic_shared = shared_bytes
         self.backend.launch(self.fn, grid, block, shared_bytes, params, stream)

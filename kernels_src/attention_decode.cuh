@@ -401,16 +401,15 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   // Fused merge: the last block of this (sequence, KV head, row tile) to finish combines every
   // split's partial result, saving a second launch. Its counter goes back to zero for the next
   // call (and for CUDA graph replays).
-  __shared__ int s_is_last;
   ik::fence_device();
   ik::block_sync();
+  bool last = false;
   if (threadIdx.x == 0) {
     int* counter = p.split_counters + b * gridDim.y + blockIdx.y;
-    s_is_last = ik::atomic_add(counter, 1) == p.num_splits - 1;
-    if (s_is_last) *counter = 0;
+    last = ik::atomic_add(counter, 1) == p.num_splits - 1;
+    if (last) *counter = 0;
   }
-  ik::block_sync();
-  if (!s_is_last) return;
+  if (!ik::block_any(last)) return;
   ik::fence_device();
   for (int idx = threadIdx.x; idx < ROWS * HEAD_DIM; idx += THREADS) {
     int r = idx / HEAD_DIM, d = idx % HEAD_DIM, rr = row0 + r;

@@ -31,6 +31,7 @@ IK_DEVICE int shfl(int v, int src, int width) { return __shfl_sync(0xffffffffu, 
 IK_DEVICE lane_mask_t ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
 IK_DEVICE void warp_sync() { __syncwarp(); }
 IK_DEVICE void block_sync() { __syncthreads(); }
+IK_DEVICE bool block_any(bool p) { return __syncthreads_or(p) != 0; }
 
 // 2^x on the special-function unit (ex2.approx: ~2 ulp, flushes denormals; inputs here are <= 0).
 IK_DEVICE float exp2_fast(float x) {

@@ -42,6 +42,7 @@ IK_DEVICE lane_mask_t ballot(bool p) { return __ballot(p); }
 // No independent thread scheduling: a wave is always converged; only LDS ordering is needed.
 IK_DEVICE void warp_sync() { __builtin_amdgcn_wave_barrier(); }
 IK_DEVICE void block_sync() { __syncthreads(); }
+IK_DEVICE bool block_any(bool p) { return __syncthreads_or(p) != 0; }
 
 IK_DEVICE float exp2_fast(float x) { return __builtin_exp2f(x); }
 

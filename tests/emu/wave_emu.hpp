@@ -89,6 +89,7 @@ IK_DEVICE lane_mask_t ballot(bool p) {
 }
 IK_DEVICE void warp_sync() { emu::wave.bar.arrive_and_wait(); }
 IK_DEVICE void block_sync() { emu::wave.bar.arrive_and_wait(); }  // the emulated block is one wave
+IK_DEVICE bool block_any(bool p) { return ballot(p) != 0; }
 IK_DEVICE float exp2_fast(float x) { return exp2f(x); }
 
 }  // namespace vendor
