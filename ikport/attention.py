@@ -60,10 +60,13 @@ def attention(
         >>> k = torch.randn(8, 8, 4096, 128, device="cuda", dtype=torch.float16)
         >>> out = ikport.attention(q, k, k, kv_lens=torch.full((8,), 4000, dtype=torch.int32, device="cuda"))
     """
-    checks.attention(q, k, v, kv_lens)
-    checks.out(out, q)
+    sig = _signature(("attention", variant), q, k, v, kv_lens, out)
+    backend = _checked_backend(sig, q, k, v)
+    if backend is _UNCHECKED:
+        checks.attention(q, k, v, kv_lens)
+        checks.out(out, q)
+        backend = _remember(sig, dispatch.backend_for(q.device))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = dispatch.backend_for(q.device)
     if backend is None:
         return _into(out, reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens))
     return _decode(backend, q, k, v, None, kv_lens, causal, scale, variant, out)
@@ -91,14 +94,53 @@ def paged_attention(
         kv_lens: int32 [B] on the device (clamped to [0, max_pages * page_size]).
     Other arguments as in `attention`.
     """
-    checks.paged(q, k_pages, v_pages, block_table, kv_lens)
-    checks.out(out, q)
+    sig = _signature(("paged", variant), q, k_pages, v_pages, block_table, kv_lens, out)
+    backend = _checked_backend(sig, q, k_pages, v_pages)
+    if backend is _UNCHECKED:
+        checks.paged(q, k_pages, v_pages, block_table, kv_lens)
+        checks.out(out, q)
+        backend = _remember(sig, dispatch.backend_for(q.device))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = dispatch.backend_for(q.device)
     if backend is None:
         ref = reference.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal, scale=scale)
         return _into(out, ref)
     return _decode(backend, q, k_pages, v_pages, block_table, kv_lens, causal, scale, variant, out)
+
+
+# Input layouts that passed every check, with the backend they dispatch to. The checks depend
+# only on types, shapes, strides, dtypes and devices (plus pointer alignment, re-checked on
+# every call), so a call whose signature is here skips them: ~15 us of Python per call on the
+# H100 machine's CPU (docs/results/host-profile-h100.log).
+_UNCHECKED = object()
+_checked: dict[tuple, Backend | None] = {}
+
+
+def _signature(kind: tuple, *tensors: object) -> tuple | None:
+    parts: list[object] = [kind]
+    for t in tensors:
+        if t is None:
+            parts.append(None)
+        elif type(t) is torch.Tensor:
+            parts += (t.shape, t.stride(), t.dtype, t.device)
+        else:  # anything unusual takes the full checks (which name the problem)
+            return None
+    return tuple(parts)
+
+
+def _checked_backend(sig: tuple | None, q, k, v):
+    backend = _checked.get(sig, _UNCHECKED) if sig is not None else _UNCHECKED
+    if backend is not None and backend is not _UNCHECKED:
+        if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+            return _UNCHECKED  # let the checks say which pointer is misaligned
+    return backend
+
+
+def _remember(sig: tuple | None, backend: Backend | None) -> Backend | None:
+    if sig is not None:
+        if len(_checked) > 4096:
+            _checked.clear()
+        _checked[sig] = backend
+    return backend
 
 
 def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:

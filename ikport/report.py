@@ -282,9 +282,27 @@ def _compiler_id(route: str) -> str | None:
 
             c = AmdOfflineCompiler()
             return c.compiler_version() if c.available() else None
+        if route == "hiprtc":
+            return _hiprtc_id()
     except Exception:
         return None
-    return None  # hipRTC: a child process per compile, fast enough uncached
+    return None
+
+
+def _hiprtc_id() -> str | None:
+    """hipRTC's identity without starting it (it runs in a child process per compile): hip-python's
+    version and the size and date of the HIP runtime and comgr libraries beside it."""
+    from importlib.metadata import version
+
+    from .backends.hip import amdhip64_path
+
+    lib = amdhip64_path()
+    if lib is None or importlib.util.find_spec("hip") is None:
+        return None
+    lib = lib.resolve()
+    files = [lib, *sorted(lib.parent.glob("libamd_comgr.so*"))]
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
+    return f"hiprtc (hip-python {version('hip-python')}) {stamp}"
 
 
 def _row_key(spec: KernelSpec, target: Target, route: str, compiler: str) -> str:

@@ -204,3 +204,13 @@ def test_async_copy_pipeline_matches_reference(shape, stages, unroll):
     finally:
         configs.decode_overrides.clear()
         _plans.clear()
+
+
+def test_misaligned_pointer_is_caught_after_a_valid_call():
+    q, k, v, lens = case(2, 8, 2, 1, 64, 128, torch.float16, seed=11)
+    ikport.attention(q, k, v, kv_lens=lens)
+    flat = torch.empty(k.numel() + 1, dtype=k.dtype, device=DEV)
+    k_off = flat[1:].view_as(k)  # same shape and strides, pointer off by 2 bytes
+    k_off.copy_(k)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        ikport.attention(q, k_off, v, kv_lens=lens)

@@ -88,3 +88,13 @@ def test_unknown_device_type_is_refused():
 
     with pytest.raises(ValueError, match="not on 'meta'"):
         dispatch.backend_name_for(torch.device("meta"))
+
+
+def test_checks_still_run_after_a_valid_call_with_the_same_layout():
+    """The validated-layout cache keys on shapes/strides/dtypes: anything else is re-checked."""
+    q, k, v = qkv(dtype=torch.float32)
+    ikport.attention(q, k, v, kv_lens=torch.full((2,), 8, dtype=torch.int32))
+    with pytest.raises(TypeError, match="int32"):
+        ikport.attention(q, k, v, kv_lens=torch.full((2,), 8, dtype=torch.int64))
+    with pytest.raises(TypeError, match="share a dtype"):
+        ikport.attention(q, k.half(), v)
