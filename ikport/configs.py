@@ -86,7 +86,7 @@ def decode_config(
     base_blocks = batch * kv_heads * row_tiles
     num_splits = decode_overrides.get("num_splits", num_splits)
     if num_splits is None:
-        per_sm = blocks_per_sm or DECODE_BLOCKS_PER_SM[rows] * DECODE_THREADS // threads
+        per_sm = blocks_per_sm or DECODE_BLOCKS_PER_SM[rows] * 128 // threads
         slots = sm_count * max(1, per_sm)
         max_splits = max(1, kv_capacity // MIN_ROWS_PER_SPLIT)
         best = (0.0, 1)
