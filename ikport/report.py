@@ -33,10 +33,11 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 from . import __version__, knobs
 from .backends.source import KERNELS_DIR, kernel_source
@@ -302,7 +303,7 @@ def _hiprtc_id() -> str | None:
     lib = lib.resolve()
     files = [lib, *sorted(lib.parent.glob("libamd_comgr.so*"))]
     stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files if f.is_file())
-    return f"hiprtc (hip-python {version('hip-python')}) {stamp}"
+    return f"hiprtc (hip-python {version('hip-python')}, {lib.name}) stamp={stamp}"
 
 
 def _row_key(spec: KernelSpec, target: Target, route: str, compiler: str) -> str:
@@ -353,7 +354,7 @@ def compile_rows(specs: Sequence[KernelSpec], targets: Sequence[Target], *, hipr
                 tasks.append((spec, t, "hiprtc"))
     compilers = {route: _compiler_id(route) for route in {r for _, _, r in tasks}}  # once, up front
     with ThreadPoolExecutor(max_workers=jobs or os.cpu_count() or 1) as pool:
-        return list(pool.map(lambda a: _cached_compile(*a, compilers[a[2]]), tasks))
+        return list(pool.map(lambda t: _cached_compile(t[0], t[1], t[2], compilers[t[2]]), tasks))
 
 
 # ---- benchmark result files -------------------------------------------------------------------
@@ -442,8 +443,8 @@ def workloads(f: ResultFile) -> list[str]:
 
 # ---- markdown -----------------------------------------------------------------------------------
 def md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    def cell(v: Any) -> str:
-        return "-" if v is None or v == "" else str(v).replace("|", "\\|").replace("\n", " ")
+    def cell(v: Any) -> str:  # None is "-"; "" stays blank (a repeated kernel name)
+        return "-" if v is None else str(v).replace("|", "\\|").replace("\n", " ")
 
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
@@ -456,7 +457,7 @@ def _n(v: Any) -> str:
 
 def short_name(uri: str) -> str:
     """attention_decode.split[dtype=fp16,head_dim=64,...] -> split fp16 d64 r4 ..."""
-    family, kernel, p = parse_uri(uri)
+    _, kernel, p = parse_uri(uri)
     abbrev = {"head_dim": "d", "rows": "r", "threads": "t", "unroll": "u", "stages": "s"}
     bits = []
     for k, v in p.items():
@@ -629,7 +630,7 @@ def performance_section(results: Sequence[ResultFile], targets: Sequence[str]) -
            "own `read_measured` reads if they beat it by over 5%, i.e. the ceiling came from another "
            "GPU) or `ceiling_TFLOPs`. Best peer: the fastest non-ikport implementation of that workload in "
            "the same run.", ""]
-    status = []
+    status: list[list[str | None]] = []
     for t in targets:
         mine = [f for f in results if f.target == t]
         if mine:
@@ -651,7 +652,7 @@ def _perf_table(f: ResultFile) -> str:
     rows = []
     for w in workloads(f):
         peer = best_peer(f, w)
-        p_val, unit, p_pct = rate(f, peer) if peer else (None, "", None)
+        p_pct = rate(f, peer)[2] if peer else None
         for r in (r for r in f.rows if r["workload"] == w and str(r["impl"]).startswith("ikport")):
             val, unit, pct = rate(f, r)
             ratio = f"{peer['median_us'] / r['median_us']:.2f}x" if peer and r["median_us"] else None
@@ -716,9 +717,9 @@ cross-warp merge buffer (warps x rows x (D+2) x 4 bytes) is {nv_smem} bytes on N
 sm_90, {cdna_blocks} per CU ({cdna_limiter}) on gfx942, {rdna_blocks} per WGP ({rdna_limiter}) on
 gfx1100; the dispatcher asks the driver for the real figure at run time.""",
     "attention_decode.split (cp.async ring)": """\
-The same kernel with a {stages}-stage `cp.async` ring in shared memory ({nv_smem} bytes per
-block on NVIDIA: stages x unroll x 2 x threads x 16 bytes, larger than the merge buffer it
-aliases). On NVIDIA the shim is real: {nv_cp} `cp.async.cg` instructions in the sm_90 PTX, so
+The same kernel with a {stages}-stage `cp.async` ring in shared memory: stages x unroll x 2 x
+threads x 16 = {ring_bytes} bytes, aliasing the merge buffer ({merge_nv} bytes on NVIDIA,
+{merge_cdna} on CDNA); a block takes the larger, {nv_smem} bytes in all on sm_90. On NVIDIA the shim is real: {nv_cp} `cp.async.cg` instructions in the sm_90 PTX, so
 the K/V rows of later steps are in flight while the current one is computed. AMD has no
 `cp.async`: the shim is a plain 16-byte load and an LDS store ({cdna_cp} async copies on gfx942),
 so the ring costs LDS ({cdna_smem} bytes) and changes VGPRs from {cdna_regs0} (no ring) to
@@ -775,6 +776,10 @@ def kind_facts(entries: Sequence[Entry], kind: str, uri: str) -> _Facts:
         same = [x for x in entries if x.column == arch and kind_of(x) == kind and x.row.status == "ok"]
         f[f"{prefix}_regs_max"] = max((x.row.registers or 0 for x in same), default="n/a")
         f[f"{prefix}_agprs_max"] = max((x.row.agprs or 0 for x in same), default="n/a")
+    if {"threads", "unroll", "stages", "rows", "head_dim"} <= set(p):
+        f["ring_bytes"] = p["stages"] * p["unroll"] * 2 * p["threads"] * 16
+        f["merge_nv"] = p["threads"] // 32 * p["rows"] * (p["head_dim"] + 2) * 4
+        f["merge_cdna"] = p["threads"] // 64 * p["rows"] * (p["head_dim"] + 2) * 4
     if "head_dim" in p:
         lpr = min(32, 1 << max(0, math.ceil(math.log2(max(p["head_dim"] // 8, 1)))))
         f["lpr"] = lpr
@@ -907,7 +912,10 @@ def method_section(meta: Meta) -> str:
         f"- Occupancy (AMD): waves per SIMD from VGPRs (CDNA: VGPRs + AGPRs in one file) and SGPRs ({amd}); "
         "blocks per CU = 4 SIMDs x waves per SIMD / waves per block, then LDS per CU (RDNA3: per WGP) "
         "and threads per CU. Not modelled: per-sub-partition register splits, carveout steps, "
-        "the workgroup-per-CU cap, the LDS granule.",
+        "the workgroup-per-CU cap, the LDS granule. When this estimate was written, its waves per "
+        "SIMD agreed with clang-19's own `; Occupancy` remark in the ISA for every fp16 "
+        "instantiation (90 compiles) on gfx90a, gfx942 and gfx1100 (LDS aside: clang cannot see the "
+        "dynamic part).",
         "- Performance: every `docs/results/*.json` with a `results` list of "
         "`workload/impl/median_us/GBps` rows; the device's target from the file's `arch` or its name.",
         "- Reproduce: `nox -s report` (CPU only; `ci/setup-tests.sh` installs the AMD toolchain). "
@@ -977,7 +985,8 @@ def build(out: Path = DEFAULT_OUT, results_dir: Path = DEFAULT_RESULTS, targets:
                         jobs=jobs)
     entries = [enrich(r) for r in rows]
     notes = [] if hiprtc else ["hipRTC rows omitted: hip-python or libamdhip64 is not installed."]
-    compilers = {r: c for r in sorted({e.row.compiler for e in entries}) if (c := _compiler_id(r))}
+    compilers = {r: c.split(" stamp=")[0] for r in sorted({e.row.compiler for e in entries})
+                 if (c := _compiler_id(r))}
     meta = Meta(_dt.date.today().isoformat(), _git_commit(), compilers, list(targets), notes)
     return write_outputs(entries, load_results(results_dir), meta, out), entries
 
