@@ -9,7 +9,7 @@ from dataclasses import dataclass
 DECODE_THREADS = 256
 DECODE_ROW_TILES = (1, 2, 4, 8)  # query rows one block serves (GQA group x query tokens)
 # Each split should stream at least this many KV rows, so the merge stays a small fraction.
-MIN_ROWS_PER_SPLIT = 256
+MIN_ROWS_PER_SPLIT = 64
 # Decode blocks of 128 threads that fit on one SM/CU at once, by query-row tile, for backends
 # that cannot query occupancy (compiler register counts ~100-170 -> 3-4 blocks per SM).
 DECODE_BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3, 8: 2}

@@ -824,17 +824,20 @@ def _pyplot() -> Any | None:
 
 
 def plot_roof(results: Sequence[ResultFile], targets: Sequence[str], path: Path) -> bool:
-    """% of roof per workload: ikport and the best peer, per measured device."""
+    """% of roof per workload: ikport and the best peer, per result file (locked workloads only:
+    the sweeps would drown them; their numbers are in the performance table)."""
     plt = _pyplot()
     if plt is None:
         return False
     series = []
     for f in results:
-        for w in workloads(f):
+        locked = [w for w in workloads(f) if not w.startswith("sweep")] or workloads(f)
+        for w in locked:
             mine = next((r for r in f.rows if r["workload"] == w and r["impl"] == "ikport"), None)
             peer = best_peer(f, w)
             if mine is not None:
-                series.append((f"{w}\n{f.target or f.device}", rate(f, mine)[2],
+                run = f.path.stem.split("-", 1)[-1]  # decode-h100.json -> h100: one label per file
+                series.append((f"{w}\n{run}", rate(f, mine)[2],
                                rate(f, peer)[2] if peer else None))
     fig, ax = plt.subplots(figsize=(max(6.0, 0.45 * len(series) + 2), 4.5))
     xs = range(len(series))
@@ -844,7 +847,7 @@ def plot_roof(results: Sequence[ResultFile], targets: Sequence[str], path: Path)
     ax.set_xticks(list(xs), [s[0] for s in series], rotation=90, fontsize=7)
     ax.set_ylabel("% of the device's measured roof")
     missing = [t for t in targets if not any(f.target == t for f in results)]
-    ax.set_title("Kernel time as % of roof" + (f"\nnot measured: {', '.join(missing)}" if missing else ""),
+    ax.set_title("ikport and the best peer as % of roof, locked workloads" + (f"\nnot measured: {', '.join(missing)}" if missing else ""),
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -871,7 +874,7 @@ def plot_resources(entries: Sequence[Entry], path: Path) -> bool:
         ax_r.bar(xs, agpr, width, color=bars.patches[0].get_facecolor(), hatch="///", edgecolor="w")
         ax_s.bar(xs, [(e.total_shared or 0) / 1024 if e else 0 for e in es], width, label=col)
     for ax, ylabel in ((ax_r, "registers / VGPRs per thread (hatched: AGPRs)"), (ax_s, "shared / LDS KiB per block")):
-        ax.set_xticks(range(len(reps)), [k.replace(" (", "\n(") for k in reps], fontsize=7)
+        ax.set_xticks(range(len(reps)), [k.replace(".", "\n").replace(" (", "\n(") for k in reps], fontsize=7)
         ax.set_ylabel(ylabel, fontsize=8)
     ax_r.legend(fontsize=7, ncol=2)
     fig.suptitle("Resources per target (fp16, head_dim 128 instantiations)", fontsize=9)

@@ -69,9 +69,11 @@ template <class T, int HEAD_DIM>
 IK_DEVICE void merge_splits(const DecodeParams& p, long long first, int d, T* out) {
   const int S = p.num_splits;
   float m = -IK_INFINITY;
+#pragma unroll 8
   for (int s = 0; s < S; ++s) m = fmaxf(m, ik::load_coherent(p.part_lse + first + s));
   float w_sum = 0.f, o = 0.f;
   if (m != -IK_INFINITY) {
+#pragma unroll 8  // independent loads: keep several in flight (D3 merges 32 splits per row)
     for (int s = 0; s < S; ++s) {
       float w = ik::exp2_fast(ik::load_coherent(p.part_lse + first + s) - m);
       w_sum += w;

@@ -23,7 +23,8 @@ def test_split_count_scales_with_the_sm_count():
 
 def test_short_caches_are_not_split_below_the_minimum():
     c = cfg(1, 300)
-    assert c.num_splits == 1
+    assert c.num_splits == 300 // configs.MIN_ROWS_PER_SPLIT
+    assert cfg(1, configs.MIN_ROWS_PER_SPLIT - 1).num_splits == 1
 
 
 def test_row_tiles_cover_gqa_group_times_query_tokens():
