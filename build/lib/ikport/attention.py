@@ -18,7 +18,11 @@ from .kernels import DecodeParams, Kernel, get_kernel
 from .manifest import spec
 
 # Journey variants a caller (the benchmark) may force; None picks the default, "split".
-DECODE_VARIANTS = ("naive", "split1", "split")
+#   naive          v0: one block per query head, scalar loads
+#   split1         one block per KV head for its whole GQA group, 16-byte loads, no split-K
+#   split-unfused  + split-K, partial results merged by a second launch
+#   split          + the merge fused into the last block of each split group (default)
+DECODE_VARIANTS = ("naive", "split1", "split-unfused", "split")
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _LOG2E = 1.4426950408889634
 
@@ -46,7 +50,7 @@ def attention(
         kv_lens: int32 [B] on q's device: valid keys per sequence (default L). Values are
             clamped to [0, L] on the device; a sequence of length 0 gives zeros.
         out: optional [B, Hq, Tq, D] contiguous tensor (q's dtype) to write the result into.
-        variant: force a journey variant ("naive", "split1", "split"); default "split".
+        variant: force a journey variant (see DECODE_VARIANTS); default "split".
 
     Returns:
         [B, Hq, Tq, D] in q's dtype.
@@ -56,10 +60,13 @@ def attention(
         >>> k = torch.randn(8, 8, 4096, 128, device="cuda", dtype=torch.float16)
         >>> out = ikport.attention(q, k, k, kv_lens=torch.full((8,), 4000, dtype=torch.int32, device="cuda"))
     """
-    checks.attention(q, k, v, kv_lens)
-    checks.out(out, q)
+    sig = _signature(("attention", variant), q, k, v, kv_lens, out)
+    backend = _checked_backend(sig, q, k, v)
+    if backend is _UNCHECKED:
+        checks.attention(q, k, v, kv_lens)
+        checks.out(out, q)
+        backend = _remember(sig, dispatch.backend_for(q.device))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = dispatch.backend_for(q.device)
     if backend is None:
         return _into(out, reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens))
     return _decode(backend, q, k, v, None, kv_lens, causal, scale, variant, out)
@@ -87,14 +94,53 @@ def paged_attention(
         kv_lens: int32 [B] on the device (clamped to [0, max_pages * page_size]).
     Other arguments as in `attention`.
     """
-    checks.paged(q, k_pages, v_pages, block_table, kv_lens)
-    checks.out(out, q)
+    sig = _signature(("paged", variant), q, k_pages, v_pages, block_table, kv_lens, out)
+    backend = _checked_backend(sig, q, k_pages, v_pages)
+    if backend is _UNCHECKED:
+        checks.paged(q, k_pages, v_pages, block_table, kv_lens)
+        checks.out(out, q)
+        backend = _remember(sig, dispatch.backend_for(q.device))
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    backend = dispatch.backend_for(q.device)
     if backend is None:
         ref = reference.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal, scale=scale)
         return _into(out, ref)
     return _decode(backend, q, k_pages, v_pages, block_table, kv_lens, causal, scale, variant, out)
+
+
+# Input layouts that passed every check, with the backend they dispatch to. The checks depend
+# only on types, shapes, strides, dtypes and devices (plus pointer alignment, re-checked on
+# every call), so a call whose signature is here skips them: ~15 us of Python per call on the
+# H100 machine's CPU (docs/results/host-profile-h100.log).
+_UNCHECKED = object()
+_checked: dict[tuple, Backend | None] = {}
+
+
+def _signature(kind: tuple, *tensors: object) -> tuple | None:
+    parts: list[object] = [kind]
+    for t in tensors:
+        if t is None:
+            parts.append(None)
+        elif type(t) is torch.Tensor:
+            parts += (t.shape, t.stride(), t.dtype, t.device)
+        else:  # anything unusual takes the full checks (which name the problem)
+            return None
+    return tuple(parts)
+
+
+def _checked_backend(sig: tuple | None, q, k, v):
+    backend = _checked.get(sig, _UNCHECKED) if sig is not None else _UNCHECKED
+    if backend is not None and backend is not _UNCHECKED:
+        if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+            return _UNCHECKED  # let the checks say which pointer is misaligned
+    return backend
+
+
+def _remember(sig: tuple | None, backend: Backend | None) -> Backend | None:
+    if sig is not None:
+        if len(_checked) > 4096:
+            _checked.clear()
+        _checked[sig] = backend
+    return backend
 
 
 def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
@@ -149,6 +195,18 @@ class _DecodePlan:
 
 
 _plans: dict[tuple, _DecodePlan] = {}
+# Split-K arrival counters per (device, stream): zero at rest, reset by the kernel's last block,
+# so one buffer serves every call on a stream (calls on one stream never overlap) and every
+# replay of a captured graph.
+_counters: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _split_counters(device: int, stream: int, n: int) -> torch.Tensor:
+    buf = _counters.get((device, stream))
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=torch.device("cuda", device))
+        _counters[(device, stream)] = buf
+    return buf
 
 
 def _raw_stream(device_index: int) -> int:
@@ -180,20 +238,21 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                            ps_log2, 0)
     else:
         info = backend.device_info(dev)
-        rows, _, threads, unroll = configs.decode_tiles(Hq // Hkv, Tq)
+        rows, _, threads, unroll, stages = configs.decode_tiles(Hq // Hkv, Tq)
         main = get_kernel(
             spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=rows, paged=paged,
-                 threads=threads, unroll=unroll),
+                 threads=threads, unroll=unroll, stages=stages),
             backend, dev,
         )
-        smem = threads // info.warp_size * rows * (D + 2) * 4
+        smem = configs.decode_smem_bytes(threads=threads, warp_size=info.warp_size, rows=rows,
+                                         head_dim=D, unroll=unroll, stages=stages)
         cfg = configs.decode_config(
             sm_count=info.sm_count, blocks_per_sm=backend.occupancy(main.fn, threads, smem),
             batch=B, kv_heads=Hkv, group=Hq // Hkv, q_len=Tq, kv_capacity=capacity,
             num_splits=1 if variant == "split1" else None,
         )
         combine = None
-        if cfg.num_splits > 1:
+        if cfg.num_splits > 1 and variant == "split-unfused":
             combine = get_kernel(spec("attention_decode", "combine", dtype=dtype, head_dim=D), backend, dev)
         plan = _DecodePlan(
             dev, main, combine, (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
@@ -213,18 +272,22 @@ def _decode(backend, q, k, v, block_table, kv_lens, causal, scale, variant, out)
     if S > 1:  # one allocation: partial outputs, then the log-sum-exps
         rows = B * Hq * Tq * S
         scratch = torch.empty(rows * (D + 1), dtype=torch.float32, device=q.device)
+    stream = _raw_stream(plan.device)
+    counters = 0
+    if S > 1 and plan.combine is None:
+        counters = _split_counters(plan.device, stream, plan.grid[1] * plan.grid[2]).data_ptr()
     p = DecodeParams(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
         scratch.data_ptr() if scratch is not None else 0,
         scratch.data_ptr() + rows * D * 4 if scratch is not None else 0,
         kv_lens.data_ptr() if kv_lens is not None else 0,
         block_table.data_ptr() if block_table is not None else 0,
+        counters,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         block_table.stride(0) if block_table is not None else 0,
         B, Hq, k.shape[1], Tq, plan.kv_capacity, plan.page_size_log2, S, plan.rows_per_split,
         int(bool(causal) and Tq > 1), plan.rotate, scale * _LOG2E,
     )
-    stream = _raw_stream(plan.device)
     plan.main.launch(plan.grid, plan.block, plan.shared_bytes, p, stream)
     if plan.combine is not None:
         plan.combine.launch((B * Hq * Tq, 1, 1), (D, 1, 1), 0, p, stream)

@@ -6,19 +6,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-DECODE_THREADS = 128
+DECODE_THREADS = 256
 DECODE_ROW_TILES = (1, 2, 4, 8)  # query rows one block serves (GQA group x query tokens)
 # Each split should stream at least this many KV rows, so the merge stays a small fraction.
-MIN_ROWS_PER_SPLIT = 256
-# Decode blocks that fit on one SM/CU at once, by query-row tile (from the compiler's register
-# counts at 128 threads: ~100-170 registers -> 3-4 blocks per SM on sm_80/sm_90).
+MIN_ROWS_PER_SPLIT = 64
+# Decode blocks of 128 threads that fit on one SM/CU at once, by query-row tile, for backends
+# that cannot query occupancy (compiler register counts ~100-170 -> 3-4 blocks per SM).
 DECODE_BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3, 8: 2}
 
 
 # Benchmarks and tuning runs may pin any DecodeConfig field here (e.g. {"num_splits": 8});
 # the dispatcher's plan cache must be cleared after changing it. Empty in normal use.
 decode_overrides: dict[str, int] = {}
-DECODE_UNROLL = 4
+DECODE_UNROLL = 2
+DECODE_STAGES = 2  # 0: K/V loads straight to registers; >= 2: cp.async ring this deep
 DECODE_ROTATE = 0
 
 
@@ -30,6 +31,7 @@ class DecodeConfig:
     num_splits: int
     rows_per_split: int  # KV rows each split streams
     unroll: int = DECODE_UNROLL  # KV rows per row group per step (template parameter)
+    stages: int = DECODE_STAGES  # async-copy pipeline depth (template parameter)
     rotate: int = DECODE_ROTATE  # stagger each block's start within its split
 
 
@@ -40,12 +42,21 @@ def decode_row_tile(rows_total: int) -> int:
     return DECODE_ROW_TILES[-1]
 
 
-def decode_tiles(group: int, q_len: int) -> tuple[int, int, int, int]:
-    """(rows, row_tiles, threads, unroll): the kernel template choice, before split-K."""
+def decode_tiles(group: int, q_len: int) -> tuple[int, int, int, int, int]:
+    """(rows, row_tiles, threads, unroll, stages): the kernel template choice, before split-K."""
     rows_total = group * q_len
     rows = decode_row_tile(rows_total)
     threads = decode_overrides.get("threads", DECODE_THREADS)
-    return rows, -(-rows_total // rows), threads, decode_overrides.get("unroll", DECODE_UNROLL)
+    unroll = decode_overrides.get("unroll", DECODE_UNROLL)
+    return rows, -(-rows_total // rows), threads, unroll, decode_overrides.get("stages", DECODE_STAGES)
+
+
+def decode_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int, unroll: int,
+                      stages: int) -> int:
+    """Dynamic shared memory of attn_decode_split (mirrors SplitConfig::smem_bytes)."""
+    merge = threads // warp_size * rows * (head_dim + 2) * 4
+    ring = stages * unroll * 2 * threads * 16
+    return max(merge, ring)
 
 
 GOOD_WAVE_UTILIZATION = 0.95  # take the fewest splits that keep the waves this full
@@ -71,11 +82,11 @@ def decode_config(
     chunk, so the time is set by the number of waves; pick the split count whose blocks fill the
     waves best (fewest splits on ties), keeping each split at least MIN_ROWS_PER_SPLIT rows.
     Measured on the H100 (D3): 384 blocks in 396 slots 62 us, 400 blocks 83 us."""
-    rows, row_tiles, threads, unroll = decode_tiles(group, q_len)
+    rows, row_tiles, threads, unroll, stages = decode_tiles(group, q_len)
     base_blocks = batch * kv_heads * row_tiles
     num_splits = decode_overrides.get("num_splits", num_splits)
     if num_splits is None:
-        per_sm = blocks_per_sm or DECODE_BLOCKS_PER_SM[rows] * DECODE_THREADS // threads
+        per_sm = blocks_per_sm or DECODE_BLOCKS_PER_SM[rows] * 128 // threads
         slots = sm_count * max(1, per_sm)
         max_splits = max(1, kv_capacity // MIN_ROWS_PER_SPLIT)
         best = (0.0, 1)
@@ -90,6 +101,6 @@ def decode_config(
     rows_per_split = -(-kv_capacity // num_splits)
     rows_per_split = -(-rows_per_split // 16) * 16
     return DecodeConfig(
-        rows, row_tiles, threads, num_splits, rows_per_split, unroll,
+        rows, row_tiles, threads, num_splits, rows_per_split, unroll, stages,
         decode_overrides.get("rotate", DECODE_ROTATE),
     )

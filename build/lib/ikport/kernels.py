@@ -30,6 +30,7 @@ class DecodeParams(ctypes.Structure):
         ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
         ("out", ctypes.c_void_p), ("part_out", ctypes.c_void_p), ("part_lse", ctypes.c_void_p),
         ("kv_lens", ctypes.c_void_p), ("block_table", ctypes.c_void_p),
+        ("split_counters", ctypes.c_void_p),
         ("q_sb", ctypes.c_int64), ("q_sh", ctypes.c_int64), ("q_st", ctypes.c_int64),
         ("k_sb", ctypes.c_int64), ("k_sh", ctypes.c_int64), ("k_st", ctypes.c_int64),
         ("v_sb", ctypes.c_int64), ("v_sh", ctypes.c_int64), ("v_st", ctypes.c_int64),
@@ -96,10 +97,10 @@ class Kernel:
     spec: KernelSpec
     backend: Backend
     fn: Any
-    max_dynamic_shared: int = 48 * 1024
+    max_dynamic_shared: int = 0  # the opt-in limit set so far (static shared memory comes on top)
 
     def launch(self, grid, block, shared_bytes: int, params: ctypes.Structure, stream: int) -> None:
-        if shared_bytes > self.max_dynamic_shared:
+        if shared_bytes > self.max_dynamic_shared and shared_bytes > 32 * 1024:
             self.backend.set_max_dynamic_shared(self.fn, shared_bytes)
             self.max_dynamic_shared = shared_bytes
         self.backend.launch(self.fn, grid, block, shared_bytes, params, stream)

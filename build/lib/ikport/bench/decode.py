@@ -79,9 +79,9 @@ class Workload:
 
 
 LOCKED = (
-    Workload("D1", 8, 4096, variants=("naive", "split1")),
-    Workload("D2", 32, 8192, variants=("split1",)),
-    Workload("D3", 1, 32768, variants=("naive", "split1")),
+    Workload("D1", 8, 4096, variants=("naive", "split1", "split-unfused")),
+    Workload("D2", 32, 8192, variants=("split1", "split-unfused")),
+    Workload("D3", 1, 32768, variants=("naive", "split1", "split-unfused")),
     Workload("D1-paged16", 8, 4096, page_size=PAGE_SIZE),
     Workload("D2-paged16", 32, 8192, page_size=PAGE_SIZE),
 )

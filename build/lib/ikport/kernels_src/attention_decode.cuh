@@ -21,6 +21,8 @@ struct DecodeParams {
   float* part_lse;         // [B, Hq, Tq, num_splits] log2-sum-exp of each split (-inf if empty)
   const int* kv_lens;      // [B]
   const int* block_table;  // [B, bt_stride_b] or null when not paged
+  int* split_counters;     // [B * gridDim.y], zero at rest: the last split block merges (null: a
+                           // separate attn_decode_combine launch merges)
   long long q_sb, q_sh, q_st;
   long long k_sb, k_sh, k_st;  // paged: k_sb is the page stride
   long long v_sb, v_sh, v_st;
@@ -59,6 +61,26 @@ IK_DEVICE long long row_offset(const DecodeParams& p, const int* bt_row, long lo
     return page * sb + h * sh + off * st;
   }
   return b * sb + h * sh + static_cast<long long>(t) * st;
+}
+
+// out[d] of one query row from its num_splits partial rows starting at `first` (weights from
+// the log2-sum-exps; empty splits have -inf and weigh 0; all empty gives 0).
+template <class T, int HEAD_DIM>
+IK_DEVICE void merge_splits(const DecodeParams& p, long long first, int d, T* out) {
+  const int S = p.num_splits;
+  float m = -IK_INFINITY;
+#pragma unroll 8
+  for (int s = 0; s < S; ++s) m = fmaxf(m, ik::load_coherent(p.part_lse + first + s));
+  float w_sum = 0.f, o = 0.f;
+  if (m != -IK_INFINITY) {
+#pragma unroll 8  // independent loads: keep several in flight (D3 merges 32 splits per row)
+    for (int s = 0; s < S; ++s) {
+      float w = ik::exp2_fast(ik::load_coherent(p.part_lse + first + s) - m);
+      w_sum += w;
+      o += w * ik::load_coherent(p.part_out + (first + s) * HEAD_DIM + d);
+    }
+  }
+  out[d] = ik::dtype<T>::from_float(w_sum > 0.f ? o / w_sum : 0.f);
 }
 
 }  // namespace decode
@@ -147,7 +169,7 @@ __global__ void __launch_bounds__(128) attn_decode_naive(DecodeParams p) {
 //
 // Query rows of a block: r = (head in group) * Tq + token, row tile blockIdx.y % row_tiles.
 // grid (num_splits, Hkv * row_tiles, B), block THREADS, dynamic shared memory smem_bytes().
-template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL>
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES>
 struct SplitConfig {
   static constexpr int kVec = 8;  // elements per lane per row: one 16-byte load
   static constexpr int kLanesNeeded = HEAD_DIM / kVec;
@@ -158,14 +180,20 @@ struct SplitConfig {
   static constexpr int kUnroll = UNROLL;  // rows per row group per step, loads all in flight
   static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16, <= 256");
   static_assert(THREADS % ik::kWarpSize == 0, "block must be whole warps");
-  static constexpr int smem_bytes() { return kWarps * ROWS * (HEAD_DIM + 2) * 4; }
+  // STAGES == 0: K/V go straight to registers. STAGES >= 2: a cp.async ring of STAGES steps in
+  // shared memory, STAGES - 1 steps ahead of the math; each thread reads back only the 16-byte
+  // slots it copied itself, so the ring needs no barrier. It aliases the merge buffer.
+  static_assert(STAGES == 0 || STAGES >= 2, "STAGES is 0 (registers) or a pipeline depth >= 2");
+  static constexpr int merge_bytes() { return kWarps * ROWS * (HEAD_DIM + 2) * 4; }
+  static constexpr int ring_bytes() { return STAGES * UNROLL * 2 * THREADS * 16; }
+  static constexpr int smem_bytes() { return merge_bytes() > ring_bytes() ? merge_bytes() : ring_bytes(); }
 };
 
-template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL>
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES>
 __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
-  using C = SplitConfig<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL>;
+  using C = SplitConfig<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL, STAGES>;
   constexpr int LPR = C::kLPR, VEC = C::kVec, U = C::kUnroll;
-  extern __shared__ float smem[];
+  extern __shared__ __attribute__((aligned(16))) float smem[];
 
   const int split = blockIdx.x;
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -219,18 +247,56 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   constexpr int kStep = C::kGroups * U;
   const int n_steps = t_end > t_begin ? (t_end - t_begin + kStep - 1) / kStep : 0;
   const int first = (p.rotate && n_steps) ? (blockIdx.y * 7 + blockIdx.z * 13 + split * 3) % n_steps : 0;
-  for (int i = 0; i < n_steps; ++i) {
+  auto step_row = [&](int i) {  // first row of this row group in the i-th step of the loop
     int step = i + first;
     if (step >= n_steps) step -= n_steps;
-    const int t0 = t_begin + step * kStep + g;
-    uint4 kr[U], vr[U];
+    return t_begin + step * kStep + g;
+  };
+  uint4* ring = reinterpret_cast<uint4*>(smem);
+  auto ring_slot = [&](int stage, int u, int kv) -> uint4* {
+    return ring + ((stage * U + u) * 2 + kv) * THREADS + threadIdx.x;
+  };
+  // Copies step i's K/V chunks of this thread into ring stage i % STAGES (zeros past the end).
+  auto issue = [&](int i) {
+    if (i < n_steps) {
+      const int t0 = step_row(i);
 #pragma unroll
-    for (int u = 0; u < U; ++u) {  // issue every load of the step before using any
-      int t = t0 + u * C::kGroups;
-      kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
-      if (t < t_end && lane_active) {
-        kr[u] = ik::load16_stream(kbase + decode::row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t));
-        vr[u] = ik::load16_stream(vbase + decode::row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t));
+      for (int u = 0; u < U; ++u) {
+        int t = t0 + u * C::kGroups;
+        bool valid = t < t_end && lane_active;
+        long long ko = valid ? decode::row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t) : 0;
+        long long vo = valid ? decode::row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t) : 0;
+        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 0), kbase + ko, valid);
+        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 1), vbase + vo, valid);
+      }
+    }
+    ik::cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
+  };
+  if constexpr (STAGES > 0) {
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+  }
+
+  for (int i = 0; i < n_steps; ++i) {
+    const int t0 = step_row(i);
+    uint4 kr[U], vr[U];
+    if constexpr (STAGES > 0) {
+      issue(i + STAGES - 1);
+      ik::cp_async_wait<STAGES - 1>();  // this thread's copies of step i have landed
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        kr[u] = *ring_slot(i % STAGES, u, 0);
+        vr[u] = *ring_slot(i % STAGES, u, 1);
+      }
+    } else {
+#pragma unroll
+      for (int u = 0; u < U; ++u) {  // issue every load of the step before using any
+        int t = t0 + u * C::kGroups;
+        kr[u] = vr[u] = make_uint4(0, 0, 0, 0);
+        if (t < t_end && lane_active) {
+          kr[u] = ik::load16_stream(kbase + decode::row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t));
+          vr[u] = ik::load16_stream(vbase + decode::row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t));
+        }
       }
     }
     float s[U][ROWS];
@@ -289,7 +355,12 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
     }
   }
 
-  // Then the warps, through shared memory: [warp][row] m, l and [warp][row][dim] acc.
+  // Then the warps, through shared memory: [warp][row] m, l and [warp][row][dim] acc. The merge
+  // buffer reuses the ring: every thread's copies must have landed and been read first.
+  if constexpr (STAGES > 0) {
+    ik::cp_async_wait<0>();
+    ik::block_sync();
+  }
   float* s_m = smem;
   float* s_l = s_m + C::kWarps * ROWS;
   float* s_acc = s_l + C::kWarps * ROWS;
@@ -327,28 +398,38 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
       if (d == 0) p.part_lse[row] = l_all > 0.f ? m_all + __log2f(l_all) : -IK_INFINITY;
     }
   }
+  if (p.num_splits == 1 || p.split_counters == nullptr) return;
+
+  // Fused merge: the last block of this (sequence, KV head, row tile) to finish combines every
+  // split's partial result, saving a second launch. Its counter goes back to zero for the next
+  // call (and for CUDA graph replays).
+  ik::fence_device();
+  ik::block_sync();
+  bool last = false;
+  if (threadIdx.x == 0) {
+    int* counter = p.split_counters + b * gridDim.y + blockIdx.y;
+    last = ik::atomic_add(counter, 1) == p.num_splits - 1;
+    if (last) *counter = 0;
+  }
+  if (!ik::block_any(last)) return;
+  ik::fence_device();
+  for (int idx = threadIdx.x; idx < ROWS * HEAD_DIM; idx += THREADS) {
+    int r = idx / HEAD_DIM, d = idx % HEAD_DIM, rr = row0 + r;
+    if (rr >= rows_total) continue;
+    int hq = hk * group + rr / p.q_len, tq = rr % p.q_len;
+    long long row0s = ((static_cast<long long>(b) * p.num_q_heads + hq) * p.q_len + tq) * p.num_splits;
+    decode::merge_splits<T, HEAD_DIM>(p, row0s, d, static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st);
+  }
 }
 
-// Merges the num_splits partial results of each (sequence, query head, token) row.
+// Merges the num_splits partial results of each (sequence, query head, token) row, when the
+// split kernel runs without split_counters (the unfused journey variant).
 // grid (B * Hq * Tq), block HEAD_DIM threads.
 template <class T, int HEAD_DIM>
 __global__ void __launch_bounds__(HEAD_DIM) attn_decode_combine(DecodeParams p) {
   const long long row = blockIdx.x;
-  const int d = threadIdx.x;
-  const int S = p.num_splits;
-  const float* lse = p.part_lse + row * S;
-  float m = -IK_INFINITY;
-  for (int s = 0; s < S; ++s) m = fmaxf(m, lse[s]);
-  float w_sum = 0.f, o = 0.f;
-  if (m != -IK_INFINITY) {
-    for (int s = 0; s < S; ++s) {
-      float w = ik::exp2_fast(lse[s] - m);  // exp2(-inf) = 0 for empty splits
-      w_sum += w;
-      o += w * p.part_out[(row * S + s) * HEAD_DIM + d];
-    }
-  }
   const int tq = row % p.q_len, hq = (row / p.q_len) % p.num_q_heads;
   const int b = row / (static_cast<long long>(p.q_len) * p.num_q_heads);
-  T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st;
-  out[d] = ik::dtype<T>::from_float(w_sum > 0.f ? o / w_sum : 0.f);
+  decode::merge_splits<T, HEAD_DIM>(p, row * p.num_splits, threadIdx.x,
+                          static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st);
 }

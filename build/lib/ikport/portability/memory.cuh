@@ -8,6 +8,13 @@ IK_DEVICE uint4 load16(const void* p) { return vendor::load16(p); }
 IK_DEVICE uint4 load16_stream(const void* p) { return vendor::load16_stream(p); }
 IK_DEVICE void store16(void* p, uint4 v) { vendor::store16(p, v); }
 
+// Handing results between blocks of one launch (e.g. the last split-K block merges the others):
+// write, fence_device, then atomic_add a counter; the block that sees the final count reads the
+// others' results with load_coherent.
+IK_DEVICE void fence_device() { vendor::fence_device(); }
+IK_DEVICE int atomic_add(int* p, int v) { return vendor::atomic_add(p, v); }
+IK_DEVICE float load_coherent(const float* p) { return vendor::load_coherent(p); }
+
 // Async copy: cp.async on NVIDIA sm_80+, a synchronous copy elsewhere (IK_HAS_ASYNC_COPY says
 // which). Usage is the same on every target: issue copies, commit a group, wait until at most N
 // groups are pending, then a barrier before other threads read the shared memory.

@@ -31,6 +31,7 @@ IK_DEVICE int shfl(int v, int src, int width) { return __shfl_sync(0xffffffffu, 
 IK_DEVICE lane_mask_t ballot(bool p) { return __ballot_sync(0xffffffffu, p); }
 IK_DEVICE void warp_sync() { __syncwarp(); }
 IK_DEVICE void block_sync() { __syncthreads(); }
+IK_DEVICE bool block_any(bool p) { return __syncthreads_or(p) != 0; }
 
 // 2^x on the special-function unit (ex2.approx: ~2 ulp, flushes denormals; inputs here are <= 0).
 IK_DEVICE float exp2_fast(float x) {
@@ -59,6 +60,12 @@ IK_DEVICE uint4 load16_stream(const void* p) {
   return v;
 }
 IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+// Cross-block handoff: a device-scope fence, an atomic counter, and a load that skips L1 (data
+// another block wrote).
+IK_DEVICE void fence_device() { __threadfence(); }
+IK_DEVICE int atomic_add(int* p, int v) { return atomicAdd(p, v); }
+IK_DEVICE float load_coherent(const float* p) { return __ldcg(p); }
 
 // Asynchronous global->shared copy of 16 bytes: cp.async on sm_80 and newer, a plain copy before.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

@@ -42,6 +42,7 @@ IK_DEVICE lane_mask_t ballot(bool p) { return __ballot(p); }
 // No independent thread scheduling: a wave is always converged; only LDS ordering is needed.
 IK_DEVICE void warp_sync() { __builtin_amdgcn_wave_barrier(); }
 IK_DEVICE void block_sync() { __syncthreads(); }
+IK_DEVICE bool block_any(bool p) { return __syncthreads_or(p) != 0; }
 
 IK_DEVICE float exp2_fast(float x) { return __builtin_exp2f(x); }
 
@@ -69,6 +70,12 @@ IK_DEVICE uint4 load16_stream(const void* p) {
   return make_uint4(v.x, v.y, v.z, v.w);
 }
 IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
+
+// __threadfence is an agent-scope seq_cst fence: on CDNA it also invalidates the vector L1, so a
+// plain load after it sees what other blocks wrote before their fence.
+IK_DEVICE void fence_device() { __threadfence(); }
+IK_DEVICE int atomic_add(int* p, int v) { return atomicAdd(p, v); }
+IK_DEVICE float load_coherent(const float* p) { return *p; }
 
 // No cp.async on AMD: a plain 16-byte load and LDS store; the caller's barrier orders them.
 #define IK_HAS_ASYNC_COPY 0

@@ -18,6 +18,8 @@ IK_DEVICE lane_mask_t ballot(bool p) { return vendor::ballot(p); }
 IK_DEVICE bool any(bool p) { return vendor::ballot(p) != 0; }
 IK_DEVICE void warp_sync() { vendor::warp_sync(); }
 IK_DEVICE void block_sync() { vendor::block_sync(); }
+// Barrier that also tells every thread whether any thread of the block passed `p`.
+IK_DEVICE bool block_any(bool p) { return vendor::block_any(p); }
 IK_DEVICE float exp2_fast(float x) { return vendor::exp2_fast(x); }
 
 // Butterfly reductions over groups of WIDTH consecutive lanes (WIDTH a power of two <= warp size):
