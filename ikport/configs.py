@@ -6,21 +6,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# Decode defaults, measured on the H100 (docs/results/decode.md, decode-tuning2-h100.json).
 DECODE_THREADS = 256
+DECODE_UNROLL = 2  # KV rows per row group per step
+DECODE_STAGES = 2  # 0: K/V loads straight to registers; >= 2: cp.async ring this deep
+DECODE_ROTATE = 0  # staggered split starts: measured no gain
 DECODE_ROW_TILES = (1, 2, 4, 8)  # query rows one block serves (GQA group x query tokens)
-# Each split should stream at least this many KV rows, so the merge stays a small fraction.
-MIN_ROWS_PER_SPLIT = 64
+MIN_ROWS_PER_SPLIT = 64  # a split streams at least this many KV rows
 # Decode blocks of 128 threads that fit on one SM/CU at once, by query-row tile, for backends
 # that cannot query occupancy (compiler register counts ~100-170 -> 3-4 blocks per SM).
 DECODE_BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3, 8: 2}
 
-
 # Benchmarks and tuning runs may pin any DecodeConfig field here (e.g. {"num_splits": 8});
 # the dispatcher's plan cache must be cleared after changing it. Empty in normal use.
 decode_overrides: dict[str, int] = {}
-DECODE_UNROLL = 2
-DECODE_STAGES = 2  # 0: K/V loads straight to registers; >= 2: cp.async ring this deep
-DECODE_ROTATE = 0
 
 
 @dataclass(frozen=True)

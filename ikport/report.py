@@ -874,7 +874,7 @@ def plot_resources(entries: Sequence[Entry], path: Path) -> bool:
         ax_r.bar(xs, agpr, width, color=bars.patches[0].get_facecolor(), hatch="///", edgecolor="w")
         ax_s.bar(xs, [(e.total_shared or 0) / 1024 if e else 0 for e in es], width, label=col)
     for ax, ylabel in ((ax_r, "registers / VGPRs per thread (hatched: AGPRs)"), (ax_s, "shared / LDS KiB per block")):
-        ax.set_xticks(range(len(reps)), [k.replace(".", "\n").replace(" (", "\n(") for k in reps], fontsize=7)
+        ax.set_xticks(range(len(reps)), [k.replace(".", "\n", 1).replace(" (", "\n(") for k in reps], fontsize=7)
         ax.set_ylabel(ylabel, fontsize=8)
     ax_r.legend(fontsize=7, ncol=2)
     fig.suptitle("Resources per target (fp16, head_dim 128 instantiations)", fontsize=9)
