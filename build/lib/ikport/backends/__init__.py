@@ -1,1 +1,0 @@
-"""Compile, load and launch: one interface (base.Backend), one module per vendor."""

@@ -1,1 +1,0 @@
-"""Kernel sources (*.cuh) and manifest.yaml; installed as package data, compiled at run time."""

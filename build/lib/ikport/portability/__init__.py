@@ -1,1 +1,0 @@
-"""The shim headers (*.cuh) every ikport kernel includes; installed as package data."""
