@@ -969,11 +969,13 @@ def write_outputs(entries: Sequence[Entry], results: Sequence[ResultFile], meta:
     return path
 
 
-def _git_commit() -> str:
+def _git_commit(out: Path) -> str:
+    """HEAD, and whether tracked files other than the report's own outputs differ from it."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                f":(exclude){out.resolve()}"],
                                capture_output=True, text=True, check=True).stdout.strip()
         return sha + (" + uncommitted changes" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
@@ -990,7 +992,7 @@ def build(out: Path = DEFAULT_OUT, results_dir: Path = DEFAULT_RESULTS, targets:
     notes = [] if hiprtc else ["hipRTC rows omitted: hip-python or libamdhip64 is not installed."]
     compilers = {r: c.split(" stamp=")[0] for r in sorted({e.row.compiler for e in entries})
                  if (c := _compiler_id(r))}
-    meta = Meta(_dt.date.today().isoformat(), _git_commit(), compilers, list(targets), notes)
+    meta = Meta(_dt.date.today().isoformat(), _git_commit(out), compilers, list(targets), notes)
     return write_outputs(entries, load_results(results_dir), meta, out), entries
 
 
