@@ -9,6 +9,11 @@ CPU tensors run the PyTorch reference; GPU tensors run a compiled kernel, never 
 
 __version__ = "0.1.0"
 
+from . import log as _log  # noqa: E402
+
+_log.setup()  # the "ikport" logger: IKPORT_LOG level and handler, once
+
 from .attention import attention, paged_attention, paged_kv_from_dense  # noqa: E402
+from . import ops as _ops  # noqa: E402,F401  (registers torch.ops.ikport.*, once)
 
 __all__ = ["attention", "paged_attention", "paged_kv_from_dense", "__version__"]

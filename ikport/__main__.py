@@ -1,6 +1,9 @@
-"""Command line: `python -m ikport info | compile`.
+"""Command line: `python -m ikport info | compile | warmup`.
 
   python -m ikport info                         environment, for bug reports
+  python -m ikport warmup [--all]               compile + load every kernel this GPU will use,
+                                                with cold/warm timings (IKPORT_CACHE_DIR)
+  python -m ikport warmup --target sm_90        the same without a GPU: compile into the cache
   python -m ikport compile --target all         every manifest kernel for sm_80, sm_89, sm_90,
                                                 gfx90a, gfx942, gfx1100 (no GPU needed)
   python -m ikport compile --target sm_90 --json --filter decode
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 
@@ -22,7 +26,14 @@ def _info() -> int:
     print(f"ikport {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"torch build: cuda={torch.version.cuda} hip={getattr(torch.version, 'hip', None)}")
     print(f"cache dir: {knobs.cache_dir()}  (IKPORT_CACHE_DIR; disk cache {'on' if knobs.disk_cache_enabled() else 'off'})")
-    print(f"IKPORT_BACKEND: {knobs.forced_backend() or '(auto)'}")
+    print(f"IKPORT_BACKEND: {knobs.forced_backend() or '(auto)'}  IKPORT_LOG: {os.environ.get('IKPORT_LOG') or '(unset)'}")
+    entries = list(knobs.cache_dir().glob("*/*.bin"))
+    print(f"cache entries: {len(entries)} ({sum(p.stat().st_size for p in entries) / 2**20:.1f} MiB)"
+          "  (python -m ikport warmup fills it)")
+    import ikport.ops  # noqa: F401  registers the custom ops
+
+    print("torch ops: " + ", ".join(f"torch.ops.ikport.{n}" for n in ("attention", "paged_attention")
+                                    if hasattr(torch.ops.ikport, n)))
     try:
         from .dispatch import get_backend
 
@@ -87,9 +98,27 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--filter", default="", help="only kernels whose URI contains this text")
     c.add_argument("--hiprtc", action="store_true",
                    help="also compile gfx90a with the installed hipRTC (subprocess)")
+    w = sub.add_parser("warmup", help="compile and load every kernel configuration this GPU will use")
+    w.add_argument("--all", action="store_true",
+                   help="every manifest instantiation too (naive, combine, stages=0, mma_tile)")
+    w.add_argument("--target", default=None,
+                   help="compile for this arch (sm_90, gfx942, ...) instead of the current GPU's; "
+                        "without a GPU of that arch the kernels are compiled, not loaded")
+    w.add_argument("--device", type=int, default=None, help="GPU index (default: torch's current)")
+    w.add_argument("--head-dims", default="", help="comma list of head dims (default: 64,128,256)")
+    w.add_argument("--filter", default="", help="only kernels whose URI contains this text")
+    w.add_argument("--force", action="store_true",
+                   help="drop the cache entries first, so every kernel is compiled (cold timings)")
+    w.add_argument("--no-warm", action="store_true", help="skip the warm (load from cache) pass")
+    w.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    w.add_argument("-v", "--verbose", action="store_true", help="one line per kernel")
     args = ap.parse_args(argv)
     if args.cmd == "info":
         return _info()
+    if args.cmd == "warmup":
+        from .warmup import main as warmup_main
+
+        return warmup_main(args)
     return _compile(args)
 
 

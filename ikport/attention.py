@@ -7,6 +7,7 @@ kernels_src/attention_decode.cuh; CPU tensors run ikport.reference.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -60,6 +61,11 @@ def attention(
         >>> k = torch.randn(8, 8, 4096, 128, device="cuda", dtype=torch.float16)
         >>> out = ikport.attention(q, k, k, kv_lens=torch.full((8,), 4000, dtype=torch.int32, device="cuda"))
     """
+    if torch.compiler.is_compiling():  # traced: one custom-op node (ikport/ops.py)
+        from .ops import traced_attention
+
+        return traced_attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, out=out,
+                                variant=variant)
     sig = _signature(("attention", variant), q, k, v, kv_lens, out)
     backend = _checked_backend(sig, q, k, v)
     if backend is _UNCHECKED:
@@ -94,6 +100,11 @@ def paged_attention(
         kv_lens: int32 [B] on the device (clamped to [0, max_pages * page_size]).
     Other arguments as in `attention`.
     """
+    if torch.compiler.is_compiling():  # traced: one custom-op node (ikport/ops.py)
+        from .ops import traced_paged_attention
+
+        return traced_paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal,
+                                      scale=scale, out=out, variant=variant)
     sig = _signature(("paged", variant), q, k_pages, v_pages, block_table, kv_lens, out)
     backend = _checked_backend(sig, q, k_pages, v_pages)
     if backend is _UNCHECKED:
@@ -258,6 +269,11 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
             dev, main, combine, (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
             cfg.num_splits, cfg.rows_per_split, capacity, ps_log2, cfg.rotate,
         )
+    logging.getLogger("ikport").debug(
+        "plan %s %s B=%d Hq=%d Hkv=%d Tq=%d D=%d capacity=%d paged=%s -> %s%s grid=%s block=%s "
+        "smem=%d splits=%d rows/split=%d", backend.name, q.dtype, B, Hq, Hkv, Tq, D, capacity, paged,
+        plan.main.spec.uri, f" + {plan.combine.spec.uri}" if plan.combine else "", plan.grid,
+        plan.block, plan.shared_bytes, plan.num_splits, plan.rows_per_split)
     _plans[key] = plan
     return plan
 

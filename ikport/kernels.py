@@ -79,6 +79,8 @@ def compile_spec(spec: KernelSpec, backend: Backend, target: Target) -> Compiled
         cache = _disk_cache()
         module = cache.get(key) if cache else None
         if module is None:
+            log.debug("compile %s for %s: %s %s name=%s", spec.uri, target.arch, compiler,
+                      " ".join(getattr(backend, "base_options", lambda t: [])(target)), names[0])
             t0 = time.perf_counter()
             module = backend.compile(source, names, [], target)
             log.info("compiled %s for %s in %.2f s", spec.uri, target.arch, time.perf_counter() - t0)

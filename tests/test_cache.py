@@ -119,3 +119,45 @@ def test_compile_once_per_process_and_per_machine(tmp_path, monkeypatch):
     kernels.compile_spec(s, be, Target("sm_80"))
     assert be.compiles == 2  # another target is another entry
     kernels._compiled.clear()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "garbage", "empty", "header"])
+def test_tampered_entry_is_rebuilt_through_compile_spec(tmp_path, monkeypatch, caplog, damage):
+    """A damaged entry on disk is a miss for the next process: it compiles again, says so in the
+    log, and leaves a whole entry behind."""
+    monkeypatch.setenv("IKPORT_CACHE_DIR", str(tmp_path))
+    s = manifest.spec("mma_tile", "tile", dtype="bf16", b_transposed=True)
+    be = CountingBackend()
+    kernels._compiled.clear()
+    kernels.compile_spec(s, be, Target("sm_90"))
+    (entry,) = tmp_path.glob("*/*.bin")
+    data = entry.read_bytes()
+    entry.write_bytes({
+        "truncate": data[: len(data) // 2], "flip": data[:-3] + bytes([data[-3] ^ 0x40]) + data[-2:],
+        "garbage": os.urandom(len(data)), "empty": b"", "header": b"IKPORT-CACHE-0\n" + data[15:],
+    }[damage])
+    kernels._compiled.clear()  # a new process
+    with caplog.at_level("WARNING", logger="ikport"):
+        m = kernels.compile_spec(s, be, Target("sm_90"))
+    assert be.compiles == 2 and m.binary == b"bin"
+    assert "rebuilding" in caplog.text
+    assert DiskCache(tmp_path).get(entry.stem).binary == b"bin"  # whole again
+    kernels._compiled.clear()
+    kernels.compile_spec(s, be, Target("sm_90"))
+    assert be.compiles == 2  # and used from then on
+    kernels._compiled.clear()
+
+
+def test_unwritable_cache_dir_falls_back_to_memory_through_compile_spec(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a file where the cache directory should be (works as root too)
+    monkeypatch.setenv("IKPORT_CACHE_DIR", str(blocker / "cache"))
+    s = manifest.spec("mma_tile", "tile", dtype="fp16", b_transposed=True)
+    be = CountingBackend()
+    kernels._compiled.clear()
+    with pytest.warns(RuntimeWarning, match="kept in memory"):
+        m = kernels.compile_spec(s, be, Target("sm_90"))
+    assert m.binary == b"bin" and be.compiles == 1
+    kernels.compile_spec(s, be, Target("sm_90"))
+    assert be.compiles == 1  # the in-process map serves it
+    kernels._compiled.clear()

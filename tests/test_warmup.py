@@ -1,0 +1,247 @@
+"""`python -m ikport warmup` (ikport/warmup.py): the kernel set, cold and warm passes, the cache
+entries it leaves, the progress bar, the summary and the CLI. CPU tests compile a few kernels for
+sm_90 with the real NVRTC; the GPU test warms the whole default set and checks the time goals."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from ikport import configs, kernels, manifest, warmup
+from ikport.backends.cache import DiskCache
+from ikport.backends.target import Target
+
+FEW = dict(head_dims=[64], name_filter="rows=1,")  # fp16 + bf16, contiguous + paged: 4 kernels
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("IKPORT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("IKPORT_NO_DISK_CACHE", raising=False)
+    kernels._compiled.clear()
+    yield DiskCache(tmp_path / "cache")
+    kernels._compiled.clear()
+
+
+@pytest.fixture
+def nvrtc():
+    pytest.importorskip("cuda.bindings", reason="pip install 'ikport[cuda]'")
+
+
+def test_default_set_is_what_the_dispatcher_launches():
+    specs = warmup.kernel_set()
+    uris = {s.uri for s in specs}
+    assert len(specs) == len(uris) == 2 * 3 * len(configs.DECODE_ROW_TILES) * 2
+    # Every (group, query tokens) the dispatcher can see maps to a kernel in the set (head dim 128).
+    for group in range(1, 9):
+        for q_len in range(1, 5):
+            rows, _, threads, unroll, stages = configs.decode_tiles(group, q_len)
+            for paged in (False, True):
+                s = manifest.spec("attention_decode", "split", dtype="bf16", head_dim=128, rows=rows,
+                                  paged=paged, threads=threads, unroll=unroll, stages=stages)
+                assert s.uri in uris
+
+
+def test_all_adds_every_manifest_instantiation():
+    every = {s.uri for s in warmup.kernel_set(all_kernels=True)}
+    assert {s.uri for s in manifest.default_instantiations()} <= every
+    assert {s.uri for s in warmup.kernel_set()} <= every
+    extra = {s.uri for s in warmup.kernel_set(all_kernels=True, head_dims=[80])}
+    assert "attention_decode.naive[dtype=fp16,head_dim=80]" in extra
+    assert "attention_decode.combine[dtype=bf16,head_dim=80]" in extra
+
+
+def test_filter_and_head_dims():
+    specs = warmup.kernel_set(**FEW)
+    assert len(specs) == 4
+    assert all("head_dim=64" in s.uri and "rows=1," in s.uri for s in specs)
+
+
+def test_cold_then_cached_then_forced(cache, nvrtc):
+    r = warmup.warmup(target="sm_90", **FEW)
+    assert r.device is None and r.target == "sm_90" and not r.failed
+    assert [x.status for x in r.rows] == ["compiled"] * 4
+    assert all(x.compile_s > 0 for x in r.rows) and r.cold_s > 0
+    assert r.warm_s is not None and all(x.warm_s is not None for x in r.rows)
+    # One valid entry per kernel, at the key compile_spec uses.
+    from ikport.dispatch import get_backend
+
+    be = get_backend("cuda")
+    for s in warmup.kernel_set(**FEW):
+        assert cache.get(warmup.entry_key(s, be, Target("sm_90"))) is not None
+    assert len(list(cache.root.glob("*/*.bin"))) == 4
+    kernels._compiled.clear()
+    again = warmup.warmup(target="sm_90", **FEW)
+    assert [x.status for x in again.rows] == ["cached"] * 4
+    again = warmup.warmup(target="sm_90", warm_pass=False, **FEW)
+    assert [x.status for x in again.rows] == ["memory"] * 4 and again.warm_s is None
+    forced = warmup.warmup(target="sm_90", force=True, **FEW)
+    assert [x.status for x in forced.rows] == ["compiled"] * 4
+    assert len(list(cache.root.glob("*/*.bin"))) == 4
+
+
+def test_summary_and_goals(cache, nvrtc):
+    r = warmup.warmup(target="sm_90", **FEW)
+    text = r.summary(verbose=True)
+    assert "4 kernels for sm_90" in text and "4 compiled" in text
+    assert f"cache dir: {cache.root} (4 entries" in text
+    assert "cold compile of one kernel < 5 s: ok" in text and "warm start of all kernels < 1 s: ok" in text
+    assert text.count("attention_decode.split[") >= 4
+    d = r.as_dict()
+    assert d["summary"]["compiled"] == 4 and d["summary"]["max_compile_s"] < 5
+    json.dumps(d)
+
+
+def test_failed_kernel_is_a_row_not_an_exception(cache, monkeypatch):
+    real = kernels.compile_spec
+
+    def flaky(s, backend, target):
+        if "bf16" in s.uri:
+            raise RuntimeError("NVRTC compile failed: boom\nsecond line")
+        return real(s, backend, target)
+
+    pytest.importorskip("cuda.bindings")
+    monkeypatch.setattr(kernels, "compile_spec", flaky)
+    r = warmup.warmup(target="sm_90", warm_pass=False, **FEW)
+    assert [x.status for x in r.rows].count("failed") == 2
+    assert all(x.error == "RuntimeError: NVRTC compile failed: boom" for x in r.failed)
+    assert "FAILED attention_decode.split[dtype=bf16" in r.summary()
+
+
+def test_disk_cache_off(cache, nvrtc, monkeypatch):
+    monkeypatch.setenv("IKPORT_NO_DISK_CACHE", "1")
+    r = warmup.warmup(target="sm_90", head_dims=[64], name_filter="fp16,head_dim=64,rows=1,paged=false")
+    assert len(r.rows) == 1 and r.cache_dir is None and r.warm_s is None
+    assert "nothing persists" in r.summary()
+    assert not cache.root.exists()
+
+
+def test_progress_bar_tty_and_lines():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    row = warmup.KernelRow("attention_decode.split[x]", "compiled", compile_s=0.5)
+    tty = Tty()
+    bar = warmup.Progress(4, tty, width=8)
+    bar.update(2, row)
+    bar.update(4, row)
+    assert "\r[####----] 2/4" in tty.getvalue() and "\r[########] 4/4" in tty.getvalue()
+    assert tty.getvalue().endswith("\n")
+    log = io.StringIO()
+    warmup.Progress(4, log).update(1, row)
+    assert log.getvalue() == "[1/4] compiled   0.50 s  attention_decode.split[x]\n"
+
+
+def _cli(*args, env_extra=None):
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "ikport", "warmup", *args], capture_output=True,
+                          text=True, env=env)
+
+
+def test_cli_json_and_text(cache, nvrtc):
+    done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", "rows=1,", "--json")
+    assert done.returncode == 0, done.stderr
+    d = json.loads(done.stdout)
+    assert d["summary"]["kernels"] == 4 and d["target"] == "sm_90" and d["summary"]["failed"] == 0
+    assert d["cache_dir"] == str(cache.root)
+    done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", "rows=1,")
+    assert done.returncode == 0, done.stderr
+    assert "0 compiled, 4 from the disk cache" in done.stdout and "warm: 4 kernels" in done.stdout
+    assert done.stderr.count("cached") == 4  # progress lines (stderr is not a terminal here)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_cli_without_gpu_or_target_says_what_to_do(cache):
+    done = _cli()
+    assert done.returncode == 2
+    assert "no GPU is visible" in done.stderr and "--target" in done.stderr
+
+
+def test_cli_unknown_target(cache):
+    done = _cli("--target", "sm_12")
+    assert done.returncode == 2 and "unknown target 'sm_12'" in done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nox -s test-cuda)")
+def test_warmup_on_the_gpu_meets_the_goals(cache):
+    """The whole default set: compiled, loaded, then a call uses the loaded kernel; cold compile of
+    one kernel < 5 s, warm start (cache read + module load) of all of them < 1 s."""
+    import ikport
+    from ikport.dispatch import backend_for
+
+    r = warmup.warmup()
+    print(r.summary())
+    assert r.device is not None and not r.failed and len(r.rows) == 48
+    assert all(x.status == "compiled" and x.load_s > 0 for x in r.rows)
+    assert max(r.compile_times()) < warmup.GOAL_COLD_PER_KERNEL_S
+    assert r.warm_s is not None and r.warm_s < warmup.GOAL_WARM_TOTAL_S
+    be = backend_for(torch.device("cuda"))
+    loaded = len(kernels._loaded)
+    q = torch.randn(2, 32, 1, 128, device="cuda", dtype=torch.float16)
+    k = torch.randn(2, 8, 1000, 128, device="cuda", dtype=torch.float16)
+    ikport.attention(q, k, k)
+    assert len(kernels._loaded) == loaded, "the call compiled or loaded a kernel warmup should have"
+    assert be.name in {key[0] for key in kernels._loaded}
+
+
+# ---- logging (ikport/log.py): IKPORT_LOG ---------------------------------------------------------
+LOG_PROBE = ("import logging, sys; {pre}import ikport; lg = logging.getLogger('ikport'); "
+             "print(lg.level, sorted(type(h).__name__ for h in lg.handlers))")
+
+
+def _probe(env_log, pre=""):
+    env = {k: v for k, v in os.environ.items() if k != "IKPORT_LOG"}
+    if env_log is not None:
+        env["IKPORT_LOG"] = env_log
+    return subprocess.run([sys.executable, "-c", LOG_PROBE.format(pre=pre)], capture_output=True,
+                          text=True, env=env)
+
+
+def test_log_unset_adds_only_a_null_handler():
+    done = _probe(None)
+    assert done.stdout.split(None, 1) == ["0", "['NullHandler']\n"]
+
+
+def test_log_debug_adds_a_stderr_handler_unless_the_app_configured_logging():
+    done = _probe("debug")
+    assert done.stdout.split(None, 1) == ["10", "['NullHandler', 'StreamHandler']\n"]
+    done = _probe("info", pre="logging.basicConfig(); ")
+    assert done.stdout.split(None, 1) == ["20", "['NullHandler']\n"]  # the app's handler prints
+
+
+def test_log_bad_value_warns():
+    done = _probe("loud")
+    assert "IKPORT_LOG='loud' is not a logging level" in done.stderr
+    assert done.stdout.split(None, 1)[0] == "0"
+
+
+def test_log_debug_shows_compile_commands(cache, nvrtc):
+    done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", "bf16,head_dim=64,rows=1,paged=true",
+                env_extra={"IKPORT_LOG": "debug"})
+    assert done.returncode == 0, done.stderr
+    assert "ikport DEBUG" in done.stderr and "compile attention_decode.split[dtype=bf16" in done.stderr
+    assert "--gpu-architecture=sm_90" in done.stderr and "name=attn_decode_split<ik::bf16_t, 64, 1" in done.stderr
+    assert "ikport INFO" in done.stderr and "compiled attention_decode.split" in done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nox -s test-cuda)")
+def test_log_debug_shows_the_chosen_decode_config(caplog):
+    import ikport
+
+    q = torch.randn(3, 24, 1, 64, device="cuda", dtype=torch.float16)
+    k = torch.randn(3, 6, 777, 64, device="cuda", dtype=torch.float16)
+    with caplog.at_level("DEBUG", logger="ikport"):
+        ikport.attention(q, k, k)
+        ikport.attention(q, k, k)  # the second call reuses the plan: one line
+    plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan ")]
+    assert len(plans) == 1, plans
+    assert "B=3 Hq=24 Hkv=6 Tq=1 D=64 capacity=777" in plans[0] and "splits=" in plans[0]
