@@ -109,6 +109,11 @@ class Backend(abc.ABC):
     def device_info(self, device: int) -> DeviceInfo:
         """Arch string, SM/CU count, shared-memory limit, warp size of `device`."""
 
+    def alloc_zeroed(self, device: int, nbytes: int) -> int:
+        """A zero-filled device allocation made outside torch's allocator (kept for the process's
+        life): state that must survive CUDA-graph pools, such as split-K arrival counters."""
+        raise NotImplementedError
+
     def occupancy(self, fn: Any, block_threads: int, shared_bytes: int) -> int | None:
         """Blocks of `fn` resident on one SM/CU at once, or None where the backend cannot say."""
         return None

@@ -213,6 +213,13 @@ class CudaBackend(Backend):
         if err:
             self._check((self._driver.CUresult(err),), f"cuLaunchKernel grid={grid} block={block} smem={shared_bytes}")
 
+    def alloc_zeroed(self, device: int, nbytes: int) -> int:
+        self._ensure_context(device)
+        ptr = self._check(self._driver.cuMemAlloc(nbytes), "cuMemAlloc")
+        self._check(self._driver.cuMemsetD8(ptr, 0, nbytes), "cuMemsetD8")
+        self._check(self._driver.cuCtxSynchronize(), "cuCtxSynchronize")
+        return int(ptr)
+
     def occupancy(self, fn: Any, block_threads: int, shared_bytes: int) -> int:
         """Blocks of `fn` that fit on one SM at once."""
         return self._check(

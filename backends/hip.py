@@ -167,6 +167,17 @@ class HipBackend(Backend):
             self._hip.hipModuleGetFunction(loaded, sym), f"hipModuleGetFunction({name})"
         )
 
+    def alloc_zeroed(self, device: int, nbytes: int) -> int:
+        previous = self._check(self._hip.hipGetDevice(), "hipGetDevice")
+        self._check(self._hip.hipSetDevice(device), "hipSetDevice")
+        try:
+            ptr = self._check(self._hip.hipMalloc(nbytes), "hipMalloc")
+            self._check(self._hip.hipMemset(ptr, 0, nbytes), "hipMemset")
+            self._check(self._hip.hipDeviceSynchronize(), "hipDeviceSynchronize")
+            return int(ptr)
+        finally:
+            self._hip.hipSetDevice(previous)
+
     def set_max_dynamic_shared(self, fn: Any, nbytes: int) -> None:
         # AMD needs no opt-in: a launch may use all the LDS of a workgroup. ROCm 6+ still records
         # and range-checks the value for module functions; HIP 5 knows only hipcc-registered

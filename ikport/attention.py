@@ -193,8 +193,10 @@ def paged_kv_from_dense(
 @dataclass
 class _DecodePlan:
     device: int
+    backend: Backend
     main: Kernel
-    combine: Kernel | None
+    combine: Kernel | None  # the separate merge launch (split-K without counters)
+    fused: bool  # merge in the split kernel's last block when counters are available
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_bytes: int
@@ -207,17 +209,27 @@ class _DecodePlan:
 
 _plans: dict[tuple, _DecodePlan] = {}
 # Split-K arrival counters per (device, stream): zero at rest, reset by the kernel's last block,
-# so one buffer serves every call on a stream (calls on one stream never overlap) and every
-# replay of a captured graph.
-_counters: dict[tuple[int, int], torch.Tensor] = {}
+# so one buffer serves every call on a stream (calls on one stream never overlap). They live
+# outside torch's allocator (a CUDA-graph pool must not own them). A stream being captured gets
+# none: the graph records the separate merge launch instead, which keeps no state between
+# replays and computes the same bits.
+_counters: dict[tuple[int, int], tuple[int, int]] = {}  # (device, stream) -> (pointer, ints)
 
 
-def _split_counters(device: int, stream: int, n: int) -> torch.Tensor:
-    buf = _counters.get((device, stream))
-    if buf is None or buf.numel() < n:
-        buf = torch.zeros(max(n, 1024), dtype=torch.int32, device=torch.device("cuda", device))
-        _counters[(device, stream)] = buf
-    return buf
+def _split_counters(backend: Backend, device: int, stream: int, n: int) -> int:
+    """Device pointer to >= n zeroed counters, or 0 (use the separate merge launch)."""
+    ptr, size = _counters.get((device, stream), (0, 0))
+    if size >= n:
+        return ptr
+    if torch.cuda.is_current_stream_capturing():
+        return 0
+    try:
+        size = max(n, 16384)
+        ptr = backend.alloc_zeroed(device, size * 4)  # a smaller old buffer is left allocated
+    except NotImplementedError:
+        return 0
+    _counters[(device, stream)] = (ptr, size)
+    return ptr
 
 
 def _raw_stream(device_index: int) -> int:
@@ -245,8 +257,8 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
     dtype = _DTYPE_NAME[q.dtype]
     if variant == "naive":
         main = get_kernel(spec("attention_decode", "naive", dtype=dtype, head_dim=D), backend, dev)
-        plan = _DecodePlan(dev, main, None, (Tq * Hq, B, 1), (128, 1, 1), 0, 1, capacity, capacity,
-                           ps_log2, 0)
+        plan = _DecodePlan(dev, backend, main, None, False, (Tq * Hq, B, 1), (128, 1, 1), 0, 1,
+                           capacity, capacity, ps_log2, 0)
     else:
         info = backend.device_info(dev)
         rows, _, threads, unroll, stages = configs.decode_tiles(Hq // Hkv, Tq)
@@ -263,10 +275,11 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
             num_splits=1 if variant == "split1" else None,
         )
         combine = None
-        if cfg.num_splits > 1 and variant == "split-unfused":
+        if cfg.num_splits > 1:
             combine = get_kernel(spec("attention_decode", "combine", dtype=dtype, head_dim=D), backend, dev)
         plan = _DecodePlan(
-            dev, main, combine, (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
+            dev, backend, main, combine, variant == "split",
+            (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
             cfg.num_splits, cfg.rows_per_split, capacity, ps_log2, cfg.rotate,
         )
     logging.getLogger("ikport").debug(
@@ -290,8 +303,8 @@ def _decode(backend, q, k, v, block_table, kv_lens, causal, scale, variant, out)
         scratch = torch.empty(rows * (D + 1), dtype=torch.float32, device=q.device)
     stream = _raw_stream(plan.device)
     counters = 0
-    if S > 1 and plan.combine is None:
-        counters = _split_counters(plan.device, stream, plan.grid[1] * plan.grid[2]).data_ptr()
+    if S > 1 and plan.fused:
+        counters = _split_counters(plan.backend, plan.device, stream, plan.grid[1] * plan.grid[2])
     p = DecodeParams(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
         scratch.data_ptr() if scratch is not None else 0,
@@ -305,6 +318,6 @@ def _decode(backend, q, k, v, block_table, kv_lens, causal, scale, variant, out)
         int(bool(causal) and Tq > 1), plan.rotate, scale * _LOG2E,
     )
     plan.main.launch(plan.grid, plan.block, plan.shared_bytes, p, stream)
-    if plan.combine is not None:
+    if S > 1 and not counters:
         plan.combine.launch((B * Hq * Tq, 1, 1), (D, 1, 1), 0, p, stream)
     return out
