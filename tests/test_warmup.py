@@ -65,7 +65,9 @@ def test_filter_and_head_dims():
 
 def test_cold_then_cached_then_forced(cache, nvrtc):
     r = warmup.warmup(target="sm_90", **FEW)
-    assert r.device is None and r.target == "sm_90" and not r.failed
+    assert r.target == "sm_90" and not r.failed
+    if not torch.cuda.is_available():
+        assert r.device is None  # compiled only; on an sm_90 GPU the kernels are loaded too
     assert [x.status for x in r.rows] == ["compiled"] * 4
     assert all(x.compile_s > 0 for x in r.rows) and r.cold_s > 0
     assert r.warm_s is not None and all(x.warm_s is not None for x in r.rows)
