@@ -261,7 +261,8 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                            capacity, capacity, ps_log2, 0)
     else:
         info = backend.device_info(dev)
-        rows, _, threads, unroll, stages = configs.decode_tiles(Hq // Hkv, Tq)
+        rows, _, threads, unroll, stages = configs.decode_tiles(
+            Hq // Hkv, Tq, head_dim=D, warp_size=info.warp_size, max_smem=info.max_smem_per_block)
         main = get_kernel(
             spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=rows, paged=paged,
                  threads=threads, unroll=unroll, stages=stages),

@@ -41,13 +41,23 @@ def decode_row_tile(rows_total: int) -> int:
     return DECODE_ROW_TILES[-1]
 
 
-def decode_tiles(group: int, q_len: int) -> tuple[int, int, int, int, int]:
-    """(rows, row_tiles, threads, unroll, stages): the kernel template choice, before split-K."""
+def decode_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int = 32,
+                 max_smem: int | None = None) -> tuple[int, int, int, int, int]:
+    """(rows, row_tiles, threads, unroll, stages): the kernel template choice, before split-K.
+    With `max_smem` (the target's per-block limit), 128 threads where 256 would not fit: the
+    merge buffer grows with warps x rows x head_dim (gfx1100, wave32: 8 warps x 8 rows x 256
+    dims needs 66 KB of its 64 KB LDS)."""
     rows_total = group * q_len
     rows = decode_row_tile(rows_total)
     threads = decode_overrides.get("threads", DECODE_THREADS)
     unroll = decode_overrides.get("unroll", DECODE_UNROLL)
-    return rows, -(-rows_total // rows), threads, unroll, decode_overrides.get("stages", DECODE_STAGES)
+    stages = decode_overrides.get("stages", DECODE_STAGES)
+    if max_smem is not None and "threads" not in decode_overrides:
+        while threads > 128 and decode_smem_bytes(threads=threads, warp_size=warp_size, rows=rows,
+                                                  head_dim=head_dim, unroll=unroll,
+                                                  stages=stages) > max_smem:
+            threads //= 2
+    return rows, -(-rows_total // rows), threads, unroll, stages
 
 
 def decode_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int, unroll: int,

@@ -31,3 +31,12 @@ def test_row_tiles_cover_gqa_group_times_query_tokens():
     c = cfg(2, 4096, group=8, q_len=3)  # 24 query rows per KV head -> 3 tiles of 8
     assert (c.rows, c.row_tiles) == (8, 3)
     assert cfg(2, 4096, group=1).rows == 1
+
+
+def test_threads_drop_to_128_where_the_merge_buffer_would_not_fit():
+    # gfx1100 (wave32, 64 KiB LDS): 8 warps x 8 rows x (256 + 2) x 4 B = 66 KB > 64 KiB.
+    rows, _, threads, _, _ = configs.decode_tiles(8, 1, head_dim=256, warp_size=32, max_smem=65536)
+    assert (rows, threads) == (8, 128)
+    # the same shape on an H100 (227 KiB) and a smaller head dim on gfx1100 keep 256 threads
+    assert configs.decode_tiles(8, 1, head_dim=256, warp_size=32, max_smem=227 * 1024)[2] == 256
+    assert configs.decode_tiles(8, 1, head_dim=128, warp_size=32, max_smem=65536)[2] == 256
