@@ -8,8 +8,8 @@ another one.
   nox -s compile-hip    compile table for gfx90a, gfx942, gfx1100 (+ hipRTC for gfx90a)
   nox -s test-cuda      the correctness suite on the NVIDIA GPU present
   nox -s test-hip       the same suite on the AMD GPU present (ROCm torch + hip-python)
-  nox -s bench-cuda -- decode [--quick]    benchmarks (PROTOCOL.md) -> docs/results/*.json
-  nox -s bench-hip  -- decode [--quick]
+  nox -s bench-cuda -- decode|w4a16 [--quick]    benchmarks (PROTOCOL.md) -> docs/results/*.json
+  nox -s bench-hip  -- decode|w4a16 [--quick]
   nox -s report         CPU: docs/portability/REPORT.md (compile table for all six targets,
                         instruction checks, docs/results/*.json numbers, plots if matplotlib)
   nox -s sanitize-cuda  a fast subset of the GPU suite under compute-sanitizer memcheck, racecheck
@@ -103,7 +103,8 @@ def report(session: nox.Session) -> None:
 
 
 # ---- compute-sanitizer ---------------------------------------------------------------------------
-# A fast subset of tests/test_attention_gpu.py covering every kernel path: fused split-K, the
+# A fast subset of the GPU suite covering every kernel path (test_attention_gpu.py unless a node id
+# names its file): fused split-K, the
 # unfused combine kernel, one block per head (split1, MHA), naive, multi-token causal queries,
 # zero and clamped lengths, a strided cache slice, paged (page sizes 16 and 1), the cp.async ring
 # (3 and 4 stages, D 96 and 256) and the matrix shim. Node ids, so a renamed test fails loudly.
@@ -123,18 +124,29 @@ SANITIZE_TESTS = [
     "test_async_copy_pipeline_matches_reference[B2-Hq4-Hkv2-T1-L300-D96-3-4]",
     "test_async_copy_pipeline_matches_reference[B2-Hq8-Hkv2-T3-L2049-D256-4-2]",
     "test_matrix_shim_tile_product[True-bf16]",
+    # W4A16: split-K with the fused merge, several row tiles, asymmetric groups, every variant
+    "test_w4a16_gpu.py::test_default_matches_reference[M33-N96-K1024-fp16]",
+    "test_w4a16_gpu.py::test_default_matches_reference[M5-N1024-K14336-bf16]",
+    "test_w4a16_gpu.py::test_every_variant_matches_reference[M3-N272-K256-bf16-gemv]",
+    "test_w4a16_gpu.py::test_every_variant_matches_reference[M3-N272-K256-fp16-gemv-scalar]",
+    "test_w4a16_gpu.py::test_every_variant_matches_reference[M3-N272-K256-fp16-naive]",
+    "test_w4a16_gpu.py::test_group_sizes_and_zero_points[g32-asym-mma]",
 ]
 SANITIZE_TOOLS = {
     # Every kernel in the process (torch's too); 256 guard bytes after each allocation. API errors
     # are not reported: ikport checks every driver call itself, and torch probes some APIs that
     # fail by design.
     "memcheck": ["--padding", "256", "--report-api-errors", "no"],
-    # Shared-memory hazards and uninitialized global reads in ikport's kernels only (torch's and
-    # cuBLAS's own kernels are not ours to fix).
-    "racecheck": ["--kernel-name", "kns=attn_decode", "--kernel-name", "kns=mma_tile"],
-    "initcheck": ["--kernel-name", "kns=attn_decode", "--kernel-name", "kns=mma_tile"],
+    # Shared-memory hazards in ikport's kernels only (torch's and cuBLAS's own kernels are not
+    # ours to fix).
+    "racecheck": ["--kernel-name", "kns=attn_decode", "--kernel-name", "kns=mma_tile",
+                  "--kernel-name", "kns=w4a16"],
+    # Uninitialized global reads: every kernel is tracked, since the inputs are written by
+    # torch's kernels (filtering to ikport's made every input read look uninitialized).
+    "initcheck": ["--report-api-errors", "no"],
     # Not in the default run; `nox -s sanitize-cuda -- synccheck` adds barrier checks.
-    "synccheck": ["--kernel-name", "kns=attn_decode", "--kernel-name", "kns=mma_tile"],
+    "synccheck": ["--kernel-name", "kns=attn_decode", "--kernel-name", "kns=mma_tile",
+                  "--kernel-name", "kns=w4a16"],
 }
 SANITIZE_DEFAULT = ("memcheck", "racecheck", "initcheck")
 _SANITIZER_EXIT = 86  # compute-sanitizer's exit code when it reports anything
@@ -204,7 +216,7 @@ def sanitize_cuda(session: nox.Session) -> None:
     env = {**os.environ, "IKPORT_BACKEND": "cuda",
            # torch's caching allocator would hide out-of-bounds accesses inside its big blocks.
            "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
-    tests = [f"tests/test_attention_gpu.py::{t}" for t in SANITIZE_TESTS]
+    tests = [f"tests/{t}" if "::" in t else f"tests/test_attention_gpu.py::{t}" for t in SANITIZE_TESTS]
     log_path = Path("docs/results") / f"sanitize-cuda-{slug}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     results = {}

@@ -3,6 +3,8 @@
     import ikport
     out = ikport.attention(q, k, v, kv_lens=lens)          # decode over a contiguous KV cache
     out = ikport.paged_attention(q, k_pages, v_pages, block_table, lens)
+    w = ikport.quantize_weight(linear.weight)                # INT4, group 128
+    y = ikport.w4a16_matmul(x, w)                            # x @ W^T, weights read as INT4
 
 CPU tensors run the PyTorch reference; GPU tensors run a compiled kernel, never the reference.
 """
@@ -14,6 +16,9 @@ from . import log as _log  # noqa: E402
 _log.setup()  # the "ikport" logger: IKPORT_LOG level and handler, once
 
 from .attention import attention, paged_attention, paged_kv_from_dense  # noqa: E402
+from .int4 import Int4Weight, quantize_weight  # noqa: E402
+from .w4a16 import w4a16_matmul  # noqa: E402
 from . import ops as _ops  # noqa: E402,F401  (registers torch.ops.ikport.*, once)
 
-__all__ = ["attention", "paged_attention", "paged_kv_from_dense", "__version__"]
+__all__ = ["attention", "paged_attention", "paged_kv_from_dense", "Int4Weight", "quantize_weight",
+           "w4a16_matmul", "__version__"]

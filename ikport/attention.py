@@ -16,6 +16,7 @@ import torch
 from . import checks, configs, dispatch, reference
 from .backends.base import Backend
 from .kernels import DecodeParams, Kernel, get_kernel
+from .launch import raw_stream as _raw_stream, split_counters as _split_counters
 from .manifest import spec
 
 # Journey variants a caller (the benchmark) may force; None picks the default, "split".
@@ -208,35 +209,6 @@ class _DecodePlan:
 
 
 _plans: dict[tuple, _DecodePlan] = {}
-# Split-K arrival counters per (device, stream): zero at rest, reset by the kernel's last block,
-# so one buffer serves every call on a stream (calls on one stream never overlap). They live
-# outside torch's allocator (a CUDA-graph pool must not own them). A stream being captured gets
-# none: the graph records the separate merge launch instead, which keeps no state between
-# replays and computes the same bits.
-_counters: dict[tuple[int, int], tuple[int, int]] = {}  # (device, stream) -> (pointer, ints)
-
-
-def _split_counters(backend: Backend, device: int, stream: int, n: int) -> int:
-    """Device pointer to >= n zeroed counters, or 0 (use the separate merge launch)."""
-    ptr, size = _counters.get((device, stream), (0, 0))
-    if size >= n:
-        return ptr
-    if torch.cuda.is_current_stream_capturing():
-        return 0
-    try:
-        size = max(n, 16384)
-        ptr = backend.alloc_zeroed(device, size * 4)  # a smaller old buffer is left allocated
-    except NotImplementedError:
-        return 0
-    _counters[(device, stream)] = (ptr, size)
-    return ptr
-
-
-def _raw_stream(device_index: int) -> int:
-    """Raw handle of torch's current stream (a CUDA graph capture records on it)."""
-    return torch._C._cuda_getCurrentRawStream(device_index)
-
-
 def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePlan:
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]

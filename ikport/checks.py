@@ -119,3 +119,39 @@ def paged(q, k_pages, v_pages, block_table: object, lens: object, gpu: bool | No
         raise ValueError("paged attention needs kv_lens (int32 [B] on the device)")
     kv_lens(lens, q.shape[0], q.device)
     return ps
+
+
+def w4a16(x: object, weight: object, out_: object, gpu: bool | None = None) -> None:
+    """x [..., K] against an Int4Weight [N, K]; `out_` [..., N] if given."""
+    from .int4 import Int4Weight  # int4 imports nothing from here; keeps checks import-light
+
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(weight, Int4Weight):
+        raise TypeError(f"weight must be an ikport.int4.Int4Weight (ikport.quantize_weight), got {type(weight).__name__}")
+    gpu = x.is_cuda if gpu is None else gpu
+    if x.dim() < 1 or x.shape[-1] != weight.in_features:
+        raise ValueError(f"x's last dim must be the weight's in_features {weight.in_features}, got shape {tuple(x.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but the weight is on {weight.device}; use weight.to(x.device)")
+    allowed = GPU_DTYPES if gpu else CPU_DTYPES
+    if x.dtype not in allowed:
+        raise TypeError(f"x dtype {x.dtype} is not supported on {x.device.type}; use one of {allowed}")
+    if gpu and x.dtype != weight.dtype:
+        raise TypeError(f"x is {x.dtype} but the weight's scales are {weight.dtype}: the kernel "
+                        f"dequantizes into x's dtype; use weight.to(dtype={x.dtype})")
+    if out_ is None:
+        return
+    t = out_
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(t).__name__}")
+    want = (*x.shape[:-1], weight.out_features)
+    if tuple(t.shape) != want or t.dtype != x.dtype or t.device != x.device:
+        raise ValueError(f"out must be {want}, {x.dtype} on {x.device}; got {tuple(t.shape)}, {t.dtype} on {t.device}")
+    if not t.is_contiguous():
+        raise ValueError("out must be contiguous")
+
+
+def vector_rows(name: str, t: torch.Tensor) -> None:
+    """A 2-D operand the kernels read in 16-byte vectors along its rows."""
+    _check_vector_layout(name, t)

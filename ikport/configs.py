@@ -116,3 +116,50 @@ def decode_config(
         rows, row_tiles, threads, num_splits, rows_per_split, unroll, stages,
         decode_overrides.get("rotate", DECODE_ROTATE),
     )
+
+
+# ---- W4A16 (kernels_src/w4a16.cuh) ---------------------------------------------------------------
+W4A16_GEMV_WARPS = 4  # journey GEMV variants: warps splitting K per 16-column tile
+W4A16_WARPS = 4  # matrix-unit kernel: warps side by side along N
+W4A16_N_TILES = 2  # 16-column tiles per warp: 4 x 2 x 16 = 128 output columns per block
+# ... and 1 with 4 row tiles, where two fp32 accumulator sets of 4 x 2 tiles would spill
+W4A16_M_TILES = (1, 2, 4)  # 16-row tiles of x per block (M > 64 adds blocks along M)
+W4A16_BLOCKS_PER_SM = 4  # split K until the grid holds about this many blocks per SM
+W4A16_MIN_CHUNKS_PER_SPLIT = 4  # ... but each split streams at least this many K chunks
+
+# Benchmarks and tuning runs may pin any W4A16Config field here; clear ikport.w4a16._plans after.
+w4a16_overrides: dict[str, int] = {}
+
+
+@dataclass(frozen=True)
+class W4A16Config:
+    m_tiles: int
+    n_tiles: int
+    warps: int
+    num_splits: int
+    chunks_per_split: int
+    grid: tuple[int, int, int]  # (column blocks, splits, row blocks)
+
+
+def w4a16_config(*, m: int, n: int, k: int, chunk_k: int, sm_count: int,
+                 num_splits: int | None = None) -> W4A16Config:
+    """Tiles and split-K for the matrix-unit kernel. The weights dominate every decode-sized M,
+    so the grid must hold enough blocks to keep every SM streaming: split K when the output alone
+    gives too few blocks (W1/W3: 32 column blocks for 132 SMs)."""
+    o = w4a16_overrides
+    m_tiles = o.get("m_tiles") or next((t for t in W4A16_M_TILES if m <= 16 * t), W4A16_M_TILES[-1])
+    n_tiles = o.get("n_tiles", W4A16_N_TILES if m_tiles < 4 else 1)
+    warps = o.get("warps", W4A16_WARPS)
+    col_blocks = -(-n // (16 * n_tiles * warps))
+    row_blocks = -(-m // (16 * m_tiles))
+    chunks = k // chunk_k
+    num_splits = o.get("num_splits", num_splits)
+    if num_splits is None:
+        target = o.get("blocks_per_sm", W4A16_BLOCKS_PER_SM) * sm_count
+        num_splits = -(-target // (col_blocks * row_blocks))
+        num_splits = min(num_splits, max(1, chunks // W4A16_MIN_CHUNKS_PER_SPLIT))
+    num_splits = max(1, min(num_splits, chunks))
+    per_split = -(-chunks // num_splits)
+    num_splits = -(-chunks // per_split)  # no empty splits
+    return W4A16Config(m_tiles, n_tiles, warps, num_splits, per_split,
+                       (col_blocks, num_splits, row_blocks))

@@ -51,9 +51,22 @@ class MmaTileParams(ctypes.Structure):
     ]
 
 
+class W4A16Params(ctypes.Structure):
+    _fields_ = [
+        ("x", ctypes.c_void_p), ("qweight", ctypes.c_void_p), ("scales", ctypes.c_void_p),
+        ("zeros", ctypes.c_void_p), ("out", ctypes.c_void_p), ("partials", ctypes.c_void_p),
+        ("tile_counters", ctypes.c_void_p),
+        ("x_sm", ctypes.c_int64), ("o_sm", ctypes.c_int64),
+        ("m", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+        ("group_log2", ctypes.c_int32), ("num_splits", ctypes.c_int32),
+        ("chunks_per_split", ctypes.c_int32),
+    ]
+
+
 PARAMS_TYPES: dict[str, type[ctypes.Structure]] = {
     "DecodeParams": DecodeParams,
     "MmaTileParams": MmaTileParams,
+    "W4A16Params": W4A16Params,
 }
 
 

@@ -3,6 +3,8 @@
     torch.ops.ikport.attention(q, k, v, kv_lens, causal, scale, variant) -> Tensor
     torch.ops.ikport.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal, scale,
                                      variant) -> Tensor
+    torch.ops.ikport.w4a16_matmul(x, qweight, scales, zeros, perm, group_size, in_features,
+                                  out_features, layout, variant) -> Tensor
 
 Eager calls of `ikport.attention` / `ikport.paged_attention` never go through these: a custom-op
 dispatch costs 10-20 us of Python per call. Only while torch.compile (or torch.export) traces a
@@ -27,8 +29,11 @@ import torch
 from . import checks
 from .attention import attention as _eager_attention
 from .attention import paged_attention as _eager_paged_attention
+from .int4 import Int4Weight
+from .w4a16 import w4a16_matmul as _eager_w4a16_matmul
 
-__all__ = ["attention", "paged_attention", "traced_attention", "traced_paged_attention"]
+__all__ = ["attention", "paged_attention", "w4a16_matmul", "traced_attention",
+           "traced_paged_attention", "traced_w4a16_matmul"]
 
 
 def _new_output(q: torch.Tensor) -> torch.Tensor:
@@ -62,6 +67,22 @@ def _paged_fake(q, k_pages, v_pages, block_table, kv_lens, causal, scale, varian
     return _new_output(q)
 
 
+def _w4a16_impl(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
+    perm: Optional[torch.Tensor], group_size: int, in_features: int, out_features: int,
+    layout: str, variant: Optional[str],
+) -> torch.Tensor:
+    w = Int4Weight(qweight, scales, zeros, group_size, in_features, out_features, layout, perm)
+    return _eager_w4a16_matmul(x, w, variant=variant)
+
+
+def _w4a16_fake(x, qweight, scales, zeros, perm, group_size, in_features, out_features, layout,
+                variant):
+    w = Int4Weight(qweight, scales, zeros, group_size, in_features, out_features, layout, perm)
+    checks.w4a16(x, w, None, gpu=False)
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
 def _registered(name: str) -> bool:
     try:
         getattr(torch.ops.ikport, name)
@@ -77,11 +98,15 @@ def _register() -> None:
     if not _registered("paged_attention"):
         op = torch.library.custom_op("ikport::paged_attention", mutates_args=())(_paged_impl)
         op.register_fake(_paged_fake)
+    if not _registered("w4a16_matmul"):
+        op = torch.library.custom_op("ikport::w4a16_matmul", mutates_args=())(_w4a16_impl)
+        op.register_fake(_w4a16_fake)
 
 
 _register()
 attention = torch.ops.ikport.attention.default
 paged_attention = torch.ops.ikport.paged_attention.default
+w4a16_matmul = torch.ops.ikport.w4a16_matmul.default
 
 
 def traced_attention(
@@ -111,5 +136,19 @@ def traced_paged_attention(
     if out is None:
         return result
     checks.out(out, q)
+    out.copy_(result)
+    return out
+
+
+def traced_w4a16_matmul(x: torch.Tensor, weight: Int4Weight, *, out: torch.Tensor | None = None,
+                        variant: str | None = None) -> torch.Tensor:
+    """`ikport.w4a16_matmul` while torch.compile traces (see `traced_attention`)."""
+    w = weight
+    result = torch.ops.ikport.w4a16_matmul.default(
+        x, w.qweight, w.scales, w.zeros, w.perm, w.group_size, w.in_features, w.out_features,
+        w.layout, variant)
+    if out is None:
+        return result
+    checks.w4a16(x, w, out, gpu=False)
     out.copy_(result)
     return out

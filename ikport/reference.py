@@ -81,3 +81,10 @@ def mma_tile(a: torch.Tensor, b: torch.Tensor, b_transposed: bool) -> torch.Tens
     """fp32 A @ B (B given as Bt [N, K] when b_transposed): the matrix shim's oracle."""
     bf = b.float().t() if b_transposed else b.float()
     return a.float() @ bf
+
+
+def w4a16_matmul(x: torch.Tensor, weight, upcast: torch.dtype = torch.float32) -> torch.Tensor:
+    """x [..., K] @ W^T with W = weight.dequantize() (an ikport.int4.Int4Weight), in `upcast`;
+    cast back to x's dtype."""
+    w = weight.dequantize(upcast).to(x.device)
+    return (x.to(upcast) @ w.T).to(x.dtype)

@@ -90,6 +90,13 @@ def launch_shape(uri: str, warp_size: int) -> Launch | None:
         return Launch(p["head_dim"], 0, False, False)  # one thread per output dim
     if family == "mma_tile":
         return Launch(warp_size, 0, False, True)  # one warp/wave per 16x16 tile
+    if (family, kernel) == ("w4a16", "naive"):
+        return Launch(warp_size, 0, False, False)  # one warp per 16 output columns
+    if (family, kernel) == ("w4a16", "gemv"):
+        # the row of x in dynamic shared memory: K elements (Llama's K = 4096 shown)
+        return Launch(p["warps"] * warp_size, 4096 * 2, False, False)
+    if (family, kernel) == ("w4a16", "mma"):
+        return Launch(p["warps"] * warp_size, 0, True, True)  # static shared memory only
     return None
 
 
@@ -364,7 +371,7 @@ DEVICE_TARGETS = (("H100", "sm_90"), ("H200", "sm_90"), ("H800", "sm_90"), ("A10
                   ("MI250", "gfx90a"), ("MI210", "gfx90a"), ("MI300", "gfx942"), ("MI325", "gfx942"),
                   ("7900", "gfx1100"))
 AREA_KERNELS = {"decode": "attention_decode", "prefill": "attention_prefill", "kvcache": "attention_decode",
-                "w4a16": "w4a16_gemm", "e2e": "end to end"}
+                "w4a16": "w4a16", "e2e": "end to end"}
 HANDWRITTEN_IMPL = "ikport-cuda-only"  # a hand-written CUDA-only variant, once one is benchmarked
 
 
@@ -744,6 +751,30 @@ where a fragment-layout bug would live (the CPU tests check it against AMD's mat
 tables). {nv_regs} registers on sm_90 against {cdna_regs} VGPRs on gfx942 and {rdna_regs} on
 gfx1100.""",
 }
+
+PROSE.update({
+    "w4a16.naive": """\
+The W4A16 baseline: one warp per 16 output columns, codes extracted one at a time with a shift and
+a mask, fp32 math, x read from global memory. Its only portability content is the packed layout:
+each lane finds the (k, n) of its codes through `b_row`/`b_col` of the target's B fragment, so
+the same loop reads NVIDIA-, CDNA- and RDNA3-packed weights. {nv_regs} registers on sm_90,
+{cdna_regs} VGPRs on gfx942, {rdna_regs} on gfx1100.""",
+    "w4a16.gemv": """\
+The GEMV journey steps: {nv_warps} warps (NVIDIA) or {cdna_warps} waves (CDNA) split K for one
+16-column tile, with the row of x in shared memory; `magic` selects the unpacking (one OR against
+a magic exponent turns two codes into an fp16/bf16 pair). Per-column sums cross the warp with the
+same butterfly on wave32 and wave64. {nv_regs} registers (sm_90), {cdna_regs} VGPRs (gfx942),
+{rdna_regs} (gfx1100).""",
+    "w4a16.mma": """\
+The default W4A16 kernel: INT4 codes unpacked in registers straight into the B fragment of the
+target's matrix instruction ({nv_mma} `mma.sync` in the sm_90 PTX, {cdna_mma} `v_mfma` on gfx942,
+{rdna_mma} `v_wmma` on gfx1100), which is why the packed layout differs per vendor
+(`ikport.int4.layout_for_device`; `Int4Weight.to()` repacks). Weights stream through a 4-chunk
+`cp.async` ring ({nv_cp} async copies in the sm_90 PTX; a plain load on AMD, {cdna_cp} on gfx942).
+{nv_regs} registers on sm_90, {cdna_regs} VGPRs on gfx942, {rdna_regs} on gfx1100; static shared
+memory {nv_smem} bytes on sm_90 and {cdna_smem} on gfx942 (the ring holds one 16-byte vector per
+lane and chunk, and CDNA's wave64 doubles the lanes).""",
+})
 
 SHIM_COST = """\
 ### What the shim costs on NVIDIA

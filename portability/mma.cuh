@@ -31,6 +31,11 @@ static_assert(Layout::kLanes == IK_WARP_SIZE, "matrix fragment layout assumes an
 inline constexpr int kCSlots = Layout::kC;
 IK_DEVICE int c_row(int s) { return Layout::c_row(lane_id(), s); }
 IK_DEVICE int c_col(int s) { return Layout::c_col(lane_id(), s); }
+// B slots, for kernels that build B in registers (e.g. from packed INT4 weights): slots 2p and
+// 2p+1 always hold k and k+1 of one column, so one 32-bit word fills a pair (set_b_pair).
+inline constexpr int kBSlots = Layout::kB;
+IK_DEVICE int b_row(int s) { return Layout::b_row(lane_id(), s); }
+IK_DEVICE int b_col(int s) { return Layout::b_col(lane_id(), s); }
 
 struct FragC {
   float x[Layout::kC];
@@ -79,6 +84,8 @@ IK_DEVICE void load_bt(FragB<T>& b, const T* s, int ld) {
   int l = lane_id();
   ldmatrix_x4(b.r, s + (l % 8 + 8 * (l / 16)) * ld + 8 * ((l / 8) % 2));
 }
+template <class T>
+IK_DEVICE void set_b_pair(FragB<T>& b, int p, unsigned int bits) { b.r[p] = bits; }
 template <class T>
 IK_DEVICE void mma_m16n8k16(float (&c)[4], const unsigned int (&a)[4], unsigned int b0, unsigned int b1) {
   if constexpr (is_same<T, bf16_t>::value) {
@@ -133,6 +140,12 @@ IK_DEVICE void load_bt(FragB<T>& b, const T* s, int ld) {
   int l = lane_id();
 #pragma unroll
   for (int i = 0; i < Layout::kB; ++i) b.x[i] = bits_at(s + Layout::b_col(l, i) * ld + Layout::b_row(l, i));
+}
+
+template <class T>
+IK_DEVICE void set_b_pair(FragB<T>& b, int p, unsigned int bits) {
+  b.x[2 * p] = static_cast<unsigned short>(bits & 0xffffu);
+  b.x[2 * p + 1] = static_cast<unsigned short>(bits >> 16);
 }
 
 #if defined(IK_MMA_AMD_MFMA_16X16X16)

@@ -31,6 +31,12 @@ struct dtype<half_t> {
   static IK_DEVICE float2 unpack2(unsigned int u) { return vendor::half2_bits_to_float2(u); }
   static IK_DEVICE unsigned short bits(half_t h) { return vendor::half_bits(h); }
   static IK_DEVICE unsigned short bits_from_float(float f) { return vendor::half_bits(from_float(f)); }
+  // 1024.0: OR-ing a 4-bit code q into its low mantissa bits gives exactly 1024 + q.
+  static constexpr unsigned int kInt4Base = 0x6400u;
+  static IK_DEVICE unsigned int sub2(unsigned int a, unsigned int z) { return vendor::half2_sub(a, z); }
+  static IK_DEVICE unsigned int sub_mul2(unsigned int a, unsigned int z, unsigned int s) {
+    return vendor::half2_sub_mul(a, z, s);
+  }
 };
 
 template <>
@@ -42,7 +48,29 @@ struct dtype<bf16_t> {
   }
   static IK_DEVICE unsigned short bits(bf16_t h) { return vendor::bf16_bits(h); }
   static IK_DEVICE unsigned short bits_from_float(float f) { return float_to_bf16_bits(f); }
+  // 128.0 (7 mantissa bits): OR-ing a 4-bit code q into it gives exactly 128 + q.
+  static constexpr unsigned int kInt4Base = 0x4300u;
+  static IK_DEVICE unsigned int sub2(unsigned int a, unsigned int z) { return vendor::bf162_sub(a, z); }
+  static IK_DEVICE unsigned int sub_mul2(unsigned int a, unsigned int z, unsigned int s) {
+    return vendor::bf162_sub_mul(a, z, s);
+  }
 };
+
+// INT4 -> fp16/bf16 without integer-to-float conversions ("magic number" unpacking): nibbles j
+// and j+4 of `word` become the low and high element of one packed pair, each (q - z) * s, rounded
+// once. z2 and s2 hold the zero point as base + z and the scale, each in both halves.
+template <class T>
+IK_DEVICE unsigned int int4_pair(unsigned int word, int j, unsigned int z2, unsigned int s2) {
+  constexpr unsigned int kBase2 = dtype<T>::kInt4Base * 0x10001u;
+  return dtype<T>::sub_mul2(((word >> (4 * j)) & 0x000f000fu) | kBase2, z2, s2);
+}
+
+// The same without the scale: exactly q - z (small integers), for kernels that scale later.
+template <class T>
+IK_DEVICE unsigned int int4_pair_unscaled(unsigned int word, int j, unsigned int z2) {
+  constexpr unsigned int kBase2 = dtype<T>::kInt4Base * 0x10001u;
+  return dtype<T>::sub2(((word >> (4 * j)) & 0x000f000fu) | kBase2, z2);
+}
 
 // Eight 16-bit elements held in one 16-byte vector <-> eight floats.
 template <class T>

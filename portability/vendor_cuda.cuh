@@ -50,6 +50,26 @@ IK_DEVICE unsigned short half_bits(half_t h) { return __half_as_ushort(h); }
 IK_DEVICE unsigned short bf16_bits(bf16_t h) { return __bfloat16_as_ushort(h); }
 IK_DEVICE bf16_t bf16_from_bits(unsigned short b) { return __ushort_as_bfloat16(b); }
 IK_DEVICE half_t half_from_bits(unsigned short b) { return __ushort_as_half(b); }
+// (a - z) * s on two packed elements, each step rounded as the dtype rounds: INT4 dequantization
+// (a and z hold small integers, so a - z is exact and the product is rounded once).
+IK_DEVICE unsigned int half2_sub_mul(unsigned int a, unsigned int z, unsigned int s) {
+  __half2 r = __hmul2(__hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&z)),
+                      *reinterpret_cast<__half2*>(&s));
+  return *reinterpret_cast<unsigned int*>(&r);
+}
+IK_DEVICE unsigned int half2_sub(unsigned int a, unsigned int z) {
+  __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&z));
+  return *reinterpret_cast<unsigned int*>(&r);
+}
+IK_DEVICE unsigned int bf162_sub(unsigned int a, unsigned int z) {
+  __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&z));
+  return *reinterpret_cast<unsigned int*>(&r);
+}
+IK_DEVICE unsigned int bf162_sub_mul(unsigned int a, unsigned int z, unsigned int s) {
+  __nv_bfloat162 r = __hmul2(__hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&z)),
+                             *reinterpret_cast<__nv_bfloat162*>(&s));
+  return *reinterpret_cast<unsigned int*>(&r);
+}
 
 // 16-byte loads. The streaming form skips L1 for data read exactly once (the KV cache).
 IK_DEVICE uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
@@ -66,6 +86,7 @@ IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 IK_DEVICE void fence_device() { __threadfence(); }
 IK_DEVICE int atomic_add(int* p, int v) { return atomicAdd(p, v); }
 IK_DEVICE float load_coherent(const float* p) { return __ldcg(p); }
+IK_DEVICE void atomic_add_shared(float* p, float v) { atomicAdd(p, v); }
 
 // Asynchronous global->shared copy of 16 bytes: cp.async on sm_80 and newer, a plain copy before.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

@@ -61,6 +61,35 @@ IK_DEVICE float2 half2_bits_to_float2(unsigned int u) {
 }
 IK_DEVICE unsigned short bf16_bits(bf16_t h) { return h.bits; }
 IK_DEVICE bf16_t bf16_from_bits(unsigned short b) { return bf16_t{b}; }
+// (a - z) * s on two packed elements, each step rounded as the dtype rounds: INT4 dequantization
+// (a and z hold small integers, so a - z is exact and the product is rounded once).
+typedef _Float16 ik_f16x2_t __attribute__((ext_vector_type(2)));
+IK_DEVICE unsigned int half2_sub_mul(unsigned int a, unsigned int z, unsigned int s) {
+  ik_f16x2_t r = (__builtin_bit_cast(ik_f16x2_t, a) - __builtin_bit_cast(ik_f16x2_t, z)) *
+                 __builtin_bit_cast(ik_f16x2_t, s);
+  return __builtin_bit_cast(unsigned int, r);
+}
+IK_DEVICE unsigned int half2_sub(unsigned int a, unsigned int z) {
+  return __builtin_bit_cast(unsigned int, __builtin_bit_cast(ik_f16x2_t, a) - __builtin_bit_cast(ik_f16x2_t, z));
+}
+// bf16 through fp32: the difference and the product are exact there, so one round-to-nearest-even
+// gives what a native bf16 multiply gives.
+IK_DEVICE unsigned int bf16_round_bits(float f) {
+  unsigned int u = __float_as_uint(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
+  return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+}
+IK_DEVICE unsigned int bf162_sub(unsigned int a, unsigned int z) {
+  float lo = __uint_as_float(a << 16) - __uint_as_float(z << 16);
+  float hi = __uint_as_float(a & 0xffff0000u) - __uint_as_float(z & 0xffff0000u);
+  return bf16_round_bits(lo) | (bf16_round_bits(hi) << 16);
+}
+IK_DEVICE unsigned int bf162_sub_mul(unsigned int a, unsigned int z, unsigned int s) {
+  float lo = (__uint_as_float(a << 16) - __uint_as_float(z << 16)) * __uint_as_float(s << 16);
+  float hi = (__uint_as_float(a & 0xffff0000u) - __uint_as_float(z & 0xffff0000u)) *
+             __uint_as_float(s & 0xffff0000u);
+  return bf16_round_bits(lo) | (bf16_round_bits(hi) << 16);
+}
 
 IK_DEVICE uint4 load16(const void* p) { return *reinterpret_cast<const uint4*>(p); }
 // The nontemporal builtin takes only native vector pointers; HIP's uint4 is a struct around one.
@@ -76,6 +105,7 @@ IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 IK_DEVICE void fence_device() { __threadfence(); }
 IK_DEVICE int atomic_add(int* p, int v) { return atomicAdd(p, v); }
 IK_DEVICE float load_coherent(const float* p) { return *p; }
+IK_DEVICE void atomic_add_shared(float* p, float v) { atomicAdd(p, v); }
 
 // No cp.async on AMD: a plain 16-byte load and LDS store; the caller's barrier orders them.
 #define IK_HAS_ASYNC_COPY 0

@@ -1,7 +1,7 @@
 """`python -m ikport.bench AREA [options]`: run one benchmark area and write its result JSON.
 
 Each area is a module with `add_arguments(parser)` and `run(args) -> exit code`; add an area by
-listing its module in AREAS (planned: w4a16, prefill).
+listing its module in AREAS (planned: prefill).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 AREAS = {
     "decode": "ikport.bench.decode",
+    "w4a16": "ikport.bench.w4a16",
 }
 
 
@@ -34,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="git commit to record (default: git rev-parse HEAD of this checkout, else 'unknown')",
     )
-    common.add_argument("--quick", action="store_true", help="locked workloads only, no sweep")
+    common.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (decode: locked workloads only, no sweep; w4a16: M=1 and 16, 20 runs)",
+    )
     areas = parser.add_subparsers(dest="area", required=True, metavar="AREA")
     for area, module_name in AREAS.items():
         module = importlib.import_module(module_name)

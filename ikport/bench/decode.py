@@ -333,30 +333,18 @@ class Results:
 
 def run_counts(call_us: float) -> tuple[int, int]:
     """(warmup, iters) for a call of `call_us`: 10 and 50, fewer only for very slow calls."""
-    iters = max(MIN_ITERS, min(50, int(CALL_BUDGET_S / (call_us * 1e-6))))
-    return (10 if call_us < 5000 else 2), iters
+    return harness.run_counts(call_us, budget_s=CALL_BUDGET_S, min_iters=MIN_ITERS)
 
 
 def time_prepared(w: Workload, impl: str, prepared: Prepared) -> dict[str, Any]:
-    """Kernel and eager time of a checked implementation as one result row."""
-    probe = harness.eager_time(prepared.fns, warmup=1, iters=2)
-    warmup, iters = run_counts(probe.median_us)
-    if w.locked:
-        kernel, doubled = harness.check_sleep_insensitive(prepared.fns, warmup=warmup, iters=iters)
-    else:
-        kernel, doubled = harness.kernel_time(prepared.fns, warmup=warmup, iters=iters), None
-    eager = harness.eager_time(prepared.fns, warmup=warmup, iters=iters)
-    row = harness.result_row(
-        workload=w.id, impl=impl, kernel=kernel, eager=eager, nbytes=w.kv_bytes
+    """Kernel and eager time of a checked implementation as one result row (locked workloads
+    also re-timed with the sleep doubled)."""
+    m = harness.measure(
+        prepared.fns, budget_s=CALL_BUDGET_S, min_iters=MIN_ITERS, check_sleep=w.locked
     )
-    if doubled is not None:
-        row["median_us_sleep2x"] = round(doubled.median_us, 2)
-    notes = [f"sleep {kernel.sleep_us:.0f} us", f"host {kernel.host_us:.1f} us/call"]
-    if kernel.late:
-        notes.append(f"{kernel.late} runs dispatched slower than the sleep")
-    if prepared.note:
-        notes.append(prepared.note)
-    row["note"] = "; ".join(notes)
+    row = harness.measurement_row(
+        m, workload=w.id, impl=impl, nbytes=w.kv_bytes, note=prepared.note
+    )
     row["shape"] = w.shape()
     row["bytes"] = w.kv_bytes
     return row

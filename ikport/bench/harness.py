@@ -204,6 +204,80 @@ def eager_time(fns: Sequence[Callable[[], Any]], *, warmup: int = 10, iters: int
     return Timing.from_samples(samples)
 
 
+def run_counts(
+    call_us: float, *, budget_s: float, min_iters: int = 10, max_iters: int = 50
+) -> tuple[int, int]:
+    """(warmup, iters) for a call of `call_us`: `max_iters` timed runs unless they would take
+    longer than `budget_s` (never fewer than `min_iters`); 10 warm-up calls, 2 for calls over 5 ms."""
+    fit = int(budget_s / (max(call_us, 1e-3) * 1e-6))
+    iters = max(min_iters, min(max_iters, fit))
+    return (10 if call_us < 5000 else 2), iters
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Kernel and eager time of one implementation; `doubled`: kernel time re-taken with the
+    sleep doubled (the protocol's check), None where it was not taken."""
+
+    kernel: Timing
+    eager: Timing
+    doubled: Timing | None = None
+
+
+def measure(
+    fns: Sequence[Callable[[], Any]],
+    *,
+    budget_s: float,
+    min_iters: int = 10,
+    max_iters: int = 50,
+    check_sleep: bool = True,
+) -> Measurement:
+    """Kernel time (auto-sized sleep; with `check_sleep` also re-timed with it doubled) and eager
+    time of one call rotating over `fns`, with run counts fitted to `budget_s` per timed loop
+    from a two-call eager probe."""
+    probe = eager_time(fns, warmup=1, iters=2)
+    warmup, iters = run_counts(
+        probe.median_us, budget_s=budget_s, min_iters=min_iters, max_iters=max_iters
+    )
+    doubled: Timing | None
+    if check_sleep:
+        kernel, doubled = check_sleep_insensitive(fns, warmup=warmup, iters=iters)
+    else:
+        kernel, doubled = kernel_time(fns, warmup=warmup, iters=iters), None
+    eager = eager_time(fns, warmup=warmup, iters=iters)
+    return Measurement(kernel, eager, doubled)
+
+
+def measurement_row(
+    m: Measurement,
+    *,
+    workload: str,
+    impl: str,
+    nbytes: int,
+    note: str = "",
+    ceiling_GBps: float = READ_ROOF_GBPS,
+) -> dict[str, Any]:
+    """result_row of a Measurement, plus ``median_us_sleep2x`` (when the check ran) and a
+    ``note`` giving the sleep, the host time per call, late dispatches and `note`."""
+    row = result_row(
+        workload=workload,
+        impl=impl,
+        kernel=m.kernel,
+        eager=m.eager,
+        nbytes=nbytes,
+        ceiling_GBps=ceiling_GBps,
+    )
+    if m.doubled is not None:
+        row["median_us_sleep2x"] = round(m.doubled.median_us, 2)
+    notes = [f"sleep {m.kernel.sleep_us:.0f} us", f"host {m.kernel.host_us:.1f} us/call"]
+    if m.kernel.late:
+        notes.append(f"{m.kernel.late} runs dispatched slower than the sleep")
+    if note:
+        notes.append(note)
+    row["note"] = "; ".join(notes)
+    return row
+
+
 def rotation_count(
     bytes_per_set: int, l2_bytes: int, *, factor: float = 3.0, minimum: int = 2
 ) -> int:

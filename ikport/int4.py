@@ -1,0 +1,529 @@
+"""Packed INT4 weights for the W4A16 kernel, in the matrix unit's own B-fragment order.
+
+The kernel loads INT4 codes straight into the B fragments of the matrix instruction
+(portability/mma_layout.cuh), so where a code sits in memory depends on the instruction family,
+the *layout*:
+
+=================  ==========================  =====  =====  ===  ===  ===
+layout             instruction (struct)        lanes  kB     UL   TPC  KC
+=================  ==========================  =====  =====  ===  ===  ===
+"nv_m16n8k16"      2 x mma.sync.m16n8k16        32     8      32   4    64
+                   (NvM16n8k16x2)
+"amd_mfma16"       v_mfma_f32_16x16x16 wave64   64     4      64   8    128
+                   (AmdMfma16x16x16; CDNA2/3)
+"amd_wmma16_w32"   v_wmma_f32_16x16x16 wave32   32     16     16   2    32
+                   (AmdWmma16x16x16W32; RDNA3)
+=================  ==========================  =====  =====  ===  ===  ===
+
+kB is the number of 16-bit B elements a lane holds per 16x16 tile; b_row(l, s) / b_col(l, s) say
+which k / n of the tile slot s of lane l holds. On RDNA3 lanes 16-31 repeat lanes 0-15, so only the
+UL = 256 / kB "unique lanes" are stored. TPC = 32 / kB tiles (along K) make one chunk of
+KC = 16 * TPC input channels, in which every unique lane owns exactly 16 contiguous bytes (4 int32
+words, 32 codes): one 16-byte load per lane per chunk.
+
+Packing of codes q[n, k] (0..15; W is [N, K] = [out_features, in_features]). Tile (nt, kt) covers
+n in [16nt, 16nt + 16), k in [16kt, 16kt + 16); chunk c = kt // TPC, t = kt % TPC. For unique lane
+u and pair p in [0, kB/2): register r = t * (kB / 2) + p, word w = r // 4, j = r % 4. The element in
+slot 2p, (k = 16kt + b_row(u, 2p), n = 16nt + b_col(u, 2p)), is nibble j (bits 4j..4j+3) of that
+word; the element in slot 2p + 1 is nibble j + 4. The word's flat int32 index is
+((nt * (K // KC) + c) * UL + u) * 4 + w, and the packed tensor is int32 [N, K // 8] in that flat
+order. (Nibbles j and j + 4 make one fp16 pair: `(word >> 4j) & 0x000F000F | 0x64006400` is
+(1024 + q_lo, 1024 + q_hi).)
+
+Every layout needs N % 16 == 0 and K % 128 == 0 (the largest chunk), so a checkpoint moves between
+vendors by repacking only: `Int4Weight.to(device)` repacks when the device wants another layout.
+
+Meaning of an `Int4Weight`: w[n, k] = (q[n, k] - z[k // G, n]) * s[k // G, n], z = 8 when `zeros`
+is None, in the permuted input-channel order when `perm` is set (GPTQ act-order: the kernel
+computes x[:, perm] @ W_sorted^T). `dequantize()` undoes `perm`, so `x @ w.dequantize().T` is the
+reference result.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+
+__all__ = [
+    "DEFAULT_LAYOUT",
+    "GROUP_SIZES",
+    "K_MULTIPLE",
+    "LAYOUTS",
+    "N_MULTIPLE",
+    "SCALE_DTYPES",
+    "Int4Weight",
+    "LayoutInfo",
+    "check_shape",
+    "layout_for_device",
+    "layout_info",
+    "pack_int4",
+    "quantize_weight",
+    "unpack_int4",
+]
+
+DeviceLike = Union[torch.device, str, int, None]  # noqa: UP007  (a runtime alias)
+
+N_MULTIPLE = 16  # out_features: one 16-wide tile row
+K_MULTIPLE = 128  # in_features: the largest chunk (amd_mfma16), so every layout fits every weight
+GROUP_SIZES = (32, 64, 128)  # quantization groups along K; per-channel (G = K) is allowed too
+SCALE_DTYPES = (torch.float16, torch.bfloat16)
+DEFAULT_LAYOUT = "nv_m16n8k16"
+_SYMMETRIC_ZERO = 8
+
+
+@dataclass(frozen=True)
+class LayoutInfo:
+    """One matrix-instruction family's B-fragment geometry (see the module docstring)."""
+
+    name: str
+    lanes: int  # lanes of the wave
+    k_b: int  # 16-bit B elements a lane holds per 16x16 tile
+    b_row: Callable[[int, int], int]  # (lane, slot) -> k within the tile
+    b_col: Callable[[int, int], int]  # (lane, slot) -> n within the tile
+
+    @property
+    def unique_lanes(self) -> int:
+        """Lanes whose B fragments are stored (UL = 256 // kB)."""
+        return 256 // self.k_b
+
+    @property
+    def tiles_per_chunk(self) -> int:
+        """16x16 tiles along K per chunk (TPC = 32 // kB: 16 bytes of codes per lane)."""
+        return 32 // self.k_b
+
+    @property
+    def chunk_k(self) -> int:
+        """Input channels per chunk (KC = 16 * TPC)."""
+        return 16 * self.tiles_per_chunk
+
+
+# Mirrors portability/mma_layout.cuh (b_row / b_col of each struct).
+_LAYOUTS: dict[str, LayoutInfo] = {
+    "nv_m16n8k16": LayoutInfo(
+        "nv_m16n8k16", 32, 8,
+        lambda l, s: (l % 4) * 2 + 8 * ((s // 2) % 2) + s % 2,
+        lambda l, s: 8 * (s // 4) + l // 4,
+    ),
+    "amd_mfma16": LayoutInfo(
+        "amd_mfma16", 64, 4,
+        lambda l, s: 4 * (l // 16) + s,
+        lambda l, s: l % 16,
+    ),
+    "amd_wmma16_w32": LayoutInfo(
+        "amd_wmma16_w32", 32, 16,
+        lambda l, s: s,
+        lambda l, s: l % 16,
+    ),
+}
+LAYOUTS: tuple[str, ...] = tuple(_LAYOUTS)
+
+
+def layout_info(layout: str) -> LayoutInfo:
+    """The geometry of `layout` (one of `LAYOUTS`); ValueError for an unknown name."""
+    try:
+        return _LAYOUTS[layout]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown INT4 layout {layout!r}; expected one of {LAYOUTS}") from None
+
+
+def layout_for_device(device: DeviceLike = None) -> str:
+    """The packed layout the W4A16 kernel wants on `device`.
+
+    CPU (and meta) -> "nv_m16n8k16" (the default; the CPU path only unpacks). An NVIDIA GPU (CUDA
+    torch) -> "nv_m16n8k16". A ROCm GPU by its gcnArchName: gfx9* (CDNA, MFMA) -> "amd_mfma16",
+    gfx11* (RDNA3, WMMA wave32) -> "amd_wmma16_w32"; anything else raises ValueError.
+    `device` None means the CPU.
+    """
+    if device is None:
+        return DEFAULT_LAYOUT
+    dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+    if dev.type in ("cpu", "meta"):
+        return DEFAULT_LAYOUT
+    if dev.type != "cuda":  # torch reports ROCm GPUs as "cuda" too
+        raise ValueError(f"ikport's W4A16 runs on CPU, CUDA and ROCm tensors, not on {dev.type!r}")
+    if not getattr(torch.version, "hip", None):
+        return "nv_m16n8k16"
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    arch = str(getattr(torch.cuda.get_device_properties(index), "gcnArchName", "")).split(":")[0]
+    if arch.startswith("gfx9"):
+        return "amd_mfma16"
+    if arch.startswith("gfx11"):
+        return "amd_wmma16_w32"
+    raise ValueError(
+        f"no W4A16 INT4 layout for AMD GPU {arch or '(unknown arch)'} on {dev}: "
+        "supported are gfx9* (MFMA, CDNA) and gfx11* (WMMA wave32, RDNA3)"
+    )
+
+
+def check_shape(n: int, k: int, what: str = "weight") -> None:
+    """ValueError unless out_features N % 16 == 0 and in_features K % 128 == 0 (every layout)."""
+    if n <= 0 or k <= 0 or n % N_MULTIPLE or k % K_MULTIPLE:
+        raise ValueError(
+            f"{what}: INT4 packing needs out_features N % {N_MULTIPLE} == 0 and in_features "
+            f"K % {K_MULTIPLE} == 0 (for every layout), got N={n}, K={k}"
+        )
+
+
+@functools.cache
+def _chunk_maps(layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fwd, inv) for one chunk of 16 rows x KC columns, on the CPU.
+
+    fwd[i] = element offset n_local * KC + k_local of code slot i = (u * 4 + w) * 8 + nibble;
+    inv is its inverse permutation (element offset -> code slot).
+    """
+    info = layout_info(layout)
+    kc, half = info.chunk_k, info.k_b // 2
+    fwd = [-1] * (info.unique_lanes * 32)
+    for t in range(info.tiles_per_chunk):
+        for u in range(info.unique_lanes):
+            for p in range(half):
+                r = t * half + p
+                w, j = divmod(r, 4)
+                for h in (0, 1):
+                    s = 2 * p + h
+                    k_local = 16 * t + info.b_row(u, s)
+                    n_local = info.b_col(u, s)
+                    fwd[(u * 4 + w) * 8 + j + 4 * h] = n_local * kc + k_local
+    fwd_t = torch.tensor(fwd, dtype=torch.int64)
+    if sorted(fwd) != list(range(16 * kc)):  # every element of the chunk exactly once
+        raise AssertionError(f"layout {layout}: the fragment map is not a bijection")
+    inv_t = torch.argsort(fwd_t)
+    return fwd_t, inv_t
+
+
+def _maps_on(layout: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    fwd, inv = _chunk_maps(layout)
+    if device.type == "cpu":
+        return fwd, inv
+    return fwd.to(device), inv.to(device)
+
+
+_SHIFTS = tuple(4 * i for i in range(8))
+
+
+def pack_int4(codes: torch.Tensor, layout: str) -> torch.Tensor:
+    """Pack integer codes [N, K] (values 0..15, any integer dtype, usually uint8) into the int32
+    [N, K // 8] fragment order of `layout` (module docstring). Runs on the codes' device.
+
+    Raises ValueError for a bad shape (N % 16, K % 128) or a code outside 0..15 (this one check
+    reads the data: packing is a load-time step), TypeError for a non-integer tensor.
+    """
+    info = layout_info(layout)
+    if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D tensor [N, K], got {getattr(codes, 'shape', codes)}")
+    if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+        raise TypeError(f"codes must be an integer tensor (uint8), got {codes.dtype}")
+    n, k = codes.shape
+    check_shape(n, k, "codes")
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) > 15):
+        raise ValueError("codes must hold INT4 values in 0..15")
+    kc = info.chunk_k
+    fwd, _ = _maps_on(layout, codes.device)
+    blocks = codes.reshape(n // 16, 16, k // kc, kc).permute(0, 2, 1, 3).reshape(n // 16, k // kc, 16 * kc)
+    nib = blocks.index_select(2, fwd).to(torch.int64).reshape(n // 16, k // kc, info.unique_lanes * 4, 8)
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=codes.device)
+    words = (nib << shifts).sum(dim=-1)  # 0 .. 2**32 - 1
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.reshape(n, k // 8)
+
+
+def unpack_int4(packed: torch.Tensor, layout: str, n: int, k: int) -> torch.Tensor:
+    """The exact inverse of `pack_int4`: int32 [N, K // 8] in `layout` -> uint8 codes [N, K]."""
+    info = layout_info(layout)
+    check_shape(n, k, "packed weight")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32:
+        raise TypeError(f"packed must be an int32 tensor, got {getattr(packed, 'dtype', type(packed))}")
+    if tuple(packed.shape) != (n, k // 8):
+        raise ValueError(f"packed must have shape [N, K // 8] = {[n, k // 8]}, got {list(packed.shape)}")
+    kc = info.chunk_k
+    _, inv = _maps_on(layout, packed.device)
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
+    words = packed.reshape(n // 16, k // kc, info.unique_lanes * 4, 1)
+    nib = ((words >> shifts) & 15).to(torch.uint8).reshape(n // 16, k // kc, 16 * kc)
+    blocks = nib.index_select(2, inv)
+    return blocks.reshape(n // 16, k // kc, 16, kc).permute(0, 2, 1, 3).reshape(n, k)
+
+
+def _resolve_group(group_size: int | None, k: int) -> int:
+    """None or -1 -> per-channel (G = K); else one of GROUP_SIZES or K itself."""
+    if group_size is None or group_size == -1 or group_size == k:
+        return k
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        raise ValueError(
+            f"group_size must be one of {GROUP_SIZES}, or None / -1 / K={k} for per-channel scales, "
+            f"got {group_size!r}"
+        )
+    return group_size
+
+
+def _describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} {list(t.shape)} on {t.device}"
+    return type(t).__name__
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Int4Weight:
+    """A W4A16 weight: INT4 codes packed for one matrix-instruction layout, plus group scales.
+
+    Fields:
+      qweight: int32 [N, K // 8], `pack_int4` order for `layout`.
+      scales: [K // G, N], float16 or bfloat16: the activation dtype the kernel runs in.
+      zeros: None (symmetric, zero point 8) or [K // G, N], same dtype as `scales`, integer zero
+        points (0..15; GPTQ v1 imports may hold 16, see ikport.formats).
+      group_size: G, the actual group length along K (per-channel: G = K).
+      in_features: K; out_features: N.
+      layout: one of `LAYOUTS`.
+      perm: None, or int64 [K]: the input-channel permutation of a GPTQ act-order checkpoint; the
+        codes, scales and zeros are in the permuted order and the kernel computes
+        x[:, perm] @ W_sorted^T.
+
+    Meaning: w[n, k] = (q[n, k] - z[k // G, n]) * s[k // G, n] in the (permuted) stored order.
+    Construction checks shapes, dtypes, devices and contiguity, never the data (no host sync);
+    `from_codes` and `quantize_weight` are the checked ways in. Instances are immutable: `to`
+    returns a new one.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    group_size: int
+    in_features: int
+    out_features: int
+    layout: str = DEFAULT_LAYOUT
+    perm: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        n, k = self.out_features, self.in_features
+        for name in ("in_features", "out_features", "group_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"Int4Weight.{name} must be an int, got {v!r}")
+        check_shape(n, k, "Int4Weight")
+        layout_info(self.layout)
+        g = self.group_size
+        if g != k and g not in GROUP_SIZES:
+            raise ValueError(
+                f"Int4Weight.group_size must be one of {GROUP_SIZES} or in_features={k} "
+                f"(per-channel), got {g}"
+            )
+        qw = self.qweight
+        if not isinstance(qw, torch.Tensor) or qw.dtype != torch.int32:
+            raise TypeError(f"Int4Weight.qweight must be an int32 tensor, got {_describe(qw)}")
+        if tuple(qw.shape) != (n, k // 8):
+            raise ValueError(f"Int4Weight.qweight must have shape [N, K // 8] = {[n, k // 8]}, "
+                             f"got {list(qw.shape)}")
+        s = self.scales
+        if not isinstance(s, torch.Tensor) or s.dtype not in SCALE_DTYPES:
+            raise TypeError(f"Int4Weight.scales must be a float16 or bfloat16 tensor, got {_describe(s)}")
+        if tuple(s.shape) != (k // g, n):
+            raise ValueError(f"Int4Weight.scales must have shape [K // G, N] = {[k // g, n]}, "
+                             f"got {list(s.shape)}")
+        tensors = {"qweight": qw, "scales": s}
+        z = self.zeros
+        if z is not None:
+            if not isinstance(z, torch.Tensor) or z.dtype != s.dtype:
+                raise TypeError(f"Int4Weight.zeros must be None or a {s.dtype} tensor like scales, "
+                                f"got {_describe(z)}")
+            if tuple(z.shape) != (k // g, n):
+                raise ValueError(f"Int4Weight.zeros must have shape [K // G, N] = {[k // g, n]}, "
+                                 f"got {list(z.shape)}")
+            tensors["zeros"] = z
+        p = self.perm
+        if p is not None:
+            if not isinstance(p, torch.Tensor) or p.dtype != torch.int64:
+                raise TypeError(f"Int4Weight.perm must be None or an int64 tensor, got {_describe(p)}")
+            if tuple(p.shape) != (k,):
+                raise ValueError(f"Int4Weight.perm must have shape [K] = [{k}], got {list(p.shape)}")
+            tensors["perm"] = p
+        for name, t in tensors.items():
+            if t.device != qw.device:
+                raise ValueError(f"Int4Weight.{name} is on {t.device} but qweight is on {qw.device}")
+            if not t.is_contiguous():
+                raise ValueError(f"Int4Weight.{name} must be contiguous (pass .contiguous())")
+
+    def __repr__(self) -> str:
+        return (f"Int4Weight(out_features={self.out_features}, in_features={self.in_features}, "
+                f"group_size={self.group_size}, symmetric={self.zeros is None}, "
+                f"act_order={self.perm is not None}, layout={self.layout!r}, dtype={self.dtype}, "
+                f"device={self.device})")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (that of `scales`)."""
+        return self.scales.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device all tensors live on."""
+        return self.qweight.device
+
+    @property
+    def symmetric(self) -> bool:
+        """True when `zeros` is None (zero point 8 everywhere)."""
+        return self.zeros is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tensors held (codes, scales, zeros, perm)."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.qweight, self.scales, self.zeros, self.perm) if t is not None)
+
+    def codes(self) -> torch.Tensor:
+        """The uint8 codes [N, K], in the stored (permuted, when `perm` is set) channel order."""
+        return unpack_int4(self.qweight, self.layout, self.out_features, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight [N, K] in the ORIGINAL input-channel order (`perm` undone), computed in fp32
+        and returned as `dtype`: `x @ w.dequantize().T` is the reference product."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        q = self.codes().to(torch.float32)
+        s = self.scales.to(torch.float32).repeat_interleave(g, dim=0).T  # [N, K]
+        if self.zeros is None:
+            w = (q - float(_SYMMETRIC_ZERO)) * s
+        else:
+            w = (q - self.zeros.to(torch.float32).repeat_interleave(g, dim=0).T) * s
+        if self.perm is not None:
+            out = torch.empty((n, k), dtype=torch.float32, device=w.device)
+            out[:, self.perm] = w
+            w = out
+        return w.to(dtype)
+
+    def with_layout(self, layout: str) -> Int4Weight:
+        """The same weight packed for `layout` (self when it already is)."""
+        layout_info(layout)
+        if layout == self.layout:
+            return self
+        codes = unpack_int4(self.qweight, self.layout, self.out_features, self.in_features)
+        return dataclasses.replace(self, qweight=pack_int4(codes, layout), layout=layout)
+
+    def to(self, device: DeviceLike = None, dtype: torch.dtype | None = None,
+           non_blocking: bool = False) -> Int4Weight:
+        """Move to `device` and/or cast scales and zeros to `dtype` (float16 or bfloat16).
+
+        When `device` is given, the result is packed in `layout_for_device(device)` (repacked on
+        the target device if that differs from `layout`; e.g. an "amd_mfma16" checkpoint moved to
+        an NVIDIA GPU or the CPU becomes "nv_m16n8k16"). Without `device` the layout is kept.
+        """
+        if dtype is not None and dtype not in SCALE_DTYPES:
+            raise TypeError(f"Int4Weight.to: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        if device is None:
+            dev, layout = self.device, self.layout
+        else:
+            dev = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+            layout = layout_for_device(dev)
+        dt = dtype or self.dtype
+
+        def move(t: torch.Tensor, cast: bool) -> torch.Tensor:
+            return t.to(dev, dtype=dt if cast else None, non_blocking=non_blocking)
+
+        out = dataclasses.replace(
+            self, qweight=move(self.qweight, False), scales=move(self.scales, True),
+            zeros=None if self.zeros is None else move(self.zeros, True),
+            perm=None if self.perm is None else move(self.perm, False),
+        )
+        return out.with_layout(layout)
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor | None,
+        group_size: int | None,
+        *,
+        perm: torch.Tensor | None = None,
+        layout: str | None = None,
+    ) -> Int4Weight:
+        """Build from unpacked codes (for importers).
+
+        codes: integer [N, K] in 0..15, in the stored order (already permuted when `perm` is set).
+        scales: [K // G, N] float16/bfloat16 (float32 is cast to float16). zeros: None (symmetric,
+        8) or [K // G, N] (any real or integer dtype; cast to the scales' dtype). group_size: G, or
+        None / -1 for per-channel. perm: None or [K] permutation of range(K) (checked; an identity
+        permutation is dropped). layout: default `layout_for_device(codes.device)`.
+        Tensors are made contiguous and moved to the codes' device.
+        """
+        if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
+            raise ValueError(f"codes must be a 2-D tensor [N, K], got {_describe(codes)}")
+        n, k = codes.shape
+        check_shape(n, k, "codes")
+        g = _resolve_group(group_size, k)
+        dev = codes.device
+        layout = layout_for_device(dev) if layout is None else layout
+        if not isinstance(scales, torch.Tensor):
+            raise TypeError(f"scales must be a tensor, got {_describe(scales)}")
+        if scales.dtype == torch.float32:
+            scales = scales.to(torch.float16)
+        if scales.dtype not in SCALE_DTYPES:
+            raise TypeError(f"scales must be float16 or bfloat16 (or float32, stored as float16), "
+                            f"got {scales.dtype}")
+        scales = scales.to(dev).contiguous()
+        if zeros is not None:
+            if not isinstance(zeros, torch.Tensor):
+                raise TypeError(f"zeros must be None or a tensor, got {_describe(zeros)}")
+            zeros = zeros.to(dev, dtype=scales.dtype).contiguous()
+        if perm is not None:
+            if not isinstance(perm, torch.Tensor) or perm.dtype.is_floating_point or perm.dim() != 1:
+                raise TypeError(f"perm must be an integer tensor [K], got {_describe(perm)}")
+            perm = perm.to(dev, dtype=torch.int64).contiguous()
+            if perm.numel() != k:
+                raise ValueError(f"perm must have shape [K] = [{k}], got {list(perm.shape)}")
+            ar = torch.arange(k, device=dev)
+            if not torch.equal(torch.sort(perm).values, ar):
+                raise ValueError("perm must be a permutation of range(in_features)")
+            if torch.equal(perm, ar):
+                perm = None
+        return cls(pack_int4(codes, layout), scales, zeros, g, k, n, layout, perm)
+
+
+def quantize_weight(
+    w: torch.Tensor,
+    group_size: int | None = 128,
+    symmetric: bool = True,
+    *,
+    layout: str | None = None,
+) -> Int4Weight:
+    """Round-to-nearest INT4 quantization of a weight w [N, K] = [out_features, in_features].
+
+    GPTQ's conventions, computed in fp32 per group of `group_size` input channels (None or -1:
+    one group per output channel, G = K; else 32, 64 or 128):
+      symmetric:  s = 2 * absmax / 15, z = 8, q = clamp(round(w / s) + 8, 0, 15)
+      asymmetric: the range [min, max] widened to include 0, s = (max - min) / 15,
+                  z = clamp(round(-min / s), 0, 15), q = clamp(round(w / s) + z, 0, 15)
+    s is clamped to the storage dtype's smallest normal number (an all-zero group), rounded to the
+    storage dtype first and q computed with that rounded s, so dequantize() is exactly what the
+    codes mean. Scales (and zeros) are stored in w's dtype: float16 or bfloat16; float32 input is
+    stored as float16. layout: default `layout_for_device(w.device)`.
+    """
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"w must be a 2-D tensor [out_features, in_features], got {_describe(w)}")
+    if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"w must be float16, bfloat16 or float32, got {w.dtype}")
+    n, k = w.shape
+    check_shape(n, k, "w")
+    g = _resolve_group(group_size, k)
+    store = w.dtype if w.dtype in SCALE_DTYPES else torch.float16
+    tiny = torch.finfo(store).tiny
+    wg = w.detach().to(torch.float32).reshape(n, k // g, g)
+    if symmetric:
+        amax = wg.abs().amax(dim=-1)
+        s = (amax * (2.0 / 15.0)).clamp_min(tiny).to(store)
+        sf = s.to(torch.float32)
+        q = (torch.round(wg / sf[..., None]) + _SYMMETRIC_ZERO).clamp_(0, 15)
+        zeros = None
+    else:
+        lo = wg.amin(dim=-1).clamp_max(0.0)
+        hi = wg.amax(dim=-1).clamp_min(0.0)
+        s = ((hi - lo) / 15.0).clamp_min(tiny).to(store)
+        sf = s.to(torch.float32)
+        z = torch.round(-lo / sf).clamp_(0, 15)
+        q = (torch.round(wg / sf[..., None]) + z[..., None]).clamp_(0, 15)
+        zeros = z.T.to(store)
+    codes = q.reshape(n, k).to(torch.uint8)
+    return Int4Weight.from_codes(codes, s.T, zeros, g, layout=layout)

@@ -1,0 +1,324 @@
+"""`W4A16Linear`: an nn.Linear replacement holding an INT4 weight, and `quantize_model`.
+
+    layer = W4A16Linear.from_linear(linear, group_size=128)       # round-to-nearest INT4
+    layer = W4A16Linear.from_gptq(qweight, qzeros, scales, g_idx)  # a GPTQ checkpoint
+    layer = W4A16Linear.from_awq(qweight, qzeros, scales)          # an AutoAWQ GEMM checkpoint
+    model = quantize_model(model, group_size=128)                  # every nn.Linear but lm_head
+
+Buffers (all in the state dict): qweight int32 [N, K // 8] (packed for `layout`), scales
+[K // G, N] (the activation dtype, float16 or bfloat16), zeros (None when symmetric), perm (None
+unless GPTQ act-order); bias is a frozen nn.Parameter in the activation dtype, or None. The extra
+state (`get_extra_state`) records in_features, out_features, group_size and layout.
+
+Layouts follow the device, at move time: `.to(device)` / `.cuda()` / `.cpu()` (nn.Module._apply)
+repack qweight when `layout_for_device(new device)` differs from `layout`, so forward never
+repacks. Loading a state dict saved under another layout (read from its extra state) repacks the
+incoming qweight into this module's layout; one saved with a different group size, or with or
+without zeros / perm, reshapes this module's buffers to match. (A state dict without the extra
+state, e.g. stored in safetensors, is taken to be in this module's layout.)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import formats
+from .int4 import (
+    K_MULTIPLE,
+    N_MULTIPLE,
+    SCALE_DTYPES,
+    Int4Weight,
+    check_shape,
+    layout_for_device,
+    layout_info,
+    pack_int4,
+    quantize_weight,
+    unpack_int4,
+)
+
+__all__ = ["W4A16Linear", "quantize_model"]
+
+log = logging.getLogger("ikport")
+_EXTRA_STATE_VERSION = 1
+
+
+class W4A16Linear(nn.Module):
+    """y = x @ W^T + b with W stored as INT4 codes and group scales (ikport.int4.Int4Weight).
+
+    The constructor builds an empty layer (codes 0, scales 1) to load a state dict into; the
+    `from_*` class methods build a filled one. forward runs `ikport.w4a16.w4a16_matmul` over x
+    flattened to 2-D (GPU: the W4A16 kernel; CPU: its reference), then adds the bias.
+    """
+
+    in_features: int
+    out_features: int
+    group_size: int
+    layout: str
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    perm: torch.Tensor | None
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        group_size: int | None = 128,
+        *,
+        symmetric: bool = True,
+        act_order: bool = False,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+        layout: str | None = None,
+    ) -> None:
+        super().__init__()
+        check_shape(out_features, in_features, "W4A16Linear")
+        if dtype not in SCALE_DTYPES:
+            raise TypeError(f"W4A16Linear: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        g = in_features if group_size in (None, -1) else group_size
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size = int(g)  # type: ignore[arg-type]
+        self.layout = layout_for_device(device) if layout is None else layout
+        layout_info(self.layout)
+        n, k = out_features, in_features
+        self.register_buffer("qweight", torch.zeros(n, k // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(k // self.group_size, n, dtype=dtype, device=device))
+        self.register_buffer("zeros", None if symmetric else
+                             torch.full((k // self.group_size, n), 8, dtype=dtype, device=device))
+        self.register_buffer("perm", torch.arange(k, device=device) if act_order else None)
+        self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        self._cached: tuple[tuple[Any, ...], Int4Weight] | None = None
+        _ = self.weight_int4  # validates group_size and the rest now, not at the first forward
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_int4(cls, weight: Int4Weight, bias: torch.Tensor | None = None) -> W4A16Linear:
+        """A layer holding `weight` (its tensors, not copies); bias (optional [N]) is cast to the
+        weight's dtype and device."""
+        if not isinstance(weight, Int4Weight):
+            raise TypeError(f"weight must be an Int4Weight, got {type(weight).__name__}")
+        layer = cls(weight.in_features, weight.out_features, bias=False, group_size=weight.group_size,
+                    dtype=weight.dtype, device="meta", layout=weight.layout)
+        layer.qweight, layer.scales = weight.qweight, weight.scales
+        layer.zeros, layer.perm = weight.zeros, weight.perm
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.out_features,):
+                raise ValueError(f"bias must be a tensor of shape [{weight.out_features}], got "
+                                 f"{getattr(bias, 'shape', type(bias).__name__)}")
+            b = bias.detach().to(weight.device, weight.dtype).contiguous()
+            layer.bias = nn.Parameter(b, requires_grad=False)
+        layer._cached = None
+        _ = layer.weight_int4
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int | None = 128,
+                    symmetric: bool = True) -> W4A16Linear:
+        """Quantize an nn.Linear (round to nearest, `ikport.int4.quantize_weight`) on its device.
+        A float32 Linear gets float16 scales and bias."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
+        w = quantize_weight(linear.weight.detach(), group_size, symmetric)
+        return cls.from_int4(w, linear.bias)
+
+    @classmethod
+    def from_gptq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                  g_idx: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                  **kwargs: Any) -> W4A16Linear:
+        """From one GPTQ layer's tensors (`ikport.formats.from_gptq`; kwargs go there: bits,
+        layout, checkpoint_format)."""
+        return cls.from_int4(formats.from_gptq(qweight, qzeros, scales, g_idx, **kwargs), bias)
+
+    @classmethod
+    def from_awq(cls, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                 bias: torch.Tensor | None = None, **kwargs: Any) -> W4A16Linear:
+        """From one AutoAWQ GEMM layer's tensors (`ikport.formats.from_awq`; kwargs: layout)."""
+        return cls.from_int4(formats.from_awq(qweight, qzeros, scales, **kwargs), bias)
+
+    # ---- the weight ---------------------------------------------------------------------------
+
+    @property
+    def weight_int4(self) -> Int4Weight:
+        """The layer's weight as an `Int4Weight` sharing the buffers (cached until a buffer object,
+        the group size or the layout changes)."""
+        key = (self.qweight, self.scales, self.zeros, self.perm, self.group_size, self.layout,
+               self.in_features, self.out_features)
+        cached = self._cached
+        if cached is not None and len(cached[0]) == len(key) and all(
+                a is b for a, b in zip(cached[0], key)):
+            return cached[1]
+        w = Int4Weight(self.qweight, self.scales, self.zeros, self.group_size, self.in_features,
+                       self.out_features, self.layout, self.perm)
+        self._cached = (key, w)
+        return w
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype (that of `scales`)."""
+        return self.scales.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., K] (the layer's dtype) -> [..., N] through `ikport.w4a16.w4a16_matmul`."""
+        from . import w4a16  # the kernel's dispatcher; imported when first used
+
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"W4A16Linear: x has {x.shape[-1]} features in its last dim, the "
+                             f"layer expects in_features={self.in_features}")
+        out = w4a16.w4a16_matmul(x.reshape(-1, self.in_features), self.weight_int4)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, group_size={self.group_size}, "
+                f"symmetric={self.zeros is None}, act_order={self.perm is not None}, "
+                f"layout={self.layout!r}, dtype={self.scales.dtype}")
+
+    # ---- device moves: repack for the new device's layout -------------------------------------
+
+    def _repack(self, layout: str) -> None:
+        if layout == self.layout:
+            return
+        codes = unpack_int4(self.qweight, self.layout, self.out_features, self.in_features)
+        self.qweight = pack_int4(codes, layout)
+        self.layout = layout
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> W4A16Linear:
+        old = {name: t.dtype for name, t in (("scales", self.scales), ("zeros", self.zeros),
+                                             ("bias", self.bias)) if t is not None}
+        self._cached = None  # drop the old tensors now: a move must not keep the source copies alive
+        super()._apply(fn, recurse)
+        if self.scales.dtype not in SCALE_DTYPES:
+            bad = self.scales.dtype
+            self.scales = self.scales.to(old["scales"])  # stay a valid layer
+            if self.zeros is not None:
+                self.zeros = self.zeros.to(old["zeros"])
+            if self.bias is not None:
+                self.bias.data = self.bias.data.to(old["bias"])
+            raise TypeError(f"W4A16Linear runs in float16 or bfloat16; it cannot be cast to {bad} "
+                            f"(kept {old['scales']})")
+        dev = self.qweight.device
+        if dev.type in ("cpu", "cuda"):
+            self._repack(layout_for_device(dev))
+        return self
+
+    # ---- state dict ---------------------------------------------------------------------------
+
+    def get_extra_state(self) -> dict[str, Any]:
+        """in_features, out_features, group_size and layout: the state dict's meaning."""
+        return {"version": _EXTRA_STATE_VERSION, "in_features": self.in_features,
+                "out_features": self.out_features, "group_size": self.group_size,
+                "layout": self.layout}
+
+    def set_extra_state(self, state: Any) -> None:
+        """Adopt the saved group size (the layout stays this module's: `_load_from_state_dict`
+        has already repacked the incoming codes)."""
+        if not isinstance(state, dict):
+            raise TypeError(f"W4A16Linear: unexpected extra state {state!r}")
+        self._check_features(state)
+        self.group_size = int(state.get("group_size", self.group_size))
+        self._cached = None
+
+    def _check_features(self, state: dict[str, Any]) -> None:
+        for name in ("in_features", "out_features"):
+            if name in state and int(state[name]) != getattr(self, name):
+                raise ValueError(f"W4A16Linear: the state dict has {name}={state[name]}, this "
+                                 f"layer has {getattr(self, name)}")
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any,
+                              strict: bool, missing_keys: list[str], unexpected_keys: list[str],
+                              error_msgs: list[str]) -> None:
+        extra = state_dict.get(prefix + "_extra_state")
+        if isinstance(extra, dict):
+            try:
+                self._check_features(extra)
+                layout_info(extra.get("layout", self.layout))
+            except ValueError as e:
+                error_msgs.append(str(e))
+                return
+            saved_layout = extra.get("layout", self.layout)
+            n, k = self.out_features, self.in_features
+            qw = state_dict.get(prefix + "qweight")
+            if (saved_layout != self.layout and isinstance(qw, torch.Tensor)
+                    and qw.dtype == torch.int32 and tuple(qw.shape) == (n, k // 8)):
+                state_dict[prefix + "qweight"] = pack_int4(unpack_int4(qw, saved_layout, n, k),
+                                                           self.layout)
+            # Optional buffers and the group size follow the checkpoint.
+            dev = self.qweight.device
+            for name, dtype in (("scales", self.scales.dtype), ("zeros", self.scales.dtype),
+                                ("perm", torch.int64)):
+                incoming = state_dict.get(prefix + name)
+                mine = getattr(self, name)
+                if isinstance(incoming, torch.Tensor):
+                    if mine is None or mine.shape != incoming.shape:
+                        self._buffers[name] = torch.empty(incoming.shape, dtype=dtype, device=dev)
+                elif name != "scales" and mine is not None:
+                    self._buffers[name] = None
+            if "group_size" in extra:
+                self.group_size = int(extra["group_size"])
+            self._cached = None
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        self._cached = None
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or p in name for p in patterns)
+
+
+def quantize_model(
+    model: nn.Module,
+    group_size: int | None = 128,
+    symmetric: bool = True,
+    exclude: str | Iterable[str] = ("lm_head",),
+) -> nn.Module:
+    """Replace, in place, every nn.Linear of `model` by `W4A16Linear.from_linear(...)`.
+
+    exclude: patterns matched against each Linear's qualified name (as in model.named_modules());
+    a Linear is kept in floating point when a pattern matches it as an fnmatch pattern
+    ("*.mlp.down_proj") or occurs in it as a substring ("lm_head" keeps "model.lm_head").
+    Linears whose shape the INT4 layouts cannot hold (out_features % 16 or in_features % 128 not 0)
+    are kept too, named in one warning on the "ikport" logger; so are the projections inside an
+    nn.MultiheadAttention, which reads their .weight directly. Biases are kept. Returns `model`
+    (or the new layer when `model` itself is an nn.Linear).
+    """
+    patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+    if isinstance(model, nn.Linear):
+        return model if _matches("", patterns) else W4A16Linear.from_linear(model, group_size, symmetric)
+    targets: list[tuple[str, nn.Module, str, nn.Linear]] = []
+    odd: list[str] = []
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, (W4A16Linear, nn.MultiheadAttention)):
+            continue
+        for child_name, child in parent.named_children():
+            if not isinstance(child, nn.Linear):
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if _matches(name, patterns):
+                continue
+            if child.out_features % N_MULTIPLE or child.in_features % K_MULTIPLE:
+                odd.append(f"{name} ({child.out_features}x{child.in_features})")
+                continue
+            targets.append((name, parent, child_name, child))
+    done: dict[int, W4A16Linear] = {}  # a Linear shared by two parents is quantized once
+    for _, parent, child_name, child in targets:
+        if id(child) not in done:
+            done[id(child)] = W4A16Linear.from_linear(child, group_size, symmetric)
+        setattr(parent, child_name, done[id(child)])
+    if odd:
+        log.warning("quantize_model: kept %d Linear layer(s) in floating point, their shape is not "
+                    "out_features %% %d == 0 and in_features %% %d == 0: %s",
+                    len(odd), N_MULTIPLE, K_MULTIPLE, ", ".join(odd))
+    return model
+

@@ -1,0 +1,177 @@
+"""Weight-only INT4 matrix product: `w4a16_matmul(x, weight)` = x @ W^T with W an `Int4Weight`.
+
+GPU tensors run kernels_src/w4a16.cuh; CPU tensors run `ikport.reference.w4a16_matmul` (the
+dequantized weight in fp32). The weight must be packed for the GPU's matrix-unit family
+(`weight.to(device)` repacks; `ikport.int4.layout_for_device` says which one a device wants).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import checks, configs, dispatch, reference
+from .backends.base import Backend
+from .int4 import Int4Weight, layout_for_device, layout_info
+from .kernels import Kernel, W4A16Params, get_kernel
+from .launch import raw_stream, split_counters
+from .manifest import spec
+
+# Journey variants a caller (the benchmark) may force; None picks the default, "mma".
+#   naive        v0: one warp per 16 output columns, scalar unpacking, x read element by element
+#   gemv-scalar  v1: 4 warps split K, x staged in shared memory, codes unpacked one at a time
+#   gemv         v2: + "magic number" unpacking, two codes to one fp16/bf16 pair per OR
+#   mma-nosplit  v3: the matrix units (B fragments built in registers from the packed codes), x
+#                    shared by 4 warps side by side along N, one block column per 128 outputs
+#   mma          v4: + split-K across blocks chosen from the SM count (default)
+VARIANTS = ("naive", "gemv-scalar", "gemv", "mma-nosplit", "mma")
+_DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def w4a16_matmul(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    *,
+    out: torch.Tensor | None = None,
+    variant: str | None = None,
+) -> torch.Tensor:
+    """out[..., N] = x[..., K] @ W^T, W dequantized from 4-bit codes: (q - z) * s per group.
+
+    Args:
+        x: [..., K] fp16/bf16 activations (fp32 too on the CPU), the dtype of `weight.scales`.
+            Any leading dims; rows must be 16-byte aligned (a contiguous tensor is).
+        weight: an `Int4Weight` (`ikport.int4.quantize_weight`, `ikport.formats.from_gptq` /
+            `from_awq`) on x's device, packed for it.
+        out: optional contiguous [..., N] tensor of x's dtype to write into.
+        variant: force a journey variant (see VARIANTS); default "mma".
+
+    Returns:
+        [..., N] in x's dtype.
+
+    Example:
+        >>> w = ikport.quantize_weight(torch.randn(4096, 4096, device="cuda", dtype=torch.float16))
+        >>> y = ikport.w4a16_matmul(torch.randn(1, 4096, device="cuda", dtype=torch.float16), w)
+    """
+    if torch.compiler.is_compiling():  # traced: one custom-op node (ikport/ops.py)
+        from .ops import traced_w4a16_matmul
+
+        return traced_w4a16_matmul(x, weight, out=out, variant=variant)
+    checks.w4a16(x, weight, out)
+    if variant is not None and variant not in VARIANTS:
+        raise ValueError(f"unknown w4a16 variant {variant!r}; choose from {VARIANTS}")
+    backend = dispatch.backend_for(x.device)
+    if backend is None:
+        result = reference.w4a16_matmul(x, weight)
+        if out is None:
+            return result
+        out.copy_(result)
+        return out
+    want = layout_for_device(x.device)
+    if weight.layout != want:
+        raise ValueError(f"weight is packed as {weight.layout!r} but {x.device} runs {want!r}: "
+                         f"use weight.to({str(x.device)!r}) (repacks once)")
+    N, K = weight.out_features, weight.in_features
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if weight.perm is not None:  # act-order checkpoint: codes are stored in sorted-group order
+        x2 = x2.index_select(1, weight.perm)
+    checks.vector_rows("x", x2)
+    M = x2.shape[0]
+    if out is None:
+        out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+    if M == 0:
+        return out
+    _launch(backend, x2, weight, out.view(M, N), variant)
+    return out
+
+
+# ---- GPU path ------------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    device: int
+    kernel: Kernel
+    grid: tuple[int, int, int]
+    block: tuple[int, int, int]
+    shared_bytes: int
+    num_splits: int
+    chunks_per_split: int
+
+
+_plans: dict[tuple, _Plan] = {}
+
+
+def _plan(backend: Backend, dev: int, dtype: torch.dtype, M: int, N: int, K: int, layout: str,
+          variant: str | None) -> _Plan:
+    key = (backend.name, dev, dtype, M, N, K, layout, variant)
+    plan = _plans.get(key)
+    if plan is not None:
+        return plan
+    variant = variant or "mma"
+    info = backend.device_info(dev)
+    warp = info.warp_size
+    dt = _DTYPE_NAME[dtype]
+    chunk_k = layout_info(layout).chunk_k
+    if variant == "naive":
+        kernel = get_kernel(spec("w4a16", "naive", dtype=dt), backend, dev)
+        plan = _Plan(dev, kernel, (N // 16, M, 1), (warp, 1, 1), 0, 1, K // chunk_k)
+    elif variant in ("gemv-scalar", "gemv"):
+        smem = K * dtype.itemsize
+        if smem > info.max_smem_per_block:
+            raise ValueError(f"variant {variant!r} stages x in shared memory: K={K} needs {smem} B, "
+                             f"the device allows {info.max_smem_per_block} B")
+        kernel = get_kernel(spec("w4a16", "gemv", dtype=dt, magic=variant == "gemv",
+                                 warps=configs.W4A16_GEMV_WARPS), backend, dev)
+        plan = _Plan(dev, kernel, (N // 16, M, 1), (configs.W4A16_GEMV_WARPS * warp, 1, 1), smem, 1,
+                     K // chunk_k)
+    else:
+        cfg = configs.w4a16_config(m=M, n=N, k=K, chunk_k=chunk_k, sm_count=info.sm_count,
+                                   num_splits=1 if variant == "mma-nosplit" else None)
+        kernel = get_kernel(spec("w4a16", "mma", dtype=dt, m_tiles=cfg.m_tiles, n_tiles=cfg.n_tiles,
+                                 warps=cfg.warps), backend, dev)
+        plan = _Plan(dev, kernel, cfg.grid, (cfg.warps * warp, 1, 1), 0, cfg.num_splits,
+                     cfg.chunks_per_split)
+    logging.getLogger("ikport").debug(
+        "plan w4a16 %s %s M=%d N=%d K=%d -> %s grid=%s block=%s smem=%d splits=%d",
+        backend.name, dtype, M, N, K, plan.kernel.spec.uri, plan.grid, plan.block,
+        plan.shared_bytes, plan.num_splits)
+    if len(_plans) > 4096:
+        _plans.clear()
+    _plans[key] = plan
+    return plan
+
+
+def _group_log2(group_size: int) -> int:
+    """The kernels find a group with a shift: log2 G, or 31 for one non-power-of-two group
+    spanning all of K (per-channel), which every k < 2**31 shifts to group 0."""
+    if group_size & (group_size - 1) == 0:
+        return group_size.bit_length() - 1
+    return 31
+
+
+def _launch(backend: Backend, x: torch.Tensor, weight: Int4Weight, out: torch.Tensor,
+            variant: str | None) -> None:
+    M, K = x.shape
+    N = weight.out_features
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    plan = _plan(backend, dev, x.dtype, M, N, K, weight.layout, variant)
+    S = plan.num_splits
+    stream = raw_stream(dev)
+    partials = counters = None
+    counters_ptr = 0
+    if S > 1:
+        partials = torch.empty(S * M * N, dtype=torch.float32, device=x.device)
+        n_counters = plan.grid[0] * plan.grid[2]
+        counters_ptr = split_counters(backend, dev, stream, n_counters)
+        if not counters_ptr:  # capturing a graph: zeroed inside it, so every replay starts clean
+            counters = torch.zeros(n_counters, dtype=torch.int32, device=x.device)
+            counters_ptr = counters.data_ptr()
+    zeros = weight.zeros
+    p = W4A16Params(
+        x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
+        zeros.data_ptr() if zeros is not None else 0, out.data_ptr(),
+        partials.data_ptr() if partials is not None else 0, counters_ptr,
+        x.stride(0), out.stride(0), M, N, K, _group_log2(weight.group_size), S, plan.chunks_per_split,
+    )
+    plan.kernel.launch(plan.grid, plan.block, plan.shared_bytes, p, stream)

@@ -1,0 +1,101 @@
+"""W4A16 on the CPU: the reference path, input checks, the custom op, launch configurations."""
+
+import pytest
+import torch
+
+import ikport
+from ikport import checks, configs, int4, w4a16
+
+
+def weight(n=128, k=256, dtype=torch.float16, **kw):
+    g = torch.Generator().manual_seed(n + k)
+    return ikport.quantize_weight(torch.randn(n, k, generator=g).to(dtype), **kw)
+
+
+def test_cpu_path_is_the_dequantized_product():
+    wq = weight(group_size=64, symmetric=False)
+    x = torch.randn(3, 256, dtype=torch.float16)
+    ref = (x.float() @ wq.dequantize().T).half()
+    assert torch.equal(ikport.w4a16_matmul(x, wq), ref)
+    out = torch.empty(3, 128, dtype=torch.float16)
+    assert ikport.w4a16_matmul(x, wq, out=out) is out and torch.equal(out, ref)
+    # fp32 activations are fine on the CPU (the reference computes in fp32 anyway)
+    assert ikport.w4a16_matmul(x.float(), wq).dtype == torch.float32
+
+
+def test_quantized_product_is_close_to_the_float_one():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(256, 1024, generator=g)
+    x = torch.randn(4, 1024, generator=g)
+    y = ikport.w4a16_matmul(x, ikport.quantize_weight(w.half()))
+    rel = ((y - x @ w.T).norm() / (x @ w.T).norm()).item()
+    assert 0.01 < rel < 0.15  # INT4 g128 quantization error, not an exact product
+
+
+def test_checks_name_the_problem():
+    wq = weight()
+    with pytest.raises(TypeError, match="Int4Weight"):
+        ikport.w4a16_matmul(torch.randn(2, 256), torch.randn(128, 256))
+    with pytest.raises(ValueError, match="in_features 256"):
+        ikport.w4a16_matmul(torch.randn(2, 255), wq)
+    with pytest.raises(TypeError, match="not supported"):
+        ikport.w4a16_matmul(torch.randn(2, 256).to(torch.int32), wq)
+    with pytest.raises(ValueError, match="out must be"):
+        ikport.w4a16_matmul(torch.randn(2, 256), wq, out=torch.empty(2, 127))
+    with pytest.raises(ValueError, match="unknown w4a16 variant"):
+        ikport.w4a16_matmul(torch.randn(2, 256, dtype=torch.float16), wq, variant="turbo")
+    # the GPU's own limits, checked without a GPU
+    with pytest.raises(TypeError, match="scales are"):
+        checks.w4a16(torch.randn(2, 256, dtype=torch.bfloat16), wq, None, gpu=True)
+    with pytest.raises(TypeError, match="not supported"):
+        checks.w4a16(torch.randn(2, 256), wq, None, gpu=True)
+
+
+def test_custom_op_and_compile():
+    wq = weight(symmetric=False)
+    x = torch.randn(5, 256, dtype=torch.float16)
+    torch.library.opcheck(
+        torch.ops.ikport.w4a16_matmul.default,
+        (x, wq.qweight, wq.scales, wq.zeros, wq.perm, wq.group_size, 256, 128, wq.layout, None))
+    f = torch.compile(lambda t: ikport.w4a16_matmul(t, wq), fullgraph=True, backend="eager")
+    assert torch.equal(f(x), ikport.w4a16_matmul(x, wq))
+
+
+@pytest.mark.parametrize("shape,splits", [
+    ((1, 4096, 4096), 16),    # W1: 32 column blocks, split K to fill 132 SMs
+    ((1, 14336, 4096), 5),    # W2: 112 column blocks
+    ((1, 4096, 14336), 16),   # W3
+    ((16, 4096, 4096), 16),   # M=16 still one row block
+])
+def test_split_k_fills_the_gpu(shape, splits):
+    M, N, K = shape
+    cfg = configs.w4a16_config(m=M, n=N, k=K, chunk_k=64, sm_count=132)
+    assert cfg.num_splits == splits
+    assert cfg.num_splits * cfg.chunks_per_split >= K // 64 > (cfg.num_splits - 1) * cfg.chunks_per_split
+    assert cfg.chunks_per_split >= configs.W4A16_MIN_CHUNKS_PER_SPLIT
+    assert cfg.grid == (-(-N // 128), cfg.num_splits, 1)
+
+
+@pytest.mark.parametrize("M,m_tiles,row_blocks", [(1, 1, 1), (16, 1, 1), (17, 2, 1), (32, 2, 1),
+                                                 (33, 4, 1), (64, 4, 1), (65, 4, 2), (2048, 4, 32)])
+def test_row_tiles(M, m_tiles, row_blocks):
+    cfg = configs.w4a16_config(m=M, n=4096, k=4096, chunk_k=64, sm_count=132)
+    assert (cfg.m_tiles, cfg.grid[2]) == (m_tiles, row_blocks)
+
+
+def test_no_split_variant_and_overrides():
+    assert configs.w4a16_config(m=1, n=4096, k=4096, chunk_k=64, sm_count=132, num_splits=1).num_splits == 1
+    configs.w4a16_overrides["num_splits"] = 3
+    try:
+        cfg = configs.w4a16_config(m=1, n=4096, k=4096, chunk_k=64, sm_count=132)
+        assert (cfg.num_splits, cfg.chunks_per_split) == (3, 22)
+    finally:
+        configs.w4a16_overrides.clear()
+    # more splits than chunks never launches empty splits
+    cfg = configs.w4a16_config(m=1, n=16, k=128, chunk_k=128, sm_count=132)
+    assert cfg.num_splits == 1 and cfg.chunks_per_split == 1
+
+
+def test_variants_are_listed():
+    assert w4a16.VARIANTS[-1] == "mma" and "naive" in w4a16.VARIANTS
+    assert int4.layout_for_device("cpu") in int4.LAYOUTS

@@ -1,0 +1,178 @@
+"""W4A16 kernels on the GPU against the fp32 reference (nox -s test-cuda / test-hip).
+
+Every case: fresh random weights and activations (never zeros), the output pre-filled with NaN
+(poisoned) and passed as `out=`, so an element the kernel fails to write fails the test.
+Reference: x (fp32) @ W^T with W dequantized in fp32. The kernel rounds each dequantized weight
+to x's dtype once (what a dequantize-then-matmul in that dtype does) and accumulates in fp32, so
+the error bound is relative to the output's scale: max abs error <= TOL * max |reference|, with
+TOL fp16 2e-3, bf16 1.6e-2 (a few units in the last place of each format).
+"""
+
+import pytest
+import torch
+
+import ikport
+from ikport import int4, reference, w4a16
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nox -s test-cuda)"),
+]
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DTYPES = [torch.float16, torch.bfloat16]
+DEV = "cuda"
+
+
+def make_weight(n, k, dtype, gen, *, group_size=128, symmetric=True):
+    w = torch.randn(n, k, generator=gen, device=DEV, dtype=torch.float32).to(dtype)
+    return ikport.quantize_weight(w, group_size=group_size, symmetric=symmetric)
+
+
+def run(x, weight, variant=None):
+    out = torch.full((*x.shape[:-1], weight.out_features), float("nan"), dtype=x.dtype, device=DEV)
+    res = ikport.w4a16_matmul(x, weight, out=out, variant=variant)
+    assert res is out
+    return out
+
+
+def check(out, x, weight):
+    ref = reference.w4a16_matmul(x.float(), weight)
+    assert torch.isfinite(out).all(), "kernel left NaN (unwritten or bad math)"
+    err = (out.float() - ref).abs().max().item()
+    bound = TOL[x.dtype] * ref.abs().max().item()
+    assert err <= bound, f"max abs error {err:.3e} > {bound:.3e}"
+
+
+SHAPES = [  # M, N, K
+    (1, 16, 128), (1, 48, 384), (1, 272, 1024), (3, 128, 128), (7, 400, 640), (16, 256, 512),
+    (17, 144, 256), (33, 96, 1024), (64, 128, 384), (100, 80, 256), (1, 4096, 4096),
+    (5, 1024, 14336),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-N{}-K{}".format(*s))
+def test_default_matches_reference(shape, dtype):
+    M, N, K = shape
+    g = torch.Generator(device=DEV).manual_seed(M * 7 + N + K)
+    wq = make_weight(N, K, dtype, g)
+    x = torch.randn(M, K, generator=g, device=DEV, dtype=torch.float32).to(dtype)
+    check(run(x, wq), x, wq)
+
+
+@pytest.mark.parametrize("variant", w4a16.VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", [(1, 48, 384), (3, 272, 256), (17, 128, 1024)],
+                         ids=lambda s: "M{}-N{}-K{}".format(*s))
+def test_every_variant_matches_reference(shape, dtype, variant):
+    M, N, K = shape
+    g = torch.Generator(device=DEV).manual_seed(M + N + K)
+    wq = make_weight(N, K, dtype, g)
+    x = torch.randn(M, K, generator=g, device=DEV, dtype=torch.float32).to(dtype)
+    check(run(x, wq, variant), x, wq)
+
+
+@pytest.mark.parametrize("variant", ["naive", "gemv-scalar", "gemv", "mma"])
+@pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, None], ids=["g32", "g64", "g128", "perchannel"])
+def test_group_sizes_and_zero_points(group_size, symmetric, variant):
+    g = torch.Generator(device=DEV).manual_seed(11)
+    for dtype in DTYPES:
+        wq = make_weight(160, 640, dtype, g, group_size=group_size, symmetric=symmetric)
+        assert (wq.zeros is None) == symmetric
+        x = torch.randn(5, 640, generator=g, device=DEV, dtype=torch.float32).to(dtype)
+        check(run(x, wq, variant), x, wq)
+
+
+def test_split_k_is_deterministic_and_counters_reset():
+    g = torch.Generator(device=DEV).manual_seed(3)
+    wq = make_weight(4096, 4096, torch.float16, g)  # W1: split K across blocks
+    x = torch.randn(1, 4096, generator=g, device=DEV, dtype=torch.float16)
+    plan = w4a16._plan(ikport.dispatch.backend_for(x.device), x.device.index or 0, x.dtype, 1,
+                       4096, 4096, wq.layout, None)
+    assert plan.num_splits > 1
+    first = run(x, wq)
+    for _ in range(5):  # a counter left non-zero would make a later call skip or double its merge
+        assert torch.equal(run(x, wq), first)
+    check(first, x, wq)
+
+
+def test_leading_dims_and_strided_rows():
+    g = torch.Generator(device=DEV).manual_seed(5)
+    wq = make_weight(256, 512, torch.bfloat16, g)
+    x = torch.randn(2, 3, 512, generator=g, device=DEV, dtype=torch.float32).to(torch.bfloat16)
+    out = ikport.w4a16_matmul(x, wq)
+    assert out.shape == (2, 3, 256)
+    check(out.view(6, 256), x.view(6, 512), wq)
+    big = torch.randn(4, 640, generator=g, device=DEV, dtype=torch.float32).to(torch.bfloat16)
+    xs = big[:, 64:576]  # row stride 640: a slice of a larger buffer, no copy
+    check(ikport.w4a16_matmul(xs, wq), xs, wq)
+
+
+def test_act_order_permutation():
+    g = torch.Generator(device=DEV).manual_seed(9)
+    N, K, G = 128, 512, 128
+    codes = torch.randint(0, 16, (N, K), generator=g, device=DEV, dtype=torch.int32).to(torch.uint8)
+    scales = (torch.rand(K // G, N, generator=g, device=DEV) * 0.02 + 0.005).half()
+    perm = torch.randperm(K, generator=g, device=DEV)
+    wq = int4.Int4Weight.from_codes(codes, scales, None, G, perm=perm)
+    x = torch.randn(3, K, generator=g, device=DEV, dtype=torch.float16)
+    check(run(x, wq), x, wq)  # dequantize() undoes perm: the reference sees the original order
+
+
+def test_cuda_graph_replay_matches_eager():
+    g = torch.Generator(device=DEV).manual_seed(13)
+    wq = make_weight(4096, 4096, torch.float16, g)
+    x = torch.randn(2, 4096, generator=g, device=DEV, dtype=torch.float16)
+    static_x = x.clone()
+    ikport.w4a16_matmul(static_x, wq)  # compile and plan outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = ikport.w4a16_matmul(static_x, wq)
+    torch.cuda.current_stream().wait_stream(s)
+    for i in range(3):
+        static_x.copy_(torch.randn(2, 4096, generator=g, device=DEV, dtype=torch.float16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, ikport.w4a16_matmul(static_x, wq)), f"replay {i}"
+
+
+def test_torch_compile_fullgraph():
+    g = torch.Generator(device=DEV).manual_seed(17)
+    wq = make_weight(256, 512, torch.float16, g)
+    x = torch.randn(4, 512, generator=g, device=DEV, dtype=torch.float16)
+    f = torch.compile(lambda t: ikport.w4a16_matmul(t, wq) * 2, fullgraph=True)
+    assert torch.equal(f(x), ikport.w4a16_matmul(x, wq) * 2)
+
+
+def test_nn_module_on_gpu():
+    from ikport import nn as iknn
+
+    lin = torch.nn.Linear(512, 384, bias=True).to(DEV, torch.float16)
+    q = iknn.W4A16Linear.from_linear(lin, group_size=128)
+    x = torch.randn(2, 5, 512, device=DEV, dtype=torch.float16)
+    y = q(x)
+    ref = x.float() @ q.weight_int4.dequantize().T + lin.bias.float()
+    assert (y.float() - ref).abs().max().item() <= 2e-3 * ref.abs().max().item() + 1e-3
+
+
+def test_bad_inputs_raise_before_launch():
+    g = torch.Generator(device=DEV).manual_seed(19)
+    wq = make_weight(128, 256, torch.float16, g)
+    x = torch.randn(2, 256, generator=g, device=DEV, dtype=torch.float16)
+    with pytest.raises(TypeError, match="scales are"):
+        ikport.w4a16_matmul(x.bfloat16(), wq)
+    with pytest.raises(ValueError, match="in_features"):
+        ikport.w4a16_matmul(x[:, :128], wq)
+    with pytest.raises(ValueError, match="16 bytes|aligned"):
+        ikport.w4a16_matmul(torch.randn(2, 257, device=DEV, dtype=torch.float16)[:, 1:], wq)
+    with pytest.raises(ValueError, match="on cpu|cpu"):
+        ikport.w4a16_matmul(x.cpu(), wq)
+    other = "amd_mfma16" if wq.layout != "amd_mfma16" else "nv_m16n8k16"
+    with pytest.raises(ValueError, match="packed as"):
+        ikport.w4a16_matmul(x, wq.with_layout(other))
+    with pytest.raises(ValueError, match="unknown w4a16 variant"):
+        ikport.w4a16_matmul(x, wq, variant="fast")
