@@ -120,12 +120,15 @@ def decode_config(
 
 # ---- W4A16 (kernels_src/w4a16.cuh) ---------------------------------------------------------------
 W4A16_GEMV_WARPS = 4  # journey GEMV variants: warps splitting K per 16-column tile
-W4A16_WARPS = 4  # matrix-unit kernel: warps side by side along N
-W4A16_N_TILES = 2  # 16-column tiles per warp: 4 x 2 x 16 = 128 output columns per block
-# ... and 1 with 4 row tiles, where two fp32 accumulator sets of 4 x 2 tiles would spill
+W4A16_WARPS = (4, 8)  # matrix-unit kernel: warps splitting the block's K range (8 for few blocks)
+W4A16_N_TILES = 2  # 16-column tiles per block: 32 output columns
+# ... and 1 with 4 row tiles (4 x 2 tiles of fp32 accumulators would crowd the registers)
 W4A16_M_TILES = (1, 2, 4)  # 16-row tiles of x per block (M > 64 adds blocks along M)
-W4A16_BLOCKS_PER_SM = 4  # split K until the grid holds about this many blocks per SM
-W4A16_MIN_CHUNKS_PER_SPLIT = 4  # ... but each split streams at least this many K chunks
+W4A16_WARPS_PER_SM = 12  # aim for about this many streaming warps per SM (w4a16-tuning-v5b-h100.json)
+W4A16_MIN_CHUNKS_PER_WARP = 2  # split K across blocks only while each warp keeps this many chunks
+# From this many rows of x, dequantize to a dense weight once and use the vendor's GEMM
+# (prefill-sized M: the product is compute-bound and a tuned dense GEMM wins).
+W4A16_DENSE_MIN_M = 128
 
 # Benchmarks and tuning runs may pin any W4A16Config field here; clear ikport.w4a16._plans after.
 w4a16_overrides: dict[str, int] = {}
@@ -143,21 +146,24 @@ class W4A16Config:
 
 def w4a16_config(*, m: int, n: int, k: int, chunk_k: int, sm_count: int,
                  num_splits: int | None = None) -> W4A16Config:
-    """Tiles and split-K for the matrix-unit kernel. The weights dominate every decode-sized M,
-    so the grid must hold enough blocks to keep every SM streaming: split K when the output alone
-    gives too few blocks (W1/W3: 32 column blocks for 132 SMs)."""
+    """Tiles, warps and split-K for the matrix-unit kernel. The weights dominate every
+    decode-sized M, so the grid must hold enough warps to keep every SM streaming."""
     o = w4a16_overrides
     m_tiles = o.get("m_tiles") or next((t for t in W4A16_M_TILES if m <= 16 * t), W4A16_M_TILES[-1])
     n_tiles = o.get("n_tiles", W4A16_N_TILES if m_tiles < 4 else 1)
-    warps = o.get("warps", W4A16_WARPS)
-    col_blocks = -(-n // (16 * n_tiles * warps))
+    col_blocks = -(-n // (16 * n_tiles))
     row_blocks = -(-m // (16 * m_tiles))
     chunks = k // chunk_k
+    target = o.get("warps_per_sm", W4A16_WARPS_PER_SM) * sm_count
+    # Few output tiles (W1/W3: 128 blocks of 32 columns for 132 SMs): bigger blocks first, since
+    # their warps split K inside the block and add up in shared memory; split K across blocks
+    # (partial sums in memory, a counter, a last-block merge) only beyond that.
+    warps = o.get("warps") or (W4A16_WARPS[1] if col_blocks * row_blocks * W4A16_WARPS[0] < target
+                               else W4A16_WARPS[0])
     num_splits = o.get("num_splits", num_splits)
     if num_splits is None:
-        target = o.get("blocks_per_sm", W4A16_BLOCKS_PER_SM) * sm_count
-        num_splits = -(-target // (col_blocks * row_blocks))
-        num_splits = min(num_splits, max(1, chunks // W4A16_MIN_CHUNKS_PER_SPLIT))
+        num_splits = -(-target // (col_blocks * row_blocks * warps))
+        num_splits = min(num_splits, max(1, chunks // (W4A16_MIN_CHUNKS_PER_WARP * warps)))
     num_splits = max(1, min(num_splits, chunks))
     per_split = -(-chunks // num_splits)
     num_splits = -(-chunks // per_split)  # no empty splits

@@ -60,6 +60,7 @@ class Launch:
     dynamic_shared_bytes: int  # requested at launch, on top of the static shared memory
     async_copy: bool  # the kernel calls the ik::cp_async* shim on its hot path
     matrix: bool  # the kernel calls the ik::mma shim
+    smem_fragments: bool = True  # ... and loads fragments from shared memory (ldmatrix on NVIDIA)
 
 
 def parse_uri(uri: str) -> tuple[str, str, dict[str, Any]]:
@@ -95,8 +96,11 @@ def launch_shape(uri: str, warp_size: int) -> Launch | None:
     if (family, kernel) == ("w4a16", "gemv"):
         # the row of x in dynamic shared memory: K elements (Llama's K = 4096 shown)
         return Launch(p["warps"] * warp_size, 4096 * 2, False, False)
+    if (family, kernel) == ("w4a16", "dequant"):
+        return Launch(256, 0, False, False)
     if (family, kernel) == ("w4a16", "mma"):
-        return Launch(p["warps"] * warp_size, 0, True, True)  # static shared memory only
+        # static shared memory only; fragments built in registers (A from global memory)
+        return Launch(p["warps"] * warp_size, 0, True, True, smem_fragments=False)
     return None
 
 
@@ -214,7 +218,7 @@ class Check:
 def instruction_checks(row: CompileRow, launch: Launch | None) -> list[Check]:
     """Did each shim become the vendor's instruction exactly where the kernel uses it?
     mma: mma.sync (PTX) / v_mfma (CDNA) / v_wmma (RDNA3) > 0 in kernels that use ik::mma, 0 elsewhere.
-    ldmatrix: NVIDIA only, with the mma shim. cp_async: cp.async.cg > 0 where the kernel uses the
+    ldmatrix: NVIDIA only, with the mma shim loading fragments from shared memory. cp_async: cp.async.cg > 0 where the kernel uses the
     async-copy shim and the arch has cp.async (ArchFacts.async_copy), 0 elsewhere (AMD: a plain
     load + LDS store). Rows that failed, or whose route gives no ISA text (hipRTC), are not checked."""
     if row.status != "ok" or row.compiler in NO_ASSEMBLY_ROUTES or launch is None:
@@ -222,7 +226,7 @@ def instruction_checks(row: CompileRow, launch: Launch | None) -> list[Check]:
     facts = ARCH_TABLE[row.target]
     want = {"mma": launch.matrix}
     if facts.vendor == "cuda":
-        want["ldmatrix"] = launch.matrix
+        want["ldmatrix"] = launch.matrix and launch.smem_fragments
     want["cp_async"] = launch.async_copy and facts.async_copy
     checks = []
     for name, positive in want.items():
@@ -765,6 +769,12 @@ The GEMV journey steps: {nv_warps} warps (NVIDIA) or {cdna_warps} waves (CDNA) s
 a magic exponent turns two codes into an fp16/bf16 pair). Per-column sums cross the warp with the
 same butterfly on wave32 and wave64. {nv_regs} registers (sm_90), {cdna_regs} VGPRs (gfx942),
 {rdna_regs} (gfx1100).""",
+    "w4a16.dequant": """\
+Dequantizes the packed weight into a dense `[N, K]` for prefill-sized M, where the vendor's dense
+GEMM takes over: one thread per 16-byte lane vector, the same `int4_pair` unpacking as the
+matrix-unit kernel, into a shared-memory tile ({nv_smem} bytes on sm_90, {cdna_smem} on gfx942)
+written out in 16-byte rows. {nv_regs} registers on sm_90,
+{cdna_regs} VGPRs on gfx942, {rdna_regs} on gfx1100.""",
     "w4a16.mma": """\
 The default W4A16 kernel: INT4 codes unpacked in registers straight into the B fragment of the
 target's matrix instruction ({nv_mma} `mma.sync` in the sm_90 PTX, {cdna_mma} `v_mfma` on gfx942,

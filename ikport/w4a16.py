@@ -25,8 +25,11 @@ from .manifest import spec
 #   gemv         v2: + "magic number" unpacking, two codes to one fp16/bf16 pair per OR
 #   mma-nosplit  v3: the matrix units (B fragments built in registers from the packed codes), x
 #                    shared by 4 warps side by side along N, one block column per 128 outputs
-#   mma          v4: + split-K across blocks chosen from the SM count (default)
-VARIANTS = ("naive", "gemv-scalar", "gemv", "mma-nosplit", "mma")
+#   mma          v4: + split-K across blocks chosen from the SM count (default below
+#                    configs.W4A16_DENSE_MIN_M rows)
+#   dequant-gemm     the weights dequantized to a dense [N, K] in x's dtype by one kernel, then
+#                    torch's dense matmul (default from configs.W4A16_DENSE_MIN_M rows: prefill)
+VARIANTS = ("naive", "gemv-scalar", "gemv", "mma-nosplit", "mma", "dequant-gemm")
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -97,6 +100,7 @@ class _Plan:
     shared_bytes: int
     num_splits: int
     chunks_per_split: int
+    dense: bool = False  # the kernel writes a dense weight; torch's matmul does the product
 
 
 _plans: dict[tuple, _Plan] = {}
@@ -108,7 +112,7 @@ def _plan(backend: Backend, dev: int, dtype: torch.dtype, M: int, N: int, K: int
     plan = _plans.get(key)
     if plan is not None:
         return plan
-    variant = variant or "mma"
+    variant = variant or ("dequant-gemm" if M >= configs.W4A16_DENSE_MIN_M else "mma")
     info = backend.device_info(dev)
     warp = info.warp_size
     dt = _DTYPE_NAME[dtype]
@@ -116,6 +120,11 @@ def _plan(backend: Backend, dev: int, dtype: torch.dtype, M: int, N: int, K: int
     if variant == "naive":
         kernel = get_kernel(spec("w4a16", "naive", dtype=dt), backend, dev)
         plan = _Plan(dev, kernel, (N // 16, M, 1), (warp, 1, 1), 0, 1, K // chunk_k)
+    elif variant == "dequant-gemm":
+        kernel = get_kernel(spec("w4a16", "dequant", dtype=dt), backend, dev)
+        chunks_per_block = 256 // layout_info(layout).unique_lanes  # one lane vector a thread
+        plan = _Plan(dev, kernel, (N // 16, -(-(K // chunk_k) // chunks_per_block), 1), (256, 1, 1),
+                     0, 1, K // chunk_k, dense=True)
     elif variant in ("gemv-scalar", "gemv"):
         smem = K * dtype.itemsize
         if smem > info.max_smem_per_block:
@@ -168,6 +177,14 @@ def _launch(backend: Backend, x: torch.Tensor, weight: Int4Weight, out: torch.Te
             counters = torch.zeros(n_counters, dtype=torch.int32, device=x.device)
             counters_ptr = counters.data_ptr()
     zeros = weight.zeros
+    if plan.dense:  # dequantize once into a dense [N, K], then the vendor's GEMM
+        dense = torch.empty((N, K), dtype=x.dtype, device=x.device)
+        p = W4A16Params(0, weight.qweight.data_ptr(), weight.scales.data_ptr(),
+                        zeros.data_ptr() if zeros is not None else 0, dense.data_ptr(), 0, 0,
+                        0, K, 0, N, K, _group_log2(weight.group_size), 1, plan.chunks_per_split)
+        plan.kernel.launch(plan.grid, plan.block, 0, p, stream)
+        torch.matmul(x, dense.T, out=out)
+        return
     p = W4A16Params(
         x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
         zeros.data_ptr() if zeros is not None else 0, out.data_ptr(),

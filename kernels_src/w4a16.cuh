@@ -182,184 +182,192 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_gemv(W4A16Params p
 }
 
 // ---------------------------------------------------------------------------------------------
-// Matrix-unit path (default for every M): each warp owns NT 16-column tiles and MT 16-row tiles
-// of x; the block's WARPS warps sit side by side along N and walk the same K chunks, so a slab of
-// x (and the slab's scales and zero points for the block's columns) staged in shared memory serves
-// them all. Each lane keeps kDepth chunks of its weight vectors in flight (a cp.async ring) and
-// unpacks them straight into B fragments as exact q - z (int4_pair_unscaled: two codes per OR and
-// one subtract); the matrix unit sums (q - z) * x over a group in fp32, and the group's scales
-// multiply that sum once per output element (fp32) when the group ends. Split-K: blockIdx.y takes
-// chunks_per_split chunks; partial sums go to `partials`, and the last block of each output tile
-// to finish (a counter) adds them up in split order (deterministic) and writes the output,
-// resetting its counter for the next call or graph replay.
-// grid (ceil(N / (16 NT WARPS)), num_splits, ceil(M / (16 MT))), block WARPS warps.
+// Matrix-unit path (default up to configs.W4A16_DENSE_MIN_M rows). Each warp streams its own
+// contiguous K range of the block's NT 16-column tiles with no block-wide barrier in the loop: a
+// per-lane cp.async ring keeps kDepth chunks of weights and of the matching scales (one 16-column
+// row of scales per tile, zero points likewise) in flight. Codes become B fragments in registers
+// as exact q - z (int4_pair_unscaled); x becomes A fragments straight from global memory (tiny and
+// read by every block, so it stays in L1/L2); the matrix unit sums (q - z) * x over a group in
+// fp32, and the group's scales multiply that sum once per output element when the group ends.
+// The block's warps then add their partial tiles in shared memory. Split-K across blocks:
+// blockIdx.y takes chunks_per_split chunks; partial sums go to `partials`, and the last block of
+// each output tile to finish (a counter) adds them in split order (deterministic), writes the
+// output and resets its counter for the next call or graph replay.
+// grid (N / (16 NT), num_splits, ceil(M / (16 MT))), block WARPS warps.
 template <class T, int MT, int NT, int WARPS>
 __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p) {
   using L = w4::L;
-  constexpr int kRows = 16 * MT;
-  constexpr int kSlabK = 512 / MT;  // k of x staged per slab
-  static_assert(kSlabK % w4::kChunk == 0, "a slab holds whole chunks");
-  constexpr int kSlabChunks = kSlabK / w4::kChunk;
-  constexpr int kLd = kSlabK + 8;  // rows stay 16-byte aligned; +16 B shifts ldmatrix banks
+  constexpr int kRows = 16 * MT, kCols = 16 * NT;
   constexpr int kThreads = WARPS * IK_WARP_SIZE;
-  constexpr int kCols = 16 * NT * WARPS;
-  constexpr int kSlabGroups = kSlabK / 32 + 1;  // groups (G >= 32) a slab can touch
-  constexpr int kDepth = 4;                     // weight chunks in flight per lane
+  // Chunks in flight per lane: fewer for big blocks (static shared memory: 48 KB on NVIDIA, and
+  // CDNA's wave64 doubles the lanes of a block).
+  constexpr int kDepth = kThreads <= 128 ? 4 : (kThreads <= 256 ? 3 : 2);
+  constexpr int kTiles = w4::kTilesPerChunk;
   constexpr int kC = ik::mma::kCSlots;
-  __shared__ __attribute__((aligned(16))) T s_x[kRows * kLd];
-  __shared__ unsigned short s_scale[kSlabGroups * kCols];  // raw T bits
-  __shared__ unsigned short s_zero[kSlabGroups * kCols];   // base + zero point, ready for int4_pair
-  // Weight ring: kDepth chunks in flight, each lane copying (cp.async) and later reading back only
-  // its own 16-byte vectors, so the ring needs no barrier. (A register ring let the compiler wait
-  // for every outstanding load at once: measured ~1 us per chunk on the H100.)
-  __shared__ __attribute__((aligned(16))) uint4 s_ring[kDepth][NT][kThreads];
+  constexpr int kAPairs = ik::mma::kASlots / 2;
+  // Per warp and ring slot: the scales (and zero points) of its kCols columns for each tile of the
+  // chunk, 16 bytes = 8 columns per copy.
+  constexpr int kScaleVecs = kTiles * kCols / 8;
+  static_assert(kScaleVecs <= IK_WARP_SIZE, "one 16-byte scale vector per lane at most");
+  // The weight ring is dead once the loop ends: the warps' partial tiles reuse its bytes.
+  constexpr int kRingBytes = kDepth * NT * kThreads * 16, kRedBytes = WARPS * kRows * kCols * 4;
+  __shared__ __attribute__((aligned(16))) unsigned char s_mem[kRingBytes > kRedBytes ? kRingBytes : kRedBytes];
+  __shared__ __attribute__((aligned(16))) unsigned short s_scale[kDepth][WARPS][kTiles][kCols];
+  __shared__ __attribute__((aligned(16))) unsigned short s_zero[kDepth][WARPS][kTiles][kCols];
+  auto s_ring = reinterpret_cast<uint4(*)[NT][kThreads]>(s_mem);
+  auto s_red = reinterpret_cast<float(*)[kRows * kCols]>(s_mem);
 
-  // The lane index once, as a plain value: the layout math below then folds and is shared.
   const int lane = ik::lane_id(), warp = ik::warp_id();
   const int num_chunks = p.k / w4::kChunk;
-  const int c_begin = blockIdx.y * p.chunks_per_split;
-  const int c_end = min(num_chunks, c_begin + p.chunks_per_split);
-  const int n_block = blockIdx.x * kCols;
-  const int ntile0 = n_block / 16 + warp * NT;
+  const int b_begin = blockIdx.y * p.chunks_per_split;
+  const int b_end = min(num_chunks, b_begin + p.chunks_per_split);
+  const int per_warp = (b_end - b_begin + WARPS - 1) / WARPS;
+  const int c_begin = min(b_end, b_begin + warp * per_warp);
+  const int c_end = min(b_end, c_begin + per_warp);
+  const int ntile0 = blockIdx.x * NT;
+  const int n0 = ntile0 * 16;
   const int m0 = blockIdx.z * kRows;
   const int rows = min(kRows, p.m - m0);
   const T* x = static_cast<const T*>(p.x) + m0 * p.x_sm;
   const unsigned short* scales = static_cast<const unsigned short*>(p.scales);
+  const unsigned short* zeros = static_cast<const unsigned short*>(p.zeros);
 
-  // Rows of the tile past M stay zero for the whole kernel.
-  for (int i = threadIdx.x; i < kRows * kLd / 8; i += kThreads)
-    if (i / (kLd / 8) >= rows) ik::store16(s_x + 8 * i, make_uint4(0, 0, 0, 0));
-
-  bool has_tile[NT];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt) has_tile[nt] = 16 * (ntile0 + nt) < p.n;
-
-  ik::mma::FragC acc[MT][NT], gacc[MT][NT];  // the total, and the current group's unscaled sum
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-      ik::mma::zero(acc[mt][nt]);
-      ik::mma::zero(gacc[mt][nt]);
-    }
-  unsigned int z2[NT][w4::kPairs];  // current group: zero points of this lane's B columns
-  float sc[NT][kC];                 // ... and scales of its C columns
-
-  // Issue chunk `c` of this lane's weight vectors into ring slot `slot`; always commit a group,
-  // so "wait until kDepth - 1 groups are pending" always means "chunk c has landed".
+  // Issue chunk c into ring slot `slot`: this lane's weight vectors, and (lanes < kScaleVecs) one
+  // 16-byte piece of the chunk's per-tile scale rows. Always commit, so "kDepth - 1 groups
+  // pending" always means "chunk c has landed".
+  const int cols = min(kCols, p.n - n0);  // N % 16 == 0: a tile is all in or all out
   auto issue = [&](int c, int slot) {
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-      if (has_tile[nt] && c < c_end)
-        ik::cp_async16(&s_ring[slot][nt][threadIdx.x], w4::lane_vector(p, ntile0 + nt, c, lane));
-    ik::cp_async_commit();
-  };
-#pragma unroll
-  for (int d = 0; d < kDepth - 1; ++d) issue(c_begin + d, d);
-  int group0 = 0;  // first group of the staged slab
-  for (int c = c_begin; c < c_end; ++c) {
-    {
-      const int slot = (c - c_begin) % kDepth;
-      issue(c + kDepth - 1, (slot + kDepth - 1) % kDepth);
-      ik::cp_async_wait<kDepth - 1>();
-      uint4 wv[NT];
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) wv[nt] = s_ring[slot][nt][threadIdx.x];
-      const int slab_pos = (c - c_begin) % kSlabChunks;
-      if (slab_pos == 0) {  // stage x rows < M and the slab's scales/zero points, block-wide
-        const int k0 = c * w4::kChunk, width = min(kSlabChunks, c_end - c) * w4::kChunk;
-        group0 = k0 >> p.group_log2;
-        const int groups = ((k0 + width - 1) >> p.group_log2) - group0 + 1;
-        ik::block_sync();
-        for (int i = threadIdx.x; i < rows * (width / 8); i += kThreads) {
-          const int r = i / (width / 8), c8 = i % (width / 8);
-          ik::store16(s_x + r * kLd + 8 * c8, ik::load16(x + r * p.x_sm + k0 + 8 * c8));
-        }
-        for (int i = threadIdx.x; i < groups * kCols; i += kThreads) {
-          const int g = i / kCols, n = n_block + i % kCols;
-          const long long src = static_cast<long long>(group0 + g) * p.n + n;
-          const bool ok = n < p.n;
-          s_scale[i] = ok ? scales[src] : 0;
-          const int z = (ok && p.zeros) ? static_cast<int>(ik::dtype<T>::to_float(static_cast<const T*>(p.zeros)[src])) : 8;
-          s_zero[i] = static_cast<unsigned short>(ik::dtype<T>::kInt4Base + z);
-        }
-        ik::block_sync();
-      }
-#pragma unroll
-      for (int t = 0; t < w4::kTilesPerChunk; ++t) {
-        const int k_tile = c * w4::kChunk + 16 * t;
-        const int group = k_tile >> p.group_log2;
-        if (t == 0 ? (c == c_begin || (k_tile & ((1 << p.group_log2) - 1)) == 0)
-                   : (k_tile & ((1 << p.group_log2) - 1)) == 0) {  // a group starts: its constants
-          const int gl = (group - group0) * kCols;
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            const int col0 = (warp * NT + nt) * 16;
-#pragma unroll
-            for (int pair = 0; pair < w4::kPairs; ++pair)
-              z2[nt][pair] = s_zero[gl + col0 + L::b_col(lane, 2 * pair)] * 0x10001u;
-#pragma unroll
-            for (int s = 0; s < kC; ++s)
-              sc[nt][s] = ik::dtype<T>::unpack2(s_scale[gl + col0 + L::c_col(lane, s)]).x;
-          }
-        }
-        ik::mma::FragA<T> a[MT];
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-          ik::mma::load_a(a[mt], s_x + 16 * mt * kLd + slab_pos * w4::kChunk + 16 * t, kLd);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-          if (!has_tile[nt]) continue;
-          ik::mma::FragB<T> b;
-#pragma unroll
-          for (int pair = 0; pair < w4::kPairs; ++pair) {
-            const int r = t * w4::kPairs + pair;
-            ik::mma::set_b_pair(b, pair, ik::int4_pair_unscaled<T>(w4::word_of(wv[nt], r / 4), r % 4, z2[nt][pair]));
-          }
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt) ik::mma::mma(gacc[mt][nt], a[mt], b);
-        }
-        const bool group_ends = ((k_tile + 16) >> p.group_log2) != group ||
-                                (t == w4::kTilesPerChunk - 1 && c == c_end - 1);
-        if (group_ends) {
-#pragma unroll
-          for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-              for (int s = 0; s < kC; ++s) {
-                acc[mt][nt].x[s] += sc[nt][s] * gacc[mt][nt].x[s];
-                gacc[mt][nt].x[s] = 0.f;
-              }
-        }
-      }
-    }
-  }
-  ik::cp_async_wait<0>();
-
-  T* out = static_cast<T*>(p.out);
-  if (p.num_splits == 1) {
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
+    if (c < c_end) {
 #pragma unroll
       for (int nt = 0; nt < NT; ++nt)
+        if (16 * nt < cols)
+          ik::cp_async16(&s_ring[slot][nt][threadIdx.x], w4::lane_vector(p, ntile0 + nt, c, lane));
+      if (lane < kScaleVecs && 8 * (lane % (kCols / 8)) < cols) {
+        const int t = lane / (kCols / 8), c8 = lane % (kCols / 8);
+        const long long g = (c * w4::kChunk + 16 * t) >> p.group_log2;
+        ik::cp_async16(&s_scale[slot][warp][t][8 * c8], scales + g * p.n + n0 + 8 * c8);
+        if (zeros) ik::cp_async16(&s_zero[slot][warp][t][8 * c8], zeros + g * p.n + n0 + 8 * c8);
+      }
+    }
+    ik::cp_async_commit();
+  };
+  // x rows of tile `mt` for the 16 k of `k_tile`, as an A fragment (rows past M are zero).
+  auto load_a = [&](ik::mma::FragA<T>& a, int mt, int k_tile) {
 #pragma unroll
-        for (int s = 0; s < ik::mma::kCSlots; ++s) {
-          const int r = 16 * mt + L::c_row(lane, s), n = 16 * (ntile0 + nt) + L::c_col(lane, s);
-          if (r < rows && has_tile[nt]) out[(m0 + r) * p.o_sm + n] = ik::dtype<T>::from_float(acc[mt][nt].x[s]);
+    for (int pr = 0; pr < kAPairs; ++pr) {
+      const int r = 16 * mt + L::a_row(lane, 2 * pr);
+      const unsigned int v = r < rows ? *reinterpret_cast<const unsigned int*>(x + r * p.x_sm + k_tile + L::a_col(lane, 2 * pr)) : 0u;
+      ik::mma::set_a_pair(a, pr, v);
+    }
+  };
+
+  ik::mma::FragC acc[MT][NT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) ik::mma::zero(acc[mt][nt]);
+
+#pragma unroll
+  for (int d = 0; d < kDepth - 1; ++d) issue(c_begin + d, d);
+  ik::mma::FragA<T> a[MT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+    if (c_begin < c_end) load_a(a[mt], mt, c_begin * w4::kChunk);  // a warp may have no chunk
+  const unsigned int sym_z2 = (ik::dtype<T>::kInt4Base + 8) * 0x10001u;
+  // Within a group the matrix unit sums (q - z) * x exactly (small integers times x, fp32
+  // accumulation); the group's scales multiply that sum once per output element when it ends.
+  const unsigned int group_mask = p.group_log2 >= 31 ? 0x7fffffffu : (1u << p.group_log2) - 1u;
+  ik::mma::FragC gacc[MT][NT];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) ik::mma::zero(gacc[mt][nt]);
+  float sc[NT][kC];                 // the current group's scales, at this lane's C columns
+  unsigned int z2[NT][w4::kPairs];  // ... and its zero points (base + z), at its B columns
+
+  for (int c = c_begin; c < c_end; ++c) {
+    const int slot = (c - c_begin) % kDepth;
+    issue(c + kDepth - 1, (slot + kDepth - 1) % kDepth);
+    ik::cp_async_wait<kDepth - 1>();
+    ik::warp_sync();  // scale rows were copied by other lanes of this warp
+    uint4 wv[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) wv[nt] = s_ring[slot][nt][threadIdx.x];
+#pragma unroll
+    for (int t = 0; t < kTiles; ++t) {
+      const unsigned int k_tile = c * w4::kChunk + 16 * t;
+      if ((k_tile & group_mask) == 0 || (t == 0 && c == c_begin)) {  // a group starts
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int s = 0; s < kC; ++s)
+            sc[nt][s] = ik::dtype<T>::unpack2(s_scale[slot][warp][t][16 * nt + L::c_col(lane, s)]).x;
+#pragma unroll
+          for (int pair = 0; pair < w4::kPairs; ++pair) {
+            // zero points are T values (small integers): base + z is exact in T's bits
+            const int col = 16 * nt + L::b_col(lane, 2 * pair);
+            z2[nt][pair] = zeros ? (ik::dtype<T>::kInt4Base +
+                                    static_cast<unsigned int>(ik::dtype<T>::unpack2(s_zero[slot][warp][t][col]).x)) * 0x10001u
+                                 : sym_z2;
+          }
         }
-    return;
+      }
+      const int k_next = k_tile + 16;  // A of the next tile, loaded a tile ahead
+      ik::mma::FragA<T> a_next[MT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+        if (t + 1 < kTiles || c + 1 < c_end) load_a(a_next[mt], mt, k_next);
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        if (16 * nt >= cols) continue;
+        ik::mma::FragB<T> b;
+#pragma unroll
+        for (int pair = 0; pair < w4::kPairs; ++pair) {
+          const int r = t * w4::kPairs + pair;
+          ik::mma::set_b_pair(b, pair, ik::int4_pair_unscaled<T>(w4::word_of(wv[nt], r / 4), r % 4, z2[nt][pair]));
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) ik::mma::mma(gacc[mt][nt], a[mt], b);
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) a[mt] = a_next[mt];
+      if (((k_tile + 16) & group_mask) == 0 || (t == kTiles - 1 && c == c_end - 1)) {  // it ends
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int s = 0; s < kC; ++s) {
+              acc[mt][nt].x[s] += sc[nt][s] * gacc[mt][nt].x[s];
+              gacc[mt][nt].x[s] = 0.f;
+            }
+      }
+    }
+    ik::warp_sync();  // every lane has read this slot's scales before a later issue refills it
   }
-  float* part = p.partials + static_cast<long long>(blockIdx.y) * p.m * p.n;
+  ik::cp_async_wait<0>();
+  ik::block_sync();  // every warp is done with the ring
+  // The block's warps add their partial tiles (fixed order: deterministic).
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-      for (int s = 0; s < ik::mma::kCSlots; ++s) {
-        const int r = 16 * mt + L::c_row(lane, s), n = 16 * (ntile0 + nt) + L::c_col(lane, s);
-        if (r < rows && has_tile[nt]) part[static_cast<long long>(m0 + r) * p.n + n] = acc[mt][nt].x[s];
-      }
+      for (int s = 0; s < kC; ++s)
+        s_red[warp][(16 * mt + L::c_row(lane, s)) * kCols + 16 * nt + L::c_col(lane, s)] = acc[mt][nt].x[s];
+  ik::block_sync();
+  T* out = static_cast<T*>(p.out);
+  float* part = p.partials + static_cast<long long>(blockIdx.y) * p.m * p.n;
+  for (int i = threadIdx.x; i < rows * kCols; i += kThreads) {
+    if (i % kCols >= cols) continue;
+    float v = 0.f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) v += s_red[w][i];
+    const int r = i / kCols, n = n0 + i % kCols;
+    if (p.num_splits == 1) out[(m0 + r) * p.o_sm + n] = ik::dtype<T>::from_float(v);
+    else part[static_cast<long long>(m0 + r) * p.n + n] = v;
+  }
+  if (p.num_splits == 1) return;
   ik::fence_device();
   ik::block_sync();
   bool last = false;
@@ -370,14 +378,55 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
   }
   if (!ik::block_any(last)) return;
   ik::fence_device();
-  const int cols = min(kCols, p.n - n_block);
-  for (int i = threadIdx.x; i < rows * cols; i += kThreads) {
-    const int r = i / cols, n = n_block + i % cols;
+  for (int i = threadIdx.x; i < rows * kCols; i += kThreads) {
+    if (i % kCols >= cols) continue;
+    const int r = i / kCols, n = n0 + i % kCols;
     const float* src = p.partials + static_cast<long long>(m0 + r) * p.n + n;
     const long long stride = static_cast<long long>(p.m) * p.n;
     float v = 0.f;
 #pragma unroll 4
     for (int s = 0; s < p.num_splits; ++s) v += ik::load_coherent(src + s * stride);
     out[(m0 + r) * p.o_sm + n] = ik::dtype<T>::from_float(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dequantize to a dense W [N, K] (row stride o_sm) in T, for large M where a dense GEMM library
+// beats streaming INT4 through the matrix units. A block takes one 16-row tile of W and
+// kChunksPerBlock chunks of K: each thread unpacks one 16-byte lane vector (32 codes) into a
+// shared-memory tile with the same int4_pair as the other kernels, then the block writes the
+// tile's rows out in 16-byte stores (contiguous along K).
+// grid (N / 16, ceil(K / (KC * kChunksPerBlock))), block 256 threads.
+template <class T>
+__global__ void __launch_bounds__(256) w4a16_dequant(W4A16Params p) {
+  using L = w4::L;
+  constexpr int kChunksPerBlock = 256 / w4::kUniqueLanes;
+  constexpr int kTileK = kChunksPerBlock * w4::kChunk;
+  constexpr int kLd = kTileK + 8;  // rows stay 16-byte aligned
+  __shared__ __attribute__((aligned(16))) T s_w[16 * kLd];
+  const int ntile = blockIdx.x, chunks = p.k / w4::kChunk;
+  const int c0 = blockIdx.y * kChunksPerBlock;
+  const int u = threadIdx.x % w4::kUniqueLanes, c = c0 + threadIdx.x / w4::kUniqueLanes;
+  const unsigned short* scales = static_cast<const unsigned short*>(p.scales);
+  if (c < chunks) {
+    const uint4 wv = *w4::lane_vector(p, ntile, c, u);
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      const int t = r / w4::kPairs, pair = r % w4::kPairs;
+      const int kl = (c - c0) * w4::kChunk + 16 * t + L::b_row(u, 2 * pair);  // even
+      const int nl = L::b_col(u, 2 * pair);
+      const long long g = static_cast<long long>((c * w4::kChunk + 16 * t) >> p.group_log2) * p.n + 16 * ntile + nl;
+      unsigned int z = 8;
+      if (p.zeros) z = static_cast<unsigned int>(ik::dtype<T>::to_float(static_cast<const T*>(p.zeros)[g]));
+      const unsigned int z2 = (ik::dtype<T>::kInt4Base + z) * 0x10001u, s2 = scales[g] * 0x10001u;
+      *reinterpret_cast<unsigned int*>(s_w + nl * kLd + kl) = ik::int4_pair<T>(w4::word_of(wv, r / 4), r % 4, z2, s2);
+    }
+  }
+  ik::block_sync();
+  const int width = min(kChunksPerBlock, chunks - c0) * w4::kChunk;
+  T* out = static_cast<T*>(p.out) + static_cast<long long>(16 * ntile) * p.o_sm + c0 * w4::kChunk;
+  for (int i = threadIdx.x; i < 16 * (width / 8); i += 256) {
+    const int row = i / (width / 8), c8 = i % (width / 8);
+    ik::store16(out + row * p.o_sm + 8 * c8, *reinterpret_cast<const uint4*>(s_w + row * kLd + 8 * c8));
   }
 }

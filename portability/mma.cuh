@@ -31,8 +31,10 @@ static_assert(Layout::kLanes == IK_WARP_SIZE, "matrix fragment layout assumes an
 inline constexpr int kCSlots = Layout::kC;
 IK_DEVICE int c_row(int s) { return Layout::c_row(lane_id(), s); }
 IK_DEVICE int c_col(int s) { return Layout::c_col(lane_id(), s); }
-// B slots, for kernels that build B in registers (e.g. from packed INT4 weights): slots 2p and
-// 2p+1 always hold k and k+1 of one column, so one 32-bit word fills a pair (set_b_pair).
+// A and B slots, for kernels that build fragments in registers (e.g. B from packed INT4 weights,
+// A straight from global memory): slots 2p and 2p+1 always hold k and k+1 of one row of A / one
+// column of B, so one 32-bit word fills a pair (set_a_pair, set_b_pair).
+inline constexpr int kASlots = Layout::kA;
 inline constexpr int kBSlots = Layout::kB;
 IK_DEVICE int b_row(int s) { return Layout::b_row(lane_id(), s); }
 IK_DEVICE int b_col(int s) { return Layout::b_col(lane_id(), s); }
@@ -84,6 +86,8 @@ IK_DEVICE void load_bt(FragB<T>& b, const T* s, int ld) {
   int l = lane_id();
   ldmatrix_x4(b.r, s + (l % 8 + 8 * (l / 16)) * ld + 8 * ((l / 8) % 2));
 }
+template <class T>
+IK_DEVICE void set_a_pair(FragA<T>& a, int p, unsigned int bits) { a.r[p] = bits; }
 template <class T>
 IK_DEVICE void set_b_pair(FragB<T>& b, int p, unsigned int bits) { b.r[p] = bits; }
 template <class T>
@@ -142,6 +146,11 @@ IK_DEVICE void load_bt(FragB<T>& b, const T* s, int ld) {
   for (int i = 0; i < Layout::kB; ++i) b.x[i] = bits_at(s + Layout::b_col(l, i) * ld + Layout::b_row(l, i));
 }
 
+template <class T>
+IK_DEVICE void set_a_pair(FragA<T>& a, int p, unsigned int bits) {
+  a.x[2 * p] = static_cast<unsigned short>(bits & 0xffffu);
+  a.x[2 * p + 1] = static_cast<unsigned short>(bits >> 16);
+}
 template <class T>
 IK_DEVICE void set_b_pair(FragB<T>& b, int p, unsigned int bits) {
   b.x[2 * p] = static_cast<unsigned short>(bits & 0xffffu);

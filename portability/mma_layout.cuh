@@ -47,19 +47,24 @@ struct AmdWmma16x16x16W32 {
   static constexpr IK_HD int c_col(int l, int s) { return (void)s, l % 16; }
 };
 
-// Register-built B fragments (INT4 weights) rely on slots 2p, 2p+1 being rows k, k+1 of one column.
+// Register-built fragments rely on slots 2p, 2p+1 being k, k+1 of one row of A / column of B.
 template <class L>
-constexpr bool b_pairs_are_adjacent_rows() {
+constexpr bool pairs_are_adjacent_k() {
   for (int l = 0; l < L::kLanes; ++l)
     for (int p = 0; p < L::kB / 2; ++p)
       if (L::b_row(l, 2 * p) % 2 != 0 || L::b_row(l, 2 * p + 1) != L::b_row(l, 2 * p) + 1 ||
           L::b_col(l, 2 * p + 1) != L::b_col(l, 2 * p))
         return false;
+  for (int l = 0; l < L::kLanes; ++l)
+    for (int p = 0; p < L::kA / 2; ++p)
+      if (L::a_col(l, 2 * p) % 2 != 0 || L::a_col(l, 2 * p + 1) != L::a_col(l, 2 * p) + 1 ||
+          L::a_row(l, 2 * p + 1) != L::a_row(l, 2 * p))
+        return false;
   return true;
 }
-static_assert(b_pairs_are_adjacent_rows<NvM16n8k16x2>(), "B slot pairs");
-static_assert(b_pairs_are_adjacent_rows<AmdMfma16x16x16>(), "B slot pairs");
-static_assert(b_pairs_are_adjacent_rows<AmdWmma16x16x16W32>(), "B slot pairs");
+static_assert(pairs_are_adjacent_k<NvM16n8k16x2>(), "A/B slot pairs");
+static_assert(pairs_are_adjacent_k<AmdMfma16x16x16>(), "A/B slot pairs");
+static_assert(pairs_are_adjacent_k<AmdWmma16x16x16W32>(), "A/B slot pairs");
 
 }  // namespace layout
 }  // namespace ik

@@ -95,6 +95,7 @@ def test_implementations_per_m() -> None:
     assert [i.name for i in bench.implementations(big, ("naive",))] == [
         "ikport",
         "ikport-bf16",
+        "ikport-mma",  # the default is dequant-gemm from DENSE_MIN_M rows: the kernel beside it
         "cublas-fp16",
         "tinygemm",
     ]
@@ -243,6 +244,7 @@ def test_bench_workload_rows(cpu_bench: None) -> None:
         ),
         ("T1", "ikport-naive"),
         ("T1", "ikport-gemv"),
+        ("T1@128", "ikport-mma"),
     }
     for (wid, impl), row in by.items():
         assert set(harness.ROW_KEYS) <= set(row)

@@ -61,19 +61,34 @@ def test_custom_op_and_compile():
     assert torch.equal(f(x), ikport.w4a16_matmul(x, wq))
 
 
-@pytest.mark.parametrize("shape,splits", [
-    ((1, 4096, 4096), 16),    # W1: 32 column blocks, split K to fill 132 SMs
-    ((1, 14336, 4096), 5),    # W2: 112 column blocks
-    ((1, 4096, 14336), 16),   # W3
-    ((16, 4096, 4096), 16),   # M=16 still one row block
-])
-def test_split_k_fills_the_gpu(shape, splits):
+@pytest.mark.parametrize("shape", [(1, 4096, 4096), (1, 14336, 4096), (1, 4096, 14336), (16, 4096, 4096),
+                                   (1, 16, 128), (3, 48, 256), (128, 4096, 4096)])
+def test_grid_fills_the_gpu(shape):
     M, N, K = shape
     cfg = configs.w4a16_config(m=M, n=N, k=K, chunk_k=64, sm_count=132)
-    assert cfg.num_splits == splits
-    assert cfg.num_splits * cfg.chunks_per_split >= K // 64 > (cfg.num_splits - 1) * cfg.chunks_per_split
-    assert cfg.chunks_per_split >= configs.W4A16_MIN_CHUNKS_PER_SPLIT
-    assert cfg.grid == (-(-N // 128), cfg.num_splits, 1)
+    chunks = K // 64
+    assert cfg.num_splits * cfg.chunks_per_split >= chunks > (cfg.num_splits - 1) * cfg.chunks_per_split
+    col_blocks = -(-N // (16 * cfg.n_tiles))
+    row_blocks = -(-M // (16 * cfg.m_tiles))
+    assert cfg.grid == (col_blocks, cfg.num_splits, row_blocks)
+    assert cfg.warps in configs.W4A16_WARPS
+    target = configs.W4A16_WARPS_PER_SM * 132
+    warps = col_blocks * row_blocks * cfg.warps
+    if cfg.warps == configs.W4A16_WARPS[1]:  # big blocks only when small ones fall short
+        assert warps // 2 < target
+    if cfg.num_splits > 1:  # split K across blocks only as far as the target needs
+        assert warps * (cfg.num_splits - 1) < target
+        assert cfg.chunks_per_split >= configs.W4A16_MIN_CHUNKS_PER_WARP * cfg.warps
+    capped = chunks // (configs.W4A16_MIN_CHUNKS_PER_WARP * cfg.warps) <= cfg.num_splits
+    assert warps * cfg.num_splits >= target or capped
+
+
+def test_llama_shapes_on_an_h100():
+    """The choices the H100 sweep (docs/results/w4a16-tuning-v5b-h100.json) found best or near it."""
+    pick = lambda m, n, k: configs.w4a16_config(m=m, n=n, k=k, chunk_k=64, sm_count=132)
+    assert (pick(1, 4096, 4096).warps, pick(1, 4096, 4096).num_splits) == (8, 2)      # W1
+    assert (pick(1, 14336, 4096).warps, pick(1, 14336, 4096).num_splits) == (4, 1)    # W2
+    assert (pick(1, 4096, 14336).warps, pick(1, 4096, 14336).num_splits) == (8, 2)    # W3
 
 
 @pytest.mark.parametrize("M,m_tiles,row_blocks", [(1, 1, 1), (16, 1, 1), (17, 2, 1), (32, 2, 1),
@@ -88,7 +103,7 @@ def test_no_split_variant_and_overrides():
     configs.w4a16_overrides["num_splits"] = 3
     try:
         cfg = configs.w4a16_config(m=1, n=4096, k=4096, chunk_k=64, sm_count=132)
-        assert (cfg.num_splits, cfg.chunks_per_split) == (3, 22)
+        assert (cfg.num_splits, cfg.chunks_per_split) == (3, 22)  # 64 chunks of 64
     finally:
         configs.w4a16_overrides.clear()
     # more splits than chunks never launches empty splits
@@ -97,5 +112,5 @@ def test_no_split_variant_and_overrides():
 
 
 def test_variants_are_listed():
-    assert w4a16.VARIANTS[-1] == "mma" and "naive" in w4a16.VARIANTS
+    assert {"naive", "mma", "dequant-gemm"} <= set(w4a16.VARIANTS)
     assert int4.layout_for_device("cpu") in int4.LAYOUTS

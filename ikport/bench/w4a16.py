@@ -38,7 +38,8 @@ TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2}
 M_VALUES = (1, 2, 4, 8, 16, 32, 128, 2048)
 QUICK_M = (1, 16)
 VARIANT_M = (1, 16)  # journey variants are timed at these M only
-DEFAULT_VARIANT = "mma"  # what variant=None runs (ikport/w4a16.py): the "ikport" row, not repeated
+DEFAULT_VARIANT = "mma"  # what variant=None runs below DENSE_MIN_M rows: the "ikport" row
+DENSE_MIN_M = 128  # from here variant=None runs "dequant-gemm" (ikport.configs.W4A16_DENSE_MIN_M)
 TFLOPS_FROM_M = 128  # rows from this M on also carry TFLOP/s
 WEIGHT_STD = 0.02
 # tinygemm packs 8 k-tiles of 16 back to back (16-byte loads), as torchao's int4 weight-only does.
@@ -407,6 +408,8 @@ def implementations(w: Workload, variants: Sequence[str]) -> list[Impl]:
     ]
     if w.m in VARIANT_M:
         impls += [Impl(f"ikport-{v}", "fp16", _ikport("fp16", v), variant=v) for v in variants]
+    elif w.m >= DENSE_MIN_M:  # the default there is dequant-gemm: show the matrix-unit kernel too
+        impls.append(Impl("ikport-mma", "fp16", _ikport("fp16", "mma"), variant="mma"))
     impls.append(
         Impl("cublas-fp16", "fp16", _cublas, note="F.linear with the dequantized fp16 weight")
     )
