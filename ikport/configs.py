@@ -122,8 +122,7 @@ def decode_config(
 W4A16_GEMV_WARPS = 4  # journey GEMV variants: warps splitting K per 16-column tile
 W4A16_WARPS = (4, 8)  # matrix-unit kernel: warps splitting the block's K range (8 for few blocks)
 W4A16_N_TILES = 2  # 16-column tiles per block: 32 output columns
-# ... and 1 with 4 row tiles (4 x 2 tiles of fp32 accumulators would crowd the registers)
-W4A16_M_TILES = (1, 2, 4)  # 16-row tiles of x per block (M > 64 adds blocks along M)
+W4A16_M_TILES = (1, 2)  # 16-row tiles of x per block (M > 32 adds blocks along M; 4 spills on gfx1100)
 W4A16_WARPS_PER_SM = 12  # aim for about this many streaming warps per SM (w4a16-tuning-v5b-h100.json)
 W4A16_MIN_CHUNKS_PER_WARP = 2  # split K across blocks only while each warp keeps this many chunks
 # From this many rows of x, dequantize to a dense weight once and use the vendor's GEMM
@@ -150,7 +149,7 @@ def w4a16_config(*, m: int, n: int, k: int, chunk_k: int, sm_count: int,
     decode-sized M, so the grid must hold enough warps to keep every SM streaming."""
     o = w4a16_overrides
     m_tiles = o.get("m_tiles") or next((t for t in W4A16_M_TILES if m <= 16 * t), W4A16_M_TILES[-1])
-    n_tiles = o.get("n_tiles", W4A16_N_TILES if m_tiles < 4 else 1)
+    n_tiles = o.get("n_tiles", W4A16_N_TILES)
     col_blocks = -(-n // (16 * n_tiles))
     row_blocks = -(-m // (16 * m_tiles))
     chunks = k // chunk_k

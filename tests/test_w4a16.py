@@ -92,7 +92,7 @@ def test_llama_shapes_on_an_h100():
 
 
 @pytest.mark.parametrize("M,m_tiles,row_blocks", [(1, 1, 1), (16, 1, 1), (17, 2, 1), (32, 2, 1),
-                                                 (33, 4, 1), (64, 4, 1), (65, 4, 2), (2048, 4, 32)])
+                                                 (33, 2, 2), (64, 2, 2), (65, 2, 3), (2048, 2, 64)])
 def test_row_tiles(M, m_tiles, row_blocks):
     cfg = configs.w4a16_config(m=M, n=4096, k=4096, chunk_k=64, sm_count=132)
     assert (cfg.m_tiles, cfg.grid[2]) == (m_tiles, row_blocks)

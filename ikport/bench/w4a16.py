@@ -297,6 +297,8 @@ class ShapeData:
     tinygemm: list[TinyGemmWeight] = field(default_factory=list)
     tinygemm_note: str = ""
     tinygemm_problem: str | None = None
+    # set 0: ||dequantize(quantize(w)) - w|| / ||w|| per dtype (the quantization error itself)
+    quant_rel_rms: dict[str, float] = field(default_factory=dict)
 
     @property
     def count(self) -> int:
@@ -309,14 +311,18 @@ def make_weight_sets(shape: Shape, count: int, device: str = "cuda") -> ShapeDat
     gen = torch.Generator(device=device).manual_seed(zlib.crc32(shape.id.encode()))
     weights: dict[str, list[Any]] = {d: [] for d in DTYPES}
     dense = []
-    for _ in range(count):
+    quant_rel_rms: dict[str, float] = {}
+    for i in range(count):
         w = torch.randn(shape.n, shape.k, generator=gen, device=device) * WEIGHT_STD
         for name, dtype in DTYPES.items():
             weights[name].append(quantize(w.to(dtype)))
+            if i == 0:
+                err = weights[name][-1].dequantize().float() - w.to(dtype).float()
+                quant_rel_rms[name] = round(float(err.norm() / w.to(dtype).float().norm()), 5)
         del w
         dense.append(weights["fp16"][-1].dequantize().to(torch.float16))
     dequantized = {d: weights[d][0].dequantize().float() for d in DTYPES}
-    data = ShapeData(shape, device, weights, dense, dequantized)
+    data = ShapeData(shape, device, weights, dense, dequantized, quant_rel_rms=quant_rel_rms)
     try:
         for wq in weights["bf16"]:
             tg, source = tinygemm_weight(wq)
@@ -429,6 +435,7 @@ class Results:
     errors: list[dict[str, str]] = field(default_factory=list)  # ikport calls that raised
     speedups: dict[str, dict[str, float]] = field(default_factory=dict)  # peer us / ikport us
     speedups_bf16: dict[str, dict[str, float]] = field(default_factory=dict)  # vs ikport-bf16
+    quant_rel_rms: dict[str, dict[str, float]] = field(default_factory=dict)  # shape -> dtype -> err
 
 
 @dataclass(frozen=True)
@@ -565,6 +572,7 @@ def bench_shape(
     )
     if data.tinygemm_problem:
         print(f"  tinygemm skipped: {data.tinygemm_problem}", flush=True)
+    results.quant_rel_rms[shape.id] = data.quant_rel_rms
     for w in work:
         bench_workload(w, data, results, variants, options)
     return count
@@ -721,6 +729,7 @@ def run(args: argparse.Namespace) -> int:
             "symmetric": True,
             "weights": f"N(0, {WEIGHT_STD}^2) fp32, cast to fp16 / bf16, then quantize_weight",
             "x": "N(0, 1)",
+            "rel_rms_error": results.quant_rel_rms,  # per shape and dtype, weight set 0
         },
         "tinygemm": (
             "torch.ops.aten._convert_weight_to_int4pack(uint8 [N, K/2], "
