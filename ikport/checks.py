@@ -140,6 +140,12 @@ def w4a16(x: object, weight: object, out_: object, gpu: bool | None = None) -> N
     if gpu and x.dtype != weight.dtype:
         raise TypeError(f"x is {x.dtype} but the weight's scales are {weight.dtype}: the kernel "
                         f"dequantizes into x's dtype; use weight.to(dtype={x.dtype})")
+    if gpu:
+        for name in ("qweight", "scales", "zeros"):
+            t = getattr(weight, name)
+            if t is not None and t.data_ptr() % 16:
+                raise ValueError(f"weight.{name}: data pointer is not 16-byte aligned (a sliced "
+                                 f"view?); pass .clone()")
     if out_ is None:
         return
     t = out_

@@ -61,26 +61,33 @@ def w4a16_matmul(
         from .ops import traced_w4a16_matmul
 
         return traced_w4a16_matmul(x, weight, out=out, variant=variant)
-    checks.w4a16(x, weight, out)
-    if variant is not None and variant not in VARIANTS:
-        raise ValueError(f"unknown w4a16 variant {variant!r}; choose from {VARIANTS}")
-    backend = dispatch.backend_for(x.device)
-    if backend is None:
-        result = reference.w4a16_matmul(x, weight)
-        if out is None:
-            return result
-        out.copy_(result)
-        return out
-    want = layout_for_device(x.device)
-    if weight.layout != want:
-        raise ValueError(f"weight is packed as {weight.layout!r} but {x.device} runs {want!r}: "
-                         f"use weight.to({str(x.device)!r}) (repacks once)")
+    sig = _signature(x, weight, out, variant)
+    backend = _checked.get(sig) if sig is not None else None
+    if backend is None or _misaligned(x, weight):
+        checks.w4a16(x, weight, out)
+        if variant is not None and variant not in VARIANTS:
+            raise ValueError(f"unknown w4a16 variant {variant!r}; choose from {VARIANTS}")
+        backend = dispatch.backend_for(x.device)
+        if backend is None:
+            result = reference.w4a16_matmul(x, weight)
+            if out is None:
+                return result
+            out.copy_(result)
+            return out
+        want = layout_for_device(x.device)
+        if weight.layout != want:
+            raise ValueError(f"weight is packed as {weight.layout!r} but {x.device} runs {want!r}: "
+                             f"use weight.to({str(x.device)!r}) (repacks once)")
+        checks.vector_rows("x", x.reshape(-1, weight.in_features))
+        if sig is not None:
+            if len(_checked) > 4096:
+                _checked.clear()
+            _checked[sig] = backend
     N, K = weight.out_features, weight.in_features
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if weight.perm is not None:  # act-order checkpoint: codes are stored in sorted-group order
         x2 = x2.index_select(1, weight.perm)
-    checks.vector_rows("x", x2)
     M = x2.shape[0]
     if out is None:
         out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
@@ -88,6 +95,30 @@ def w4a16_matmul(
         return out
     _launch(backend, x2, weight, out.view(M, N), variant)
     return out
+
+
+# Call signatures that passed every check on a GPU, with their backend: the checks depend only on
+# types, shapes, strides, dtypes, devices and the weight's layout, plus pointer alignment, which
+# is re-checked on every call (as ikport.attention does).
+_checked: dict[tuple, Backend] = {}
+
+
+def _signature(x: object, weight: object, out: object, variant: str | None) -> tuple | None:
+    if type(x) is not torch.Tensor or type(weight) is not Int4Weight:
+        return None
+    if out is not None and type(out) is not torch.Tensor:
+        return None
+    o = None if out is None else (out.shape, out.stride(), out.dtype, out.device)
+    return (x.shape, x.stride(), x.dtype, x.device, weight.in_features, weight.out_features,
+            weight.scales.dtype, weight.qweight.device, weight.layout, weight.zeros is None,
+            weight.perm is None, weight.group_size, variant, o)
+
+
+def _misaligned(x: torch.Tensor, weight: Int4Weight) -> bool:
+    ptrs = x.data_ptr() | weight.qweight.data_ptr() | weight.scales.data_ptr()
+    if weight.zeros is not None:
+        ptrs |= weight.zeros.data_ptr()
+    return bool(ptrs & 15)
 
 
 # ---- GPU path ------------------------------------------------------------------------------------

@@ -176,3 +176,24 @@ def test_bad_inputs_raise_before_launch():
         ikport.w4a16_matmul(x, wq.with_layout(other))
     with pytest.raises(ValueError, match="unknown w4a16 variant"):
         ikport.w4a16_matmul(x, wq, variant="fast")
+    ikport.w4a16_matmul(x, wq)  # now cached as a checked signature: alignment is still checked
+    flat = torch.empty(wq.scales.numel() + 1, dtype=wq.scales.dtype, device=DEV)
+    shifted = flat[1:].view(wq.scales.shape)  # contiguous, 2 bytes off
+    shifted.copy_(wq.scales)
+    bad = int4.Int4Weight(wq.qweight, shifted, None, wq.group_size, wq.in_features,
+                          wq.out_features, wq.layout)
+    with pytest.raises(ValueError, match="weight.scales"):
+        ikport.w4a16_matmul(x, bad)
+
+
+def test_checked_signature_cache_does_not_skip_alignment():
+    g = torch.Generator(device=DEV).manual_seed(23)
+    wq = make_weight(128, 256, torch.float16, g)
+    buf = torch.randn(2 * 256 + 8, generator=g, device=DEV, dtype=torch.float32).half()
+    x = buf[:512].view(2, 256)
+    check(ikport.w4a16_matmul(x, wq), x, wq)
+    x_off = buf[8:520].view(2, 256)  # same shape and strides, 16 bytes off: still aligned
+    check(ikport.w4a16_matmul(x_off, wq), x_off, wq)
+    x_bad = buf[1:513].view(2, 256)  # same signature, 2 bytes off
+    with pytest.raises(ValueError, match="aligned"):
+        ikport.w4a16_matmul(x_bad, wq)
