@@ -14,8 +14,6 @@ IK_DEVICE void store16(void* p, uint4 v) { vendor::store16(p, v); }
 IK_DEVICE void fence_device() { vendor::fence_device(); }
 IK_DEVICE int atomic_add(int* p, int v) { return vendor::atomic_add(p, v); }
 IK_DEVICE float load_coherent(const float* p) { return vendor::load_coherent(p); }
-// Atomic float add to shared memory (a block-level reduction).
-IK_DEVICE void atomic_add_shared(float* p, float v) { vendor::atomic_add_shared(p, v); }
 
 // Async copy: cp.async on NVIDIA sm_80+, a synchronous copy elsewhere (IK_HAS_ASYNC_COPY says
 // which). Usage is the same on every target: issue copies, commit a group, wait until at most N

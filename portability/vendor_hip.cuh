@@ -105,7 +105,6 @@ IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 IK_DEVICE void fence_device() { __threadfence(); }
 IK_DEVICE int atomic_add(int* p, int v) { return atomicAdd(p, v); }
 IK_DEVICE float load_coherent(const float* p) { return *p; }
-IK_DEVICE void atomic_add_shared(float* p, float v) { atomicAdd(p, v); }
 
 // No cp.async on AMD: a plain 16-byte load and LDS store; the caller's barrier orders them.
 #define IK_HAS_ASYNC_COPY 0
