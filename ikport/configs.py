@@ -123,7 +123,7 @@ W4A16_GEMV_WARPS = 4  # journey GEMV variants: warps splitting K per 16-column t
 W4A16_WARPS = (4, 8)  # matrix-unit kernel: warps splitting the block's K range (8 for few blocks)
 W4A16_N_TILES = 2  # 16-column tiles per block: 32 output columns
 W4A16_M_TILES = (1, 2)  # 16-row tiles of x per block (M > 32 adds blocks along M; 4 spills on gfx1100)
-W4A16_WARPS_PER_SM = 12  # aim for about this many streaming warps per SM (w4a16-tuning-v5b-h100.json)
+W4A16_WARPS_PER_SM = 12  # aim for about this many streaming warps per SM (w4a16-tuning-v5/v5b-h100.json)
 W4A16_MIN_CHUNKS_PER_WARP = 2  # split K across blocks only while each warp keeps this many chunks
 # From this many rows of x, dequantize to a dense weight once and use the vendor's GEMM
 # (prefill-sized M: the product is compute-bound and a tuned dense GEMM wins).

@@ -73,6 +73,11 @@ K_MULTIPLE = 128  # in_features: the largest chunk (amd_mfma16), so every layout
 GROUP_SIZES = (32, 64, 128)  # quantization groups along K; per-channel (G = K) is allowed too
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
 DEFAULT_LAYOUT = "nv_m16n8k16"
+# The AMD archs whose matrix instructions portability/vendor_hip.cuh maps (keep in step with it).
+AMD_MATRIX_ARCHS = {
+    "amd_mfma16": ("gfx90a", "gfx940", "gfx941", "gfx942"),
+    "amd_wmma16_w32": ("gfx1100", "gfx1101", "gfx1102"),
+}
 _SYMMETRIC_ZERO = 8
 
 
@@ -135,8 +140,9 @@ def layout_for_device(device: DeviceLike = None) -> str:
     """The packed layout the W4A16 kernel wants on `device`.
 
     CPU (and meta) -> "nv_m16n8k16" (the default; the CPU path only unpacks). An NVIDIA GPU (CUDA
-    torch) -> "nv_m16n8k16". A ROCm GPU by its gcnArchName: gfx9* (CDNA, MFMA) -> "amd_mfma16",
-    gfx11* (RDNA3, WMMA wave32) -> "amd_wmma16_w32"; anything else raises ValueError.
+    torch) -> "nv_m16n8k16". A ROCm GPU by its gcnArchName (AMD_MATRIX_ARCHS): CDNA2/3
+    (gfx90a, gfx940-942; MFMA) -> "amd_mfma16", RDNA3 (gfx1100-1102; WMMA wave32) ->
+    "amd_wmma16_w32"; anything else raises ValueError.
     `device` None means the CPU.
     """
     if device is None:
@@ -150,13 +156,12 @@ def layout_for_device(device: DeviceLike = None) -> str:
         return "nv_m16n8k16"
     index = dev.index if dev.index is not None else torch.cuda.current_device()
     arch = str(getattr(torch.cuda.get_device_properties(index), "gcnArchName", "")).split(":")[0]
-    if arch.startswith("gfx9"):
-        return "amd_mfma16"
-    if arch.startswith("gfx11"):
-        return "amd_wmma16_w32"
+    for layout, archs in AMD_MATRIX_ARCHS.items():
+        if arch in archs:
+            return layout
     raise ValueError(
-        f"no W4A16 INT4 layout for AMD GPU {arch or '(unknown arch)'} on {dev}: "
-        "supported are gfx9* (MFMA, CDNA) and gfx11* (WMMA wave32, RDNA3)"
+        f"no W4A16 INT4 layout for AMD GPU {arch or '(unknown arch)'} on {dev}: the matrix shim "
+        f"(portability/vendor_hip.cuh) covers {sorted(a for v in AMD_MATRIX_ARCHS.values() for a in v)}"
     )
 
 
@@ -275,7 +280,8 @@ class Int4Weight:
       qweight: int32 [N, K // 8], `pack_int4` order for `layout`.
       scales: [K // G, N], float16 or bfloat16: the activation dtype the kernel runs in.
       zeros: None (symmetric, zero point 8) or [K // G, N], same dtype as `scales`, integer zero
-        points (0..15; GPTQ v1 imports may hold 16, see ikport.formats).
+        points 0..15 (`from_codes` checks this; the raw constructor reads no data, and the GPU
+        kernels take the integer part of what they find).
       group_size: G, the actual group length along K (per-channel: G = K).
       in_features: K; out_features: N.
       layout: one of `LAYOUTS`.
@@ -444,7 +450,8 @@ class Int4Weight:
 
         codes: integer [N, K] in 0..15, in the stored order (already permuted when `perm` is set).
         scales: [K // G, N] float16/bfloat16 (float32 is cast to float16). zeros: None (symmetric,
-        8) or [K // G, N] (any real or integer dtype; cast to the scales' dtype). group_size: G, or
+        8) or [K // G, N] integer zero points in 0..15 (any dtype; cast to the scales' dtype; checked).
+        group_size: G, or
         None / -1 for per-channel. perm: None or [K] permutation of range(K) (checked; an identity
         permutation is dropped). layout: default `layout_for_device(codes.device)`.
         Tensors are made contiguous and moved to the codes' device.
@@ -468,6 +475,10 @@ class Int4Weight:
             if not isinstance(zeros, torch.Tensor):
                 raise TypeError(f"zeros must be None or a tensor, got {_describe(zeros)}")
             zeros = zeros.to(dev, dtype=scales.dtype).contiguous()
+            # The kernels read a zero point as a small integer (base + z in the fp16/bf16 bits).
+            if zeros.numel() and not (torch.equal(zeros, zeros.round()) and
+                                      bool(((zeros >= 0) & (zeros <= 15)).all())):
+                raise ValueError("zeros must hold integer zero points in 0..15")
         if perm is not None:
             if not isinstance(perm, torch.Tensor) or perm.dtype.is_floating_point or perm.dim() != 1:
                 raise TypeError(f"perm must be an integer tensor [K], got {_describe(perm)}")

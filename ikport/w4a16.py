@@ -51,7 +51,8 @@ def w4a16_matmul(
         variant: force a journey variant (see VARIANTS); default "mma".
 
     Returns:
-        [..., N] in x's dtype.
+        [..., N] in x's dtype. When x requires grad (and grad mode is on), the result carries a
+        gradient for x (grad @ W, W dequantized); the INT4 weights are frozen.
 
     Example:
         >>> w = ikport.quantize_weight(torch.randn(4096, 4096, device="cuda", dtype=torch.float16))
@@ -61,6 +62,10 @@ def w4a16_matmul(
         from .ops import traced_w4a16_matmul
 
         return traced_w4a16_matmul(x, weight, out=out, variant=variant)
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        if out is not None:
+            raise ValueError("out= is not supported when x requires grad (autograd needs a new tensor)")
+        return _W4A16Grad.apply(x, weight, variant)
     sig = _signature(x, weight, out, variant)
     backend = _checked.get(sig) if sig is not None else None
     if backend is None or _misaligned(x, weight):
@@ -95,6 +100,23 @@ def w4a16_matmul(
         return out
     _launch(backend, x2, weight, out.view(M, N), variant)
     return out
+
+
+class _W4A16Grad(torch.autograd.Function):
+    """x may need a gradient (a model called outside torch.no_grad): the product is computed as
+    usual, and the gradient with respect to x is grad @ W with W dequantized in the gradient's
+    dtype. The INT4 weights are frozen: they get none."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: Int4Weight, variant: str | None) -> torch.Tensor:
+        ctx.weight = weight
+        with torch.no_grad():
+            return w4a16_matmul(x, weight, variant=variant)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w = ctx.weight.dequantize(torch.float32).to(grad.device)
+        return (grad.float() @ w).to(grad.dtype), None, None
 
 
 # Call signatures that passed every check on a GPU, with their backend: the checks depend only on

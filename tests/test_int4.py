@@ -135,7 +135,6 @@ def test_quantization_error_bounds(normal_weight):
     assert 0.07 < sym128 < 0.15, sym128  # about 0.1: step 2 * absmax / 15 over 128 normals
     assert asym128 < sym128
     assert sym32 < sym128 < per_channel
-    assert per_channel > sym32
     assert _rel_rms(w, quantize_weight(w, -1)) == pytest.approx(per_channel)
 
 

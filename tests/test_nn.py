@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-from ikport import formats
 from ikport.int4 import quantize_weight
 from ikport.nn import W4A16Linear, quantize_model
 
@@ -216,4 +215,3 @@ def test_constructor_validation():
                         dtype=torch.bfloat16)
     assert layer.group_size == 256 and layer.zeros is not None and layer.perm is not None
     assert layer.weight_int4.dtype == torch.bfloat16
-    assert formats.AWQ_ORDER  # the module imports formats for from_gptq / from_awq

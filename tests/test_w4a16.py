@@ -114,3 +114,39 @@ def test_no_split_variant_and_overrides():
 def test_variants_are_listed():
     assert {"naive", "mma", "dequant-gemm"} <= set(w4a16.VARIANTS)
     assert int4.layout_for_device("cpu") in int4.LAYOUTS
+
+
+def test_gradient_flows_to_x_not_to_the_weights():
+    wq = weight(group_size=64, symmetric=False)
+    x = torch.randn(3, 256, dtype=torch.float32, requires_grad=True)
+    y = ikport.w4a16_matmul(x, wq)
+    g = torch.randn_like(y)
+    y.backward(g)
+    assert torch.allclose(x.grad, g @ wq.dequantize(), atol=1e-5)
+    with pytest.raises(ValueError, match="requires grad"):
+        ikport.w4a16_matmul(x, wq, out=torch.empty(3, 128))
+    with torch.no_grad():
+        assert not ikport.w4a16_matmul(x, wq).requires_grad
+
+
+def test_zero_points_must_be_integers_in_range():
+    codes = torch.randint(0, 16, (16, 128), dtype=torch.uint8)
+    scales = torch.rand(1, 16).half()
+    for bad in (torch.full((1, 16), 7.5), torch.full((1, 16), -1.0), torch.full((1, 16), 16.0)):
+        with pytest.raises(ValueError, match="0..15"):
+            int4.Int4Weight.from_codes(codes, scales, bad, None)
+    assert int4.Int4Weight.from_codes(codes, scales, torch.full((1, 16), 3.0), None).zeros is not None
+
+
+def test_amd_layout_archs_match_the_hip_shim():
+    """ikport.int4.AMD_MATRIX_ARCHS and the #if lines of portability/vendor_hip.cuh name the same
+    archs, so a GPU without the matrix shim is refused before packing, not at compile time."""
+    import re
+    from importlib.resources import files
+
+    text = (files("ikport.portability") / "vendor_hip.cuh").read_text()
+    shim = {}
+    for cond, macro in re.findall(r"#(?:el)?if ([^\n]+)\n#define (IK_MMA_AMD_\w+)", text):
+        shim[macro] = set(re.findall(r"__(gfx\w+)__", cond))
+    assert shim["IK_MMA_AMD_MFMA_16X16X16"] == set(int4.AMD_MATRIX_ARCHS["amd_mfma16"])
+    assert shim["IK_MMA_AMD_WMMA_W32"] == set(int4.AMD_MATRIX_ARCHS["amd_wmma16_w32"])

@@ -2,10 +2,10 @@
 
 Every case: fresh random weights and activations (never zeros), the output pre-filled with NaN
 (poisoned) and passed as `out=`, so an element the kernel fails to write fails the test.
-Reference: x (fp32) @ W^T with W dequantized in fp32. The kernel rounds each dequantized weight
-to x's dtype once (what a dequantize-then-matmul in that dtype does) and accumulates in fp32, so
-the error bound is relative to the output's scale: max abs error <= TOL * max |reference|, with
-TOL fp16 2e-3, bf16 1.6e-2 (a few units in the last place of each format).
+Reference: x (fp32) @ W^T with W dequantized in fp32. The matrix-unit kernel sums exact (q - z) * x
+in fp32 and applies each group's scale in fp32; the GEMV and dequant paths round each dequantized
+weight to x's dtype once. The error bound is relative to the output's scale: max abs error <=
+TOL * max |reference|, TOL fp16 2e-3, bf16 1.6e-2 (a few units in the last place of each format).
 """
 
 import pytest
@@ -95,6 +95,55 @@ def test_split_k_is_deterministic_and_counters_reset():
     for _ in range(5):  # a counter left non-zero would make a later call skip or double its merge
         assert torch.equal(run(x, wq), first)
     check(first, x, wq)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"warps": 4}, {"warps": 8}, {"warps": 4, "num_splits": 3}],
+                         ids=["default", "warps4", "warps8", "warps4-split3"])
+@pytest.mark.parametrize("group_size,symmetric", [(32, False), (128, True), (None, False)],
+                         ids=["g32-asym", "g128-sym", "perchannel-asym"])
+def test_split_k_row_blocks_and_block_sizes(overrides, group_size, symmetric):
+    """Split-K with zero points and several row blocks (the counter index), and both block sizes
+    (the 4-warp kernel is the H100 default only for wide N, e.g. W2)."""
+    from ikport import configs
+
+    g = torch.Generator(device=DEV).manual_seed(29)
+    wq = make_weight(256, 4096, torch.float16, g, group_size=group_size, symmetric=symmetric)
+    x = torch.randn(64, 4096, generator=g, device=DEV, dtype=torch.float32).half()
+    configs.w4a16_overrides.update(overrides)
+    w4a16._plans.clear()
+    try:
+        plan = w4a16._plan(ikport.dispatch.backend_for(x.device), x.device.index or 0, x.dtype, 64,
+                           256, 4096, wq.layout, None)
+        assert plan.grid[2] == 2  # two row blocks
+        if not overrides:
+            assert plan.num_splits > 1
+        first = run(x, wq)
+        check(first, x, wq)
+        assert torch.equal(run(x, wq), first)  # counters reset, deterministic merge
+    finally:
+        configs.w4a16_overrides.clear()
+        w4a16._plans.clear()
+
+
+def test_graph_captured_on_a_stream_with_counters():
+    """Eager calls on a stream first (it gets split-K counters), then a capture on that stream:
+    the graph must not share them (it zeroes its own inside the graph)."""
+    g = torch.Generator(device=DEV).manual_seed(31)
+    wq = make_weight(4096, 4096, torch.float16, g)
+    x = torch.randn(1, 4096, generator=g, device=DEV, dtype=torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        eager = ikport.w4a16_matmul(x, wq)  # allocates this stream's counters
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=s):
+            static_out = ikport.w4a16_matmul(x, wq)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(3):
+        graph.replay()
+        ikport.w4a16_matmul(x, wq)  # eager calls between replays, on the default stream
+    torch.cuda.synchronize()
+    assert torch.equal(static_out, eager)
 
 
 def test_leading_dims_and_strided_rows():
