@@ -15,7 +15,7 @@ def kt(fn, sets, iters=40):
     return round(t[len(t)//2], 2)
 res = {}
 import os
-OVS = [{}] if os.environ.get("ONLYDEFAULT") else [{}] + ([{"n_tiles": nt, "warps": w, "num_splits": s} for nt in (1, 2) for w in (4, 8) for s in (1, 2, 3, 4)] if os.environ.get("FULL") else [{"warps": 8, "num_splits": 1}, {"warps": 8, "num_splits": 3}, {"warps": 4, "num_splits": 2}])
+OVS = [{}] + [{"n_tiles": 4, "warps": 4, "num_splits": sp} for sp in (1, 2, 3, 4, 6)] if os.environ.get("NT4") else [{}] if os.environ.get("ONLYDEFAULT") else [{}] + ([{"n_tiles": nt, "warps": w, "num_splits": s} for nt in (1, 2) for w in (4, 8) for s in (1, 2, 3, 4)] if os.environ.get("FULL") else [{"warps": 8, "num_splits": 1}, {"warps": 8, "num_splits": 3}, {"warps": 4, "num_splits": 2}])
 for name, K, N in [("W1", 4096, 4096), ("W2", 4096, 14336), ("W3", 14336, 4096)]:
     nb = K * N // 2 + K // 128 * N * 2
     nsets = max(2, int(3 * 50e6 // nb) + 1)
