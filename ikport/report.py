@@ -775,7 +775,7 @@ GEMM takes over: one thread per 16-byte lane vector, the same `int4_pair` unpack
 matrix-unit kernel, into a shared-memory tile ({nv_smem} bytes on sm_90, {cdna_smem} on gfx942)
 written out in 16-byte rows. {nv_regs} registers on sm_90,
 {cdna_regs} VGPRs on gfx942, {rdna_regs} on gfx1100.""",
-    "w4a16.mma": """\
+    "w4a16.mma (cp.async ring)": """\
 The default W4A16 kernel: INT4 codes unpacked in registers straight into the B fragment of the
 target's matrix instruction ({nv_mma} `mma.sync` in the sm_90 PTX, {cdna_mma} `v_mfma` on gfx942,
 {rdna_mma} `v_wmma` on gfx1100), which is why the packed layout differs per vendor

@@ -66,16 +66,20 @@ IK_DEVICE int code_at(const uint4& v, int r, int half) {
   return static_cast<int>((word_of(v, r / 4) >> (4 * (r % 4 + 4 * half))) & 0xfu);
 }
 
-// Sums, over the 16 columns of a tile, what every lane holds for that column in acc[slot]
-// (slot -> column from the layout), and writes column c's total to red[c] (lane c, c < 16).
-IK_DEVICE void reduce_columns(const float (&acc)[kB], float (&red)[16]) {
+// Sums, over the warp, what every lane holds for each of the tile's 16 columns in acc[slot]
+// (slot -> column from the layout); lane c < 16 gets column c's total.
+IK_DEVICE float column_total(const float (&acc)[kB]) {
+  const int lane = ik::lane_id();
+  float mine = 0.f;
 #pragma unroll
   for (int c = 0; c < 16; ++c) {
     float v = 0.f;
 #pragma unroll
-    for (int s = 0; s < kB; ++s) v += ik::mma::b_col(s) == c ? acc[s] : 0.f;
-    red[c] = ik::warp_sum(v);
+    for (int s = 0; s < kB; ++s) v += L::b_col(lane, s) == c ? acc[s] : 0.f;
+    v = ik::warp_sum(v);
+    mine = lane == c ? v : mine;
   }
+  return mine;
 }
 
 }  // namespace w4
@@ -109,14 +113,8 @@ __global__ void __launch_bounds__(IK_WARP_SIZE) w4a16_naive(W4A16Params p) {
       }
     }
   }
-  float red[16];
-  w4::reduce_columns(acc, red);
-  if (lane < 16) {
-    float v = red[0];
-#pragma unroll
-    for (int c = 1; c < 16; ++c) v = lane == c ? red[c] : v;
-    static_cast<T*>(p.out)[m * p.o_sm + 16 * ntile + lane] = ik::dtype<T>::from_float(v);
-  }
+  const float total = w4::column_total(acc);
+  if (lane < 16) static_cast<T*>(p.out)[m * p.o_sm + 16 * ntile + lane] = ik::dtype<T>::from_float(total);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -164,14 +162,8 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_gemv(W4A16Params p
       }
     }
   }
-  float red[16];
-  w4::reduce_columns(acc, red);
-  if (lane < 16) {
-    float v = red[0];
-#pragma unroll
-    for (int c = 1; c < 16; ++c) v = lane == c ? red[c] : v;
-    s_red[warp][lane] = v;
-  }
+  const float total = w4::column_total(acc);
+  if (lane < 16) s_red[warp][lane] = total;
   ik::block_sync();
   if (threadIdx.x < 16) {
     float v = 0.f;

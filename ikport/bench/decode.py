@@ -545,24 +545,9 @@ def run(args: argparse.Namespace) -> int:
         "skipped": results.skipped,
         "errors": results.errors,
     }
-    path = harness.write_results(
-        out,
-        command=args.command,
-        ceiling_GBps=harness.READ_ROOF_GBPS,
-        results=results.rows,
-        extra=extra,
-        meta=meta,
+    return harness.finish_run(
+        out, command=args.command, rows=results.rows, extra=extra, meta=meta, roof=roof,
+        print_tables=lambda: print_tables(results),
+        plot=None if args.no_plot else lambda png: plot_sweep(results.rows, png, meta["device"]),
+        started=start, failed=bool(results.errors),
     )
-    print_tables(results)
-    print(
-        "\nread pass (informational): "
-        + ", ".join(
-            f"{r['bytes'] / 1e6:.0f} MB {r['median_us']:.1f} us {r['GBps']:.0f} GB/s" for r in roof
-        )
-    )
-    print(f"wrote {path}")
-    if not args.no_plot:
-        plot = plot_sweep(results.rows, path.with_suffix(".png"), meta["device"])
-        print(f"wrote {plot}" if plot else "plot skipped (no matplotlib or no sweep rows)")
-    print(f"{meta['device']}, commit {meta['commit'][:12]}, {time.perf_counter() - start:.0f} s")
-    return 1 if results.errors else 0

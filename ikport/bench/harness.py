@@ -465,3 +465,31 @@ def write_results(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, allow_nan=False) + "\n")
     return path
+
+
+def finish_run(
+    path: str | Path,
+    *,
+    command: str,
+    rows: list[dict[str, Any]],
+    extra: dict[str, Any],
+    meta: dict[str, Any],
+    roof: list[dict[str, Any]],
+    print_tables: Callable[[], None],
+    plot: Callable[[Path], Path | None] | None,
+    started: float,
+    failed: bool,
+) -> int:
+    """The end of every benchmark run: write the result file, print its tables and the read-pass
+    figures, draw the plot next to the file (unless `plot` is None); exit status 1 if `failed`."""
+    out = write_results(path, command=command, ceiling_GBps=READ_ROOF_GBPS, results=rows,
+                        extra=extra, meta=meta)
+    print_tables()
+    print("\nread pass (informational): " + ", ".join(
+        f"{r['bytes'] / 1e6:.0f} MB {r['median_us']:.1f} us {r['GBps']:.0f} GB/s" for r in roof))
+    print(f"wrote {out}")
+    if plot is not None:
+        png = plot(out.with_suffix(".png"))
+        print(f"wrote {png}" if png else "plot skipped (no matplotlib or nothing to plot)")
+    print(f"{meta['device']}, commit {meta['commit'][:12]}, {time.perf_counter() - started:.0f} s")
+    return 1 if failed else 0
