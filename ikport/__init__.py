@@ -18,7 +18,8 @@ _log.setup()  # the "ikport" logger: IKPORT_LOG level and handler, once
 from .attention import attention, paged_attention, paged_kv_from_dense  # noqa: E402
 from .int4 import Int4Weight, quantize_weight  # noqa: E402
 from .w4a16 import w4a16_matmul  # noqa: E402
+from . import formats, nn  # noqa: E402,F401  (ikport.formats.from_gptq, ikport.nn.W4A16Linear)
 from . import ops as _ops  # noqa: E402,F401  (registers torch.ops.ikport.*, once)
 
 __all__ = ["attention", "paged_attention", "paged_kv_from_dense", "Int4Weight", "quantize_weight",
-           "w4a16_matmul", "__version__"]
+           "w4a16_matmul", "formats", "nn", "__version__"]

@@ -215,3 +215,11 @@ def test_constructor_validation():
                         dtype=torch.bfloat16)
     assert layer.group_size == 256 and layer.zeros is not None and layer.perm is not None
     assert layer.weight_int4.dtype == torch.bfloat16
+
+
+def test_reachable_from_the_package():
+    """`import ikport` is enough for the names the README uses."""
+    import ikport
+
+    assert ikport.nn.W4A16Linear is W4A16Linear
+    assert callable(ikport.nn.quantize_model) and callable(ikport.formats.from_gptq)
