@@ -104,6 +104,18 @@ def _scales_dtype(scales: torch.Tensor) -> torch.Tensor:
     return scales.to(torch.float16) if scales.dtype == torch.float32 else scales
 
 
+def _groups_and_scales(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, k: int,
+                       n: int, what: str) -> tuple[int, torch.Tensor]:
+    """Both formats store zeros as [K // G, N // 8] int32 and scales as [K // G, N]: check them and
+    return (G, scales in a supported dtype on qweight's device)."""
+    groups = qzeros.shape[0]
+    if tuple(qzeros.shape) != (groups, n // 8):
+        raise ValueError(f"qzeros must have shape [K // G, N // 8] = [{groups}, {n // 8}] for "
+                         f"qweight {list(qweight.shape)}, got {list(qzeros.shape)}")
+    g = _group_size(k, groups, what)
+    return g, _scales_dtype(_check_scales(scales, groups, n)).to(qweight.device)
+
+
 def from_gptq(
     qweight: torch.Tensor,
     qzeros: torch.Tensor,
@@ -132,13 +144,9 @@ def from_gptq(
     _check_int32("qzeros", qzeros)
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     check_shape(n, k, "GPTQ qweight [K // 8, N]")
-    groups = qzeros.shape[0]
-    if tuple(qzeros.shape) != (groups, n // 8):
-        raise ValueError(f"qzeros must have shape [K // G, N // 8] = [{groups}, {n // 8}] for "
-                         f"qweight {list(qweight.shape)}, got {list(qzeros.shape)}")
-    g = _group_size(k, groups, "GPTQ qzeros")
+    g, scales = _groups_and_scales(qweight, qzeros, scales, k, n, "GPTQ qzeros")
+    groups = k // g
     dev = qweight.device
-    scales = _scales_dtype(_check_scales(scales, groups, n)).to(dev)
 
     # codes [N, K]: row i of qweight holds input channels 8i .. 8i + 7 at shifts 0, 4, .., 28.
     codes = _nibbles_last(qweight.T).to(torch.uint8)  # [N, K]
@@ -190,13 +198,8 @@ def from_awq(
     _check_int32("qzeros", qzeros)
     k, n = qweight.shape[0], qweight.shape[1] * 8
     check_shape(n, k, "AWQ qweight [K, N // 8]")
-    groups = qzeros.shape[0]
-    if tuple(qzeros.shape) != (groups, n // 8):
-        raise ValueError(f"qzeros must have shape [K // G, N // 8] = [{groups}, {n // 8}] for "
-                         f"qweight {list(qweight.shape)}, got {list(qzeros.shape)}")
-    g = _group_size(k, groups, "AWQ qzeros")
+    g, scales = _groups_and_scales(qweight, qzeros, scales, k, n, "AWQ qzeros")
     dev = qweight.device
-    scales = _scales_dtype(_check_scales(scales, groups, n)).to(dev)
     # nibble j of word i holds column 8i + AWQ_ORDER[j]: column 8i + m is nibble inverse[m].
     inverse = [AWQ_ORDER.index(m) for m in range(8)]
     cols = torch.tensor(inverse, device=dev)
