@@ -114,6 +114,15 @@ class Backend(abc.ABC):
         life): state that must survive CUDA-graph pools, such as split-K arrival counters."""
         raise NotImplementedError
 
+    def alloc_async(self, device: int, nbytes: int, stream: int) -> int:
+        """A stream-ordered device allocation outside torch's allocator (the driver's pool), for
+        per-stream scratch that must stay out of CUDA-graph pools; free it with free_async."""
+        raise NotImplementedError
+
+    def free_async(self, ptr: int, stream: int) -> None:
+        """Release an alloc_async allocation once the work queued on `stream` is done with it."""
+        raise NotImplementedError
+
     def occupancy(self, fn: Any, block_threads: int, shared_bytes: int) -> int | None:
         """Blocks of `fn` resident on one SM/CU at once, or None where the backend cannot say."""
         return None

@@ -220,6 +220,14 @@ class CudaBackend(Backend):
         self._check(self._driver.cuCtxSynchronize(), "cuCtxSynchronize")
         return int(ptr)
 
+    def alloc_async(self, device: int, nbytes: int, stream: int) -> int:
+        self._ensure_context(device)
+        return int(self._check(self._driver.cuMemAllocAsync(nbytes, self._driver.CUstream(stream)),
+                               "cuMemAllocAsync"))
+
+    def free_async(self, ptr: int, stream: int) -> None:
+        self._check(self._driver.cuMemFreeAsync(ptr, self._driver.CUstream(stream)), "cuMemFreeAsync")
+
     def occupancy(self, fn: Any, block_threads: int, shared_bytes: int) -> int:
         """Blocks of `fn` that fit on one SM at once."""
         return self._check(

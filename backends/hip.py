@@ -178,6 +178,17 @@ class HipBackend(Backend):
         finally:
             self._hip.hipSetDevice(previous)
 
+    def alloc_async(self, device: int, nbytes: int, stream: int) -> int:
+        previous = self._check(self._hip.hipGetDevice(), "hipGetDevice")
+        self._check(self._hip.hipSetDevice(device), "hipSetDevice")
+        try:
+            return int(self._check(self._hip.hipMallocAsync(nbytes, stream), "hipMallocAsync"))
+        finally:
+            self._hip.hipSetDevice(previous)
+
+    def free_async(self, ptr: int, stream: int) -> None:
+        self._check(self._hip.hipFreeAsync(ptr, stream), "hipFreeAsync")
+
     def set_max_dynamic_shared(self, fn: Any, nbytes: int) -> None:
         # AMD needs no opt-in: a launch may use all the LDS of a workgroup. ROCm 6+ still records
         # and range-checks the value for module functions; HIP 5 knows only hipcc-registered

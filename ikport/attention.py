@@ -16,7 +16,9 @@ import torch
 from . import checks, configs, dispatch, reference
 from .backends.base import Backend
 from .kernels import DecodeParams, Kernel, get_kernel
-from .launch import raw_stream as _raw_stream, split_counters as _split_counters
+from .launch import raw_stream as _raw_stream
+from .launch import split_counters as _split_counters
+from .launch import split_scratch as _split_scratch
 from .manifest import spec
 
 # Journey variants a caller (the benchmark) may force; None picks the default, "split".
@@ -270,18 +272,17 @@ def _decode(backend, q, k, v, block_table, kv_lens, causal, scale, variant, out)
     if out is None:
         out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
     S = plan.num_splits
-    scratch = None
-    if S > 1:  # one allocation: partial outputs, then the log-sum-exps
-        rows = B * Hq * Tq * S
-        scratch = torch.empty(rows * (D + 1), dtype=torch.float32, device=q.device)
     stream = _raw_stream(plan.device)
+    scratch, scratch_owner = 0, None  # the owner (a torch tensor, if any) lives until the launch
+    if S > 1:  # one buffer: partial outputs, then the log-sum-exps
+        rows = B * Hq * Tq * S
+        scratch, scratch_owner = _split_scratch(plan.backend, plan.device, stream, rows * (D + 1) * 4)
     counters = 0
     if S > 1 and plan.fused:
         counters = _split_counters(plan.backend, plan.device, stream, plan.grid[1] * plan.grid[2])
     p = DecodeParams(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-        scratch.data_ptr() if scratch is not None else 0,
-        scratch.data_ptr() + rows * D * 4 if scratch is not None else 0,
+        scratch, scratch + rows * D * 4 if scratch else 0,
         kv_lens.data_ptr() if kv_lens is not None else 0,
         block_table.data_ptr() if block_table is not None else 0,
         counters,

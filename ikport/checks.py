@@ -140,6 +140,8 @@ def w4a16(x: object, weight: object, out_: object, gpu: bool | None = None) -> N
     if gpu and x.dtype != weight.dtype:
         raise TypeError(f"x is {x.dtype} but the weight's scales are {weight.dtype}: the kernel "
                         f"dequantizes into x's dtype; use weight.to(dtype={x.dtype})")
+    if gpu and weight.scales.numel() >= 2**31:  # the kernel indexes scales with 32-bit offsets
+        raise ValueError(f"weight has {weight.scales.numel()} scales; at most 2**31 - 1 are supported")
     if gpu:
         for name in ("qweight", "scales", "zeros"):
             t = getattr(weight, name)

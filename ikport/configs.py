@@ -120,14 +120,28 @@ def decode_config(
 
 # ---- W4A16 (kernels_src/w4a16.cuh) ---------------------------------------------------------------
 W4A16_GEMV_WARPS = 4  # journey GEMV variants: warps splitting K per 16-column tile
-W4A16_WARPS = (4, 8)  # matrix-unit kernel: warps splitting the block's K range (8 for few blocks)
+W4A16_WARPS = 8  # matrix-unit kernel: warps splitting the block's K range (fewer where shared memory is short)
 W4A16_N_TILES = 2  # 16-column tiles per block: 32 output columns
 W4A16_M_TILES = (1, 2)  # 16-row tiles of x per block (M > 32 adds blocks along M; 4 spills on gfx1100)
-W4A16_WARPS_PER_SM = 12  # aim for about this many streaming warps per SM (w4a16-tuning-v5/v5b-h100.json)
+W4A16_WARPS_PER_SM = 6  # split K across blocks below this many warps per SM (w4a16-tuning-v7d-h100.json)
 W4A16_MIN_CHUNKS_PER_WARP = 2  # split K across blocks only while each warp keeps this many chunks
 # From this many rows of x, dequantize to a dense weight once and use the vendor's GEMM
 # (prefill-sized M: the product is compute-bound and a tuned dense GEMM wins).
 W4A16_DENSE_MIN_M = 128
+
+
+def w4a16_group_tiles(group_size: int) -> int:
+    """The matrix-unit kernel's GT: 16-k tiles per quantization group, capped at 8 (a group of 128
+    or more spans a whole chunk on every target, so its scales apply once per chunk)."""
+    return min(group_size // 16, 8)
+
+
+def w4a16_stages(block_threads: int, n_tiles: int) -> int:
+    """Weight-ring slots per lane of the matrix-unit kernel: 4 (w4a16-tuning-v7e-h100.json), fewer
+    where the ring would pass 32 KB (the kernel applies the same cap). Override: "stages"."""
+    want = w4a16_overrides.get("stages", 4)
+    return min(want, 32768 // (n_tiles * block_threads * 16))
+
 
 # Benchmarks and tuning runs may pin any W4A16Config field here; clear ikport.w4a16._plans after.
 w4a16_overrides: dict[str, int] = {}
@@ -154,11 +168,10 @@ def w4a16_config(*, m: int, n: int, k: int, chunk_k: int, sm_count: int,
     row_blocks = -(-m // (16 * m_tiles))
     chunks = k // chunk_k
     target = o.get("warps_per_sm", W4A16_WARPS_PER_SM) * sm_count
-    # Few output tiles (W1/W3: 128 blocks of 32 columns for 132 SMs): bigger blocks first, since
-    # their warps split K inside the block and add up in shared memory; split K across blocks
-    # (partial sums in memory, a counter, a last-block merge) only beyond that.
-    warps = o.get("warps") or (W4A16_WARPS[1] if col_blocks * row_blocks * W4A16_WARPS[0] < target
-                               else W4A16_WARPS[0])
+    # Blocks of 8 warps that split K inside the block and add up in shared memory; split K across
+    # blocks (partial sums in memory, a counter, a last-block merge) only for few output tiles:
+    # on the H100, 8 warps and no split beat 4 warps (+ split) at W1-W3 for M = 1..32 or tied.
+    warps = o.get("warps") or W4A16_WARPS
     num_splits = o.get("num_splits", num_splits)
     if num_splits is None:
         num_splits = -(-target // (col_blocks * row_blocks * warps))

@@ -112,10 +112,13 @@ class Kernel:
     spec: KernelSpec
     backend: Backend
     fn: Any
+    static_shared: int = 0  # bytes of static shared memory / LDS, as the compiler reported them
     max_dynamic_shared: int = 0  # the opt-in limit set so far (static shared memory comes on top)
 
     def launch(self, grid, block, shared_bytes: int, params: ctypes.Structure, stream: int) -> None:
-        if shared_bytes > self.max_dynamic_shared and shared_bytes > 32 * 1024:
+        # NVIDIA wants an opt-in once static + dynamic shared memory passes 48 KB; set it for every
+        # new high-water mark (one driver call each), whatever the static part.
+        if shared_bytes > self.max_dynamic_shared:
             self.backend.set_max_dynamic_shared(self.fn, shared_bytes)
             self.max_dynamic_shared = shared_bytes
         self.backend.launch(self.fn, grid, block, shared_bytes, params, stream)
@@ -131,5 +134,7 @@ def get_kernel(spec: KernelSpec, backend: Backend, device: int) -> Kernel:
     with _lock:
         if key not in _loaded:
             loaded = backend.load(module, device)
-            _loaded[key] = Kernel(spec, backend, backend.get_function(loaded, module, spec.name_expr))
+            res = module.resources.get(spec.name_expr)
+            static = res.shared_bytes if res is not None and res.shared_bytes is not None else 0
+            _loaded[key] = Kernel(spec, backend, backend.get_function(loaded, module, spec.name_expr), static)
         return _loaded[key]

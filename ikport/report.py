@@ -99,8 +99,11 @@ def launch_shape(uri: str, warp_size: int) -> Launch | None:
     if (family, kernel) == ("w4a16", "dequant"):
         return Launch(256, 0, False, False)
     if (family, kernel) == ("w4a16", "mma"):
-        # static shared memory only; fragments built in registers (A from global memory)
-        return Launch(p["warps"] * warp_size, 0, True, True, smem_fragments=False)
+        # the weight ring is static; the x slabs are dynamic, shown for M = 1 (one row of x a
+        # slab) and the chunk of 64 k (NVIDIA; RDNA3's 32 needs half) or 128 (CDNA's wave64);
+        # A via the shim's shared-memory fragment load, B built in registers
+        chunk = {32: 64, 64: 128}[warp_size]
+        return Launch(p["warps"] * warp_size, p["stages"] * p["warps"] * (chunk + 8) * 2, True, True)
     return None
 
 

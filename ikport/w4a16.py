@@ -16,7 +16,7 @@ from . import checks, configs, dispatch, reference
 from .backends.base import Backend
 from .int4 import Int4Weight, layout_for_device, layout_info
 from .kernels import Kernel, W4A16Params, get_kernel
-from .launch import raw_stream, split_counters
+from .launch import raw_stream, split_counters, split_scratch
 from .manifest import spec
 
 # Journey variants a caller (the benchmark) may force; None picks the default, "mma".
@@ -89,16 +89,15 @@ def w4a16_matmul(
                 _checked.clear()
             _checked[sig] = backend
     N, K = weight.out_features, weight.in_features
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x if x.dim() == 2 else x.reshape(-1, K)  # (reshape and view cost host time: skip at 2-D)
     if weight.perm is not None:  # act-order checkpoint: codes are stored in sorted-group order
         x2 = x2.index_select(1, weight.perm)
     M = x2.shape[0]
     if out is None:
-        out = torch.empty((*lead, N), dtype=x.dtype, device=x.device)
+        out = torch.empty((*x.shape[:-1], N), dtype=x.dtype, device=x.device)
     if M == 0:
         return out
-    _launch(backend, x2, weight, out.view(M, N), variant)
+    _launch(backend, x2, weight, out if out.dim() == 2 else out.view(M, N), variant)
     return out
 
 
@@ -160,8 +159,8 @@ _plans: dict[tuple, _Plan] = {}
 
 
 def _plan(backend: Backend, dev: int, dtype: torch.dtype, M: int, N: int, K: int, layout: str,
-          variant: str | None) -> _Plan:
-    key = (backend.name, dev, dtype, M, N, K, layout, variant)
+          group_size: int, variant: str | None) -> _Plan:
+    key = (backend.name, dev, dtype, M, N, K, layout, group_size, variant)
     plan = _plans.get(key)
     if plan is not None:
         return plan
@@ -190,9 +189,23 @@ def _plan(backend: Backend, dev: int, dtype: torch.dtype, M: int, N: int, K: int
     else:
         cfg = configs.w4a16_config(m=M, n=N, k=K, chunk_k=chunk_k, sm_count=info.sm_count,
                                    num_splits=1 if variant == "mma-nosplit" else None)
-        kernel = get_kernel(spec("w4a16", "mma", dtype=dt, m_tiles=cfg.m_tiles, n_tiles=cfg.n_tiles,
-                                 warps=cfg.warps), backend, dev)
-        plan = _Plan(dev, kernel, cfg.grid, (cfg.warps * warp, 1, 1), 0, cfg.num_splits,
+        # Fewer warps where the ring (static) plus the x slabs (dynamic) would pass the device's
+        # shared memory per block (e.g. 64 KB of LDS on CDNA, whose 64-lane waves double the ring).
+        warps = cfg.warps
+        while True:
+            stages = configs.w4a16_stages(warps * warp, cfg.n_tiles)
+            kernel = get_kernel(spec("w4a16", "mma", dtype=dt, m_tiles=cfg.m_tiles, n_tiles=cfg.n_tiles,
+                                     warps=warps, group_tiles=configs.w4a16_group_tiles(group_size),
+                                     stages=stages), backend, dev)
+            # x slabs: stages x warps x min(M, rows per block) rows of chunk_k + 8 elements
+            x_smem = stages * warps * min(M, 16 * cfg.m_tiles) * (chunk_k + 8) * dtype.itemsize
+            if kernel.static_shared + x_smem <= info.max_smem_per_block:
+                break
+            if warps == 1:
+                raise ValueError(f"w4a16: {M} rows of x need {kernel.static_shared + x_smem} B of shared "
+                                 f"memory per block, the device allows {info.max_smem_per_block} B")
+            warps //= 2
+        plan = _Plan(dev, kernel, cfg.grid, (warps * warp, 1, 1), x_smem, cfg.num_splits,
                      cfg.chunks_per_split)
     logging.getLogger("ikport").debug(
         "plan w4a16 %s %s M=%d N=%d K=%d -> %s grid=%s block=%s smem=%d splits=%d",
@@ -217,13 +230,13 @@ def _launch(backend: Backend, x: torch.Tensor, weight: Int4Weight, out: torch.Te
     M, K = x.shape
     N = weight.out_features
     dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    plan = _plan(backend, dev, x.dtype, M, N, K, weight.layout, variant)
+    plan = _plan(backend, dev, x.dtype, M, N, K, weight.layout, weight.group_size, variant)
     S = plan.num_splits
     stream = raw_stream(dev)
     partials = counters = None
-    counters_ptr = 0
+    partials_ptr = counters_ptr = 0
     if S > 1:
-        partials = torch.empty(S * M * N, dtype=torch.float32, device=x.device)
+        partials_ptr, partials = split_scratch(backend, dev, stream, S * M * N * 4)
         n_counters = plan.grid[0] * plan.grid[2]
         counters_ptr = split_counters(backend, dev, stream, n_counters)
         if not counters_ptr:  # capturing a graph: zeroed inside it, so every replay starts clean
@@ -241,7 +254,7 @@ def _launch(backend: Backend, x: torch.Tensor, weight: Int4Weight, out: torch.Te
     p = W4A16Params(
         x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
         zeros.data_ptr() if zeros is not None else 0, out.data_ptr(),
-        partials.data_ptr() if partials is not None else 0, counters_ptr,
+        partials_ptr, counters_ptr,
         x.stride(0), out.stride(0), M, N, K, _group_log2(weight.group_size), S, plan.chunks_per_split,
     )
     plan.kernel.launch(plan.grid, plan.block, plan.shared_bytes, p, stream)

@@ -38,6 +38,7 @@ constexpr int kPairs = kB / 2;           // ... as 32-bit pairs
 constexpr int kTilesPerChunk = 32 / kB;  // tiles one 16-byte lane vector covers along k
 constexpr int kChunk = 16 * kTilesPerChunk;
 constexpr int kUniqueLanes = 256 / kB;
+constexpr int kLdX = kChunk + 8;  // row stride (elements) of the matrix-unit kernel's x slabs
 
 IK_DEVICE unsigned int word_of(const uint4& v, int i) {
   return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
@@ -175,84 +176,115 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_gemv(W4A16Params p
 
 // ---------------------------------------------------------------------------------------------
 // Matrix-unit path (default up to configs.W4A16_DENSE_MIN_M rows). Each warp streams its own
-// contiguous K range of the block's NT 16-column tiles with no block-wide barrier in the loop: a
-// per-lane cp.async ring keeps kDepth chunks of weights and of the matching scales (one 16-column
-// row of scales per tile, zero points likewise) in flight. Codes become B fragments in registers
-// as exact q - z (int4_pair_unscaled); x becomes A fragments straight from global memory (tiny and
-// read by every block, so it stays in L1/L2); the matrix unit sums (q - z) * x over a group in
-// fp32, and the group's scales multiply that sum once per output element when the group ends.
+// contiguous K range of the block's NT 16-column tiles (the chunks a warp has in flight are
+// neighbours in memory: giving warps alternate chunks instead was 1.4x slower on the H100,
+// w4a16-tuning-v7b-h100.json) with no block-wide barrier in the loop: a per-lane cp.async ring
+// keeps STAGES chunks of weights, of the matching scale rows (zero points likewise) and of the
+// warp's slab of x in flight. Codes become B fragments in registers as exact q - z
+// (int4_pair_unscaled); x becomes A fragments from its slab in the ring (loaded straight from
+// global memory, every tile waited on an L2 round trip: w4a16-ncu-w2-v7-h100.txt); the matrix
+// unit sums (q - z) * x over a "scale period" in fp32, and the period's scales multiply that sum
+// once per output element. A period is the whole chunk when a group spans it (GT tiles of 16 k
+// per group, capped at the chunk), else one group. The loop body has no data-dependent branch
+// but the group start (one per chunk): column tiles past N (N/16 not a multiple of NT) read the
+// last real tile and are never stored, and the source pointers advance by a constant per chunk.
 // The block's warps then add their partial tiles in shared memory. Split-K across blocks:
 // blockIdx.y takes chunks_per_split chunks; partial sums go to `partials`, and the last block of
 // each output tile to finish (a counter) adds them in split order (deterministic), writes the
 // output and resets its counter for the next call or graph replay.
-// grid (N / (16 NT), num_splits, ceil(M / (16 MT))), block WARPS warps.
-template <class T, int MT, int NT, int WARPS>
+// grid (N / (16 NT), num_splits, ceil(M / (16 MT))), block WARPS warps, dynamic shared memory
+// for the x slabs: STAGES * WARPS * min(M, 16 MT) * w4::kLdX elements (ikport/w4a16.py).
+// GT = min(G / 16, 8): 16-k tiles per group as far as the kernel cares (configs.w4a16_group_tiles).
+template <class T, int MT, int NT, int WARPS, int GT, int STAGES>
 __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p) {
   using L = w4::L;
   constexpr int kRows = 16 * MT, kCols = 16 * NT;
   constexpr int kThreads = WARPS * IK_WARP_SIZE;
-  // Chunks in flight per lane: fewer for big blocks (static shared memory: 48 KB on NVIDIA, and
-  // CDNA's wave64 doubles the lanes of a block).
-  constexpr int kDepth = kThreads <= 128 ? 4 : (kThreads <= 256 ? 3 : 2);
+  // Ring slots per lane: STAGES, fewer where the weight ring would pass 32 KB (CDNA's 64-lane
+  // waves double a block's lanes); configs.w4a16_stages applies the same rule.
+  constexpr int kDepth = STAGES * NT * kThreads * 16 <= 32768 ? STAGES : 32768 / (NT * kThreads * 16);
+  static_assert(kDepth >= 2, "the ring needs two slots: fewer column tiles or warps");
   constexpr int kTiles = w4::kTilesPerChunk;
+  constexpr int kPeriodTiles = GT < kTiles ? GT : kTiles;
+  constexpr int kPeriods = kTiles / kPeriodTiles;
+  static_assert(kTiles % kPeriodTiles == 0, "a scale period divides the chunk");
   constexpr int kC = ik::mma::kCSlots;
-  constexpr int kAPairs = ik::mma::kASlots / 2;
-  // Per warp and ring slot: the scales (and zero points) of its kCols columns for each tile of the
-  // chunk, 16 bytes = 8 columns per copy.
-  constexpr int kScaleVecs = kTiles * kCols / 8;
+  // Per warp and ring slot: one row of scales (and zero points) of its kCols columns per period,
+  // 16 bytes = 8 columns per copy.
+  constexpr int kScaleVecs = kPeriods * kCols / 8;
   static_assert(kScaleVecs <= IK_WARP_SIZE, "one 16-byte scale vector per lane at most");
   // The weight ring is dead once the loop ends: the warps' partial tiles reuse its bytes.
   constexpr int kRingBytes = kDepth * NT * kThreads * 16, kRedBytes = WARPS * kRows * kCols * 4;
   __shared__ __attribute__((aligned(16))) unsigned char s_mem[kRingBytes > kRedBytes ? kRingBytes : kRedBytes];
-  __shared__ __attribute__((aligned(16))) unsigned short s_scale[kDepth][WARPS][kTiles][kCols];
-  __shared__ __attribute__((aligned(16))) unsigned short s_zero[kDepth][WARPS][kTiles][kCols];
+  __shared__ __attribute__((aligned(16))) unsigned short s_scale[kDepth][WARPS][kPeriods][kCols];
+  __shared__ __attribute__((aligned(16))) unsigned short s_zero[kDepth][WARPS][kPeriods][kCols];
   auto s_ring = reinterpret_cast<uint4(*)[NT][kThreads]>(s_mem);
   auto s_red = reinterpret_cast<float(*)[kRows * kCols]>(s_mem);
 
   const int lane = ik::lane_id(), warp = ik::warp_id();
+  // x slabs: [kDepth][WARPS][x_rows][kLdX] elements, x_rows = min(M, kRows) rows (M = 1 needs one)
+  extern __shared__ __attribute__((aligned(16))) unsigned char w4_smem[];
+  constexpr int kLdX = w4::kLdX;
+  const int x_rows = min(p.m, kRows);
+  T* s_x = reinterpret_cast<T*>(w4_smem) + warp * x_rows * kLdX;  // + slot * WARPS * x_rows * kLdX
   const int num_chunks = p.k / w4::kChunk;
   const int b_begin = blockIdx.y * p.chunks_per_split;
   const int b_end = min(num_chunks, b_begin + p.chunks_per_split);
   const int per_warp = (b_end - b_begin + WARPS - 1) / WARPS;
-  const int c_begin = min(b_end, b_begin + warp * per_warp);
-  const int c_end = min(b_end, c_begin + per_warp);
+  const int c_begin = min(b_end, b_begin + warp * per_warp);  // this warp's chunks: c_begin + i
+  const int iters = min(b_end, c_begin + per_warp) - c_begin;
   const int ntile0 = blockIdx.x * NT;
   const int n0 = ntile0 * 16;
   const int m0 = blockIdx.z * kRows;
   const int rows = min(kRows, p.m - m0);
+  const int cols = min(kCols, p.n - n0);  // N % 16 == 0: a tile is all in or all out
   const T* x = static_cast<const T*>(p.x) + m0 * p.x_sm;
   const unsigned short* scales = static_cast<const unsigned short*>(p.scales);
   const unsigned short* zeros = static_cast<const unsigned short*>(p.zeros);
 
-  // Issue chunk c into ring slot `slot`: this lane's weight vectors, and (lanes < kScaleVecs) one
-  // 16-byte piece of the chunk's per-tile scale rows. Always commit, so "kDepth - 1 groups
-  // pending" always means "chunk c has landed".
-  const int cols = min(kCols, p.n - n0);  // N % 16 == 0: a tile is all in or all out
-  auto issue = [&](int c, int slot) {
-    if (c < c_end) {
+  // Where the next chunk's copies come from: this lane's weight vector of each column tile (tiles
+  // past N repeat the last real one), and (lanes < kScaleVecs) one 16-byte piece of a period's
+  // scale row.
+  const uint4* w_next[NT];
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt)
-        if (16 * nt < cols)
-          ik::cp_async16(&s_ring[slot][nt][threadIdx.x], w4::lane_vector(p, ntile0 + nt, c, lane));
-      if (lane < kScaleVecs && 8 * (lane % (kCols / 8)) < cols) {
-        const int t = lane / (kCols / 8), c8 = lane % (kCols / 8);
-        const long long g = (c * w4::kChunk + 16 * t) >> p.group_log2;
-        ik::cp_async16(&s_scale[slot][warp][t][8 * c8], scales + g * p.n + n0 + 8 * c8);
-        if (zeros) ik::cp_async16(&s_zero[slot][warp][t][8 * c8], zeros + g * p.n + n0 + 8 * c8);
+  for (int nt = 0; nt < NT; ++nt) w_next[nt] = w4::lane_vector(p, min(ntile0 + nt, p.n / 16 - 1), c_begin, lane);
+  // ... and of the chunk's x slab: 8 elements of row x_r0 + j * kXRowsPerPass (j < kXPasses)
+  constexpr int kXVecsPerRow = w4::kChunk / 8;
+  constexpr int kXRowsPerPass = IK_WARP_SIZE / kXVecsPerRow;
+  constexpr int kXPasses = (kRows + kXRowsPerPass - 1) / kXRowsPerPass;
+  const int x_r0 = lane / kXVecsPerRow, x_c8 = lane % kXVecsPerRow;
+  const T* x_src = x + x_r0 * p.x_sm + c_begin * w4::kChunk + 8 * x_c8;
+  const long long x_pass = kXRowsPerPass * p.x_sm;
+  T* const x_dst = s_x + x_r0 * kLdX + 8 * x_c8;  // in ring slot 0
+  const int s_period = lane / (kCols / 8), s_c8 = lane % (kCols / 8);
+  const unsigned short* s_src = scales + min(n0 + 8 * s_c8, p.n - 8);
+  const unsigned short* z_src = zeros ? zeros + min(n0 + 8 * s_c8, p.n - 8) : nullptr;
+  // Issue this warp's i-th chunk into ring slot `slot` (in order of i). Always commit, so
+  // "kDepth - 1 groups pending" always means "chunk i has landed".
+  auto issue = [&](int i, int slot) {
+    if (i < iters) {
+      const int c = c_begin + i;
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        ik::cp_async16(&s_ring[slot][nt][threadIdx.x], w_next[nt]);
+        w_next[nt] += w4::kUniqueLanes;
+      }
+      T* xs = x_dst + slot * WARPS * x_rows * kLdX;
+#pragma unroll
+      for (int j = 0; j < kXPasses; ++j) {
+        if (j * kXRowsPerPass >= rows) break;  // the same for the whole warp: M = 1 takes one pass
+        if (x_r0 + j * kXRowsPerPass < rows) ik::cp_async16(xs + j * kXRowsPerPass * kLdX, x_src + j * x_pass);
+      }
+      x_src += w4::kChunk;
+      if (lane < kScaleVecs) {  // 32-bit offsets: K/G * N < 2^31 (the Python side checks)
+        const unsigned int g = static_cast<unsigned int>(c * w4::kChunk + 16 * kPeriodTiles * s_period) >> p.group_log2;
+        const unsigned int off = g * static_cast<unsigned int>(p.n);
+        ik::cp_async16(&s_scale[slot][warp][s_period][8 * s_c8], s_src + off);
+        if (zeros) ik::cp_async16(&s_zero[slot][warp][s_period][8 * s_c8], z_src + off);
       }
     }
     ik::cp_async_commit();
   };
-  // x rows of tile `mt` for the 16 k of `k_tile`, as an A fragment (rows past M are zero).
-  auto load_a = [&](ik::mma::FragA<T>& a, int mt, int k_tile) {
-#pragma unroll
-    for (int pr = 0; pr < kAPairs; ++pr) {
-      const int r = 16 * mt + L::a_row(lane, 2 * pr);
-      const unsigned int v = r < rows ? *reinterpret_cast<const unsigned int*>(x + r * p.x_sm + k_tile + L::a_col(lane, 2 * pr)) : 0u;
-      ik::mma::set_a_pair(a, pr, v);
-    }
-  };
-
   ik::mma::FragC acc[MT][NT];
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt)
@@ -260,80 +292,77 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
     for (int nt = 0; nt < NT; ++nt) ik::mma::zero(acc[mt][nt]);
 
 #pragma unroll
-  for (int d = 0; d < kDepth - 1; ++d) issue(c_begin + d, d);
-  ik::mma::FragA<T> a[MT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-    if (c_begin < c_end) load_a(a[mt], mt, c_begin * w4::kChunk);  // a warp may have no chunk
+  for (int d = 0; d < kDepth - 1; ++d) issue(d, d);
   const unsigned int sym_z2 = (ik::dtype<T>::kInt4Base + 8) * 0x10001u;
-  // Within a group the matrix unit sums (q - z) * x exactly (small integers times x, fp32
-  // accumulation); the group's scales multiply that sum once per output element when it ends.
-  const unsigned int group_mask = p.group_log2 >= 31 ? 0x7fffffffu : (1u << p.group_log2) - 1u;
-  ik::mma::FragC gacc[MT][NT];
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) ik::mma::zero(gacc[mt][nt]);
   float sc[NT][kC];                 // the current group's scales, at this lane's C columns
   unsigned int z2[NT][w4::kPairs];  // ... and its zero points (base + z), at its B columns
 
-  for (int c = c_begin; c < c_end; ++c) {
-    const int slot = (c - c_begin) % kDepth;
-    issue(c + kDepth - 1, (slot + kDepth - 1) % kDepth);
+  int scale_group = -1;  // the group whose scales sc / z2 hold
+  for (int i = 0; i < iters; ++i) {
+    const int c = c_begin + i;
+    const int slot = i % kDepth;
+    issue(i + kDepth - 1, (slot + kDepth - 1) % kDepth);
     ik::cp_async_wait<kDepth - 1>();
     ik::warp_sync();  // scale rows were copied by other lanes of this warp
     uint4 wv[NT];
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) wv[nt] = s_ring[slot][nt][threadIdx.x];
+    const T* xs = s_x + slot * WARPS * x_rows * kLdX;
+    // With one period per chunk a group may span several of this warp's chunks (per-channel
+    // scales: all of them): its scales are read once.
+    const int chunk_group = (c * w4::kChunk) >> p.group_log2;
+    const bool new_group = chunk_group != scale_group;
+    scale_group = chunk_group;
 #pragma unroll
-    for (int t = 0; t < kTiles; ++t) {
-      const unsigned int k_tile = c * w4::kChunk + 16 * t;
-      if ((k_tile & group_mask) == 0 || (t == 0 && c == c_begin)) {  // a group starts
+    for (int j = 0; j < kPeriods; ++j) {
+      if (kPeriods > 1 || new_group) {
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
           for (int s = 0; s < kC; ++s)
-            sc[nt][s] = ik::dtype<T>::unpack2(s_scale[slot][warp][t][16 * nt + L::c_col(lane, s)]).x;
+            sc[nt][s] = ik::dtype<T>::unpack2(s_scale[slot][warp][j][16 * nt + L::c_col(lane, s)]).x;
 #pragma unroll
           for (int pair = 0; pair < w4::kPairs; ++pair) {
             // zero points are T values (small integers): base + z is exact in T's bits
             const int col = 16 * nt + L::b_col(lane, 2 * pair);
             z2[nt][pair] = zeros ? (ik::dtype<T>::kInt4Base +
-                                    static_cast<unsigned int>(ik::dtype<T>::unpack2(s_zero[slot][warp][t][col]).x)) * 0x10001u
+                                    static_cast<unsigned int>(ik::dtype<T>::unpack2(s_zero[slot][warp][j][col]).x)) * 0x10001u
                                  : sym_z2;
           }
         }
       }
-      const int k_next = k_tile + 16;  // A of the next tile, loaded a tile ahead
-      ik::mma::FragA<T> a_next[MT];
+      // Within a period the matrix unit sums (q - z) * x exactly (small integers times x, fp32
+      // accumulation); the period's scales multiply that sum once per output element.
+      ik::mma::FragC pacc[MT][NT];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
-        if (t + 1 < kTiles || c + 1 < c_end) load_a(a_next[mt], mt, k_next);
 #pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        if (16 * nt >= cols) continue;
-        ik::mma::FragB<T> b;
+        for (int nt = 0; nt < NT; ++nt) ik::mma::zero(pacc[mt][nt]);
 #pragma unroll
-        for (int pair = 0; pair < w4::kPairs; ++pair) {
-          const int r = t * w4::kPairs + pair;
-          ik::mma::set_b_pair(b, pair, ik::int4_pair_unscaled<T>(w4::word_of(wv[nt], r / 4), r % 4, z2[nt][pair]));
-        }
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) ik::mma::mma(gacc[mt][nt], a[mt], b);
-      }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) a[mt] = a_next[mt];
-      if (((k_tile + 16) & group_mask) == 0 || (t == kTiles - 1 && c == c_end - 1)) {  // it ends
+      for (int tt = 0; tt < kPeriodTiles; ++tt) {
+        const int t = j * kPeriodTiles + tt;
+        ik::mma::FragA<T> a[MT] = {};  // rows past M: garbage in, garbage out, never stored
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
+          if (mt == 0 || 16 * mt < rows) ik::mma::load_a_rows(a[mt], xs + 16 * mt * kLdX + 16 * t, kLdX, rows - 16 * mt);
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt)
+        for (int nt = 0; nt < NT; ++nt) {
+          ik::mma::FragB<T> b;
 #pragma unroll
-            for (int s = 0; s < kC; ++s) {
-              acc[mt][nt].x[s] += sc[nt][s] * gacc[mt][nt].x[s];
-              gacc[mt][nt].x[s] = 0.f;
-            }
+          for (int pair = 0; pair < w4::kPairs; ++pair) {
+            const int r = t * w4::kPairs + pair;
+            ik::mma::set_b_pair(b, pair, ik::int4_pair_unscaled<T>(w4::word_of(wv[nt], r / 4), r % 4, z2[nt][pair]));
+          }
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) ik::mma::mma(pacc[mt][nt], a[mt], b);
+        }
       }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+          for (int s = 0; s < kC; ++s) acc[mt][nt].x[s] += sc[nt][s] * pacc[mt][nt].x[s];
     }
     ik::warp_sync();  // every lane has read this slot's scales before a later issue refills it
   }

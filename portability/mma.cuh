@@ -3,6 +3,7 @@
 //   ik::mma::FragA<T> a; ik::mma::FragB<T> b; ik::mma::FragC c;
 //   ik::mma::zero(c);
 //   ik::mma::load_a(a, smem_A, lda);    // A[m][k] row-major in shared memory
+//   ik::mma::load_a_rows(a, smem_A, lda, rows);  // ... only its first `rows` rows in memory
 //   ik::mma::load_b(b, smem_B, ldb);    // B[k][n] row-major          (e.g. V in P*V)
 //   ik::mma::load_bt(b, smem_Bt, ldbt); // B given as Bt[n][k] row-major (e.g. K in Q*K^T)
 //   ik::mma::mma(c, a, b);
@@ -76,6 +77,14 @@ IK_DEVICE void load_a(FragA<T>& a, const T* s, int ld) {
   int l = lane_id();
   ldmatrix_x4(a.r, s + (l % 8 + 8 * ((l / 8) % 2)) * ld + 8 * (l / 16));
 }
+// The same for a tile whose rows from `rows` on are not in memory (a slab of fewer than 16 rows):
+// their lanes read row 0 instead, so those rows of the product are garbage the caller drops.
+template <class T>
+IK_DEVICE void load_a_rows(FragA<T>& a, const T* s, int ld, int rows) {
+  int l = lane_id();
+  int r = l % 8 + 8 * ((l / 8) % 2);
+  ldmatrix_x4(a.r, s + (r < rows ? r : 0) * ld + 8 * (l / 16));
+}
 template <class T>
 IK_DEVICE void load_b(FragB<T>& b, const T* s, int ld) {
   int l = lane_id();
@@ -132,6 +141,15 @@ IK_DEVICE void load_a(FragA<T>& a, const T* s, int ld) {
   int l = lane_id();
 #pragma unroll
   for (int i = 0; i < Layout::kA; ++i) a.x[i] = bits_at(s + Layout::a_row(l, i) * ld + Layout::a_col(l, i));
+}
+template <class T>
+IK_DEVICE void load_a_rows(FragA<T>& a, const T* s, int ld, int rows) {
+  int l = lane_id();
+#pragma unroll
+  for (int i = 0; i < Layout::kA; ++i) {
+    int r = Layout::a_row(l, i);
+    a.x[i] = bits_at(s + (r < rows ? r : 0) * ld + Layout::a_col(l, i));
+  }
 }
 template <class T>
 IK_DEVICE void load_b(FragB<T>& b, const T* s, int ld) {

@@ -71,11 +71,9 @@ def test_grid_fills_the_gpu(shape):
     col_blocks = -(-N // (16 * cfg.n_tiles))
     row_blocks = -(-M // (16 * cfg.m_tiles))
     assert cfg.grid == (col_blocks, cfg.num_splits, row_blocks)
-    assert cfg.warps in configs.W4A16_WARPS
+    assert cfg.warps == configs.W4A16_WARPS
     target = configs.W4A16_WARPS_PER_SM * 132
     warps = col_blocks * row_blocks * cfg.warps
-    if cfg.warps == configs.W4A16_WARPS[1]:  # big blocks only when small ones fall short
-        assert warps // 2 < target
     if cfg.num_splits > 1:  # split K across blocks only as far as the target needs
         assert warps * (cfg.num_splits - 1) < target
         assert cfg.chunks_per_split >= configs.W4A16_MIN_CHUNKS_PER_WARP * cfg.warps
@@ -84,11 +82,26 @@ def test_grid_fills_the_gpu(shape):
 
 
 def test_llama_shapes_on_an_h100():
-    """The choices the H100 sweep (docs/results/w4a16-tuning-v5b-h100.json) found best or near it."""
+    """The choices the H100 sweep (docs/results/w4a16-tuning-v7d-h100.json) found best or tied:
+    8 warps, no split, at W1-W3 for M = 1..32; a narrow weight still splits K."""
     pick = lambda m, n, k: configs.w4a16_config(m=m, n=n, k=k, chunk_k=64, sm_count=132)
-    assert (pick(1, 4096, 4096).warps, pick(1, 4096, 4096).num_splits) == (8, 2)      # W1
-    assert (pick(1, 14336, 4096).warps, pick(1, 14336, 4096).num_splits) == (4, 1)    # W2
-    assert (pick(1, 4096, 14336).warps, pick(1, 4096, 14336).num_splits) == (8, 2)    # W3
+    for m in (1, 16, 32):
+        for n, k in ((4096, 4096), (14336, 4096), (4096, 14336)):  # W1, W2, W3
+            assert (pick(m, n, k).warps, pick(m, n, k).num_splits) == (8, 1), (m, n, k)
+    assert pick(1, 1024, 4096).num_splits > 1
+
+
+def test_ring_stages_stay_within_32_kb():
+    """4 slots a lane, fewer where the weight ring (slots x column tiles x block lanes x 16 B) would
+    pass 32 KB: CDNA's 8 waves of 64 get 2 (the kernel caps STAGES the same way)."""
+    assert configs.w4a16_stages(256, 2) == 4  # NVIDIA, 8 warps
+    assert configs.w4a16_stages(512, 2) == 2  # CDNA, 8 waves
+    assert configs.w4a16_stages(128, 4) == 4
+    configs.w4a16_overrides["stages"] = 8
+    try:
+        assert configs.w4a16_stages(128, 2) == 8 and configs.w4a16_stages(256, 2) == 4
+    finally:
+        configs.w4a16_overrides.clear()
 
 
 @pytest.mark.parametrize("M,m_tiles,row_blocks", [(1, 1, 1), (16, 1, 1), (17, 2, 1), (32, 2, 1),

@@ -86,10 +86,10 @@ def test_group_sizes_and_zero_points(group_size, symmetric, variant):
 
 def test_split_k_is_deterministic_and_counters_reset():
     g = torch.Generator(device=DEV).manual_seed(3)
-    wq = make_weight(4096, 4096, torch.float16, g)  # W1: split K across blocks
+    wq = make_weight(1024, 4096, torch.float16, g)  # narrow: split K across blocks
     x = torch.randn(1, 4096, generator=g, device=DEV, dtype=torch.float16)
     plan = w4a16._plan(ikport.dispatch.backend_for(x.device), x.device.index or 0, x.dtype, 1,
-                       4096, 4096, wq.layout, None)
+                       1024, 4096, wq.layout, wq.group_size, None)
     assert plan.num_splits > 1
     first = run(x, wq)
     for _ in range(5):  # a counter left non-zero would make a later call skip or double its merge
@@ -113,7 +113,7 @@ def test_split_k_row_blocks_and_block_sizes(overrides, group_size, symmetric):
     w4a16._plans.clear()
     try:
         plan = w4a16._plan(ikport.dispatch.backend_for(x.device), x.device.index or 0, x.dtype, 64,
-                           256, 4096, wq.layout, None)
+                           256, 4096, wq.layout, wq.group_size, None)
         assert plan.grid[2] == 2  # two row blocks
         if not overrides:
             assert plan.num_splits > 1
@@ -129,7 +129,7 @@ def test_graph_captured_on_a_stream_with_counters():
     """Eager calls on a stream first (it gets split-K counters), then a capture on that stream:
     the graph must not share them (it zeroes its own inside the graph)."""
     g = torch.Generator(device=DEV).manual_seed(31)
-    wq = make_weight(4096, 4096, torch.float16, g)
+    wq = make_weight(1024, 4096, torch.float16, g)  # narrow: split K (counters, scratch)
     x = torch.randn(1, 4096, generator=g, device=DEV, dtype=torch.float16)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -171,7 +171,7 @@ def test_act_order_permutation():
 
 def test_cuda_graph_replay_matches_eager():
     g = torch.Generator(device=DEV).manual_seed(13)
-    wq = make_weight(4096, 4096, torch.float16, g)
+    wq = make_weight(1024, 4096, torch.float16, g)  # narrow: split K (counters, scratch)
     x = torch.randn(2, 4096, generator=g, device=DEV, dtype=torch.float16)
     static_x = x.clone()
     ikport.w4a16_matmul(static_x, wq)  # compile and plan outside the capture
