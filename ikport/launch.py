@@ -41,8 +41,6 @@ def raw_stream(device_index: int) -> int:
     return torch._C._cuda_getCurrentRawStream(device_index)
 
 
-
-
 # Split-K partial results per (device, stream), reused by every call on that stream: calls on one
 # stream never overlap, and each call's kernels consume its partials before the next call's
 # start. This saves a torch allocation (~4 us of host time) per call. The buffers come from the

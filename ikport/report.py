@@ -782,11 +782,13 @@ written out in 16-byte rows. {nv_regs} registers on sm_90,
 The default W4A16 kernel: INT4 codes unpacked in registers straight into the B fragment of the
 target's matrix instruction ({nv_mma} `mma.sync` in the sm_90 PTX, {cdna_mma} `v_mfma` on gfx942,
 {rdna_mma} `v_wmma` on gfx1100), which is why the packed layout differs per vendor
-(`ikport.int4.layout_for_device`; `Int4Weight.to()` repacks). Weights stream through a 4-chunk
-`cp.async` ring ({nv_cp} async copies in the sm_90 PTX; a plain load on AMD, {cdna_cp} on gfx942).
-{nv_regs} registers on sm_90, {cdna_regs} VGPRs on gfx942, {rdna_regs} on gfx1100; static shared
-memory {nv_smem} bytes on sm_90 and {cdna_smem} on gfx942 (the ring holds one 16-byte vector per
-lane and chunk, and CDNA's wave64 doubles the lanes).""",
+(`ikport.int4.layout_for_device`; `Int4Weight.to()` repacks). Weights, scale rows and a slab of x
+per warp stream through a `cp.async` ring of `stages` chunks ({nv_cp} async copies in the sm_90
+PTX; a plain load on AMD, {cdna_cp} on gfx942); x becomes A fragments with the shim's
+shared-memory fragment load (ldmatrix on NVIDIA). {nv_regs} registers on sm_90, {cdna_regs} VGPRs
+on gfx942, {rdna_regs} on gfx1100; static shared memory {nv_smem} bytes on sm_90 and {cdna_smem}
+on gfx942 (the ring holds one 16-byte vector per lane and chunk, capped at 32 KB: CDNA's wave64
+doubles the lanes), plus the x slabs as dynamic shared memory (sized by M at launch).""",
 })
 
 SHIM_COST = """\

@@ -266,3 +266,46 @@ def test_every_manifest_kernel_fits_each_amd_target(manifest_builds):
                 bad.append(f"{s.uri} on {arch}: LDS {lds} (limit {limit}), "
                            f"wave {r.wavefront_size}, scratch {r.spill_bytes}")
     assert not bad, "\n".join(bad)
+
+
+@needs_clang
+@pytest.mark.parametrize("arch,layout,M", [("gfx90a", "amd_mfma16", 1), ("gfx90a", "amd_mfma16", 16),
+                                           ("gfx942", "amd_mfma16", 32), ("gfx1100", "amd_wmma16_w32", 16),
+                                           ("gfx1100", "amd_wmma16_w32", 32)])
+def test_w4a16_plan_fits_the_lds(arch, layout, M, monkeypatch):
+    """The W4A16 plan for an AMD GPU, without one: a stand-in backend with the target's limits,
+    kernels compiled offline for their real static LDS. Where the weight ring (static) plus the x
+    slabs (dynamic) would pass the workgroup's LDS, the plan takes fewer waves; it never plans a
+    launch that cannot fit."""
+    import torch
+    from ikport import kernels, w4a16
+    from ikport.backends.base import DeviceInfo
+
+    facts = ARCH_TABLE[arch]
+    compiler = AmdOfflineCompiler()
+
+    class StandIn:
+        name = "hip"
+
+        def device_info(self, device: int) -> DeviceInfo:
+            return DeviceInfo(arch, arch, 104, facts.max_smem_per_block, facts.warp_size, 8 << 20)
+
+    def get_kernel(spec, backend, device):
+        module = compiler.compile(kernel_source(spec.source_file, [(spec.name_expr, spec.params_type)]),
+                                  [spec.name_expr], [], Target(arch))
+        return kernels.Kernel(spec, backend, None, module.resources[spec.name_expr].shared_bytes)
+
+    monkeypatch.setattr(w4a16, "get_kernel", get_kernel)
+    monkeypatch.setattr(w4a16, "_plans", {})
+    plan = w4a16._plan(StandIn(), 0, torch.float16, M, 4096, 4096, layout, 128, None)
+    assert plan.kernel.static_shared > 0
+    assert plan.kernel.static_shared + plan.shared_bytes <= facts.max_smem_per_block
+    waves = plan.block[0] // facts.warp_size
+    if waves < w4a16.configs.W4A16_WARPS:  # fewer only because twice as many would not have fit
+        params = dict(plan.kernel.spec.params)
+        params["warps"] = 2 * waves
+        params["stages"] = w4a16.configs.w4a16_stages(2 * waves * facts.warp_size, params["n_tiles"])
+        wider = get_kernel(w4a16.spec("w4a16", "mma", **params), None, 0)
+        chunk_k = w4a16.layout_info(layout).chunk_k
+        x_bytes = params["stages"] * 2 * waves * min(M, 16 * params["m_tiles"]) * (chunk_k + 8) * 2
+        assert wider.static_shared + x_bytes > facts.max_smem_per_block
