@@ -47,7 +47,8 @@ def _manifest_head_dims() -> list[int]:
 
 def dispatcher_kernels(head_dims: Iterable[int] | None = None,
                        dtypes: Iterable[str] = DTYPES) -> list[KernelSpec]:
-    """The split decode kernels the default variant launches, for these head dims."""
+    """The decode kernels the default variant loads, for these head dims: the split kernels, and
+    the merge kernel every split-K plan loads up front (a graph capture launches it)."""
     out = []
     for dtype in dtypes:
         for d in head_dims or _manifest_head_dims():
@@ -57,6 +58,7 @@ def dispatcher_kernels(head_dims: Iterable[int] | None = None,
                     out.append(spec("attention_decode", "split", dtype=dtype, head_dim=int(d),
                                     rows=rows, paged=paged, threads=threads, unroll=unroll,
                                     stages=stages))
+            out.append(spec("attention_decode", "combine", dtype=dtype, head_dim=int(d)))
     return out
 
 
