@@ -170,7 +170,8 @@ def w4a16_config(*, m: int, n: int, k: int, chunk_k: int, sm_count: int,
     target = o.get("warps_per_sm", W4A16_WARPS_PER_SM) * sm_count
     # Blocks of 8 warps that split K inside the block and add up in shared memory; split K across
     # blocks (partial sums in memory, a counter, a last-block merge) only for few output tiles:
-    # on the H100, 8 warps and no split beat 4 warps (+ split) at W1-W3 for M = 1..32 or tied.
+    # on the H100, 8 warps without split beat 4 warps (+ split) at W1/W3 for M = 1..32 and at
+    # W2 for M = 16; W2 at M = 1-4 and 32 is 2-6% faster with 4 (w4a16-tuning-v7d/e-h100.json).
     warps = o.get("warps") or W4A16_WARPS
     num_splits = o.get("num_splits", num_splits)
     if num_splits is None:
