@@ -10,7 +10,7 @@ from __future__ import annotations
 import abc
 import ctypes
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from .target import Target
 
@@ -108,6 +108,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def device_info(self, device: int) -> DeviceInfo:
         """Arch string, SM/CU count, shared-memory limit, warp size of `device`."""
+
+    def bind_launch(
+        self, fn: Any, grid: tuple[int, int, int], block: tuple[int, int, int], shared_bytes: int
+    ) -> Callable[[ctypes.Structure, int], None]:
+        """`launch` with everything but the parameters and the stream fixed: the per-call host
+        path of a cached launch plan (a backend may prepare the driver call once here)."""
+
+        def launch(params: ctypes.Structure, stream: int) -> None:
+            self.launch(fn, grid, block, shared_bytes, params, stream)
+
+        return launch
 
     def alloc_zeroed(self, device: int, nbytes: int) -> int:
         """A zero-filled device allocation made outside torch's allocator (kept for the process's

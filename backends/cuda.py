@@ -213,6 +213,21 @@ class CudaBackend(Backend):
         if err:
             self._check((self._driver.CUresult(err),), f"cuLaunchKernel grid={grid} block={block} smem={shared_bytes}")
 
+    def bind_launch(self, fn, grid, block, shared_bytes):
+        # The argument conversions done once: per call, one ctypes call with the struct's address.
+        launch_kernel, handle = _launch_kernel(), _handle(fn)
+        gx, gy, gz = grid
+        bx, by, bz = block
+
+        def launch(params: ctypes.Structure, stream: int) -> None:
+            args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+            err = launch_kernel(handle, gx, gy, gz, bx, by, bz, shared_bytes, stream, args, None)
+            if err:
+                self._check((self._driver.CUresult(err),),
+                            f"cuLaunchKernel grid={grid} block={block} smem={shared_bytes}")
+
+        return launch
+
     def alloc_zeroed(self, device: int, nbytes: int) -> int:
         self._ensure_context(device)
         ptr = self._check(self._driver.cuMemAlloc(nbytes), "cuMemAlloc")

@@ -70,15 +70,15 @@ def attention(
         return traced_attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, out=out,
                                 variant=variant)
     sig = _signature(("attention", variant), q, k, v, kv_lens, out)
-    backend = _checked_backend(sig, q, k, v)
-    if backend is _UNCHECKED:
+    call = _checked_call(sig, q, k, v)
+    if call is _UNCHECKED:
         checks.attention(q, k, v, kv_lens)
         checks.out(out, q)
-        backend = _remember(sig, dispatch.backend_for(q.device))
+        call = _remember(sig, q, k, v, None, kv_lens, out, variant)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if backend is None:
+    if call is None:
         return _into(out, reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens))
-    return _decode(backend, q, k, v, None, kv_lens, causal, scale, variant, out)
+    return call(q, k, v, None, kv_lens, causal, scale, out)
 
 
 def paged_attention(
@@ -109,24 +109,25 @@ def paged_attention(
         return traced_paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal,
                                       scale=scale, out=out, variant=variant)
     sig = _signature(("paged", variant), q, k_pages, v_pages, block_table, kv_lens, out)
-    backend = _checked_backend(sig, q, k_pages, v_pages)
-    if backend is _UNCHECKED:
+    call = _checked_call(sig, q, k_pages, v_pages)
+    if call is _UNCHECKED:
         checks.paged(q, k_pages, v_pages, block_table, kv_lens)
         checks.out(out, q)
-        backend = _remember(sig, dispatch.backend_for(q.device))
+        call = _remember(sig, q, k_pages, v_pages, block_table, kv_lens, out, variant)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if backend is None:
+    if call is None:
         ref = reference.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal, scale=scale)
         return _into(out, ref)
-    return _decode(backend, q, k_pages, v_pages, block_table, kv_lens, causal, scale, variant, out)
+    return call(q, k_pages, v_pages, block_table, kv_lens, causal, scale, out)
 
 
-# Input layouts that passed every check, with the backend they dispatch to. The checks depend
-# only on types, shapes, strides, dtypes and devices (plus pointer alignment, re-checked on
-# every call), so a call whose signature is here skips them: ~15 us of Python per call on the
-# H100 machine's CPU (docs/results/host-profile-h100.log).
+# Input layouts that passed every check, with what runs them: a _DecodeCall (GPU) or None (the
+# CPU reference). The checks depend only on types, shapes, strides, dtypes and devices (plus
+# pointer alignment, re-checked on every call), so a call whose signature is here skips them and
+# goes straight to its prepared launch: ~15 us of Python per call on the H100 machine's CPU
+# (docs/results/host-profile-h100.log).
 _UNCHECKED = object()
-_checked: dict[tuple, Backend | None] = {}
+_checked: dict[tuple, "_DecodeCall | None"] = {}
 
 
 def _signature(kind: tuple, *tensors: object) -> tuple | None:
@@ -141,20 +142,25 @@ def _signature(kind: tuple, *tensors: object) -> tuple | None:
     return tuple(parts)
 
 
-def _checked_backend(sig: tuple | None, q, k, v):
-    backend = _checked.get(sig, _UNCHECKED) if sig is not None else _UNCHECKED
-    if backend is not None and backend is not _UNCHECKED:
+def _checked_call(sig: tuple | None, q, k, v):
+    call = _checked.get(sig, _UNCHECKED) if sig is not None else _UNCHECKED
+    if call is not None and call is not _UNCHECKED:
         if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
             return _UNCHECKED  # let the checks say which pointer is misaligned
-    return backend
+    return call
 
 
-def _remember(sig: tuple | None, backend: Backend | None) -> Backend | None:
+def _remember(sig: tuple | None, q, k, v, block_table, kv_lens, out, variant) -> "_DecodeCall | None":
+    """What runs this (checked) layout: None on the CPU, else its prepared GPU launch."""
+    backend = dispatch.backend_for(q.device)
+    call = None
+    if backend is not None:
+        call = _DecodeCall(_plan(backend, q, k, block_table, variant), q, k, v, block_table, kv_lens, out)
     if sig is not None:
         if len(_checked) > 4096:
             _checked.clear()
-        _checked[sig] = backend
-    return backend
+        _checked[sig] = call
+    return call
 
 
 def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
@@ -207,10 +213,16 @@ class _DecodePlan:
     rows_per_split: int
     kv_capacity: int
     page_size_log2: int
-    rotate: int
 
 
 _plans: dict[tuple, _DecodePlan] = {}
+
+
+def clear_plans() -> None:
+    """Forget every launch plan and prepared call (after changing configs.decode_overrides)."""
+    _plans.clear()
+    _checked.clear()
+
 def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePlan:
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
@@ -232,7 +244,7 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
     if variant == "naive":
         main = get_kernel(spec("attention_decode", "naive", dtype=dtype, head_dim=D), backend, dev)
         plan = _DecodePlan(dev, backend, main, None, False, (Tq * Hq, B, 1), (128, 1, 1), 0, 1,
-                           capacity, capacity, ps_log2, 0)
+                           capacity, capacity, ps_log2)
     else:
         info = backend.device_info(dev)
         rows, _, threads, unroll, stages = configs.decode_tiles(
@@ -255,7 +267,7 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
         plan = _DecodePlan(
             dev, backend, main, combine, variant == "split",
             (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
-            cfg.num_splits, cfg.rows_per_split, capacity, ps_log2, cfg.rotate,
+            cfg.num_splits, cfg.rows_per_split, capacity, ps_log2,
         )
     logging.getLogger("ikport").debug(
         "plan %s %s B=%d Hq=%d Hkv=%d Tq=%d D=%d capacity=%d paged=%s -> %s%s grid=%s block=%s "
@@ -266,32 +278,50 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
     return plan
 
 
-def _decode(backend, q, k, v, block_table, kv_lens, causal, scale, variant, out) -> torch.Tensor:
-    B, Hq, Tq, D = q.shape
-    plan = _plan(backend, q, k, block_table, variant)
-    if out is None:
-        out = torch.empty((B, Hq, Tq, D), dtype=q.dtype, device=q.device)
-    S = plan.num_splits
-    stream = _raw_stream(plan.device)
-    scratch, scratch_owner = 0, None  # the owner (a torch tensor, if any) lives until the launch
-    if S > 1:  # one buffer: partial outputs, then the log-sum-exps
-        rows = B * Hq * Tq * S
-        scratch, scratch_owner = _split_scratch(plan.backend, plan.device, stream, rows * (D + 1) * 4)
-    counters = 0
-    if S > 1 and plan.fused:
-        counters = _split_counters(plan.backend, plan.device, stream, plan.grid[1] * plan.grid[2])
-    p = DecodeParams(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(),
-        scratch, scratch + rows * D * 4 if scratch else 0,
-        kv_lens.data_ptr() if kv_lens is not None else 0,
-        block_table.data_ptr() if block_table is not None else 0,
-        counters,
-        *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        block_table.stride(0) if block_table is not None else 0,
-        B, Hq, k.shape[1], Tq, plan.kv_capacity, plan.page_size_log2, S, plan.rows_per_split,
-        int(bool(causal) and Tq > 1), plan.rotate, scale * _LOG2E,
-    )
-    plan.main.launch(plan.grid, plan.block, plan.shared_bytes, p, stream)
-    if S > 1 and not counters:
-        plan.combine.launch((B * Hq * Tq, 1, 1), (D, 1, 1), 0, p, stream)
-    return out
+class _DecodeCall:
+    """One checked input layout's launch: the plan, a parameter struct holding the layout's
+    strides and sizes, and launchers with grid and block bound. A call copies the struct, fills
+    in the pointers and launches: no per-call work that depends only on the layout."""
+
+    def __init__(self, plan: _DecodePlan, q, k, v, block_table, kv_lens, out) -> None:
+        B, Hq, Tq, D = q.shape
+        self.plan = plan
+        self.out_shape = (B, Hq, Tq, D)
+        self.scratch_rows = B * Hq * Tq * plan.num_splits if plan.num_splits > 1 else 0
+        out_strides = out.stride()[:3] if out is not None else (Hq * Tq * D, Tq * D, D)
+        self.template = DecodeParams(
+            0, 0, 0, 0, 0, 0, 0, 0, 0,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides,
+            block_table.stride(0) if block_table is not None else 0,
+            B, Hq, k.shape[1], Tq, plan.kv_capacity, plan.page_size_log2, plan.num_splits,
+            plan.rows_per_split, 0, 0.0,
+        )
+        self.main = plan.main.bind(plan.grid, plan.block, plan.shared_bytes)
+        self.combine = None
+        if plan.combine is not None:
+            self.combine = plan.combine.bind((B * Hq * Tq, 1, 1), (D, 1, 1), 0)
+
+    def __call__(self, q, k, v, block_table, kv_lens, causal, scale, out) -> torch.Tensor:
+        plan = self.plan
+        if out is None:
+            out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
+        p = DecodeParams.from_buffer_copy(self.template)
+        p.q, p.k, p.v, p.out = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+        if kv_lens is not None:
+            p.kv_lens = kv_lens.data_ptr()
+        if block_table is not None:
+            p.block_table = block_table.data_ptr()
+        p.causal = int(bool(causal) and q.shape[2] > 1)
+        p.scale_log2 = scale * _LOG2E
+        stream = _raw_stream(plan.device)
+        owner = None  # a torch tensor owning the scratch, if any, lives until the launch is queued
+        if self.scratch_rows:  # one buffer: partial outputs, then the log-sum-exps
+            rows = self.scratch_rows
+            scratch, owner = _split_scratch(plan.backend, plan.device, stream, rows * (q.shape[3] + 1) * 4)
+            p.part_out, p.part_lse = scratch, scratch + rows * q.shape[3] * 4
+            if plan.fused:  # an arrival counter per (sequence, KV head, row tile)
+                p.split_counters = _split_counters(plan.backend, plan.device, stream, plan.grid[1] * plan.grid[2])
+        self.main(p, stream)
+        if self.scratch_rows and not p.split_counters:
+            self.combine(p, stream)
+        return out

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 DECODE_THREADS = 256
 DECODE_UNROLL = 2  # KV rows per row group per step
 DECODE_STAGES = 2  # 0: K/V loads straight to registers; >= 2: cp.async ring this deep
-DECODE_ROTATE = 0  # staggered split starts: measured no gain
 DECODE_ROW_TILES = (1, 2, 4, 8)  # query rows one block serves (GQA group x query tokens)
 MIN_ROWS_PER_SPLIT = 64  # a split streams at least this many KV rows
 # Decode blocks of 128 threads that fit on one SM/CU at once, by query-row tile, for backends
@@ -18,7 +17,7 @@ MIN_ROWS_PER_SPLIT = 64  # a split streams at least this many KV rows
 DECODE_BLOCKS_PER_SM = {1: 4, 2: 4, 4: 3, 8: 2}
 
 # Benchmarks and tuning runs may pin any DecodeConfig field here (e.g. {"num_splits": 8});
-# the dispatcher's plan cache must be cleared after changing it. Empty in normal use.
+# call ikport.attention.clear_plans() after changing it. Empty in normal use.
 decode_overrides: dict[str, int] = {}
 
 
@@ -31,7 +30,6 @@ class DecodeConfig:
     rows_per_split: int  # KV rows each split streams
     unroll: int = DECODE_UNROLL  # KV rows per row group per step (template parameter)
     stages: int = DECODE_STAGES  # async-copy pipeline depth (template parameter)
-    rotate: int = DECODE_ROTATE  # stagger each block's start within its split
 
 
 def decode_row_tile(rows_total: int) -> int:
@@ -112,10 +110,7 @@ def decode_config(
     num_splits = _rounded_splits(kv_capacity, max(1, min(num_splits, kv_capacity)))
     rows_per_split = -(-kv_capacity // num_splits)
     rows_per_split = -(-rows_per_split // 16) * 16
-    return DecodeConfig(
-        rows, row_tiles, threads, num_splits, rows_per_split, unroll, stages,
-        decode_overrides.get("rotate", DECODE_ROTATE),
-    )
+    return DecodeConfig(rows, row_tiles, threads, num_splits, rows_per_split, unroll, stages)
 
 
 # ---- W4A16 (kernels_src/w4a16.cuh) ---------------------------------------------------------------

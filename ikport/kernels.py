@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__, knobs
 from .backends.base import Backend, CompiledModule
@@ -40,7 +40,7 @@ class DecodeParams(ctypes.Structure):
         ("num_kv_heads", ctypes.c_int32), ("q_len", ctypes.c_int32),
         ("kv_capacity", ctypes.c_int32), ("page_size_log2", ctypes.c_int32),
         ("num_splits", ctypes.c_int32), ("rows_per_split", ctypes.c_int32),
-        ("causal", ctypes.c_int32), ("rotate", ctypes.c_int32), ("scale_log2", ctypes.c_float),
+        ("causal", ctypes.c_int32), ("scale_log2", ctypes.c_float),
     ]
 
 
@@ -122,6 +122,13 @@ class Kernel:
             self.backend.set_max_dynamic_shared(self.fn, shared_bytes)
             self.max_dynamic_shared = shared_bytes
         self.backend.launch(self.fn, grid, block, shared_bytes, params, stream)
+
+    def bind(self, grid, block, shared_bytes: int) -> Callable[[ctypes.Structure, int], None]:
+        """A launcher with grid, block and shared memory fixed: call it with (params, stream)."""
+        if shared_bytes > self.max_dynamic_shared:
+            self.backend.set_max_dynamic_shared(self.fn, shared_bytes)
+            self.max_dynamic_shared = shared_bytes
+        return self.backend.bind_launch(self.fn, tuple(grid), tuple(block), shared_bytes)
 
 
 def get_kernel(spec: KernelSpec, backend: Backend, device: int) -> Kernel:

@@ -33,7 +33,6 @@ struct DecodeParams {
   int page_size_log2;  // paged only
   int num_splits, rows_per_split;
   int causal;
-  int rotate;        // 1: each block starts its split at a block-dependent step (see below)
   float scale_log2;  // softmax scale * log2(e): scores are kept in the log2 domain
 };
 
@@ -241,17 +240,10 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   const int* bt_row = PAGED ? p.block_table + b * p.bt_sb : nullptr;
 
   // The trip count is the same for every lane of the block (shuffles below need the whole warp);
-  // rows past the split's end are masked, not skipped. With `rotate`, blocks start at different
-  // steps of their split and wrap around: blocks streaming same-aligned regions in lockstep
-  // would otherwise hit the same DRAM channels at once (softmax order does not matter).
+  // rows past the split's end are masked, not skipped.
   constexpr int kStep = C::kGroups * U;
   const int n_steps = t_end > t_begin ? (t_end - t_begin + kStep - 1) / kStep : 0;
-  const int first = (p.rotate && n_steps) ? (blockIdx.y * 7 + blockIdx.z * 13 + split * 3) % n_steps : 0;
-  auto step_row = [&](int i) {  // first row of this row group in the i-th step of the loop
-    int step = i + first;
-    if (step >= n_steps) step -= n_steps;
-    return t_begin + step * kStep + g;
-  };
+  auto step_row = [&](int i) { return t_begin + i * kStep + g; };  // this row group's row in step i
   uint4* ring = reinterpret_cast<uint4*>(smem);
   auto ring_slot = [&](int stage, int u, int kv) -> uint4* {
     return ring + ((stage * U + u) * 2 + kv) * THREADS + threadIdx.x;

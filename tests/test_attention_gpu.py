@@ -188,11 +188,11 @@ def test_matrix_shim_tile_product(dtype, b_transposed):
 def test_async_copy_pipeline_matches_reference(shape, stages, unroll):
     """The cp.async ring variant (STAGES >= 2), contiguous and paged."""
     from ikport import configs
-    _plans = sys.modules["ikport.attention"]._plans
+    clear_plans = sys.modules["ikport.attention"].clear_plans
 
     q, k, v, lens = case(*shape, torch.float16, seed=stages * 10 + unroll)
     configs.decode_overrides.update(stages=stages, unroll=unroll)
-    _plans.clear()
+    clear_plans()
     try:
         out = poisoned(q)
         ikport.attention(q, k, v, kv_lens=lens, out=out, causal=True)
@@ -203,7 +203,7 @@ def test_async_copy_pipeline_matches_reference(shape, stages, unroll):
         check(out, reference.attention(q, k, v, kv_lens=lens, causal=True), torch.float16)
     finally:
         configs.decode_overrides.clear()
-        _plans.clear()
+        clear_plans()
 
 
 def test_misaligned_pointer_is_caught_after_a_valid_call():

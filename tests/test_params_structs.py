@@ -19,10 +19,11 @@ C_TYPES = {"void*": ctypes.c_void_p, "float*": ctypes.c_void_p, "int*": ctypes.c
 
 def c_struct_fields(source: str, name: str) -> list[tuple[str, type]]:
     """(field, ctypes type) of `struct name { ... };` in a kernel source, in declaration order."""
-    body = source[source.index(f"struct {name} {{"):]
+    body = re.sub(r"//[^\n]*", "", source)  # comments first: they may hold braces and semicolons
+    body = body[body.index(f"struct {name} {{"):]
     body = body[body.index("{") + 1:body.index("};")]
     fields = []
-    for decl in re.sub(r"//[^\n]*", "", body).split(";"):
+    for decl in body.split(";"):
         decl = " ".join(decl.replace("const ", "").split())
         if not decl:
             continue

@@ -1,0 +1,156 @@
+"""The decode host path on the CPU: a prepared call (_DecodeCall) fills the parameter struct with
+the layout's strides once and each call's pointers, scale and causal flag, then launches the split
+kernel and, without arrival counters, the separate merge; the CUDA backend's bound launcher hands
+the driver the struct's address. Launchers, the stream and the driver call are faked."""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import sys
+
+import pytest
+import torch
+
+import ikport  # noqa: F401  (registers the module)
+from ikport.kernels import DecodeParams
+
+A = sys.modules["ikport.attention"]
+
+
+class FakeKernel:
+    """Stands in for a loaded Kernel: bind() returns a launcher that records copies of its params."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def bind(self, grid, block, shared_bytes):
+        def launcher(params, stream):
+            self.log.append((self, tuple(grid), tuple(block), shared_bytes,
+                             DecodeParams.from_buffer_copy(params), stream))
+        return launcher
+
+
+def fake_plan(log, *, splits: int, fused: bool, capacity: int, page_size_log2: int = 0):
+    main, combine = FakeKernel(log), FakeKernel(log) if splits > 1 else None
+    return A._DecodePlan(
+        device=0, backend=None, main=main, combine=combine, fused=fused,
+        grid=(splits, 2, 3), block=(256, 1, 1), shared_bytes=32768, num_splits=splits,
+        rows_per_split=-(-capacity // splits), kv_capacity=capacity, page_size_log2=page_size_log2,
+    )
+
+
+@pytest.fixture
+def host(monkeypatch):
+    monkeypatch.setattr(A, "_raw_stream", lambda device: 1234)
+    monkeypatch.setattr(A, "_split_scratch", lambda backend, device, stream, n: (0x10000, None))
+    counters = {"ptr": 0x20000, "asked": []}
+
+    def split_counters(backend, device, stream, n):
+        counters["asked"].append(n)
+        return counters["ptr"]
+
+    monkeypatch.setattr(A, "_split_counters", split_counters)
+    return counters
+
+
+def tensors(B=3, Hq=8, Hkv=2, Tq=2, L=40, D=64):
+    q = torch.randn(B, Hq, Tq, D, dtype=torch.float16)
+    big = torch.randn(B, Hkv, L + 8, D, dtype=torch.float16)
+    k = big[:, :, :L]  # a slice of a larger cache: strides differ from a contiguous [B, Hkv, L, D]
+    v = torch.randn(B, Hkv, L, D, dtype=torch.float16)
+    lens = torch.tensor([L, 7, 0], dtype=torch.int32)
+    return q, k, v, lens
+
+
+def test_prepared_call_fills_layout_once_and_pointers_per_call(host):
+    log: list = []
+    q, k, v, lens = tensors()
+    plan = fake_plan(log, splits=4, fused=True, capacity=k.shape[2])
+    call = A._DecodeCall(plan, q, k, v, None, lens, None)
+    out = call(q, k, v, None, lens, True, 0.125, None)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    (kern, grid, block, smem, p, stream), = log
+    assert (kern, grid, block, smem, stream) == (plan.main, (4, 2, 3), (256, 1, 1), 32768, 1234)
+    assert (p.q, p.k, p.v, p.out, p.kv_lens) == (q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                                                 out.data_ptr(), lens.data_ptr())
+    assert p.block_table is None
+    assert (p.q_sb, p.q_sh, p.q_st) == q.stride()[:3]
+    assert (p.k_sb, p.k_sh, p.k_st) == k.stride()[:3] != v.stride()[:3]
+    assert (p.v_sb, p.v_sh, p.v_st) == v.stride()[:3]
+    assert (p.o_sb, p.o_sh, p.o_st) == out.stride()[:3]
+    assert (p.batch, p.num_q_heads, p.num_kv_heads, p.q_len) == (3, 8, 2, 2)
+    assert (p.kv_capacity, p.num_splits, p.rows_per_split) == (40, 4, 10)
+    assert p.causal == 1 and math.isclose(p.scale_log2, 0.125 * math.log2(math.e), rel_tol=1e-6)
+    rows = 3 * 8 * 2 * 4
+    assert (p.part_out, p.part_lse, p.split_counters) == (0x10000, 0x10000 + rows * 64 * 4, 0x20000)
+    assert host["asked"] == [2 * 3]  # an arrival counter per (sequence, KV head, row tile)
+
+    # A second call with other tensors of the same layout: new pointers, the template untouched.
+    q2, k2, v2, lens2 = tensors()
+    out2 = torch.empty_like(q2)
+    call(q2, k2, v2, None, None, False, 0.5, out2)
+    p2 = log[-1][4]
+    assert (p2.q, p2.k, p2.out, p2.kv_lens, p2.causal) == (q2.data_ptr(), k2.data_ptr(), out2.data_ptr(), None, 0)
+    assert call.template.q is None and call.template.scale_log2 == 0.0
+
+
+def test_without_counters_the_merge_kernel_runs_after(host):
+    host["ptr"] = 0  # e.g. while a CUDA graph is captured
+    log: list = []
+    q, k, v, lens = tensors()
+    plan = fake_plan(log, splits=3, fused=True, capacity=k.shape[2])
+    A._DecodeCall(plan, q, k, v, None, lens, None)(q, k, v, None, lens, False, 1.0, None)
+    assert [entry[0] for entry in log] == [plan.main, plan.combine]
+    _, grid, block, smem, p, _ = log[1]
+    assert grid == (3 * 8 * 2, 1, 1) and block == (64, 1, 1) and smem == 0  # a block per row
+    assert p.split_counters is None and p.part_out == 0x10000
+
+
+def test_one_split_takes_no_scratch(host, monkeypatch):
+    monkeypatch.setattr(A, "_split_scratch", lambda *a: pytest.fail("no scratch without split-K"))
+    log: list = []
+    q, k, v, lens = tensors(Tq=1)
+    plan = fake_plan(log, splits=1, fused=True, capacity=k.shape[2])
+    A._DecodeCall(plan, q, k, v, None, lens, None)(q, k, v, None, lens, True, 1.0, None)
+    (_, _, _, _, p, _), = log
+    assert p.part_out is None and p.split_counters is None and p.causal == 0  # one token: no mask
+
+
+def test_paged_layout_passes_the_block_table():
+    log: list = []
+    q = torch.randn(2, 4, 1, 32, dtype=torch.bfloat16)
+    pages = torch.randn(10, 2, 16, 32, dtype=torch.bfloat16)
+    table = torch.arange(6, dtype=torch.int32).view(2, 3)
+    lens = torch.tensor([40, 3], dtype=torch.int32)
+    plan = fake_plan(log, splits=1, fused=False, capacity=48, page_size_log2=4)
+    call = A._DecodeCall(plan, q, pages, pages, table, lens, None)
+    assert call.template.bt_sb == 3 and call.template.page_size_log2 == 4
+    assert call.template.k_sb == pages.stride(0)
+
+
+def test_clear_plans_forgets_prepared_calls():
+    A._checked[("sentinel",)] = None
+    A._plans[("sentinel",)] = None
+    A.clear_plans()
+    assert not A._checked and not A._plans
+
+
+def test_cuda_bound_launcher_passes_the_struct_by_address(monkeypatch):
+    """CudaBackend.bind_launch hands cuLaunchKernel the fixed grid, block and shared memory, the
+    stream, and a one-entry argument array pointing at the very struct of the call."""
+    cuda = pytest.importorskip("ikport.backends.cuda")
+    seen = []
+
+    def fake_launch(fn, gx, gy, gz, bx, by, bz, smem, stream, args, extra):
+        struct_address = ctypes.cast(args, ctypes.POINTER(ctypes.c_void_p))[0]
+        seen.append((fn, (gx, gy, gz), (bx, by, bz), smem, stream, extra,
+                     bytes(DecodeParams.from_address(struct_address))))
+        return 0
+
+    monkeypatch.setattr(cuda, "_launch_kernel", lambda: fake_launch)
+    backend = cuda.CudaBackend()
+    launch = backend.bind_launch(0xABC, (4, 8, 2), (256, 1, 1), 32768)
+    p = DecodeParams(q=0x1000, batch=8, num_splits=4, scale_log2=0.5)
+    launch(p, 77)
+    assert seen == [(0xABC, (4, 8, 2), (256, 1, 1), 32768, 77, None, bytes(p))]
