@@ -223,6 +223,7 @@ def clear_plans() -> None:
     _plans.clear()
     _checked.clear()
 
+
 def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePlan:
     B, Hq, Tq, D = q.shape
     Hkv = k.shape[1]
