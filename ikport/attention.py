@@ -287,7 +287,6 @@ class _DecodeCall:
     def __init__(self, plan: _DecodePlan, q, k, v, block_table, kv_lens, out) -> None:
         B, Hq, Tq, D = q.shape
         self.plan = plan
-        self.out_shape = (B, Hq, Tq, D)
         self.scratch_rows = B * Hq * Tq * plan.num_splits if plan.num_splits > 1 else 0
         out_strides = out.stride()[:3] if out is not None else (Hq * Tq * D, Tq * D, D)
         self.template = DecodeParams(
@@ -300,12 +299,12 @@ class _DecodeCall:
         self.main = plan.main.bind(plan.grid, plan.block, plan.shared_bytes)
         self.combine = None
         if plan.combine is not None:
-            self.combine = plan.combine.bind((B * Hq * Tq, 1, 1), (D, 1, 1), 0)
+            self.combine = plan.combine.bind((B * Hq * Tq, 1, 1), (max(D, 64), 1, 1), 0)
 
     def __call__(self, q, k, v, block_table, kv_lens, causal, scale, out) -> torch.Tensor:
         plan = self.plan
-        if out is None:
-            out = torch.empty(self.out_shape, dtype=q.dtype, device=q.device)
+        if out is None:  # (empty_like: ~1 us of host time less than torch.empty with its arguments)
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
         p = DecodeParams.from_buffer_copy(self.template)
         p.q, p.k, p.v, p.out = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
         if kv_lens is not None:
@@ -320,8 +319,8 @@ class _DecodeCall:
             rows = self.scratch_rows
             scratch, owner = _split_scratch(plan.backend, plan.device, stream, rows * (q.shape[3] + 1) * 4)
             p.part_out, p.part_lse = scratch, scratch + rows * q.shape[3] * 4
-            if plan.fused:  # an arrival counter per (sequence, KV head, row tile)
-                p.split_counters = _split_counters(plan.backend, plan.device, stream, plan.grid[1] * plan.grid[2])
+            if plan.fused:  # two counters per (sequence, KV head, row tile): arrived, written
+                p.split_counters = _split_counters(plan.backend, plan.device, stream, 2 * plan.grid[1] * plan.grid[2])
         self.main(p, stream)
         if self.scratch_rows and not p.split_counters:
             self.combine(p, stream)

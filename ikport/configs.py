@@ -81,6 +81,30 @@ def wave_utilization(blocks: int, slots: int) -> float:
     return blocks / (waves * slots)
 
 
+# A split shorter than this is latency-bound (a few ring steps between a prologue and a merge):
+# one block per SM streams it as fast as two do, and the second block per SM only adds merges.
+# Measured on the H100 (decode-ab-configs-h100-run2.json): B=16 L=512 19.7 us in 1 split against
+# 24.5 us in the 2 that fill both slots of every SM; B=4 L=512 13.8 us in 4 splits against 15.5
+# in 8; B=1 L=4096 keeps its 16 splits (128 blocks: 17.4 us; 8 splits 21.0).
+SHORT_SPLIT_ROWS = 512
+
+
+def _wave_filling_splits(base_blocks: int, kv_capacity: int, slots: int) -> int:
+    """Fewest splits whose blocks fill `slots`-sized waves to GOOD_WAVE_UTILIZATION (else the
+    best filling), within the split-length limits."""
+    # Short splits pay a fixed cost per block and a longer merge: at most 16 splits of fewer
+    # than 256 rows (H100, B=1: L=512 12.2 us with 8 splits vs 15.4 with 2; L=4096 19.2 us
+    # with 16 splits vs 22.5 with 32).
+    max_splits = max(1, min(kv_capacity // MIN_ROWS_PER_SPLIT, 16), kv_capacity // 256)
+    best = (0.0, 1)
+    for s in range(1, min(max_splits, 4 * -(-slots // base_blocks)) + 1):
+        util = wave_utilization(base_blocks * _rounded_splits(kv_capacity, s), slots)
+        if util >= GOOD_WAVE_UTILIZATION:
+            return s
+        best = max(best, (util, s), key=lambda b: b[0])
+    return best[1]
+
+
 def decode_config(
     *, sm_count: int, blocks_per_sm: int | None, batch: int, kv_heads: int, group: int,
     q_len: int, kv_capacity: int, num_splits: int | None = None,
@@ -88,25 +112,16 @@ def decode_config(
     """Split-K count from the SM count and the kernel's occupancy: every block streams an equal
     chunk, so the time is set by the number of waves; pick the split count whose blocks fill the
     waves best (fewest splits on ties), keeping each split at least MIN_ROWS_PER_SPLIT rows.
-    Measured on the H100 (D3): 384 blocks in 396 slots 62 us, 400 blocks 83 us."""
+    Measured on the H100 (D3): 384 blocks in 396 slots 62 us, 400 blocks 83 us. Splits shorter
+    than SHORT_SPLIT_ROWS fill one block per SM instead."""
     rows, row_tiles, threads, unroll, stages = decode_tiles(group, q_len)
     base_blocks = batch * kv_heads * row_tiles
     num_splits = decode_overrides.get("num_splits", num_splits)
     if num_splits is None:
-        per_sm = blocks_per_sm or DECODE_BLOCKS_PER_SM[rows] * 128 // threads
-        slots = sm_count * max(1, per_sm)
-        # Short splits pay a fixed cost per block and a longer merge: at most 16 splits of fewer
-        # than 256 rows (H100, B=1: L=512 12.2 us with 8 splits vs 15.4 with 2; L=4096 19.2 us
-        # with 16 splits vs 22.5 with 32).
-        max_splits = max(1, min(kv_capacity // MIN_ROWS_PER_SPLIT, 16), kv_capacity // 256)
-        best = (0.0, 1)
-        for s in range(1, min(max_splits, 4 * -(-slots // base_blocks)) + 1):
-            util = wave_utilization(base_blocks * _rounded_splits(kv_capacity, s), slots)
-            if util >= GOOD_WAVE_UTILIZATION:
-                best = (util, s)
-                break
-            best = max(best, (util, s), key=lambda b: b[0])
-        num_splits = best[1]
+        per_sm = max(1, blocks_per_sm or DECODE_BLOCKS_PER_SM[rows] * 128 // threads)
+        num_splits = _wave_filling_splits(base_blocks, kv_capacity, sm_count * per_sm)
+        if per_sm > 1 and -(-kv_capacity // num_splits) < SHORT_SPLIT_ROWS:
+            num_splits = _wave_filling_splits(base_blocks, kv_capacity, sm_count)
     num_splits = _rounded_splits(kv_capacity, max(1, min(num_splits, kv_capacity)))
     rows_per_split = -(-kv_capacity // num_splits)
     rows_per_split = -(-rows_per_split // 16) * 16

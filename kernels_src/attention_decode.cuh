@@ -21,8 +21,8 @@ struct DecodeParams {
   float* part_lse;         // [B, Hq, Tq, num_splits] log2-sum-exp of each split (-inf if empty)
   const int* kv_lens;      // [B]
   const int* block_table;  // [B, bt_stride_b] or null when not paged
-  int* split_counters;     // [B * gridDim.y], zero at rest: the last split block merges (null: a
-                           // separate attn_decode_combine launch merges)
+  int* split_counters;     // [2 * B * gridDim.y], zero at rest: the last split block merges
+                           // (null: a separate attn_decode_combine launch merges)
   long long q_sb, q_sh, q_st;
   long long k_sb, k_sh, k_st;  // paged: k_sb is the page stride
   long long v_sb, v_sh, v_st;
@@ -62,24 +62,83 @@ IK_DEVICE long long row_offset(const DecodeParams& p, const int* bt_row, long lo
   return b * sb + h * sh + static_cast<long long>(t) * st;
 }
 
-// out[d] of one query row from its num_splits partial rows starting at `first` (weights from
-// the log2-sum-exps; empty splits have -inf and weigh 0; all empty gives 0).
-template <class T, int HEAD_DIM>
-IK_DEVICE void merge_splits(const DecodeParams& p, long long first, int d, T* out) {
-  const int S = p.num_splits;
-  float m = -IK_INFINITY;
-#pragma unroll 8
-  for (int s = 0; s < S; ++s) m = fmaxf(m, ik::load_coherent(p.part_lse + first + s));
-  float w_sum = 0.f, o = 0.f;
-  if (m != -IK_INFINITY) {
-#pragma unroll 8  // independent loads: keep several in flight (D3 merges 32 splits per row)
-    for (int s = 0; s < S; ++s) {
-      float w = ik::exp2_fast(ik::load_coherent(p.part_lse + first + s) - m);
-      w_sum += w;
-      o += w * ik::load_coherent(p.part_out + (first + s) * HEAD_DIM + d);
+// Merging split-K partial results. Four lanes (a "merge quad", consecutive lanes) produce dims
+// d..d+3 of one query row: lane j folds splits j, j+4, j+8, ... with 16-byte loads, the loads of
+// kMergeBatch splits in flight at once, then the quad combines by shuffles. The fused merge
+// (last split block) and attn_decode_combine (separate launch, used under graph capture) both
+// call this with the same quad layout, so they compute the same bits.
+constexpr int kMergeLanes = 4;
+constexpr int kMergeBatch = 4;  // splits per lane loaded together (8: 113 registers at ROWS=1 on sm_90, not 62)
+
+// Every lane of the warp must call this (shuffles); `first` < 0: this quad has no row (returns 0).
+// Weights from the log2-sum-exps; empty splits have -inf and weigh 0; all empty gives 0.
+template <int HEAD_DIM>
+IK_DEVICE void merge_splits4(const DecodeParams& p, long long first, int d, float res[4]) {
+  const int S = p.num_splits, j = ik::lane_id() % kMergeLanes;
+  float m = -IK_INFINITY, l = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int s0 = j; first >= 0 && s0 < S; s0 += kMergeBatch * kMergeLanes) {
+    float lse[kMergeBatch];
+    float4 part[kMergeBatch];
+#pragma unroll
+    for (int c = 0; c < kMergeBatch; ++c) {
+      const int s = s0 + c * kMergeLanes;
+      lse[c] = s < S ? ik::load_coherent(p.part_lse + first + s) : -IK_INFINITY;
+      part[c] = s < S ? ik::load_coherent4(p.part_out + (first + s) * HEAD_DIM + d) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    float m_new = m;
+#pragma unroll
+    for (int c = 0; c < kMergeBatch; ++c) m_new = fmaxf(m_new, lse[c]);
+    if (m_new == -IK_INFINITY) continue;  // every split so far empty
+    const float a = ik::exp2_fast(m - m_new);
+    l *= a;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[i] *= a;
+#pragma unroll
+    for (int c = 0; c < kMergeBatch; ++c) {
+      const float w = ik::exp2_fast(lse[c] - m_new);
+      l += w;
+      o[0] += w * part[c].x; o[1] += w * part[c].y; o[2] += w * part[c].z; o[3] += w * part[c].w;
+    }
+    m = m_new;
+  }
+#pragma unroll
+  for (int x = 1; x < kMergeLanes; x *= 2) {
+    const float m_o = ik::shfl_xor(m, x), l_o = ik::shfl_xor(l, x), m_n = fmaxf(m, m_o);
+    const float a = m_n == -IK_INFINITY ? 0.f : ik::exp2_fast(m - m_n);
+    const float c = m_n == -IK_INFINITY ? 0.f : ik::exp2_fast(m_o - m_n);
+    l = l * a + l_o * c;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) o[i] = o[i] * a + ik::shfl_xor(o[i], x) * c;
+    m = m_n;
+  }
+  const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) res[i] = o[i] * inv;
+}
+
+// Merges the partial results of ROWS query rows of one (sequence, KV head, row tile): THREADS
+// threads walk the rows' dims four at a time, a merge quad per 4 dims.
+template <class T, int HEAD_DIM, int ROWS, int THREADS>
+IK_DEVICE void merge_rows(const DecodeParams& p, int b, int hk, int row0, int rows_total) {
+  static_assert(THREADS % kMergeLanes == 0, "merge quads need whole blocks of 4 threads");
+  constexpr int kQuads = ROWS * HEAD_DIM / 4;
+  const int group = p.num_q_heads / p.num_kv_heads;
+#pragma unroll
+  for (int it = 0; it < (kQuads * kMergeLanes + THREADS - 1) / THREADS; ++it) {
+    const int quad = (it * THREADS + static_cast<int>(threadIdx.x)) / kMergeLanes;
+    const int r = quad / (HEAD_DIM / 4), d = (quad % (HEAD_DIM / 4)) * 4, rr = row0 + r;
+    const bool valid = quad < kQuads && rr < rows_total;
+    const int hq = hk * group + (valid ? rr / p.q_len : 0), tq = valid ? rr % p.q_len : 0;
+    const long long first = valid ? ((static_cast<long long>(b) * p.num_q_heads + hq) * p.q_len + tq) * p.num_splits : -1;
+    float res[4];
+    merge_splits4<HEAD_DIM>(p, first, d, res);  // every lane: the quads shuffle
+    if (valid) {  // each lane of the quad writes one of the 4 dims (no dynamic register index)
+      const int j = ik::lane_id() % kMergeLanes;
+      const float v = j == 0 ? res[0] : j == 1 ? res[1] : j == 2 ? res[2] : res[3];
+      T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st;
+      out[d + j] = ik::dtype<T>::from_float(v);
     }
   }
-  out[d] = ik::dtype<T>::from_float(w_sum > 0.f ? o / w_sum : 0.f);
 }
 
 }  // namespace decode
@@ -368,6 +427,17 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   }
   ik::block_sync();
 
+  // Split-K with the fused merge: the last block of this (sequence, KV head, row tile) to finish
+  // its stream merges every split's partial result. Two counters per group, zero at rest:
+  // `arrived` (taken right after the stream, its round trip hidden behind the partial writes)
+  // picks the last block; `written` tells it when the others' partials are visible. The last
+  // block thus skips a fence and waits only for partials written long before, usually.
+  const bool fused = p.num_splits > 1 && p.split_counters != nullptr;
+  int* arrived = fused ? p.split_counters + b * gridDim.y + blockIdx.y : nullptr;
+  int* written = fused ? arrived + p.batch * gridDim.y : nullptr;
+  int arrival = 0;
+  if (fused && threadIdx.x == 0) arrival = ik::atomic_add(arrived, 1);
+
   for (int idx = threadIdx.x; idx < ROWS * HEAD_DIM; idx += THREADS) {
     int r = idx / HEAD_DIM, d = idx % HEAD_DIM, rr = row0 + r;
     if (rr >= rows_total) continue;
@@ -390,38 +460,43 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
       if (d == 0) p.part_lse[row] = l_all > 0.f ? m_all + __log2f(l_all) : -IK_INFINITY;
     }
   }
-  if (p.num_splits == 1 || p.split_counters == nullptr) return;
+  if (!fused) return;
 
-  // Fused merge: the last block of this (sequence, KV head, row tile) to finish combines every
-  // split's partial result, saving a second launch. Its counter goes back to zero for the next
-  // call (and for CUDA graph replays).
-  ik::fence_device();
-  ik::block_sync();
-  bool last = false;
+  // The barrier also makes this block's own partials visible to all its threads.
+  if (!ik::block_any(threadIdx.x == 0 && arrival == p.num_splits - 1)) {
+    ik::fence_device();  // this block's partials, then its count
+    ik::block_sync();
+    if (threadIdx.x == 0) ik::atomic_add(written, 1);
+    return;
+  }
   if (threadIdx.x == 0) {
-    int* counter = p.split_counters + b * gridDim.y + blockIdx.y;
-    last = ik::atomic_add(counter, 1) == p.num_splits - 1;
-    if (last) *counter = 0;
+    // Safe to wait: every other block of the group has arrived, so it is running and its
+    // remaining work (write, fence, count) waits on nothing. Then zero the counters for the
+    // next call (and for CUDA graph replays).
+    while (ik::atomic_add(written, 0) != p.num_splits - 1) {}
+    *arrived = 0;
+    *written = 0;
+    ik::fence_device();  // acquire: the others' partials, for every thread after the barrier
   }
-  if (!ik::block_any(last)) return;
-  ik::fence_device();
-  for (int idx = threadIdx.x; idx < ROWS * HEAD_DIM; idx += THREADS) {
-    int r = idx / HEAD_DIM, d = idx % HEAD_DIM, rr = row0 + r;
-    if (rr >= rows_total) continue;
-    int hq = hk * group + rr / p.q_len, tq = rr % p.q_len;
-    long long row0s = ((static_cast<long long>(b) * p.num_q_heads + hq) * p.q_len + tq) * p.num_splits;
-    decode::merge_splits<T, HEAD_DIM>(p, row0s, d, static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st);
-  }
+  ik::block_sync();
+  decode::merge_rows<T, HEAD_DIM, ROWS, THREADS>(p, b, hk, row0, rows_total);
 }
 
 // Merges the num_splits partial results of each (sequence, query head, token) row, when the
-// split kernel runs without split_counters (the unfused journey variant).
-// grid (B * Hq * Tq), block HEAD_DIM threads.
+// split kernel runs without split_counters (the unfused journey variant, and graph captures).
+// grid (B * Hq * Tq), block max(HEAD_DIM, 64): a merge quad per 4 dims, whole warps (shuffles).
 template <class T, int HEAD_DIM>
-__global__ void __launch_bounds__(HEAD_DIM) attn_decode_combine(DecodeParams p) {
+__global__ void __launch_bounds__(HEAD_DIM < 64 ? 64 : HEAD_DIM) attn_decode_combine(DecodeParams p) {
   const long long row = blockIdx.x;
   const int tq = row % p.q_len, hq = (row / p.q_len) % p.num_q_heads;
   const int b = row / (static_cast<long long>(p.q_len) * p.num_q_heads);
-  decode::merge_splits<T, HEAD_DIM>(p, row * p.num_splits, threadIdx.x,
-                          static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st);
+  const int d = static_cast<int>(threadIdx.x) / decode::kMergeLanes * 4;
+  const bool valid = d < HEAD_DIM;
+  float res[4];
+  decode::merge_splits4<HEAD_DIM>(p, valid ? row * p.num_splits : -1, d, res);
+  if (valid) {
+    const int j = ik::lane_id() % decode::kMergeLanes;
+    const float v = j == 0 ? res[0] : j == 1 ? res[1] : j == 2 ? res[2] : res[3];
+    static_cast<T*>(p.out)[b * p.o_sb + hq * p.o_sh + tq * p.o_st + d + j] = ik::dtype<T>::from_float(v);
+  }
 }

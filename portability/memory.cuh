@@ -10,10 +10,11 @@ IK_DEVICE void store16(void* p, uint4 v) { vendor::store16(p, v); }
 
 // Handing results between blocks of one launch (e.g. the last split-K block merges the others):
 // write, fence_device, then atomic_add a counter; the block that sees the final count reads the
-// others' results with load_coherent.
+// others' results with load_coherent (load_coherent4: 4 floats, 16-byte aligned).
 IK_DEVICE void fence_device() { vendor::fence_device(); }
 IK_DEVICE int atomic_add(int* p, int v) { return vendor::atomic_add(p, v); }
 IK_DEVICE float load_coherent(const float* p) { return vendor::load_coherent(p); }
+IK_DEVICE float4 load_coherent4(const float* p) { return vendor::load_coherent4(p); }
 
 // Async copy: cp.async on NVIDIA sm_80+, a synchronous copy elsewhere (IK_HAS_ASYNC_COPY says
 // which). Usage is the same on every target: issue copies, commit a group, wait until at most N

@@ -86,6 +86,7 @@ IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 IK_DEVICE void fence_device() { __threadfence(); }
 IK_DEVICE int atomic_add(int* p, int v) { return atomicAdd(p, v); }
 IK_DEVICE float load_coherent(const float* p) { return __ldcg(p); }
+IK_DEVICE float4 load_coherent4(const float* p) { return __ldcg(reinterpret_cast<const float4*>(p)); }
 
 // Asynchronous global->shared copy of 16 bytes: cp.async on sm_80 and newer, a plain copy before.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

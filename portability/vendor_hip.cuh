@@ -105,6 +105,7 @@ IK_DEVICE void store16(void* p, uint4 v) { *reinterpret_cast<uint4*>(p) = v; }
 IK_DEVICE void fence_device() { __threadfence(); }
 IK_DEVICE int atomic_add(int* p, int v) { return atomicAdd(p, v); }
 IK_DEVICE float load_coherent(const float* p) { return *p; }
+IK_DEVICE float4 load_coherent4(const float* p) { return *reinterpret_cast<const float4*>(p); }
 
 // No cp.async on AMD: a plain 16-byte load and LDS store; the caller's barrier orders them.
 #define IK_HAS_ASYNC_COPY 0

@@ -102,6 +102,27 @@ def test_lengths_past_the_cache_are_clamped():
     check(out, reference.attention(q, k, v, kv_lens=lens.clamp(0, 300)), torch.float16)
 
 
+@pytest.mark.parametrize("variant", ["split", "split-unfused", "split1"])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
+def test_cache_rows_past_kv_len_never_leak(variant, paged):
+    """Rows at or past kv_len hold NaN and Inf (a never-written cache slot may): the kernel may
+    fetch them (contiguous caches start their first copies before kv_len arrives) but must
+    ignore them."""
+    q, k, v, lens = case(4, 16, 4, 1, 1500, 128, torch.float16, seed=12)
+    lens[1], lens[2] = 1, 700  # splits past the end, and one ending inside a step
+    ref = reference.attention(q, k, v, kv_lens=lens)
+    pos = torch.arange(1500, device=DEV).view(1, 1, -1, 1)
+    past = pos >= lens.view(-1, 1, 1, 1).long()
+    k, v = k.masked_fill(past, float("nan")), v.masked_fill(past, float("inf"))
+    out = poisoned(q)
+    if paged:
+        kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(2))
+        ikport.paged_attention(q, kp, vp, bt, lens, out=out, variant=variant)
+    else:
+        ikport.attention(q, k, v, kv_lens=lens, out=out, variant=variant)
+    check(out, ref, torch.float16)
+
+
 def test_strided_static_cache_slice():
     """A view into a preallocated [B_max, Hkv, L_max, D] cache, no copy."""
     g = torch.Generator(device=DEV).manual_seed(5)

@@ -84,7 +84,7 @@ def test_prepared_call_fills_layout_once_and_pointers_per_call(host):
     assert p.causal == 1 and math.isclose(p.scale_log2, 0.125 * math.log2(math.e), rel_tol=1e-6)
     rows = 3 * 8 * 2 * 4
     assert (p.part_out, p.part_lse, p.split_counters) == (0x10000, 0x10000 + rows * 64 * 4, 0x20000)
-    assert host["asked"] == [2 * 3]  # an arrival counter per (sequence, KV head, row tile)
+    assert host["asked"] == [2 * 2 * 3]  # arrived and written per (sequence, KV head, row tile)
 
     # A second call with other tensors of the same layout: new pointers, the template untouched.
     q2, k2, v2, lens2 = tensors()

@@ -40,3 +40,13 @@ def test_threads_drop_to_128_where_the_merge_buffer_would_not_fit():
     # the same shape on an H100 (227 KiB) and a smaller head dim on gfx1100 keep 256 threads
     assert configs.decode_tiles(8, 1, head_dim=256, warp_size=32, max_smem=227 * 1024)[2] == 256
     assert configs.decode_tiles(8, 1, head_dim=128, warp_size=32, max_smem=65536)[2] == 256
+
+
+def test_short_splits_fill_one_block_per_sm_not_every_slot():
+    # Filling 2 blocks x 132 SMs would cut these into splits under SHORT_SPLIT_ROWS rows.
+    assert cfg(16, 512, per_sm=2).num_splits == 1  # 128 blocks
+    assert cfg(4, 512, per_sm=2).num_splits == 4  # 128 blocks of 128 rows, not 256 of 64
+    assert cfg(1, 4096, per_sm=2).num_splits == 16  # 128 blocks either way
+    # Long splits keep filling every slot: D1, D3.
+    assert cfg(8, 4096, per_sm=2).num_splits == 4
+    assert cfg(1, 32768, per_sm=2).num_splits == 32

@@ -2,7 +2,7 @@
 # its first K/V data has landed, when its stream loop ends, when its result is written and when it
 # returns; a plain 16-byte read kernel over the same bytes stamps entry and end. Diagnostic only:
 # the probes are spliced into a copy of the source text here, the library's kernel is untouched.
-# Usage: python decode-timeline.py OUT.json [workload ...]   (workloads: see CASES)
+# Usage: python decode-timeline.py OUT.json [NAME=KERNEL.cuh ...] [workload ...]   (workloads: CASES)
 import ctypes, dataclasses, json, statistics, sys
 import torch
 import ikport
@@ -33,6 +33,10 @@ SPLICES = [
     (("  if (p.num_splits == 1 || p.split_counters == nullptr) return;", "  if (!fused) return;"),
      "  IK_STAMP(3);\n  if (PARTIALS_DONE) { IK_STAMP(4); return; }"),
     ("  if (!ik::block_any(last)) return;", "  if (!ik::block_any(last)) { IK_STAMP(4); return; }\n  IK_STAMP(5);"),
+    # the two-counter merge (v5): a non-last block's return, and the last block's merge start
+    ("    if (threadIdx.x == 0) ik::atomic_add(written, 1);\n    return;",
+     "    if (threadIdx.x == 0) ik::atomic_add(written, 1);\n    IK_STAMP(4);\n    return;"),
+    ("  ik::block_sync();\n  decode::merge_rows<", "  ik::block_sync();\n  IK_STAMP(5);\n  decode::merge_rows<"),
 ]
 
 def splice(text):
@@ -66,10 +70,12 @@ __global__ void __launch_bounds__(512) readpass(ReadArgs a) {
 class ReadArgs(ctypes.Structure):
     _fields_ = [("p", ctypes.c_void_p), ("n", ctypes.c_int64), ("out", ctypes.c_void_p)]
 
-# A kernel text to compare (v4: fcc0f91's, `git show fcc0f91:kernels_src/attention_decode.cuh >
-# .ab/attention_decode_v4.cuh`, left out when absent) and the library's own.
-VERSIONS = {"v4": Path(".ab/attention_decode_v4.cuh").resolve(), "new": KERNELS_DIR / "attention_decode.cuh"}
-VERSIONS = {k: v for k, v in VERSIONS.items() if v.is_file()}
+# Kernel texts to compare: NAME=PATH arguments (e.g. v4=.ab/attention_decode_v4.cuh, from `git
+# show fcc0f91:kernels_src/attention_decode.cuh`), else v4 where that file exists; always the
+# library's own as "new".
+named = dict(a.split("=", 1) for a in sys.argv[2:] if "=" in a)
+VERSIONS = {k: Path(v).resolve() for k, v in named.items()} or {"v4": Path(".ab/attention_decode_v4.cuh").resolve()}
+VERSIONS = {**{k: v for k, v in VERSIONS.items() if v.is_file()}, "new": KERNELS_DIR / "attention_decode.cuh"}
 lib_text = inline_includes(KERNELS_DIR / "attention_decode.cuh")
 CASES = {  # name: (B, L, overrides)
     "D1": (8, 4096, {}), "D3": (1, 32768, {}), "D2": (32, 8192, {}),
@@ -120,7 +126,7 @@ def time_fn(fns):
 
 results = {**harness.device_meta(), "command": " ".join(["python", *sys.argv]),
            "kernel_versions": {k: str(v) for k, v in VERSIONS.items()}, "cases": {}}
-wanted = sys.argv[2:] or ["read-134MB"] + list(CASES)
+wanted = [a for a in sys.argv[2:] if "=" not in a] or ["read-134MB"] + list(CASES)
 for name in wanted:
     if name == "read-134MB":
         nbytes = 134217728

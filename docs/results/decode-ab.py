@@ -1,0 +1,120 @@
+# A/B of decode kernel texts in one process: each version of attention_decode.cuh (a file, or the
+# library's with a text splice) is compiled and launched through the library's prepared call for
+# each case (plan, params and scratch from ikport), checked against the fp32 reference with the
+# output poisoned, then timed in interleaved rounds (kernel time, launch latency hidden).
+# Usage: python decode-ab.py OUT.json NAME=PATH ... [-- CASE ...]
+#   PATH "lib" is the library's kernel; "lib+warpruns" the library's with the WARPRUNS splice.
+#   CASE: a shape of SHAPES, optionally with configuration knobs: "B4-L512:st4,s2".
+import dataclasses, json, statistics, sys
+from pathlib import Path
+import torch
+import ikport
+from ikport import configs
+from ikport.backends.source import inline_includes, KERNELS_DIR
+from ikport.bench import harness
+A = sys.modules["ikport.attention"]
+
+# Each warp streams its own contiguous run of the block's split (1 KB of K and of V per step at
+# head_dim 128) instead of the block reading 8 KB runs a step: a different DRAM access pattern
+# for the same bytes (the H200's D2 ran 5% faster with per-warp runs, decode.md). Anchored on
+# the kernel text of decode-ab-h100-run1.json's "lib" (the v5 merge, before the early copies).
+WARPRUNS = [
+    ("  const int n_steps = t_end > t_begin ? (t_end - t_begin + kStep - 1) / kStep : 0;\n"
+     "  auto step_row = [&](int i) { return t_begin + i * kStep + g; };  // this row group's row in step i\n",
+     "  constexpr int kGW = ik::kWarpSize / LPR;\n"
+     "  const int warp_span = ((p.rows_per_split + C::kWarps - 1) / C::kWarps + kGW * U - 1) / (kGW * U) * (kGW * U);\n"
+     "  const int w_begin = min(t_begin + warp * warp_span, t_end), w_end = min(w_begin + warp_span, t_end);\n"
+     "  const int n_steps = w_end > w_begin ? (w_end - w_begin + kGW * U - 1) / (kGW * U) : 0;\n"
+     "  auto step_row = [&](int i) { return w_begin + i * kGW * U + g % kGW; };\n"),
+    ("t0 + u * C::kGroups", "t0 + u * kGW"),
+    ("t < t_end", "t < w_end"),
+]
+SPLICES = {"warpruns": WARPRUNS}
+
+def version_text(path):
+    base, _, splice = path.partition("+")
+    text = inline_includes(KERNELS_DIR / "attention_decode.cuh" if base == "lib" else Path(base).resolve())
+    for old, new in SPLICES.get(splice, []) if splice else []:
+        assert old in text, (splice, old)
+        text = text.replace(old, new)
+    return text
+
+SHAPES = {  # name: (B, L, dtype, page size or 0)
+    "D1": (8, 4096, torch.float16, 0), "D3": (1, 32768, torch.float16, 0), "D2": (32, 8192, torch.float16, 0),
+    "D1-bf16": (8, 4096, torch.bfloat16, 0), "D1-paged16": (8, 4096, torch.float16, 16),
+    **{f"B{b}-L{n}": (b, n, torch.float16, 0) for b in (1, 4, 16, 64) for n in (512, 1024, 4096)},
+}
+KNOBS = {"s": "num_splits", "t": "threads", "st": "stages", "u": "unroll"}
+
+def parse_case(name):
+    """'B4-L512' or 'B4-L512:st4,s2' (configs.decode_overrides: s splits, t threads, st stages,
+    u unroll)."""
+    shape, _, knobs = name.partition(":")
+    ov = {}
+    for tok in filter(None, knobs.split(",")):
+        key = tok.rstrip("0123456789")
+        ov[KNOBS[key]] = int(tok[len(key):])
+    return (*SHAPES[shape], ov)
+
+args = sys.argv[2:]
+cases = args[args.index("--") + 1:] if "--" in args else ["D1", "D3", "D2"]
+versions = dict(a.split("=", 1) for a in (args[:args.index("--")] if "--" in args else args))
+be = ikport.dispatch.get_backend("cuda")
+target = be.target_for(0)
+results = {**harness.device_meta(), "command": " ".join(["python", *sys.argv]), "versions_compared": versions,
+           "cases": {}}
+ROUNDS = 3
+for name in cases:
+    B, L, dtype, page, ov = parse_case(name)
+    configs.decode_overrides.clear(); configs.decode_overrides.update(ov); A.clear_plans()
+    sets = []
+    for _ in range(harness.rotation_count(2 * B * 8 * L * 128 * 2, harness.l2_cache_bytes())):
+        qq = torch.randn(B, 32, 1, 128, device="cuda", dtype=dtype)
+        k = torch.randn(B, 8, L, 128, device="cuda", dtype=dtype); v = torch.randn_like(k)
+        lens = torch.randint(max(1, L - 64), L + 1, (B,), dtype=torch.int32, device="cuda")
+        if page:
+            kp, vp, bt = ikport.paged_kv_from_dense(k, v, page)
+            sets.append((qq, kp, vp, bt, lens, (k, v)))
+        else:
+            sets.append((qq, k, v, None, lens, (k, v)))
+    outs = [torch.empty(B, 32, 1, 128, device="cuda", dtype=dtype) for _ in sets]
+    def run(i):
+        s = sets[i]
+        if page:
+            return ikport.paged_attention(s[0], s[1], s[2], s[3], s[4], out=outs[i])
+        return ikport.attention(s[0], s[1], s[2], kv_lens=s[4], out=outs[i])
+    fns = [lambda i=i: run(i) for i in range(len(sets))]
+    run(0); torch.cuda.synchronize()
+    call = next(iter(A._checked.values()))
+    plan = call.plan
+    spec = plan.main.spec
+    entry = results["cases"][name] = {"B": B, "L": L, "dtype": str(dtype), "page_size": page, "overrides": ov,
+                                      "grid": plan.grid, "block": plan.block, "smem": plan.shared_bytes,
+                                      "splits": plan.num_splits, "versions": {}}
+    launchers = {}
+    for vname, path in versions.items():
+        text = version_text(path) + f"\ntemplate __global__ void {spec.name_expr}({spec.params_type});\n"
+        mod = be.compile(text, [spec.name_expr], [], target)
+        fn = be.get_function(be.load(mod, 0), mod, spec.name_expr)
+        launchers[vname] = dataclasses.replace(plan.main, fn=fn, max_dynamic_shared=0).bind(plan.grid, plan.block, plan.shared_bytes)
+        errs = []
+        for i in range(len(sets)):  # every input set, output poisoned first
+            call.main = launchers[vname]
+            outs[i].fill_(float("nan"))
+            got = run(i).float()
+            s = sets[i]
+            ref = ikport.reference.attention(s[0].float(), s[5][0].float(), s[5][1].float(), kv_lens=s[4])
+            errs.append((got - ref).abs().max().item())
+        entry["versions"][vname] = {"path": path, "regs": mod.resources[spec.name_expr].registers,
+                                    "spill_bytes": mod.resources[spec.name_expr].spill_bytes,
+                                    "max_abs_err": max(errs), "rounds_us": []}
+    for _ in range(ROUNDS):
+        for vname in versions:
+            call.main = launchers[vname]
+            entry["versions"][vname]["rounds_us"].append(round(harness.kernel_time(fns, warmup=5, iters=40).median_us, 2))
+    for vname, e in entry["versions"].items():
+        e["median_us"] = statistics.median(e["rounds_us"])
+        print(name, vname, e["median_us"], e["rounds_us"], "regs", e["regs"], "err", e["max_abs_err"], flush=True)
+    del sets, outs; A.clear_plans(); torch.cuda.empty_cache()
+configs.decode_overrides.clear()
+json.dump(results, open(sys.argv[1], "w"), indent=1)
