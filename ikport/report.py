@@ -88,7 +88,7 @@ def launch_shape(uri: str, warp_size: int) -> Launch | None:
         ring = stages * p["unroll"] * 2 * threads * 16
         return Launch(threads, max(merge, ring), stages > 0, False)
     if (family, kernel) == ("attention_decode", "combine"):
-        return Launch(max(p["head_dim"], 64), 0, False, False)  # a merge quad per 4 output dims
+        return Launch(max(p["head_dim"], 64), 0, False, False)  # a merge pair per 4 output dims
     if family == "mma_tile":
         return Launch(warp_size, 0, False, True)  # one warp/wave per 16x16 tile
     if (family, kernel) == ("w4a16", "naive"):
@@ -741,10 +741,10 @@ so the ring costs LDS ({cdna_smem} bytes) and changes VGPRs from {cdna_regs0} (n
 On NVIDIA registers go from {nv_regs0} (no ring) to {nv_regs}; whether the ring pays is a
 measurement (`docs/results/`), not a compile-time fact.""",
     "attention_decode.combine": """\
-Merges the split-K partial results: four lanes per 4 output dimensions ({threads} threads for
-head_dim {head_dim}), each lane folding every fourth split with 16-byte loads (8 splits' loads in
-flight at once), the four then combined by shuffles; no shared memory. It is the same code on
-every target (the split kernel's fused merge calls the same function); {nv_warps} warps on NVIDIA, {cdna_warps} waves on CDNA. {nv_regs} registers
+Merges the split-K partial results: two lanes per 4 output dimensions ({threads} threads for
+head_dim {head_dim}, those past its dims idle), each lane folding every other split with 16-byte
+loads (4 splits' loads in flight at once), the two then combined by a shuffle; no shared memory.
+It is the same code on every target (the split kernel's fused merge calls the same function); {nv_warps} warps on NVIDIA, {cdna_warps} waves on CDNA. {nv_regs} registers
 (sm_90), {cdna_regs} VGPRs (gfx942), {rdna_regs} (gfx1100).""",
     "mma_tile.tile": """\
 The matrix shim, executed. NVIDIA: two `ldmatrix.x4` and {nv_mma} `mma.sync.m16n8k16` per 16x16x16

@@ -62,15 +62,16 @@ IK_DEVICE long long row_offset(const DecodeParams& p, const int* bt_row, long lo
   return b * sb + h * sh + static_cast<long long>(t) * st;
 }
 
-// Merging split-K partial results. Four lanes (a "merge quad", consecutive lanes) produce dims
-// d..d+3 of one query row: lane j folds splits j, j+4, j+8, ... with 16-byte loads, the loads of
-// kMergeBatch splits in flight at once, then the quad combines by shuffles. The fused merge
-// (last split block) and attn_decode_combine (separate launch, used under graph capture) both
-// call this with the same quad layout, so they compute the same bits.
-constexpr int kMergeLanes = 4;
+// Merging split-K partial results. kMergeLanes consecutive lanes (a "merge group") produce dims
+// d..d+3 of one query row: lane j folds splits j, j + kMergeLanes, ... with 16-byte loads, the
+// loads of kMergeBatch splits in flight at once, then the group combines by shuffles. The fused
+// merge (last split block) and attn_decode_combine (separate launch, used under graph capture)
+// both call this with the same layout, so they compute the same bits. Two lanes, not four or
+// eight: the block covers its rows in fewer passes (H100, decode-ab-h100-run5.json).
+constexpr int kMergeLanes = 2;
 constexpr int kMergeBatch = 4;  // splits per lane loaded together (8: 113 registers at ROWS=1 on sm_90, not 62)
 
-// Every lane of the warp must call this (shuffles); `first` < 0: this quad has no row (returns 0).
+// Every lane of the warp must call this (shuffles); `first` < 0: no row here (returns 0).
 // Weights from the log2-sum-exps; empty splits have -inf and weigh 0; all empty gives 0.
 template <int HEAD_DIM>
 IK_DEVICE void merge_splits4(const DecodeParams& p, long long first, int d, float res[4]) {
@@ -116,28 +117,38 @@ IK_DEVICE void merge_splits4(const DecodeParams& p, long long first, int d, floa
   for (int i = 0; i < 4; ++i) res[i] = o[i] * inv;
 }
 
+// Lane j of a merge group writes its share of the group's 4 merged dims (d..d+3) to `out`.
+template <class T>
+IK_DEVICE void store_merged(T* out, int d, const float res[4]) {
+  constexpr int kDimsPerLane = 4 / kMergeLanes;
+  const int j = ik::lane_id() % kMergeLanes;
+#pragma unroll
+  for (int i = 0; i < kDimsPerLane; ++i) {
+    const int dim = j * kDimsPerLane + i;
+    float v = res[0];
+#pragma unroll
+    for (int c = 1; c < 4; ++c) v = dim == c ? res[c] : v;  // a select chain: no dynamic register index
+    out[d + dim] = ik::dtype<T>::from_float(v);
+  }
+}
+
 // Merges the partial results of ROWS query rows of one (sequence, KV head, row tile): THREADS
-// threads walk the rows' dims four at a time, a merge quad per 4 dims.
+// threads walk the rows' dims four at a time, a merge group per 4 dims.
 template <class T, int HEAD_DIM, int ROWS, int THREADS>
 IK_DEVICE void merge_rows(const DecodeParams& p, int b, int hk, int row0, int rows_total) {
-  static_assert(THREADS % kMergeLanes == 0, "merge quads need whole blocks of 4 threads");
-  constexpr int kQuads = ROWS * HEAD_DIM / 4;
+  static_assert(4 % kMergeLanes == 0 && THREADS % kMergeLanes == 0, "merge groups split 4 dims");
+  constexpr int kGroups = ROWS * HEAD_DIM / 4;
   const int group = p.num_q_heads / p.num_kv_heads;
 #pragma unroll
-  for (int it = 0; it < (kQuads * kMergeLanes + THREADS - 1) / THREADS; ++it) {
-    const int quad = (it * THREADS + static_cast<int>(threadIdx.x)) / kMergeLanes;
-    const int r = quad / (HEAD_DIM / 4), d = (quad % (HEAD_DIM / 4)) * 4, rr = row0 + r;
-    const bool valid = quad < kQuads && rr < rows_total;
+  for (int it = 0; it < (kGroups * kMergeLanes + THREADS - 1) / THREADS; ++it) {
+    const int mg = (it * THREADS + static_cast<int>(threadIdx.x)) / kMergeLanes;
+    const int r = mg / (HEAD_DIM / 4), d = (mg % (HEAD_DIM / 4)) * 4, rr = row0 + r;
+    const bool valid = mg < kGroups && rr < rows_total;
     const int hq = hk * group + (valid ? rr / p.q_len : 0), tq = valid ? rr % p.q_len : 0;
     const long long first = valid ? ((static_cast<long long>(b) * p.num_q_heads + hq) * p.q_len + tq) * p.num_splits : -1;
     float res[4];
-    merge_splits4<HEAD_DIM>(p, first, d, res);  // every lane: the quads shuffle
-    if (valid) {  // each lane of the quad writes one of the 4 dims (no dynamic register index)
-      const int j = ik::lane_id() % kMergeLanes;
-      const float v = j == 0 ? res[0] : j == 1 ? res[1] : j == 2 ? res[2] : res[3];
-      T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st;
-      out[d + j] = ik::dtype<T>::from_float(v);
-    }
+    merge_splits4<HEAD_DIM>(p, first, d, res);  // every lane: the groups shuffle
+    if (valid) store_merged(static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st, d, res);
   }
 }
 
@@ -484,7 +495,8 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
 
 // Merges the num_splits partial results of each (sequence, query head, token) row, when the
 // split kernel runs without split_counters (the unfused journey variant, and graph captures).
-// grid (B * Hq * Tq), block max(HEAD_DIM, 64): a merge quad per 4 dims, whole warps (shuffles).
+// grid (B * Hq * Tq), block max(HEAD_DIM, 64): a merge group per 4 dims (threads past the row's
+// dims idle), whole warps (shuffles).
 template <class T, int HEAD_DIM>
 __global__ void __launch_bounds__(HEAD_DIM < 64 ? 64 : HEAD_DIM) attn_decode_combine(DecodeParams p) {
   const long long row = blockIdx.x;
@@ -494,9 +506,5 @@ __global__ void __launch_bounds__(HEAD_DIM < 64 ? 64 : HEAD_DIM) attn_decode_com
   const bool valid = d < HEAD_DIM;
   float res[4];
   decode::merge_splits4<HEAD_DIM>(p, valid ? row * p.num_splits : -1, d, res);
-  if (valid) {
-    const int j = ik::lane_id() % decode::kMergeLanes;
-    const float v = j == 0 ? res[0] : j == 1 ? res[1] : j == 2 ? res[2] : res[3];
-    static_cast<T*>(p.out)[b * p.o_sb + hq * p.o_sh + tq * p.o_st + d + j] = ik::dtype<T>::from_float(v);
-  }
+  if (valid) decode::store_merged(static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st, d, res);
 }

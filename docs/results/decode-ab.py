@@ -29,7 +29,11 @@ WARPRUNS = [
     ("t0 + u * C::kGroups", "t0 + u * kGW"),
     ("t < t_end", "t < w_end"),
 ]
-SPLICES = {"warpruns": WARPRUNS}
+# The split merge with 2 or 8 lanes per 4 output dims instead of 4 (the fused merge only: the
+# separate merge launch's block would not cover the dims at 8).
+LANES2 = [("constexpr int kMergeLanes = 4;", "constexpr int kMergeLanes = 2;")]
+LANES8 = [("constexpr int kMergeLanes = 4;", "constexpr int kMergeLanes = 8;")]
+SPLICES = {"warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8}
 
 def version_text(path):
     base, _, splice = path.partition("+")
