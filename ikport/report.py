@@ -744,8 +744,9 @@ measurement (`docs/results/`), not a compile-time fact.""",
 Merges the split-K partial results: two lanes per 4 output dimensions ({threads} threads for
 head_dim {head_dim}, those past its dims idle), each lane folding every other split with 16-byte
 loads (4 splits' loads in flight at once), the two then combined by a shuffle; no shared memory.
-It is the same code on every target (the split kernel's fused merge calls the same function); {nv_warps} warps on NVIDIA, {cdna_warps} waves on CDNA. {nv_regs} registers
-(sm_90), {cdna_regs} VGPRs (gfx942), {rdna_regs} (gfx1100).""",
+It is the same code on every target (the split kernel's fused merge calls the same function);
+{nv_warps} warps on NVIDIA, {cdna_warps} waves on CDNA. {nv_regs} registers (sm_90), {cdna_regs}
+VGPRs (gfx942), {rdna_regs} (gfx1100).""",
     "mma_tile.tile": """\
 The matrix shim, executed. NVIDIA: two `ldmatrix.x4` and {nv_mma} `mma.sync.m16n8k16` per 16x16x16
 step (the 16x16 tile is two n8 halves): 8 elements of A and of B per lane (4 32-bit registers
