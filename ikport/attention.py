@@ -248,8 +248,13 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                            capacity, capacity, ps_log2)
     else:
         info = backend.device_info(dev)
+        row_tiles = -(-(Hq // Hkv * Tq) // configs.decode_row_tile(Hq // Hkv * Tq))
+        one_per_sm = variant == "split" and configs.decode_one_block_per_sm(
+            groups=B * Hkv * row_tiles, kv_capacity=capacity, sm_count=info.sm_count, paged=paged,
+            async_copy=backend.target_for(dev).facts.async_copy)
         rows, _, threads, unroll, stages = configs.decode_tiles(
-            Hq // Hkv, Tq, head_dim=D, warp_size=info.warp_size, max_smem=info.max_smem_per_block)
+            Hq // Hkv, Tq, head_dim=D, warp_size=info.warp_size, max_smem=info.max_smem_per_block,
+            one_per_sm=one_per_sm)
         main = get_kernel(
             spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=rows, paged=paged,
                  threads=threads, unroll=unroll, stages=stages),
@@ -260,7 +265,7 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
         cfg = configs.decode_config(
             sm_count=info.sm_count, blocks_per_sm=backend.occupancy(main.fn, threads, smem),
             batch=B, kv_heads=Hkv, group=Hq // Hkv, q_len=Tq, kv_capacity=capacity,
-            num_splits=1 if variant == "split1" else None,
+            num_splits=1 if variant == "split1" else None, one_per_sm=one_per_sm,
         )
         combine = None
         if cfg.num_splits > 1:

@@ -39,17 +39,41 @@ def decode_row_tile(rows_total: int) -> int:
     return DECODE_ROW_TILES[-1]
 
 
+# One block per SM with a deeper ring, where every (sequence, KV head, row tile) group fits on the
+# SMs at one block each (split-K then fills the SMs once): the same bytes in flight per SM as two
+# blocks with 2 stages, but half the split partials to merge and half the prologues. Measured on
+# the H100 against two blocks per SM with 2 stages, in the same rounds
+# (docs/results/decode-ab-rule-h100.json): D1 54.66 -> 53.57 us, D3 55.55 -> 54.24, B=16 L=4096
+# 96.83 -> 94.74 and L=1024 33.18 -> 30.58 (no split left), head_dim 64 33.02 -> 32.27. Only
+# with async copies (the ring is what keeps the bytes in flight); not for paged caches, whose
+# page-table loads stall each copy's issue, which a second block per SM hides (D1-paged16 55.97
+# -> 58.46 us at one block per SM, decode-ab-onepersm-h100.json); not for splits of at most
+# SHORT_SPLIT_ROWS rows, which gained nothing (B=1 L=512: 10.90 -> 11.44 us).
+ONE_PER_SM_STAGES = 4
+
+
+def decode_one_block_per_sm(*, groups: int, kv_capacity: int, sm_count: int, paged: bool,
+                            async_copy: bool) -> bool:
+    """Whether a decode launch of `groups` (sequence, KV head, row tile) groups over caches of
+    `kv_capacity` rows runs one block per SM with ONE_PER_SM_STAGES stages (see above)."""
+    if not async_copy or paged or groups > sm_count:
+        return False
+    splits = _wave_filling_splits(groups, kv_capacity, sm_count)
+    return -(-kv_capacity // splits) > SHORT_SPLIT_ROWS
+
+
 def decode_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int = 32,
-                 max_smem: int | None = None) -> tuple[int, int, int, int, int]:
+                 max_smem: int | None = None,
+                 one_per_sm: bool = False) -> tuple[int, int, int, int, int]:
     """(rows, row_tiles, threads, unroll, stages): the kernel template choice, before split-K.
     With `max_smem` (the target's per-block limit), 128 threads where 256 would not fit: the
     merge buffer grows with warps x rows x head_dim (gfx1100, wave32: 8 warps x 8 rows x 256
-    dims needs 66 KB of its 64 KB LDS)."""
+    dims needs 66 KB of its 64 KB LDS). `one_per_sm`: the deeper ring of ONE_PER_SM_STAGES."""
     rows_total = group * q_len
     rows = decode_row_tile(rows_total)
     threads = decode_overrides.get("threads", DECODE_THREADS)
     unroll = decode_overrides.get("unroll", DECODE_UNROLL)
-    stages = decode_overrides.get("stages", DECODE_STAGES)
+    stages = decode_overrides.get("stages", ONE_PER_SM_STAGES if one_per_sm else DECODE_STAGES)
     if max_smem is not None and "threads" not in decode_overrides:
         while threads > 128 and decode_smem_bytes(threads=threads, warp_size=warp_size, rows=rows,
                                                   head_dim=head_dim, unroll=unroll,
@@ -107,18 +131,21 @@ def _wave_filling_splits(base_blocks: int, kv_capacity: int, slots: int) -> int:
 
 def decode_config(
     *, sm_count: int, blocks_per_sm: int | None, batch: int, kv_heads: int, group: int,
-    q_len: int, kv_capacity: int, num_splits: int | None = None,
+    q_len: int, kv_capacity: int, num_splits: int | None = None, one_per_sm: bool = False,
 ) -> DecodeConfig:
     """Split-K count from the SM count and the kernel's occupancy: every block streams an equal
     chunk, so the time is set by the number of waves; pick the split count whose blocks fill the
     waves best (fewest splits on ties), keeping each split at least MIN_ROWS_PER_SPLIT rows.
     Measured on the H100 (D3): 384 blocks in 396 slots 62 us, 400 blocks 83 us. Splits shorter
-    than SHORT_SPLIT_ROWS fill one block per SM instead."""
-    rows, row_tiles, threads, unroll, stages = decode_tiles(group, q_len)
+    than SHORT_SPLIT_ROWS fill one block per SM instead; so does `one_per_sm` (see
+    decode_one_block_per_sm), with the deeper ring."""
+    rows, row_tiles, threads, unroll, stages = decode_tiles(group, q_len, one_per_sm=one_per_sm)
     base_blocks = batch * kv_heads * row_tiles
     num_splits = decode_overrides.get("num_splits", num_splits)
     if num_splits is None:
         per_sm = max(1, blocks_per_sm or DECODE_BLOCKS_PER_SM[rows] * 128 // threads)
+        if one_per_sm:
+            per_sm = 1
         num_splits = _wave_filling_splits(base_blocks, kv_capacity, sm_count * per_sm)
         if per_sm > 1 and -(-kv_capacity // num_splits) < SHORT_SPLIT_ROWS:
             num_splits = _wave_filling_splits(base_blocks, kv_capacity, sm_count)

@@ -46,15 +46,17 @@ def _manifest_head_dims() -> list[int]:
 
 
 def dispatcher_kernels(head_dims: Iterable[int] | None = None,
-                       dtypes: Iterable[str] = DTYPES) -> list[KernelSpec]:
-    """The decode kernels the default variant loads, for these head dims: the split kernels, and
-    the merge kernel every split-K plan loads up front (a graph capture launches it)."""
+                       dtypes: Iterable[str] = DTYPES, async_copy: bool = True) -> list[KernelSpec]:
+    """The decode kernels the default variant loads, for these head dims: the split kernels (and,
+    on targets with async copies, the deeper-ring one-block-per-SM version for contiguous caches),
+    and the merge kernel every split-K plan loads up front (a graph capture launches it)."""
+    layouts = [(False, False), (True, False)] + ([(False, True)] if async_copy else [])
     out = []
     for dtype in dtypes:
         for d in head_dims or _manifest_head_dims():
             for rows_total in configs.DECODE_ROW_TILES:
-                rows, _, threads, unroll, stages = configs.decode_tiles(rows_total, 1)
-                for paged in (False, True):
+                for paged, one_per_sm in layouts:
+                    rows, _, threads, unroll, stages = configs.decode_tiles(rows_total, 1, one_per_sm=one_per_sm)
                     out.append(spec("attention_decode", "split", dtype=dtype, head_dim=int(d),
                                     rows=rows, paged=paged, threads=threads, unroll=unroll,
                                     stages=stages))
@@ -63,10 +65,10 @@ def dispatcher_kernels(head_dims: Iterable[int] | None = None,
 
 
 def kernel_set(all_kernels: bool = False, head_dims: Iterable[int] | None = None,
-               name_filter: str = "") -> list[KernelSpec]:
-    """The specs warmup builds, without duplicates, in a stable order."""
+               name_filter: str = "", async_copy: bool = True) -> list[KernelSpec]:
+    """The specs warmup builds, without duplicates, in a stable order (`async_copy`: the target's)."""
     head_dims = list(head_dims) if head_dims else None
-    specs = dispatcher_kernels(head_dims)
+    specs = dispatcher_kernels(head_dims, async_copy=async_copy)
     if all_kernels:
         specs += list(default_instantiations())
         for dtype in DTYPES:
@@ -253,7 +255,7 @@ def warmup(
     """
     backend, tgt, dev, desc = _resolve(target, device)
     cache = DiskCache(knobs.cache_dir()) if knobs.disk_cache_enabled() else None
-    specs = kernel_set(all_kernels, head_dims, name_filter)
+    specs = kernel_set(all_kernels, head_dims, name_filter, async_copy=tgt.facts.async_copy)
     report = WarmupReport(tgt.arch, backend.name, desc, str(cache.root) if cache else None)
     bar = Progress(len(specs), progress)
     t_start = time.perf_counter()

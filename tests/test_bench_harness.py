@@ -155,6 +155,7 @@ def test_sweep_workloads() -> None:
     assert "sweep-B64-L131072-D128-fp16" not in ids  # 34 GB of KV
     assert {
         "sweep-B8-L4096-D64-fp16",
+        "sweep-B8-L4096-D96-fp16",
         "sweep-B8-L4096-D256-fp16",
         "sweep-B8-L4096-D128-bf16",
     } <= set(ids)

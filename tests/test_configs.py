@@ -50,3 +50,28 @@ def test_short_splits_fill_one_block_per_sm_not_every_slot():
     # Long splits keep filling every slot: D1, D3.
     assert cfg(8, 4096, per_sm=2).num_splits == 4
     assert cfg(1, 32768, per_sm=2).num_splits == 32
+
+
+def test_groups_that_fit_the_sms_run_one_block_per_sm_with_a_deeper_ring():
+    one = dict(sm_count=132, kv_capacity=4096, paged=False, async_copy=True)
+    assert configs.decode_one_block_per_sm(groups=64, **one)  # D1: 8 sequences x 8 KV heads
+    assert configs.decode_one_block_per_sm(groups=128, **one)
+    assert not configs.decode_one_block_per_sm(groups=256, **one)  # two per SM, no split already
+    assert not configs.decode_one_block_per_sm(groups=64, **{**one, "paged": True})
+    assert not configs.decode_one_block_per_sm(groups=64, **{**one, "async_copy": False})
+    # Splits of at most SHORT_SPLIT_ROWS rows keep the 2-stage ring: B=1 L=4096 (16 x 256 rows),
+    # B=16 L=512 (one split of 512); B=16 L=1024 (one split of 1024) takes the deeper one.
+    assert not configs.decode_one_block_per_sm(groups=8, **one)
+    assert not configs.decode_one_block_per_sm(groups=128, **{**one, "kv_capacity": 512})
+    assert configs.decode_one_block_per_sm(groups=128, **{**one, "kv_capacity": 1024})
+    assert configs.decode_tiles(4, 1, one_per_sm=True)[4] == configs.ONE_PER_SM_STAGES
+    assert configs.decode_tiles(4, 1)[4] == configs.DECODE_STAGES
+
+    def one_per_sm(B, L):
+        return configs.decode_config(sm_count=132, blocks_per_sm=2, batch=B, kv_heads=8, group=4,
+                                     q_len=1, kv_capacity=L, one_per_sm=True)
+    # Splits fill the SMs once: D1 2 x 64 blocks, D3 16 x 8, B=16 no split (128 blocks).
+    assert one_per_sm(8, 4096).num_splits == 2
+    assert one_per_sm(1, 32768).num_splits == 16
+    assert one_per_sm(16, 4096).num_splits == 1
+    assert one_per_sm(8, 4096).stages == configs.ONE_PER_SM_STAGES

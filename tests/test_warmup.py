@@ -17,7 +17,8 @@ from ikport import configs, kernels, manifest, warmup
 from ikport.backends.cache import DiskCache
 from ikport.backends.target import Target
 
-FEW = dict(head_dims=[64], name_filter="rows=1,")  # fp16 + bf16, contiguous + paged: 4 kernels
+FEW = dict(head_dims=[64], name_filter="rows=1,")
+N_FEW = 6  # fp16 + bf16 x (contiguous, paged, contiguous one block per SM)
 
 
 @pytest.fixture
@@ -37,15 +38,23 @@ def nvrtc():
 def test_default_set_is_what_the_dispatcher_launches():
     specs = warmup.kernel_set()
     uris = {s.uri for s in specs}
-    assert len(specs) == len(uris) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 2 + 1)  # + merge
+    # per row tile: contiguous, paged, contiguous one block per SM; + the merge kernel
+    assert len(specs) == len(uris) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 3 + 1)
     # Every (group, query tokens) the dispatcher can see maps to a kernel in the set (head dim 128).
     for group in range(1, 9):
         for q_len in range(1, 5):
-            rows, _, threads, unroll, stages = configs.decode_tiles(group, q_len)
-            for paged in (False, True):
+            for paged, one_per_sm in ((False, False), (True, False), (False, True)):
+                rows, _, threads, unroll, stages = configs.decode_tiles(group, q_len, one_per_sm=one_per_sm)
                 s = manifest.spec("attention_decode", "split", dtype="bf16", head_dim=128, rows=rows,
                                   paged=paged, threads=threads, unroll=unroll, stages=stages)
                 assert s.uri in uris
+
+
+def test_targets_without_async_copies_skip_the_one_block_per_sm_ring():
+    amd = warmup.kernel_set(async_copy=False)
+    assert len(amd) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 2 + 1)
+    assert not any(f"stages={configs.ONE_PER_SM_STAGES}]" in s.uri for s in amd)
+    assert any(f"stages={configs.ONE_PER_SM_STAGES}]" in s.uri for s in warmup.kernel_set())
 
 
 def test_all_adds_every_manifest_instantiation():
@@ -59,7 +68,7 @@ def test_all_adds_every_manifest_instantiation():
 
 def test_filter_and_head_dims():
     specs = warmup.kernel_set(**FEW)
-    assert len(specs) == 4
+    assert len(specs) == N_FEW
     assert all("head_dim=64" in s.uri and "rows=1," in s.uri for s in specs)
 
 
@@ -68,7 +77,7 @@ def test_cold_then_cached_then_forced(cache, nvrtc):
     assert r.target == "sm_90" and not r.failed
     if not torch.cuda.is_available():
         assert r.device is None  # compiled only; on an sm_90 GPU the kernels are loaded too
-    assert [x.status for x in r.rows] == ["compiled"] * 4
+    assert [x.status for x in r.rows] == ["compiled"] * N_FEW
     assert all(x.compile_s > 0 for x in r.rows) and r.cold_s > 0
     assert r.warm_s is not None and all(x.warm_s is not None for x in r.rows)
     # One valid entry per kernel, at the key compile_spec uses.
@@ -77,26 +86,26 @@ def test_cold_then_cached_then_forced(cache, nvrtc):
     be = get_backend("cuda")
     for s in warmup.kernel_set(**FEW):
         assert cache.get(warmup.entry_key(s, be, Target("sm_90"))) is not None
-    assert len(list(cache.root.glob("*/*.bin"))) == 4
+    assert len(list(cache.root.glob("*/*.bin"))) == N_FEW
     kernels._compiled.clear()
     again = warmup.warmup(target="sm_90", **FEW)
-    assert [x.status for x in again.rows] == ["cached"] * 4
+    assert [x.status for x in again.rows] == ["cached"] * N_FEW
     again = warmup.warmup(target="sm_90", warm_pass=False, **FEW)
-    assert [x.status for x in again.rows] == ["memory"] * 4 and again.warm_s is None
+    assert [x.status for x in again.rows] == ["memory"] * N_FEW and again.warm_s is None
     forced = warmup.warmup(target="sm_90", force=True, **FEW)
-    assert [x.status for x in forced.rows] == ["compiled"] * 4
-    assert len(list(cache.root.glob("*/*.bin"))) == 4
+    assert [x.status for x in forced.rows] == ["compiled"] * N_FEW
+    assert len(list(cache.root.glob("*/*.bin"))) == N_FEW
 
 
 def test_summary_and_goals(cache, nvrtc):
     r = warmup.warmup(target="sm_90", **FEW)
     text = r.summary(verbose=True)
-    assert "4 kernels for sm_90" in text and "4 compiled" in text
-    assert f"cache dir: {cache.root} (4 entries" in text
+    assert f"{N_FEW} kernels for sm_90" in text and f"{N_FEW} compiled" in text
+    assert f"cache dir: {cache.root} ({N_FEW} entries" in text
     assert "cold compile of one kernel < 5 s: ok" in text and "warm start of all kernels < 1 s: ok" in text
     assert text.count("attention_decode.split[") >= 4
     d = r.as_dict()
-    assert d["summary"]["compiled"] == 4 and d["summary"]["max_compile_s"] < 5
+    assert d["summary"]["compiled"] == N_FEW and d["summary"]["max_compile_s"] < 5
     json.dumps(d)
 
 
@@ -111,14 +120,14 @@ def test_failed_kernel_is_a_row_not_an_exception(cache, monkeypatch):
     pytest.importorskip("cuda.bindings")
     monkeypatch.setattr(kernels, "compile_spec", flaky)
     r = warmup.warmup(target="sm_90", warm_pass=False, **FEW)
-    assert [x.status for x in r.rows].count("failed") == 2
+    assert [x.status for x in r.rows].count("failed") == N_FEW // 2
     assert all(x.error == "RuntimeError: NVRTC compile failed: boom" for x in r.failed)
     assert "FAILED attention_decode.split[dtype=bf16" in r.summary()
 
 
 def test_disk_cache_off(cache, nvrtc, monkeypatch):
     monkeypatch.setenv("IKPORT_NO_DISK_CACHE", "1")
-    r = warmup.warmup(target="sm_90", head_dims=[64], name_filter="fp16,head_dim=64,rows=1,paged=false")
+    r = warmup.warmup(target="sm_90", head_dims=[64], name_filter="fp16,head_dim=64,rows=1,paged=true")
     assert len(r.rows) == 1 and r.cache_dir is None and r.warm_s is None
     assert "nothing persists" in r.summary()
     assert not cache.root.exists()
@@ -151,12 +160,12 @@ def test_cli_json_and_text(cache, nvrtc):
     done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", "rows=1,", "--json")
     assert done.returncode == 0, done.stderr
     d = json.loads(done.stdout)
-    assert d["summary"]["kernels"] == 4 and d["target"] == "sm_90" and d["summary"]["failed"] == 0
+    assert d["summary"]["kernels"] == N_FEW and d["target"] == "sm_90" and d["summary"]["failed"] == 0
     assert d["cache_dir"] == str(cache.root)
     done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", "rows=1,")
     assert done.returncode == 0, done.stderr
-    assert "0 compiled, 4 from the disk cache" in done.stdout and "warm: 4 kernels" in done.stdout
-    assert done.stderr.count("cached") == 4  # progress lines (stderr is not a terminal here)
+    assert f"0 compiled, {N_FEW} from the disk cache" in done.stdout and f"warm: {N_FEW} kernels" in done.stdout
+    assert done.stderr.count("cached") == N_FEW  # progress lines (stderr is not a terminal here)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")

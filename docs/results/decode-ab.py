@@ -4,10 +4,14 @@
 # output poisoned, then timed in interleaved rounds (kernel time, launch latency hidden).
 # Usage: python decode-ab.py OUT.json NAME=PATH ... [-- CASE ...]
 #   PATH "lib" is the library's kernel; "lib+warpruns" the library's with the WARPRUNS splice.
-#   CASE: a shape of SHAPES, optionally with configuration knobs: "B4-L512:st4,s2".
-import dataclasses, json, statistics, sys
+#   NAME=sdpa-cudnn: torch SDPA's cuDNN backend on the same inputs (it reads the full L).
+#   CASE: a shape of SHAPES, optionally with configuration knobs: "B4-L512:st4,s2"; the flag "f"
+#   gives every sequence the full length L (as the benchmark does), else kv_lens lie in [L-64, L].
+import dataclasses, functools, json, statistics, sys
 from pathlib import Path
 import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import ikport
 from ikport import configs
 from ikport.backends.source import inline_includes, KERNELS_DIR
@@ -43,22 +47,28 @@ def version_text(path):
         text = text.replace(old, new)
     return text
 
-SHAPES = {  # name: (B, L, dtype, page size or 0)
-    "D1": (8, 4096, torch.float16, 0), "D3": (1, 32768, torch.float16, 0), "D2": (32, 8192, torch.float16, 0),
-    "D1-bf16": (8, 4096, torch.bfloat16, 0), "D1-paged16": (8, 4096, torch.float16, 16),
-    **{f"B{b}-L{n}": (b, n, torch.float16, 0) for b in (1, 4, 16, 64) for n in (512, 1024, 4096)},
+SHAPES = {  # name: (B, L, dtype, page size or 0, head_dim)
+    "D1": (8, 4096, torch.float16, 0, 128), "D3": (1, 32768, torch.float16, 0, 128),
+    "D2": (32, 8192, torch.float16, 0, 128), "D1-bf16": (8, 4096, torch.bfloat16, 0, 128),
+    "D1-paged16": (8, 4096, torch.float16, 16, 128),
+    **{f"D1-d{d}": (8, 4096, torch.float16, 0, d) for d in (64, 96, 256)},
+    **{f"B{b}-L{n}": (b, n, torch.float16, 0, 128) for b in (1, 4, 16, 64) for n in (512, 1024, 4096, 32768, 131072)},
 }
 KNOBS = {"s": "num_splits", "t": "threads", "st": "stages", "u": "unroll"}
+PEERS = {"sdpa-cudnn"}
 
 def parse_case(name):
-    """'B4-L512' or 'B4-L512:st4,s2' (configs.decode_overrides: s splits, t threads, st stages,
-    u unroll)."""
+    """'B4-L512' or 'B4-L512:st4,s2,f' (configs.decode_overrides: s splits, t threads, st stages,
+    u unroll; f: full lengths). Returns (B, L, dtype, page, head_dim, overrides, full)."""
     shape, _, knobs = name.partition(":")
-    ov = {}
+    ov, full = {}, False
     for tok in filter(None, knobs.split(",")):
+        if tok == "f":
+            full = True
+            continue
         key = tok.rstrip("0123456789")
         ov[KNOBS[key]] = int(tok[len(key):])
-    return (*SHAPES[shape], ov)
+    return (*SHAPES[shape], ov, full)
 
 args = sys.argv[2:]
 cases = args[args.index("--") + 1:] if "--" in args else ["D1", "D3", "D2"]
@@ -69,19 +79,20 @@ results = {**harness.device_meta(), "command": " ".join(["python", *sys.argv]), 
            "cases": {}}
 ROUNDS = 3
 for name in cases:
-    B, L, dtype, page, ov = parse_case(name)
+    B, L, dtype, page, D, ov, full = parse_case(name)
     configs.decode_overrides.clear(); configs.decode_overrides.update(ov); A.clear_plans()
     sets = []
-    for _ in range(harness.rotation_count(2 * B * 8 * L * 128 * 2, harness.l2_cache_bytes())):
-        qq = torch.randn(B, 32, 1, 128, device="cuda", dtype=dtype)
-        k = torch.randn(B, 8, L, 128, device="cuda", dtype=dtype); v = torch.randn_like(k)
-        lens = torch.randint(max(1, L - 64), L + 1, (B,), dtype=torch.int32, device="cuda")
+    for _ in range(harness.rotation_count(2 * B * 8 * L * D * 2, harness.l2_cache_bytes())):
+        qq = torch.randn(B, 32, 1, D, device="cuda", dtype=dtype)
+        k = torch.randn(B, 8, L, D, device="cuda", dtype=dtype); v = torch.randn_like(k)
+        lens = (torch.full((B,), L, dtype=torch.int32, device="cuda") if full
+                else torch.randint(max(1, L - 64), L + 1, (B,), dtype=torch.int32, device="cuda"))
         if page:
             kp, vp, bt = ikport.paged_kv_from_dense(k, v, page)
             sets.append((qq, kp, vp, bt, lens, (k, v)))
         else:
             sets.append((qq, k, v, None, lens, (k, v)))
-    outs = [torch.empty(B, 32, 1, 128, device="cuda", dtype=dtype) for _ in sets]
+    outs = [torch.empty(B, 32, 1, D, device="cuda", dtype=dtype) for _ in sets]
     def run(i):
         s = sets[i]
         if page:
@@ -96,7 +107,13 @@ for name in cases:
                                       "grid": plan.grid, "block": plan.block, "smem": plan.shared_bytes,
                                       "splits": plan.num_splits, "versions": {}}
     launchers = {}
+    peer_fns = {}  # peers time their own calls on the same inputs (full length L)
+    for vname in [n for n, path in versions.items() if path in PEERS]:
+        peer_fns[vname] = [functools.partial(F.scaled_dot_product_attention, s[0], *s[5], enable_gqa=True) for s in sets]
+        entry["versions"][vname] = {"path": versions[vname], "rounds_us": []}
     for vname, path in versions.items():
+        if vname in peer_fns:
+            continue
         text = version_text(path) + f"\ntemplate __global__ void {spec.name_expr}({spec.params_type});\n"
         mod = be.compile(text, [spec.name_expr], [], target)
         fn = be.get_function(be.load(mod, 0), mod, spec.name_expr)
@@ -114,11 +131,16 @@ for name in cases:
                                     "max_abs_err": max(errs), "rounds_us": []}
     for _ in range(ROUNDS):
         for vname in versions:
-            call.main = launchers[vname]
-            entry["versions"][vname]["rounds_us"].append(round(harness.kernel_time(fns, warmup=5, iters=40).median_us, 2))
+            if vname in peer_fns:
+                with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                    t = harness.kernel_time(peer_fns[vname], warmup=5, iters=40)
+            else:
+                call.main = launchers[vname]
+                t = harness.kernel_time(fns, warmup=5, iters=40)
+            entry["versions"][vname]["rounds_us"].append(round(t.median_us, 2))
     for vname, e in entry["versions"].items():
         e["median_us"] = statistics.median(e["rounds_us"])
-        print(name, vname, e["median_us"], e["rounds_us"], "regs", e["regs"], "err", e["max_abs_err"], flush=True)
+        print(name, vname, e["median_us"], e["rounds_us"], "regs", e.get("regs"), "err", e.get("max_abs_err"), flush=True)
     del sets, outs; A.clear_plans(); torch.cuda.empty_cache()
 configs.decode_overrides.clear()
 json.dump(results, open(sys.argv[1], "w"), indent=1)
