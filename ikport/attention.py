@@ -248,24 +248,34 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                            capacity, capacity, ps_log2)
     else:
         info = backend.device_info(dev)
-        row_tiles = -(-(Hq // Hkv * Tq) // configs.decode_row_tile(Hq // Hkv * Tq))
+        groups = B * Hkv * configs.decode_rows(Hq // Hkv * Tq)[1]
         one_per_sm = variant == "split" and configs.decode_one_block_per_sm(
-            groups=B * Hkv * row_tiles, kv_capacity=capacity, sm_count=info.sm_count, paged=paged,
+            groups=groups, kv_capacity=capacity, sm_count=info.sm_count, paged=paged,
             async_copy=backend.target_for(dev).facts.async_copy)
-        rows, _, threads, unroll, stages = configs.decode_tiles(
-            Hq // Hkv, Tq, head_dim=D, warp_size=info.warp_size, max_smem=info.max_smem_per_block,
-            one_per_sm=one_per_sm)
-        main = get_kernel(
-            spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=rows, paged=paged,
-                 threads=threads, unroll=unroll, stages=stages),
-            backend, dev,
-        )
-        smem = configs.decode_smem_bytes(threads=threads, warp_size=info.warp_size, rows=rows,
-                                         head_dim=D, unroll=unroll, stages=stages)
+
+        def load(threads: int):  # the kernel's tiles, the kernel, its shared memory, blocks per SM
+            tiles = configs.decode_tiles(Hq // Hkv, Tq, head_dim=D, warp_size=info.warp_size,
+                                         max_smem=info.max_smem_per_block, one_per_sm=one_per_sm,
+                                         threads=threads)
+            rows, _, threads, unroll, stages = tiles
+            main = get_kernel(
+                spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=rows, paged=paged,
+                     threads=threads, unroll=unroll, stages=stages),
+                backend, dev,
+            )
+            smem = configs.decode_smem_bytes(threads=threads, warp_size=info.warp_size, rows=rows,
+                                             head_dim=D, unroll=unroll, stages=stages)
+            return tiles, main, smem, backend.occupancy(main.fn, threads, smem)
+
+        tiles, main, smem, per_sm = load(configs.DECODE_THREADS)
+        if variant == "split" and not one_per_sm and configs.decode_small_blocks(
+                groups=groups, kv_capacity=capacity, paged=paged,
+                slots=info.sm_count * configs.decode_blocks_per_sm(per_sm, tiles[0], tiles[2])):
+            tiles, main, smem, per_sm = load(configs.SMALL_BLOCK_THREADS)
         cfg = configs.decode_config(
-            sm_count=info.sm_count, blocks_per_sm=backend.occupancy(main.fn, threads, smem),
-            batch=B, kv_heads=Hkv, group=Hq // Hkv, q_len=Tq, kv_capacity=capacity,
-            num_splits=1 if variant == "split1" else None, one_per_sm=one_per_sm,
+            sm_count=info.sm_count, blocks_per_sm=per_sm, batch=B, kv_heads=Hkv, group=Hq // Hkv,
+            q_len=Tq, kv_capacity=capacity, num_splits=1 if variant == "split1" else None,
+            one_per_sm=one_per_sm, tiles=tiles,
         )
         combine = None
         if cfg.num_splits > 1:

@@ -39,6 +39,13 @@ def decode_row_tile(rows_total: int) -> int:
     return DECODE_ROW_TILES[-1]
 
 
+def decode_rows(rows_total: int) -> tuple[int, int]:
+    """(query rows per block, row tiles per KV head) for `rows_total` query rows per KV head
+    (GQA group x query tokens); tuning runs may pin the rows ("rows" in decode_overrides)."""
+    rows = decode_overrides.get("rows", decode_row_tile(rows_total))
+    return rows, -(-rows_total // rows)
+
+
 # One block per SM with a deeper ring, where every (sequence, KV head, row tile) group fits on the
 # SMs at one block each (split-K then fills the SMs once): the same bytes in flight per SM as two
 # blocks with 2 stages, but half the split partials to merge and half the prologues. Measured on
@@ -62,16 +69,37 @@ def decode_one_block_per_sm(*, groups: int, kv_capacity: int, sm_count: int, pag
     return -(-kv_capacity // splits) > SHORT_SPLIT_ROWS
 
 
+# Caches of at most SMALL_BLOCK_MAX_ROWS rows with more groups than one wave of 256-thread blocks
+# holds, but no more than twice that: 128-thread blocks (twice as many per SM) take them in one
+# wave, where two waves of 256-thread blocks start and end in lockstep with DRAM idle between.
+# H100, same rounds (docs/results/decode-ab-rows-h100.json): B=64 L=512 56.53 -> 53.97 us, L=1024
+# 99.50 -> 97.39; long caches lose (B=64 L=4096 355.76 -> 361.73, decode-ab-onepersm-h100.json).
+# Contiguous caches only (paged ones were not measured).
+SMALL_BLOCK_MAX_ROWS = 1024
+SMALL_BLOCK_THREADS = 128
+
+
+def decode_blocks_per_sm(blocks_per_sm: int | None, rows: int, threads: int) -> int:
+    """Blocks per SM: the backend's occupancy answer, else the DECODE_BLOCKS_PER_SM estimate."""
+    return max(1, blocks_per_sm or DECODE_BLOCKS_PER_SM[rows] * 128 // threads)
+
+
+def decode_small_blocks(*, groups: int, kv_capacity: int, slots: int, paged: bool) -> bool:
+    """Whether to launch SMALL_BLOCK_THREADS-thread blocks (see above); `slots`: blocks of the
+    default kernel the device holds at once."""
+    return (not paged and "threads" not in decode_overrides
+            and kv_capacity <= SMALL_BLOCK_MAX_ROWS and slots < groups <= 2 * slots)
+
+
 def decode_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int = 32,
-                 max_smem: int | None = None,
-                 one_per_sm: bool = False) -> tuple[int, int, int, int, int]:
+                 max_smem: int | None = None, one_per_sm: bool = False,
+                 threads: int = DECODE_THREADS) -> tuple[int, int, int, int, int]:
     """(rows, row_tiles, threads, unroll, stages): the kernel template choice, before split-K.
     With `max_smem` (the target's per-block limit), 128 threads where 256 would not fit: the
     merge buffer grows with warps x rows x head_dim (gfx1100, wave32: 8 warps x 8 rows x 256
     dims needs 66 KB of its 64 KB LDS). `one_per_sm`: the deeper ring of ONE_PER_SM_STAGES."""
-    rows_total = group * q_len
-    rows = decode_row_tile(rows_total)
-    threads = decode_overrides.get("threads", DECODE_THREADS)
+    rows, row_tiles = decode_rows(group * q_len)
+    threads = decode_overrides.get("threads", threads)
     unroll = decode_overrides.get("unroll", DECODE_UNROLL)
     stages = decode_overrides.get("stages", ONE_PER_SM_STAGES if one_per_sm else DECODE_STAGES)
     if max_smem is not None and "threads" not in decode_overrides:
@@ -79,7 +107,7 @@ def decode_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int 
                                                   head_dim=head_dim, unroll=unroll,
                                                   stages=stages) > max_smem:
             threads //= 2
-    return rows, -(-rows_total // rows), threads, unroll, stages
+    return rows, row_tiles, threads, unroll, stages
 
 
 def decode_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int, unroll: int,
@@ -132,20 +160,20 @@ def _wave_filling_splits(base_blocks: int, kv_capacity: int, slots: int) -> int:
 def decode_config(
     *, sm_count: int, blocks_per_sm: int | None, batch: int, kv_heads: int, group: int,
     q_len: int, kv_capacity: int, num_splits: int | None = None, one_per_sm: bool = False,
+    tiles: tuple[int, int, int, int, int] | None = None,
 ) -> DecodeConfig:
     """Split-K count from the SM count and the kernel's occupancy: every block streams an equal
     chunk, so the time is set by the number of waves; pick the split count whose blocks fill the
     waves best (fewest splits on ties), keeping each split at least MIN_ROWS_PER_SPLIT rows.
     Measured on the H100 (D3): 384 blocks in 396 slots 62 us, 400 blocks 83 us. Splits shorter
     than SHORT_SPLIT_ROWS fill one block per SM instead; so does `one_per_sm` (see
-    decode_one_block_per_sm), with the deeper ring."""
-    rows, row_tiles, threads, unroll, stages = decode_tiles(group, q_len, one_per_sm=one_per_sm)
+    decode_one_block_per_sm), with the deeper ring. `tiles`: the launched kernel's decode_tiles
+    (default: computed here without a shared-memory limit)."""
+    rows, row_tiles, threads, unroll, stages = tiles or decode_tiles(group, q_len, one_per_sm=one_per_sm)
     base_blocks = batch * kv_heads * row_tiles
     num_splits = decode_overrides.get("num_splits", num_splits)
     if num_splits is None:
-        per_sm = max(1, blocks_per_sm or DECODE_BLOCKS_PER_SM[rows] * 128 // threads)
-        if one_per_sm:
-            per_sm = 1
+        per_sm = 1 if one_per_sm else decode_blocks_per_sm(blocks_per_sm, rows, threads)
         num_splits = _wave_filling_splits(base_blocks, kv_capacity, sm_count * per_sm)
         if per_sm > 1 and -(-kv_capacity // num_splits) < SHORT_SPLIT_ROWS:
             num_splits = _wave_filling_splits(base_blocks, kv_capacity, sm_count)

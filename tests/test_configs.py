@@ -75,3 +75,24 @@ def test_groups_that_fit_the_sms_run_one_block_per_sm_with_a_deeper_ring():
     assert one_per_sm(1, 32768).num_splits == 16
     assert one_per_sm(16, 4096).num_splits == 1
     assert one_per_sm(8, 4096).stages == configs.ONE_PER_SM_STAGES
+
+
+def test_short_caches_with_two_waves_of_groups_take_128_thread_blocks():
+    # H100-like: 132 SMs x 2 blocks of 256 threads = 264 slots.
+    small = dict(slots=264, paged=False)
+    assert configs.decode_small_blocks(groups=512, kv_capacity=512, **small)  # B=64 L=512
+    assert configs.decode_small_blocks(groups=512, kv_capacity=1024, **small)
+    assert not configs.decode_small_blocks(groups=512, kv_capacity=4096, **small)  # long: 256 wins
+    assert not configs.decode_small_blocks(groups=256, kv_capacity=512, **small)  # one wave already
+    assert not configs.decode_small_blocks(groups=1024, kv_capacity=512, **small)  # not measured
+    assert not configs.decode_small_blocks(groups=512, kv_capacity=512, slots=264, paged=True)
+    assert configs.decode_tiles(4, 1, threads=configs.SMALL_BLOCK_THREADS)[2] == 128
+
+
+def test_decode_config_keeps_the_launched_kernels_tiles():
+    # gfx1100-like: the merge buffer of 8 rows x head_dim 256 forces 128 threads; the split count
+    # must be planned for the kernel actually launched, not a recomputed 256-thread one.
+    tiles = configs.decode_tiles(8, 1, head_dim=256, warp_size=32, max_smem=65536)
+    c = configs.decode_config(sm_count=48, blocks_per_sm=None, batch=2, kv_heads=4, group=8,
+                              q_len=1, kv_capacity=8192, tiles=tiles)
+    assert (c.rows, c.threads) == (8, 128)

@@ -54,12 +54,12 @@ SHAPES = {  # name: (B, L, dtype, page size or 0, head_dim)
     **{f"D1-d{d}": (8, 4096, torch.float16, 0, d) for d in (64, 96, 256)},
     **{f"B{b}-L{n}": (b, n, torch.float16, 0, 128) for b in (1, 4, 16, 64) for n in (512, 1024, 4096, 32768, 131072)},
 }
-KNOBS = {"s": "num_splits", "t": "threads", "st": "stages", "u": "unroll"}
+KNOBS = {"s": "num_splits", "t": "threads", "st": "stages", "u": "unroll", "r": "rows"}
 PEERS = {"sdpa-cudnn"}
 
 def parse_case(name):
     """'B4-L512' or 'B4-L512:st4,s2,f' (configs.decode_overrides: s splits, t threads, st stages,
-    u unroll; f: full lengths). Returns (B, L, dtype, page, head_dim, overrides, full)."""
+    u unroll, r query rows per block; f: full lengths). Returns (B, L, dtype, page, head_dim, overrides, full)."""
     shape, _, knobs = name.partition(":")
     ov, full = {}, False
     for tok in filter(None, knobs.split(",")):
