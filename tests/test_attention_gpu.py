@@ -66,6 +66,24 @@ def test_decode_matches_reference(shape, dtype, variant):
     check(out, reference.attention(q, k, v, kv_lens=lens), dtype)
 
 
+# Shapes the launch rules send to their other kernels on a 132-SM H100 (configs.py): one block per
+# SM with the 4-stage ring (B=16 L=1024: 128 groups, one split of 1024 rows; B=8 L=4096: D1) and
+# 128-thread blocks (B=64 L=512 and L=1000: 512 groups, two waves of 256-thread blocks).
+RULE_SHAPES = {(16, 1024): (256, 4), (8, 4096): (256, 4), (64, 512): (128, 2), (64, 1000): (128, 2)}
+
+
+@pytest.mark.parametrize("B,L", list(RULE_SHAPES), ids=lambda x: str(x))
+def test_launch_rule_shapes_match_reference(B, L):
+    q, k, v, lens = case(B, 32, 8, 1, L, 128, torch.float16, seed=B + L)
+    out = poisoned(q)
+    ikport.attention(q, k, v, kv_lens=lens, out=out)
+    check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
+    A = sys.modules["ikport.attention"]
+    plan = A._plan(ikport.dispatch.backend_for(q.device), q, k, None, None)
+    if torch.cuda.get_device_properties(q.device).multi_processor_count == 132:
+        assert (plan.block[0], dict(plan.main.spec.params)["stages"]) == RULE_SHAPES[(B, L)]
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 8, 2, 1, 129, 128), (1, 4, 4, 3, 50, 64), (3, 6, 2, 1, 1, 128)])
 def test_naive_matches_reference(shape, dtype):
