@@ -412,10 +412,13 @@ def device_target(data: dict[str, Any]) -> str | None:
 
 
 def load_results(folder: Path) -> list[ResultFile]:
-    """Every docs/results/*.json with the protocol shape: device, results[] of rows with workload,
-    impl, median_us and GBps (or TFLOPs). Other JSON (tuning sweeps) is skipped."""
+    """Every current result file, docs/results/<kernel>-<device>.json, with the protocol shape:
+    device, results[] of rows with workload, impl, median_us and GBps (or TFLOPs). Other JSON
+    (tuning sweeps) and the kept earlier runs (<kernel>-<device>-<commit or run>.json) are skipped."""
     files = []
     for path in sorted(Path(folder).glob("*.json")):
+        if path.stem.count("-") != 1:
+            continue
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):

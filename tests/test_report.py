@@ -155,6 +155,9 @@ def fake_results(folder: Path) -> None:
         ]}))
     (folder / "decode-tuning-h100.json").write_text(json.dumps(  # not the protocol shape: skipped
         {"device": "NVIDIA H100 80GB HBM3", "results": [{"workload": "D1", "unroll": 2, "median_us": 1.0}]}))
+    (folder / "decode-h100-abc123.json").write_text(json.dumps({  # an earlier run kept: skipped
+        "device": "NVIDIA H100 80GB HBM3", "ceiling_GBps": 3000.0, "results": [
+            {"workload": "D1", "impl": "ikport", "median_us": 90.0, "GBps": 1500.0}]}))
 
 
 @pytest.fixture
@@ -175,7 +178,7 @@ def test_report_has_header_tables_and_no_amd_gpu_text(written):
     assert "| sm_90 | NVIDIA H100 80GB HBM3 | [decode-h100.json](../results/decode-h100.json) |" in text
     # ikport 2000 of 3000 GB/s; the best peer is the fastest one, not the first one.
     assert "| D1 | B=8 Hq=32 Hkv=8 L=4096 D=128 fp16 | ikport | 60 | 2000.0 GB/s | 66.7% | sdpa-cudnn | 55 | 80.0% | 0.92x |" in text
-    assert "decode-tuning-h100.json" not in text
+    assert "decode-tuning-h100.json" not in text and "decode-h100-abc123.json" not in text
     assert "**failed**: `ikport.hip:12: error: no matching function`" in text
     assert "13 of 14 compiled" in text
     assert "no hand-written CUDA-only variant" in text
