@@ -72,7 +72,7 @@ def test_decode_matches_reference(shape, dtype, variant):
 RULE_SHAPES = {(16, 1024): (256, 4), (8, 4096): (256, 4), (64, 512): (128, 2), (64, 1000): (128, 2)}
 
 
-@pytest.mark.parametrize("B,L", list(RULE_SHAPES), ids=lambda x: str(x))
+@pytest.mark.parametrize("B,L", list(RULE_SHAPES))
 def test_launch_rule_shapes_match_reference(B, L):
     q, k, v, lens = case(B, 32, 8, 1, L, 128, torch.float16, seed=B + L)
     out = poisoned(q)
