@@ -314,7 +314,7 @@ class _DecodeCall:
         self.main = plan.main.bind(plan.grid, plan.block, plan.shared_bytes)
         self.combine = None
         if plan.combine is not None:
-            self.combine = plan.combine.bind((B * Hq * Tq, 1, 1), (max(D, 64), 1, 1), 0)
+            self.combine = plan.combine.bind((B * Hq * Tq, 1, 1), (configs.decode_combine_threads(D), 1, 1), 0)
 
     def __call__(self, q, k, v, block_table, kv_lens, causal, scale, out) -> torch.Tensor:
         plan = self.plan

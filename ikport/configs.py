@@ -118,6 +118,12 @@ def decode_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int,
     return max(merge, ring)
 
 
+def decode_combine_threads(head_dim: int) -> int:
+    """Block of attn_decode_combine (the separate split-K merge): a merge pair per 4 output dims,
+    at least two warps/waves' worth (mirrors its __launch_bounds__)."""
+    return max(head_dim, 64)
+
+
 GOOD_WAVE_UTILIZATION = 0.95  # take the fewest splits that keep the waves this full
 
 

@@ -115,19 +115,20 @@ class Kernel:
     static_shared: int = 0  # bytes of static shared memory / LDS, as the compiler reported them
     max_dynamic_shared: int = 0  # the opt-in limit set so far (static shared memory comes on top)
 
-    def launch(self, grid, block, shared_bytes: int, params: ctypes.Structure, stream: int) -> None:
+    def _allow_shared(self, shared_bytes: int) -> None:
         # NVIDIA wants an opt-in once static + dynamic shared memory passes 48 KB; set it for every
         # new high-water mark (one driver call each), whatever the static part.
         if shared_bytes > self.max_dynamic_shared:
             self.backend.set_max_dynamic_shared(self.fn, shared_bytes)
             self.max_dynamic_shared = shared_bytes
+
+    def launch(self, grid, block, shared_bytes: int, params: ctypes.Structure, stream: int) -> None:
+        self._allow_shared(shared_bytes)
         self.backend.launch(self.fn, grid, block, shared_bytes, params, stream)
 
     def bind(self, grid, block, shared_bytes: int) -> Callable[[ctypes.Structure, int], None]:
         """A launcher with grid, block and shared memory fixed: call it with (params, stream)."""
-        if shared_bytes > self.max_dynamic_shared:
-            self.backend.set_max_dynamic_shared(self.fn, shared_bytes)
-            self.max_dynamic_shared = shared_bytes
+        self._allow_shared(shared_bytes)
         return self.backend.bind_launch(self.fn, tuple(grid), tuple(block), shared_bytes)
 
 

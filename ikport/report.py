@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, knobs
+from . import __version__, configs, knobs
 from .backends.source import KERNELS_DIR, kernel_source
 from .backends.target import ALL_TARGETS, ARCH_TABLE, ArchFacts, Target
 from .manifest import KernelSpec, default_instantiations
@@ -83,12 +83,11 @@ def launch_shape(uri: str, warp_size: int) -> Launch | None:
         return Launch(128, 0, False, False)
     if (family, kernel) == ("attention_decode", "split"):
         threads, stages = p["threads"], p.get("stages", 0)
-        # SplitConfig::smem_bytes(): the warp-merge buffer, or the cp.async ring when larger.
-        merge = threads // warp_size * p["rows"] * (p["head_dim"] + 2) * 4
-        ring = stages * p["unroll"] * 2 * threads * 16
-        return Launch(threads, max(merge, ring), stages > 0, False)
+        smem = configs.decode_smem_bytes(threads=threads, warp_size=warp_size, rows=p["rows"],
+                                         head_dim=p["head_dim"], unroll=p["unroll"], stages=stages)
+        return Launch(threads, smem, stages > 0, False)
     if (family, kernel) == ("attention_decode", "combine"):
-        return Launch(max(p["head_dim"], 64), 0, False, False)  # a merge pair per 4 output dims
+        return Launch(configs.decode_combine_threads(p["head_dim"]), 0, False, False)
     if family == "mma_tile":
         return Launch(warp_size, 0, False, True)  # one warp/wave per 16x16 tile
     if (family, kernel) == ("w4a16", "naive"):
