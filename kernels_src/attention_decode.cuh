@@ -279,6 +279,45 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   const int kv_len = decode::kv_len_of(p, b);
   const int t_begin = split * p.rows_per_split;
   const int t_end = min(t_begin + p.rows_per_split, kv_len);
+  // Early copy: a contiguous cache's first ring step is copied before anything else, bounded by
+  // the split and the cache's capacity (allocated memory) instead of kv_len, so the K/V copies,
+  // the kv_len load and the query loads are in flight together rather than one after another
+  // (H100: 0.5-0.85 us less on every shape, docs/results/decode.md v7). Its rows past kv_len
+  // get -inf scores and zeroed V in the loop. Not paged: a page table past kv_len may hold
+  // garbage page ids.
+  constexpr bool kEarlyCopy = !PAGED && STAGES > 0;
+  const int t_early_end = min(t_begin + p.rows_per_split, p.kv_capacity);
+
+  const T* kbase = static_cast<const T*>(p.k) + d0;
+  const T* vbase = static_cast<const T*>(p.v) + d0;
+  const int* bt_row = PAGED ? p.block_table + b * p.bt_sb : nullptr;
+
+  // The trip count is the same for every lane of the block (shuffles below need the whole warp);
+  // rows past the split's end are masked, not skipped.
+  constexpr int kStep = C::kGroups * U;
+  const int n_steps = t_end > t_begin ? (t_end - t_begin + kStep - 1) / kStep : 0;
+  auto step_row = [&](int i) { return t_begin + i * kStep + g; };  // this row group's row in step i
+  uint4* ring = reinterpret_cast<uint4*>(smem);
+  auto ring_slot = [&](int stage, int u, int kv) -> uint4* {
+    return ring + ((stage * U + u) * 2 + kv) * THREADS + threadIdx.x;
+  };
+  // Copies step i's K/V chunks of this thread into ring stage i % STAGES (zeros past `end`).
+  auto issue = [&](int i, int end) {
+    if (t_begin + i * kStep < end) {
+      const int t0 = step_row(i);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        int t = t0 + u * C::kGroups;
+        bool valid = t < end && lane_active;
+        long long ko = valid ? decode::row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t) : 0;
+        long long vo = valid ? decode::row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t) : 0;
+        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 0), kbase + ko, valid);
+        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 1), vbase + vo, valid);
+      }
+    }
+    ik::cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
+  };
+  if constexpr (kEarlyCopy) issue(0, t_early_end);  // before the query loads: nothing waits ahead of it
 
   // Query rows of this block, pre-scaled into the log2 domain; their key limits.
   float q[ROWS][VEC];
@@ -305,50 +344,23 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
     for (int i = 0; i < VEC; ++i) acc[r][i] = 0.f;
   }
 
-  const T* kbase = static_cast<const T*>(p.k) + d0;
-  const T* vbase = static_cast<const T*>(p.v) + d0;
-  const int* bt_row = PAGED ? p.block_table + b * p.bt_sb : nullptr;
-
-  // The trip count is the same for every lane of the block (shuffles below need the whole warp);
-  // rows past the split's end are masked, not skipped.
-  constexpr int kStep = C::kGroups * U;
-  const int n_steps = t_end > t_begin ? (t_end - t_begin + kStep - 1) / kStep : 0;
-  auto step_row = [&](int i) { return t_begin + i * kStep + g; };  // this row group's row in step i
-  uint4* ring = reinterpret_cast<uint4*>(smem);
-  auto ring_slot = [&](int stage, int u, int kv) -> uint4* {
-    return ring + ((stage * U + u) * 2 + kv) * THREADS + threadIdx.x;
-  };
-  // Copies step i's K/V chunks of this thread into ring stage i % STAGES (zeros past the end).
-  auto issue = [&](int i) {
-    if (i < n_steps) {
-      const int t0 = step_row(i);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        int t = t0 + u * C::kGroups;
-        bool valid = t < t_end && lane_active;
-        long long ko = valid ? decode::row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t) : 0;
-        long long vo = valid ? decode::row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t) : 0;
-        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 0), kbase + ko, valid);
-        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 1), vbase + vo, valid);
-      }
-    }
-    ik::cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
-  };
   if constexpr (STAGES > 0) {
 #pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) issue(i);
+    for (int i = kEarlyCopy ? 1 : 0; i < STAGES - 1; ++i) issue(i, t_end);
   }
 
   for (int i = 0; i < n_steps; ++i) {
     const int t0 = step_row(i);
     uint4 kr[U], vr[U];
     if constexpr (STAGES > 0) {
-      issue(i + STAGES - 1);
+      issue(i + STAGES - 1, t_end);
       ik::cp_async_wait<STAGES - 1>();  // this thread's copies of step i have landed
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         kr[u] = *ring_slot(i % STAGES, u, 0);
         vr[u] = *ring_slot(i % STAGES, u, 1);
+        // the early copy's rows past kv_len: a zero weight times stale V could still be NaN
+        if (kEarlyCopy && i == 0 && t0 + u * C::kGroups >= t_end) vr[u] = make_uint4(0, 0, 0, 0);
       }
     } else {
 #pragma unroll

@@ -120,16 +120,23 @@ def test_lengths_past_the_cache_are_clamped():
     check(out, reference.attention(q, k, v, kv_lens=lens.clamp(0, 300)), torch.float16)
 
 
+# (B, Hq, Hkv, L, a length ending inside the first step of a later split): a 2-stage launch,
+# and D1's shape, which takes one block per SM with the 4-stage ring on the H100 (2 splits of 2048)
+LEAK_SHAPES = {"two-stage": (4, 16, 4, 1500, 700), "one-per-sm": (8, 32, 8, 4096, 2060)}
+
+
 @pytest.mark.parametrize("variant", ["split", "split-unfused", "split1"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
-def test_cache_rows_past_kv_len_never_leak(variant, paged):
+@pytest.mark.parametrize("shape", list(LEAK_SHAPES))
+def test_cache_rows_past_kv_len_never_leak(variant, paged, shape):
     """Rows at or past kv_len hold NaN and Inf (a never-written cache slot may): the kernel may
-    fetch them (contiguous caches start their first copies before kv_len arrives) but must
+    fetch them (a contiguous cache's first ring step is copied before kv_len arrives) but must
     ignore them."""
-    q, k, v, lens = case(4, 16, 4, 1, 1500, 128, torch.float16, seed=12)
-    lens[1], lens[2] = 1, 700  # splits past the end, and one ending inside a step
+    B, Hq, Hkv, L, inside = LEAK_SHAPES[shape]
+    q, k, v, lens = case(B, Hq, Hkv, 1, L, 128, torch.float16, seed=12)
+    lens[1], lens[2] = 1, inside  # splits past the end, and one ending inside a step
     ref = reference.attention(q, k, v, kv_lens=lens)
-    pos = torch.arange(1500, device=DEV).view(1, 1, -1, 1)
+    pos = torch.arange(L, device=DEV).view(1, 1, -1, 1)
     past = pos >= lens.view(-1, 1, 1, 1).long()
     k, v = k.masked_fill(past, float("nan")), v.masked_fill(past, float("inf"))
     out = poisoned(q)
