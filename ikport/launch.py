@@ -16,13 +16,16 @@ from .backends.base import Backend
 _counters: dict[tuple[int, int], tuple[int, int]] = {}  # (device, stream) -> (pointer, ints)
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether torch's current stream is being captured into a CUDA graph (one driver query:
+    a call that needs the answer twice asks once and passes it on)."""
     return torch._C._cuda_isCurrentStreamCapturing()  # torch.cuda's wrapper, minus its checks
 
 
-def split_counters(backend: Backend, device: int, stream: int, n: int) -> int:
+def split_counters(backend: Backend, device: int, stream: int, n: int, *,
+                   in_capture: bool | None = None) -> int:
     """Device pointer to >= n zeroed counters, or 0 (none while capturing: see above)."""
-    if _capturing():
+    if capturing() if in_capture is None else in_capture:
         return 0  # a graph must not share counters with eager calls or other graphs
     ptr, size = _counters.get((device, stream), (0, 0))
     if size >= n:
@@ -50,12 +53,13 @@ SCRATCH_KEEP_BYTES = 64 << 20
 _scratch: dict[tuple[int, int], tuple[int, int]] = {}  # (device, stream) -> (pointer, bytes)
 
 
-def split_scratch(backend: Backend, device: int, stream: int, nbytes: int) -> tuple[int, torch.Tensor | None]:
+def split_scratch(backend: Backend, device: int, stream: int, nbytes: int, *,
+                  in_capture: bool | None = None) -> tuple[int, torch.Tensor | None]:
     """Device pointer to >= nbytes of scratch for split-K partials, and the tensor that owns it
     when torch does (keep it alive until the launch is queued): while capturing a graph (a replay
     must not share memory with eager calls), for oversize requests, and on backends without a
     stream-ordered allocator."""
-    if not _capturing() and nbytes <= SCRATCH_KEEP_BYTES:
+    if not (capturing() if in_capture is None else in_capture) and nbytes <= SCRATCH_KEEP_BYTES:
         ptr, size = _scratch.get((device, stream), (0, 0))
         if size >= nbytes:
             return ptr, None

@@ -43,10 +43,12 @@ def fake_plan(log, *, splits: int, fused: bool, capacity: int, page_size_log2: i
 @pytest.fixture
 def host(monkeypatch):
     monkeypatch.setattr(A, "_raw_stream", lambda device: 1234)
-    monkeypatch.setattr(A, "_split_scratch", lambda backend, device, stream, n: (0x10000, None))
+    monkeypatch.setattr(A, "_capturing", lambda: False)
+    monkeypatch.setattr(A, "_split_scratch", lambda backend, device, stream, n, in_capture: (0x10000, None))
     counters = {"ptr": 0x20000, "asked": []}
 
-    def split_counters(backend, device, stream, n):
+    def split_counters(backend, device, stream, n, in_capture):
+        assert in_capture is False
         counters["asked"].append(n)
         return counters["ptr"]
 

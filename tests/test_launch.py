@@ -25,7 +25,7 @@ class FakeBackend:
 @pytest.fixture
 def fresh(monkeypatch):
     monkeypatch.setattr(launch, "_scratch", {})
-    monkeypatch.setattr(launch, "_capturing", lambda: False)
+    monkeypatch.setattr(launch, "capturing", lambda: False)
 
 
 def test_scratch_is_reused_then_grows_stream_ordered(fresh):
