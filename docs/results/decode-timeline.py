@@ -79,6 +79,7 @@ VERSIONS = {**{k: v for k, v in VERSIONS.items() if v.is_file()}, "new": KERNELS
 lib_text = inline_includes(KERNELS_DIR / "attention_decode.cuh")
 CASES = {  # name: (B, L, overrides)
     "D1": (8, 4096, {}), "D3": (1, 32768, {}), "D2": (32, 8192, {}),
+    "B1-L512": (1, 512, {}), "B4-L512": (4, 512, {}), "B16-L512": (16, 512, {}), "B64-L512": (64, 512, {}),
     "D1-regs": (8, 4096, {"stages": 0}), "D1-t128": (8, 4096, {"threads": 128}),
     "D1-s8": (8, 4096, {"num_splits": 8}), "D1-s2": (8, 4096, {"num_splits": 2}),
 }
@@ -128,8 +129,8 @@ results = {**harness.device_meta(), "command": " ".join(["python", *sys.argv]),
            "kernel_versions": {k: str(v) for k, v in VERSIONS.items()}, "cases": {}}
 wanted = [a for a in sys.argv[2:] if "=" not in a] or ["read-134MB"] + list(CASES)
 for name in wanted:
-    if name == "read-134MB":
-        nbytes = 134217728
+    if name.startswith("read-"):  # read-134MB (D1's 128 MiB), or read-<n>MiB: a plain read of n MiB
+        nbytes = 134217728 if name == "read-134MB" else int(name[len("read-"):-len("MiB")]) << 20
         bufs = [torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_() for _ in range(3)]
         out = torch.zeros(4, dtype=torch.int32, device="cuda")
         fn, ptr, _ = probed("readpass", READ_SRC)
