@@ -51,15 +51,29 @@ IK_DEVICE int key_limit(const DecodeParams& p, int kv_len, int tq) {
   return p.causal ? kv_len - p.q_len + tq : kv_len - 1;
 }
 
+// Offset of row t of KV head h in a paged cache, the row's page id given.
+IK_DEVICE long long paged_offset(const DecodeParams& p, int page, long long sb, long long sh,
+                                 long long st, int h, int t) {
+  int off = t & ((1 << p.page_size_log2) - 1);
+  return page * sb + h * sh + off * st;
+}
+
 template <bool PAGED>
 IK_DEVICE long long row_offset(const DecodeParams& p, const int* bt_row, long long sb, long long sh,
                                long long st, int b, int h, int t) {
-  if (PAGED) {
-    int page = bt_row[t >> p.page_size_log2];
-    int off = t & ((1 << p.page_size_log2) - 1);
-    return page * sb + h * sh + off * st;
-  }
+  if (PAGED) return paged_offset(p, bt_row[t >> p.page_size_log2], sb, sh, st, h, t);
   return b * sb + h * sh + static_cast<long long>(t) * st;
+}
+
+// Page ids of rows t0, t0 + STRIDE, ... (U of them) below `end` (0 elsewhere, never used).
+template <int U, int STRIDE>
+IK_DEVICE void load_page_ids(const DecodeParams& p, const int* bt_row, int t0, int end, bool active,
+                             int (&page)[U]) {
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int t = t0 + u * STRIDE;
+    page[u] = active && t < end ? bt_row[t >> p.page_size_log2] : 0;
+  }
 }
 
 // Merging split-K partial results. kMergeLanes consecutive lanes (a "merge group") produce dims
@@ -301,7 +315,14 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   auto ring_slot = [&](int stage, int u, int kv) -> uint4* {
     return ring + ((stage * U + u) * 2 + kv) * THREADS + threadIdx.x;
   };
-  // Copies step i's K/V chunks of this thread into ring stage i % STAGES (zeros past `end`).
+  // Paged: the ring's page ids are loaded one iteration before their copies are issued, so an
+  // issue never waits on a block-table load (at one block per SM no other block hides that wait).
+  int page[U];
+  auto load_pages = [&](int i) {
+    if constexpr (PAGED) decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(i), t_end, lane_active, page);
+  };
+  // Copies step i's K/V chunks of this thread into ring stage i % STAGES (zeros past `end`);
+  // a paged step's page ids must be in page[].
   auto issue = [&](int i, int end) {
     if (t_begin + i * kStep < end) {
       const int t0 = step_row(i);
@@ -309,8 +330,14 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
       for (int u = 0; u < U; ++u) {
         int t = t0 + u * C::kGroups;
         bool valid = t < end && lane_active;
-        long long ko = valid ? decode::row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t) : 0;
-        long long vo = valid ? decode::row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t) : 0;
+        long long ko = 0, vo = 0;
+        if (valid && PAGED) {
+          ko = decode::paged_offset(p, page[u], p.k_sb, p.k_sh, p.k_st, hk, t);
+          vo = decode::paged_offset(p, page[u], p.v_sb, p.v_sh, p.v_st, hk, t);
+        } else if (valid) {
+          ko = decode::row_offset<false>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t);
+          vo = decode::row_offset<false>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t);
+        }
         ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 0), kbase + ko, valid);
         ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 1), vbase + vo, valid);
       }
@@ -346,7 +373,11 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
 
   if constexpr (STAGES > 0) {
 #pragma unroll
-    for (int i = kEarlyCopy ? 1 : 0; i < STAGES - 1; ++i) issue(i, t_end);
+    for (int i = kEarlyCopy ? 1 : 0; i < STAGES - 1; ++i) {
+      load_pages(i);
+      issue(i, t_end);
+    }
+    load_pages(STAGES - 1);
   }
 
   for (int i = 0; i < n_steps; ++i) {
@@ -354,6 +385,7 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
     uint4 kr[U], vr[U];
     if constexpr (STAGES > 0) {
       issue(i + STAGES - 1, t_end);
+      load_pages(i + STAGES);  // for the next iteration's issue: in flight during this step's math
       ik::cp_async_wait<STAGES - 1>();  // this thread's copies of step i have landed
 #pragma unroll
       for (int u = 0; u < U; ++u) {

@@ -50,7 +50,9 @@ def version_text(path):
 SHAPES = {  # name: (B, L, dtype, page size or 0, head_dim)
     "D1": (8, 4096, torch.float16, 0, 128), "D3": (1, 32768, torch.float16, 0, 128),
     "D2": (32, 8192, torch.float16, 0, 128), "D1-bf16": (8, 4096, torch.bfloat16, 0, 128),
-    "D1-paged16": (8, 4096, torch.float16, 16, 128),
+    "D1-paged16": (8, 4096, torch.float16, 16, 128), "D2-paged16": (32, 8192, torch.float16, 16, 128),
+    "D3-paged16": (1, 32768, torch.float16, 16, 128), "D1-paged1": (8, 4096, torch.float16, 1, 128),
+    "D1-paged256": (8, 4096, torch.float16, 256, 128),
     **{f"D1-d{d}": (8, 4096, torch.float16, 0, d) for d in (64, 96, 256)},
     **{f"B{b}-L{n}": (b, n, torch.float16, 0, 128) for b in (1, 4, 16, 64) for n in (512, 1024, 4096, 32768, 131072)},
 }
