@@ -7,6 +7,9 @@
 #   NAME=sdpa-cudnn: torch SDPA's cuDNN backend on the same inputs (it reads the full L).
 #   CASE: a shape of SHAPES, optionally with configuration knobs: "B4-L512:st4,s2"; the flag "f"
 #   gives every sequence the full length L (as the benchmark does), else kv_lens lie in [L-64, L].
+# Versions are timed in a fixed order each round, and the slots differ by up to ~0.5 us at D1 (two
+# names for one byte-identical kernel measured 0.58 us apart): for sub-microsecond questions name
+# each text twice in mirrored order (A B B A) and compare the pair means.
 import dataclasses, functools, json, statistics, sys
 from pathlib import Path
 import torch
