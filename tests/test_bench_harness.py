@@ -324,6 +324,7 @@ def host_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "_sleep", lambda cycles: None)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(harness, "sleep_cycles_per_us", lambda: 1000.0)
+    monkeypatch.setattr(harness, "WARMUP_MIN_S", 0.0)  # warm-up by count only: the tests count calls
 
 
 def test_kernel_time_sizes_sleep_from_host_time(host_cuda: None) -> None:
@@ -353,3 +354,12 @@ def test_kernel_time_retries_when_dispatch_outlasts_sleep(host_cuda: None) -> No
 def test_eager_time_counts_host_time(host_cuda: None) -> None:
     t = harness.eager_time([lambda: time.sleep(100e-6)], warmup=1, iters=4)
     assert t.n == 4 and t.min_us >= 100 and t.sleep_us == 0
+
+
+def test_warm_up_keeps_the_gpu_busy_for_a_minimum_time(host_cuda: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness, "WARMUP_MIN_S", 0.02)
+    calls = []
+    t0 = time.perf_counter()
+    host = harness._warm_up([lambda: calls.append(time.sleep(1e-3))], 3)
+    assert time.perf_counter() - t0 >= 0.02 and len(calls) >= 18 and len(calls) % 3 == 0
+    assert len(host) == 3  # host times of the first round only (they size the sleep)

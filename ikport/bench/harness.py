@@ -37,6 +37,10 @@ ROW_KEYS = ("workload", "impl", "median_us", "min_us", "max_us", "GBps", "eager_
 FILE_KEYS = ("device", "driver", "commit", "date", "versions", "command", "ceiling_GBps", "results")
 
 _MIN_SLEEP_US = 100.0
+# Warm-up keeps the GPU busy at least this long before anything is timed: after an idle spell (a
+# kernel compile, building input sets) its clocks need time to come back up, and a short kernel
+# timed first would read slow (docs/results/decode.md, "first-timed artifact").
+WARMUP_MIN_S = 0.05
 # A call whose host time is this long waits on the GPU itself; no sleep can hide that.
 _MAX_SLEEP_US = 20_000.0
 _SLEEP_RETRIES = 3
@@ -90,14 +94,19 @@ def sleep_cycles_per_us() -> float:
 
 
 def _warm_up(fns: Sequence[Callable[[], Any]], count: int) -> list[float]:
-    """Call the rotation `count` times; returns each call's host time in us (no synchronize)."""
-    host_us = []
-    for i in range(count):
-        t0 = time.perf_counter_ns()
-        fns[i % len(fns)]()
-        host_us.append((time.perf_counter_ns() - t0) / 1e3)
-    torch.cuda.synchronize()
-    return host_us
+    """Call the rotation `count` times, and again until the GPU has been kept busy for
+    WARMUP_MIN_S; returns the host time (us) of each call of the first round."""
+    host_us: list[float] = []
+    deadline = time.perf_counter() + WARMUP_MIN_S
+    while True:
+        for i in range(count):
+            t0 = time.perf_counter_ns()
+            fns[i % len(fns)]()
+            if len(host_us) < count:
+                host_us.append((time.perf_counter_ns() - t0) / 1e3)
+        torch.cuda.synchronize()
+        if count == 0 or time.perf_counter() >= deadline:
+            return host_us
 
 
 def _sleep_us_for(host_us: list[float]) -> float:
