@@ -108,7 +108,8 @@ def report(session: nox.Session) -> None:
 # unfused combine kernel, one block per head (split1, MHA), naive, multi-token causal queries,
 # zero and clamped lengths, a strided cache slice, paged (page sizes 16 and 1), the cp.async ring
 # (3 and 4 stages, D 96 and 256), the launch rules' kernels (one block per SM with the 4-stage
-# ring, 128-thread blocks), the early copy's rows past kv_len and the matrix shim. Node ids, so a renamed test fails loudly.
+# ring, 128-thread blocks), the early copy's rows past kv_len and the matrix shim. Node ids, so
+# a renamed test fails loudly.
 # (The CUDA-graph test is left out: with PYTORCH_NO_CUDA_MEMORY_CACHING=1 the split-K scratch
 # allocation inside a capture is a plain cudaMalloc, which stream capture forbids.)
 SANITIZE_TESTS = [

@@ -296,9 +296,9 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   // Early copy: a contiguous cache's first ring step is copied before anything else, bounded by
   // the split and the cache's capacity (allocated memory) instead of kv_len, so the K/V copies,
   // the kv_len load and the query loads are in flight together rather than one after another
-  // (H100: 0.5-0.85 us less on every shape, docs/results/decode.md v7). Its rows past kv_len
-  // get -inf scores and zeroed V in the loop. Not paged: a page table past kv_len may hold
-  // garbage page ids.
+  // (H100: 0.55-0.8 us less on every contiguous shape measured, docs/results/decode.md v7). Its
+  // rows past kv_len get -inf scores and zeroed V in the loop. Not paged: a page table past
+  // kv_len may hold garbage page ids.
   constexpr bool kEarlyCopy = !PAGED && STAGES > 0;
   const int t_early_end = min(t_begin + p.rows_per_split, p.kv_capacity);
 
@@ -316,7 +316,7 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
     return ring + ((stage * U + u) * 2 + kv) * THREADS + threadIdx.x;
   };
   // Paged: the ring's page ids are loaded one iteration before their copies are issued, so an
-  // issue never waits on a block-table load (at one block per SM no other block hides that wait).
+  // issue never waits on a block-table load (page size 1: one id per row; D1 67.0 -> 57.2 us).
   int page[U];
   auto load_pages = [&](int i) {
     if constexpr (PAGED) decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(i), t_end, lane_active, page);
