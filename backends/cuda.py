@@ -211,7 +211,7 @@ class CudaBackend(Backend):
         )
         del keep
         if err:
-            self._check((self._driver.CUresult(err),), f"cuLaunchKernel grid={grid} block={block} smem={shared_bytes}")
+            self._launch_failed(err, grid, block, shared_bytes)
 
     def bind_launch(self, fn, grid, block, shared_bytes):
         # The argument conversions done once: per call, one ctypes call with the struct's address.
@@ -223,10 +223,12 @@ class CudaBackend(Backend):
             args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
             err = launch_kernel(handle, gx, gy, gz, bx, by, bz, shared_bytes, stream, args, None)
             if err:
-                self._check((self._driver.CUresult(err),),
-                            f"cuLaunchKernel grid={grid} block={block} smem={shared_bytes}")
+                self._launch_failed(err, grid, block, shared_bytes)
 
         return launch
+
+    def _launch_failed(self, err: int, grid, block, shared_bytes: int) -> None:
+        self._check((self._driver.CUresult(err),), f"cuLaunchKernel grid={grid} block={block} smem={shared_bytes}")
 
     def alloc_zeroed(self, device: int, nbytes: int) -> int:
         self._ensure_context(device)

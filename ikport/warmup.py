@@ -9,7 +9,8 @@ machine with the same NVRTC).
 The default set is what `ikport.attention` / `ikport.paged_attention` launch with the default
 variant: the split decode kernel for fp16 and bf16, head dims 64, 128 and 256 (`head_dims`),
 every query-row tile (GQA group x query tokens: 1, 2, 4, 8), contiguous and paged, with the
-launch parameters of ikport.configs. `all_kernels=True` adds every instantiation of
+launch parameters of ikport.configs (the launch rules' 128-thread and one-block-per-SM versions
+included). `all_kernels=True` adds every instantiation of
 kernels_src/manifest.yaml (naive and combine kernels, the register-load pipeline, mma_tile).
 
 After the cold pass, a warm pass clears the in-process map and loads every kernel again from
@@ -47,16 +48,22 @@ def _manifest_head_dims() -> list[int]:
 
 def dispatcher_kernels(head_dims: Iterable[int] | None = None,
                        dtypes: Iterable[str] = DTYPES, async_copy: bool = True) -> list[KernelSpec]:
-    """The decode kernels the default variant loads, for these head dims: the split kernels (and,
-    on targets with async copies, the deeper-ring one-block-per-SM version for contiguous caches),
+    """The decode kernels the default variant loads, for these head dims: the split kernels, the
+    128-thread version short contiguous caches with many groups take (configs.decode_small_blocks),
+    on targets with async copies the deeper-ring one-block-per-SM version for contiguous caches,
     and the merge kernel every split-K plan loads up front (a graph capture launches it)."""
-    layouts = [(False, False), (True, False)] + ([(False, True)] if async_copy else [])
+    # (paged, one block per SM, threads)
+    layouts = [(False, False, configs.DECODE_THREADS), (True, False, configs.DECODE_THREADS),
+               (False, False, configs.SMALL_BLOCK_THREADS)]
+    if async_copy:
+        layouts.append((False, True, configs.DECODE_THREADS))
     out = []
     for dtype in dtypes:
         for d in head_dims or _manifest_head_dims():
             for rows_total in configs.DECODE_ROW_TILES:
-                for paged, one_per_sm in layouts:
-                    rows, _, threads, unroll, stages = configs.decode_tiles(rows_total, 1, one_per_sm=one_per_sm)
+                for paged, one_per_sm, block in layouts:
+                    rows, _, threads, unroll, stages = configs.decode_tiles(
+                        rows_total, 1, one_per_sm=one_per_sm, threads=block)
                     out.append(spec("attention_decode", "split", dtype=dtype, head_dim=int(d),
                                     rows=rows, paged=paged, threads=threads, unroll=unroll,
                                     stages=stages))

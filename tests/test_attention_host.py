@@ -156,3 +156,19 @@ def test_cuda_bound_launcher_passes_the_struct_by_address(monkeypatch):
     p = DecodeParams(q=0x1000, batch=8, num_splits=4, scale_log2=0.5)
     launch(p, 77)
     assert seen == [(0xABC, (4, 8, 2), (256, 1, 1), 32768, 77, None, bytes(p))]
+
+
+def test_cuda_launch_failure_names_the_launch(monkeypatch):
+    """A driver error from either launcher raises with the error's name and the launch shape."""
+    cuda = pytest.importorskip("ikport.backends.cuda")
+    invalid_value = int(cuda.CudaBackend()._driver.CUresult.CUDA_ERROR_INVALID_VALUE)
+    monkeypatch.setattr(cuda, "_launch_kernel", lambda: lambda *args: invalid_value)
+    backend = cuda.CudaBackend()
+    # no driver on CPU machines: the error string comes from a stand-in
+    monkeypatch.setattr(backend._driver, "cuGetErrorString", lambda err: (0, b"invalid argument"))
+    p = DecodeParams(batch=1)
+    for launch in (backend.bind_launch(0xABC, (4, 8, 2), (256, 1, 1), 32768),
+                   lambda params, stream: backend.launch(0xABC, (4, 8, 2), (256, 1, 1), 32768, params, stream)):
+        with pytest.raises(RuntimeError, match=r"cuLaunchKernel grid=\(4, 8, 2\) block=\(256, 1, 1\) "
+                                               r"smem=32768 failed: CUDA_ERROR_INVALID_VALUE"):
+            launch(p, 77)

@@ -100,8 +100,6 @@ def test_split_shared_memory_follows_warp_size_and_ring():
 
 
 def test_split_shared_memory_matches_the_dispatcher():
-    if not hasattr(configs, "decode_smem_bytes"):
-        pytest.skip("configs.decode_smem_bytes not present")
     for s in (0, 3):
         for warp in (32, 64):
             want = configs.decode_smem_bytes(threads=128, warp_size=warp, rows=4, head_dim=128, unroll=4, stages=s)

@@ -18,7 +18,7 @@ from ikport.backends.cache import DiskCache
 from ikport.backends.target import Target
 
 FEW = dict(head_dims=[64], name_filter="rows=1,")
-N_FEW = 6  # fp16 + bf16 x (contiguous, paged, contiguous one block per SM)
+N_FEW = 8  # fp16 + bf16 x (contiguous, paged, contiguous at 128 threads, one block per SM)
 
 
 @pytest.fixture
@@ -38,13 +38,17 @@ def nvrtc():
 def test_default_set_is_what_the_dispatcher_launches():
     specs = warmup.kernel_set()
     uris = {s.uri for s in specs}
-    # per row tile: contiguous, paged, contiguous one block per SM; + the merge kernel
-    assert len(specs) == len(uris) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 3 + 1)
+    # per row tile: contiguous, paged, contiguous at 128 threads, contiguous one block per SM;
+    # + the merge kernel
+    assert len(specs) == len(uris) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 4 + 1)
     # Every (group, query tokens) the dispatcher can see maps to a kernel in the set (head dim 128).
+    small = configs.SMALL_BLOCK_THREADS
     for group in range(1, 9):
         for q_len in range(1, 5):
-            for paged, one_per_sm in ((False, False), (True, False), (False, True)):
-                rows, _, threads, unroll, stages = configs.decode_tiles(group, q_len, one_per_sm=one_per_sm)
+            for paged, one_per_sm, block in ((False, False, 256), (True, False, 256), (False, False, small),
+                                             (False, True, 256)):
+                rows, _, threads, unroll, stages = configs.decode_tiles(group, q_len, one_per_sm=one_per_sm,
+                                                                        threads=block)
                 s = manifest.spec("attention_decode", "split", dtype="bf16", head_dim=128, rows=rows,
                                   paged=paged, threads=threads, unroll=unroll, stages=stages)
                 assert s.uri in uris
@@ -52,7 +56,7 @@ def test_default_set_is_what_the_dispatcher_launches():
 
 def test_targets_without_async_copies_skip_the_one_block_per_sm_ring():
     amd = warmup.kernel_set(async_copy=False)
-    assert len(amd) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 2 + 1)
+    assert len(amd) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 3 + 1)
     assert not any(f"stages={configs.ONE_PER_SM_STAGES}]" in s.uri for s in amd)
     assert any(f"stages={configs.ONE_PER_SM_STAGES}]" in s.uri for s in warmup.kernel_set())
 
