@@ -138,6 +138,11 @@ class Backend(abc.ABC):
         """Blocks of `fn` resident on one SM/CU at once, or None where the backend cannot say."""
         return None
 
+    def max_active_clusters(self, fn: Any, cluster: int, block_threads: int, shared_bytes: int) -> int:
+        """Clusters of `fn` (compiled with `cluster` blocks a cluster) resident on the device at
+        once; 0 where the backend has no clusters."""
+        return 0
+
     def target_for(self, device: int) -> Target:
         return Target(self.device_info(device).arch)
 

@@ -252,6 +252,17 @@ class CudaBackend(Backend):
             "cuOccupancyMaxActiveBlocksPerMultiprocessor",
         )
 
+    def max_active_clusters(self, fn: Any, cluster: int, block_threads: int, shared_bytes: int) -> int:
+        """Clusters of `fn` resident at once: the GPCs' SM counts decide (a cluster's blocks share
+        one GPC), so this is the driver's answer, not SMs / cluster."""
+        cu = self._driver
+        self.set_max_dynamic_shared(fn, shared_bytes)  # the query counts against the kernel's limit
+        cfg = cu.CUlaunchConfig()
+        cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = cluster, 1, 1
+        cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block_threads, 1, 1
+        cfg.sharedMemBytes = shared_bytes
+        return self._check(cu.cuOccupancyMaxActiveClusters(fn, cfg), "cuOccupancyMaxActiveClusters")
+
     @functools.lru_cache(maxsize=None)
     def device_info(self, device: int) -> DeviceInfo:
         import torch

@@ -19,14 +19,15 @@ class ArchFacts:
     max_threads_per_sm: int
     matrix_unit: str  # what the mma shim becomes: "mma.sync", "mfma", "wmma"
     async_copy: bool  # cp.async present
+    clusters: bool = False  # block clusters with distributed shared memory (sm_90+)
 
 
 ARCH_TABLE: dict[str, ArchFacts] = {
     "sm_80": ArchFacts("cuda", 32, 163 * 1024, 164 * 1024, 65536, 2048, "mma.sync", True),
     "sm_86": ArchFacts("cuda", 32, 99 * 1024, 100 * 1024, 65536, 1536, "mma.sync", True),
     "sm_89": ArchFacts("cuda", 32, 99 * 1024, 100 * 1024, 65536, 1536, "mma.sync", True),
-    "sm_90": ArchFacts("cuda", 32, 227 * 1024, 228 * 1024, 65536, 2048, "mma.sync", True),
-    "sm_90a": ArchFacts("cuda", 32, 227 * 1024, 228 * 1024, 65536, 2048, "mma.sync", True),
+    "sm_90": ArchFacts("cuda", 32, 227 * 1024, 228 * 1024, 65536, 2048, "mma.sync", True, True),
+    "sm_90a": ArchFacts("cuda", 32, 227 * 1024, 228 * 1024, 65536, 2048, "mma.sync", True, True),
     # CDNA2 (MI200), CDNA3 (MI300): wave64, 64 KiB LDS per CU, 512 VGPRs x 64 lanes per SIMD.
     "gfx90a": ArchFacts("hip", 64, 64 * 1024, 64 * 1024, 4 * 512 * 64, 2048, "mfma", False),
     "gfx942": ArchFacts("hip", 64, 64 * 1024, 64 * 1024, 4 * 512 * 64, 2048, "mfma", False),

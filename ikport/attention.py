@@ -216,6 +216,7 @@ class _DecodePlan:
     main: Kernel
     combine: Kernel | None  # the separate merge launch (split-K without counters)
     fused: bool  # merge in the split kernel's last block when counters are available
+    clustered: bool  # the splits of a group merge inside a block cluster: no scratch, no counters
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     shared_bytes: int
@@ -254,7 +255,7 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
     dtype = _DTYPE_NAME[q.dtype]
     if variant == "naive":
         main = get_kernel(spec("attention_decode", "naive", dtype=dtype, head_dim=D), backend, dev)
-        plan = _DecodePlan(dev, backend, main, None, False, (Tq * Hq, B, 1), (128, 1, 1), 0, 1,
+        plan = _DecodePlan(dev, backend, main, None, False, False, (Tq * Hq, B, 1), (128, 1, 1), 0, 1,
                            capacity, capacity, ps_log2)
     else:
         info = backend.device_info(dev)
@@ -287,11 +288,29 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
             q_len=Tq, kv_capacity=capacity, num_splits=1 if variant == "split1" else None,
             one_per_sm=one_per_sm, tiles=tiles,
         )
+        facts = backend.target_for(dev).facts
+        groups = Hkv * cfg.row_tiles * B
+        cluster = configs.decode_cluster(cfg.num_splits, clusters=facts.clusters,
+                                         blocks=groups * cfg.num_splits, sm_count=info.sm_count)
+        clustered = False
+        if variant == "split" and cluster > 1:
+            rows, _, threads, unroll, stages = tiles
+            kernel = get_kernel(
+                spec("attention_decode", "split_cluster", dtype=dtype, head_dim=D, rows=rows, paged=paged,
+                     threads=threads, unroll=unroll, stages=stages, cluster=cluster),
+                backend, dev,
+            )
+            need = configs.decode_smem_bytes(threads=threads, warp_size=info.warp_size, rows=rows,
+                                              head_dim=D, unroll=unroll, stages=stages, cluster=cluster)
+            asked = configs.decode_cluster_smem(need, facts.max_smem_per_sm)
+            if asked <= info.max_smem_per_block and backend.max_active_clusters(
+                    kernel.fn, cluster, threads, asked) >= groups:
+                main, smem, clustered = kernel, asked, True
         combine = None
-        if cfg.num_splits > 1:
+        if cfg.num_splits > 1 and not clustered:
             combine = get_kernel(spec("attention_decode", "combine", dtype=dtype, head_dim=D), backend, dev)
         plan = _DecodePlan(
-            dev, backend, main, combine, variant == "split",
+            dev, backend, main, combine, variant == "split" and not clustered, clustered,
             (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
             cfg.num_splits, cfg.rows_per_split, capacity, ps_log2,
         )
@@ -312,7 +331,7 @@ class _DecodeCall:
     def __init__(self, plan: _DecodePlan, q, k, v, block_table, kv_lens, out) -> None:
         B, Hq, Tq, D = q.shape
         self.plan = plan
-        self.scratch_rows = B * Hq * Tq * plan.num_splits if plan.num_splits > 1 else 0
+        self.scratch_rows = B * Hq * Tq * plan.num_splits if plan.num_splits > 1 and not plan.clustered else 0
         self.scratch_bytes = self.scratch_rows * (D + 1) * 4  # partial outputs, then log-sum-exps
         self.lse_offset = self.scratch_rows * D * 4
         self.counters = 2 * plan.grid[1] * plan.grid[2]  # two per (sequence, KV head, row tile)

@@ -57,6 +57,24 @@ def decode_rows(rows_total: int) -> tuple[int, int]:
 # -> 58.46 us at one block per SM, decode-ab-onepersm-h100.json); not for splits of at most
 # SHORT_SPLIT_ROWS rows, which gained nothing (B=1 L=512: 10.90 -> 11.44 us).
 ONE_PER_SM_STAGES = 4
+# The one-block-per-SM ring moves about 16-24 KB of K and V per step at its best. Head dims that
+# leave lanes of a row group idle (80, 96, 192: 10 of 16, 12 of 16, 24 of 32 lanes busy) move less
+# per step at 2 rows per row group, so they take 4 rows where that lands nearer ONE_PER_SM_STEP_BYTES.
+# H100, B=8 L=4096, 2 rows -> 4 in A B B A order (decode-ab-unroll-h100.json): head_dim 80
+# 49.0 -> 47.4 us, 96 48.9 -> 47.7, 192 93.5 -> 83.8; 112 (14 KB a step at 2 rows) loses at 4:
+# 50.3 -> 52.2, as 128 does (16 KB; 53.1 -> 53.7, decode-ab-probe2-h100.json).
+ONE_PER_SM_STEP_BYTES = 20 * 1024
+
+
+def decode_one_per_sm_unroll(head_dim: int, threads: int, warp_size: int = 32) -> int:
+    """Rows per row group per step (2 or 4) of the one-block-per-SM kernel: the one whose K+V
+    bytes per step lie nearer ONE_PER_SM_STEP_BYTES (ties: 2)."""
+    lanes = 1
+    while lanes < head_dim // 8 and lanes < warp_size:
+        lanes *= 2  # lanes per row group, as SplitConfig::kLPR
+    def step_bytes(unroll: int) -> int:
+        return threads // lanes * unroll * head_dim * 2 * 2  # row groups x rows x (K + V) x fp16
+    return min((2, 4), key=lambda u: abs(step_bytes(u) - ONE_PER_SM_STEP_BYTES))
 
 
 def decode_one_block_per_sm(*, groups: int, kv_capacity: int, sm_count: int, paged: bool,
@@ -100,7 +118,8 @@ def decode_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int 
     dims needs 66 KB of its 64 KB LDS). `one_per_sm`: the deeper ring of ONE_PER_SM_STAGES."""
     rows, row_tiles = decode_rows(group * q_len)
     threads = decode_overrides.get("threads", threads)
-    unroll = decode_overrides.get("unroll", DECODE_UNROLL)
+    unroll = decode_overrides.get("unroll", decode_one_per_sm_unroll(head_dim, threads, warp_size)
+                                  if one_per_sm else DECODE_UNROLL)
     stages = decode_overrides.get("stages", ONE_PER_SM_STAGES if one_per_sm else DECODE_STAGES)
     if max_smem is not None and "threads" not in decode_overrides:
         while threads > 128 and decode_smem_bytes(threads=threads, warp_size=warp_size, rows=rows,
@@ -111,11 +130,39 @@ def decode_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int 
 
 
 def decode_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int, unroll: int,
-                      stages: int) -> int:
-    """Dynamic shared memory of attn_decode_split (mirrors SplitConfig::smem_bytes)."""
+                      stages: int, cluster: int = 1) -> int:
+    """Dynamic shared memory of attn_decode_split (mirrors SplitConfig::smem_bytes), and of
+    attn_decode_split_cluster with `cluster` > 1 (+ SplitConfig::cluster_bytes)."""
     merge = threads // warp_size * rows * (head_dim + 2) * 4
     ring = stages * unroll * 2 * threads * 16
-    return max(merge, ring)
+    return max(merge, ring) + (cluster * rows * (head_dim + 1) * 4 if cluster > 1 else 0)
+
+
+# Split-K groups of at most MAX_CLUSTER splits merge inside a block cluster where the target has
+# clusters (attn_decode_split_cluster): the partial results go to one block's shared memory, not
+# through global memory, counters and a fence. Only launches of at most one block per SM: the
+# launch then asks for enough shared memory that no SM takes two blocks (a cluster's blocks may
+# otherwise share an SM while others idle), and the planner keeps it only if the driver says
+# every cluster is resident at once (a cluster's blocks share a GPC, so fewer clusters of 4 than
+# SMs / 4 may fit). H100, in A B B A order (decode-ab-cluster-h100.json): D1 53.43 -> 52.52 us,
+# bf16 53.94 -> 52.49, head_dim 96 44.94 -> 44.24, B=1 L=512 (8 splits) 10.69 -> 9.20; without
+# those two guards B=4 L=4096 (4 splits) went 31.74 -> 42.75 and D1-paged16 (256 blocks) 56.3 -> 78.7.
+MAX_CLUSTER = 8
+
+
+def decode_cluster(num_splits: int, *, clusters: bool, blocks: int, sm_count: int) -> int:
+    """Blocks per cluster for a split-K launch of `blocks` blocks in `num_splits` splits:
+    num_splits where the target has clusters, it is 2..MAX_CLUSTER and the blocks fit one per SM,
+    else 1 (merge through global memory). Override: "cluster" in decode_overrides (1: off)."""
+    if not clusters or not 2 <= num_splits <= MAX_CLUSTER or blocks > sm_count:
+        return 1
+    return num_splits if decode_overrides.get("cluster", num_splits) > 1 else 1
+
+
+def decode_cluster_smem(smem: int, max_smem_per_sm: int) -> int:
+    """Shared memory a clustered launch asks for: at least half the SM's and one byte, so no SM
+    holds two of its blocks."""
+    return max(smem, max_smem_per_sm // 2 + 1)
 
 
 def decode_combine_threads(head_dim: int) -> int:

@@ -63,7 +63,7 @@ def dispatcher_kernels(head_dims: Iterable[int] | None = None,
             for rows_total in configs.DECODE_ROW_TILES:
                 for paged, one_per_sm, block in layouts:
                     rows, _, threads, unroll, stages = configs.decode_tiles(
-                        rows_total, 1, one_per_sm=one_per_sm, threads=block)
+                        rows_total, 1, head_dim=int(d), one_per_sm=one_per_sm, threads=block)
                     out.append(spec("attention_decode", "split", dtype=dtype, head_dim=int(d),
                                     rows=rows, paged=paged, threads=threads, unroll=unroll,
                                     stages=stages))

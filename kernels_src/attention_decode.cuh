@@ -166,6 +166,32 @@ IK_DEVICE void merge_rows(const DecodeParams& p, int b, int hk, int row0, int ro
   }
 }
 
+// The clustered merge: block 0 of the cluster merges the CLUSTER partial results in its shared
+// memory (c_out [split][row][dim], c_lse [split][row]; -inf: an empty split, weight 0).
+template <class T, int HEAD_DIM, int ROWS, int THREADS, int CLUSTER>
+IK_DEVICE void merge_cluster(const DecodeParams& p, const float* c_out, const float* c_lse, int b, int hk,
+                             int row0, int rows_total) {
+  const int group = p.num_q_heads / p.num_kv_heads;
+  for (int idx = threadIdx.x; idx < ROWS * HEAD_DIM; idx += THREADS) {
+    const int r = idx / HEAD_DIM, d = idx % HEAD_DIM, rr = row0 + r;
+    if (rr >= rows_total) continue;
+    float m = -IK_INFINITY;
+#pragma unroll
+    for (int s = 0; s < CLUSTER; ++s) m = fmaxf(m, c_lse[s * ROWS + r]);
+    float l = 0.f, o = 0.f;
+    if (m != -IK_INFINITY) {
+#pragma unroll
+      for (int s = 0; s < CLUSTER; ++s) {
+        const float w = ik::exp2_fast(c_lse[s * ROWS + r] - m);
+        l += w;
+        o += w * c_out[(s * ROWS + r) * HEAD_DIM + d];
+      }
+    }
+    const int hq = hk * group + rr / p.q_len, tq = rr % p.q_len;
+    static_cast<T*>(p.out)[b * p.o_sb + hq * p.o_sh + tq * p.o_st + d] = ik::dtype<T>::from_float(l > 0.f ? o / l : 0.f);
+  }
+}
+
 }  // namespace decode
 
 // ---------------------------------------------------------------------------------------------
@@ -252,6 +278,12 @@ __global__ void __launch_bounds__(128) attn_decode_naive(DecodeParams p) {
 //
 // Query rows of a block: r = (head in group) * Tq + token, row tile blockIdx.y % row_tiles.
 // grid (num_splits, Hkv * row_tiles, B), block THREADS, dynamic shared memory smem_bytes().
+//
+// Splits merge in one of two ways. attn_decode_split: through global memory, by the last block of
+// the group to finish (split_counters) or by attn_decode_combine. attn_decode_split_cluster (block
+// clusters, NVIDIA sm_90+): the CLUSTER == num_splits blocks of a group form one cluster and store
+// their partial results into block 0's shared memory, which merges them after a cluster barrier: no
+// global round trips, counters or scratch (H100 D1: see docs/results/decode.md, v8).
 template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES>
 struct SplitConfig {
   static constexpr int kVec = 8;  // elements per lane per row: one 16-byte load
@@ -270,13 +302,17 @@ struct SplitConfig {
   static constexpr int merge_bytes() { return kWarps * ROWS * (HEAD_DIM + 2) * 4; }
   static constexpr int ring_bytes() { return STAGES * UNROLL * 2 * THREADS * 16; }
   static constexpr int smem_bytes() { return merge_bytes() > ring_bytes() ? merge_bytes() : ring_bytes(); }
+  // Clustered merge: block 0 holds every split's partial outputs [split][row][dim] and
+  // log2-sum-exps [split][row] after the ring (which it may still be using when they arrive).
+  static constexpr int cluster_bytes(int cluster) { return cluster > 1 ? cluster * ROWS * (HEAD_DIM + 1) * 4 : 0; }
 };
 
-template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES>
-__global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES, int CLUSTER>
+IK_DEVICE void decode_split(const DecodeParams& p) {
   using C = SplitConfig<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL, STAGES>;
   constexpr int LPR = C::kLPR, VEC = C::kVec, U = C::kUnroll;
   extern __shared__ __attribute__((aligned(16))) float smem[];
+  if constexpr (CLUSTER > 1) ik::cluster_arrive_relaxed();  // "started", waited on before the stores
 
   const int split = blockIdx.x;
   const int group = p.num_q_heads / p.num_kv_heads;
@@ -487,11 +523,14 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   // `arrived` (taken right after the stream, its round trip hidden behind the partial writes)
   // picks the last block; `written` tells it when the others' partials are visible. The last
   // block thus skips a fence and waits only for partials written long before, usually.
-  const bool fused = p.num_splits > 1 && p.split_counters != nullptr;
+  const bool fused = CLUSTER == 1 && p.num_splits > 1 && p.split_counters != nullptr;
   int* arrived = fused ? p.split_counters + b * gridDim.y + blockIdx.y : nullptr;
   int* written = fused ? arrived + p.batch * gridDim.y : nullptr;
   int arrival = 0;
   if (fused && threadIdx.x == 0) arrival = ik::atomic_add(arrived, 1);
+  float* c_out = smem + C::smem_bytes() / 4;     // clustered merge: block 0's [split][row][dim]
+  float* c_lse = c_out + CLUSTER * ROWS * HEAD_DIM;  // and [split][row]
+  if constexpr (CLUSTER > 1) ik::cluster_wait();  // every block of the cluster is running
 
   for (int idx = threadIdx.x; idx < ROWS * HEAD_DIM; idx += THREADS) {
     int r = idx / HEAD_DIM, d = idx % HEAD_DIM, rr = row0 + r;
@@ -506,7 +545,10 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
     }
     int hq = hk * group + rr / p.q_len, tq = rr % p.q_len;
     float inv = l_all > 0.f ? 1.f / l_all : 0.f;
-    if (p.num_splits == 1) {
+    if constexpr (CLUSTER > 1) {
+      ik::cluster_store(c_out + (split * ROWS + r) * HEAD_DIM + d, 0, o * inv);
+      if (d == 0) ik::cluster_store(c_lse + split * ROWS + r, 0, l_all > 0.f ? m_all + __log2f(l_all) : -IK_INFINITY);
+    } else if (p.num_splits == 1) {
       T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st;
       out[d] = ik::dtype<T>::from_float(o * inv);
     } else {
@@ -514,6 +556,13 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
       p.part_out[row * HEAD_DIM + d] = o * inv;
       if (d == 0) p.part_lse[row] = l_all > 0.f ? m_all + __log2f(l_all) : -IK_INFINITY;
     }
+  }
+  if constexpr (CLUSTER > 1) {
+    ik::cluster_arrive();  // release: this thread's stores into block 0
+    if (split != 0) return;
+    ik::cluster_wait();  // acquire: every block's stores
+    decode::merge_cluster<T, HEAD_DIM, ROWS, THREADS, CLUSTER>(p, c_out, c_lse, b, hk, row0, rows_total);
+    return;
   }
   if (!fused) return;
 
@@ -535,6 +584,20 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
   }
   ik::block_sync();
   decode::merge_rows<T, HEAD_DIM, ROWS, THREADS>(p, b, hk, row0, rows_total);
+}
+
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES>
+__global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
+  decode_split<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL, STAGES, 1>(p);
+}
+
+// grid (CLUSTER, Hkv * row_tiles, B): num_splits == CLUSTER; dynamic shared memory
+// smem_bytes() + cluster_bytes(CLUSTER).
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES, int CLUSTER>
+__global__ void __launch_bounds__(THREADS) IK_CLUSTER_DIMS(CLUSTER) attn_decode_split_cluster(DecodeParams p) {
+  static_assert(IK_HAS_CLUSTERS, "block clusters: NVIDIA sm_90 and newer only");
+  static_assert(CLUSTER >= 2 && CLUSTER <= 8, "2 to 8 splits a cluster (the portable cluster sizes)");
+  decode_split<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL, STAGES, CLUSTER>(p);
 }
 
 // Merges the num_splits partial results of each (sequence, query head, token) row, when the

@@ -27,4 +27,15 @@ IK_DEVICE void cp_async_commit() { vendor::cp_async_commit(); }
 template <int N>
 IK_DEVICE void cp_async_wait() { vendor::cp_async_wait<N>(); }
 
+// Block clusters, where IK_HAS_CLUSTERS (NVIDIA sm_90+; elsewhere these trap and a kernel that
+// needs them must static_assert IK_HAS_CLUSTERS). A kernel declared with IK_CLUSTER_DIMS(n) runs
+// its blocks in clusters of n along x. cluster_store writes `v` at the address `smem` has in the
+// shared memory of the cluster's block `rank`. Every thread of the cluster alternates arrive and
+// wait: arrive_relaxed at entry and a wait before the first cluster_store (the other blocks have
+// started), then arrive (release: this thread's stores) and wait (acquire: everyone's stores).
+IK_DEVICE void cluster_store(float* smem, unsigned int rank, float v) { vendor::cluster_store(smem, rank, v); }
+IK_DEVICE void cluster_arrive_relaxed() { vendor::cluster_arrive_relaxed(); }
+IK_DEVICE void cluster_arrive() { vendor::cluster_arrive(); }
+IK_DEVICE void cluster_wait() { vendor::cluster_wait(); }
+
 }  // namespace ik

@@ -115,6 +115,28 @@ template <int N>
 IK_DEVICE void cp_async_wait() {}
 #endif
 
+// Block clusters (sm_90+): the blocks of a cluster run at once on one GPC and can store into each
+// other's shared memory. The barrier is split: arrive, then wait for every thread of the cluster.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define IK_HAS_CLUSTERS 1
+#define IK_CLUSTER_DIMS(n) __cluster_dims__(n, 1, 1)
+IK_DEVICE void cluster_store(float* smem, unsigned int rank, float v) {
+  unsigned int local = static_cast<unsigned int>(__cvta_generic_to_shared(smem)), remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
+}
+IK_DEVICE void cluster_arrive_relaxed() { asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory"); }
+IK_DEVICE void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+IK_DEVICE void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+#else
+#define IK_HAS_CLUSTERS 0
+#define IK_CLUSTER_DIMS(n)
+IK_DEVICE void cluster_store(float*, unsigned int, float) { __trap(); }
+IK_DEVICE void cluster_arrive_relaxed() { __trap(); }
+IK_DEVICE void cluster_arrive() { __trap(); }
+IK_DEVICE void cluster_wait() { __trap(); }
+#endif
+
 }  // namespace vendor
 }  // namespace ik
 

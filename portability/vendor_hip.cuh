@@ -117,6 +117,14 @@ IK_DEVICE void cp_async_commit() {}
 template <int N>
 IK_DEVICE void cp_async_wait() {}
 
+// No block clusters on AMD (kernels that need them static_assert IK_HAS_CLUSTERS).
+#define IK_HAS_CLUSTERS 0
+#define IK_CLUSTER_DIMS(n)
+IK_DEVICE void cluster_store(float*, unsigned int, float) { __builtin_trap(); }
+IK_DEVICE void cluster_arrive_relaxed() { __builtin_trap(); }
+IK_DEVICE void cluster_arrive() { __builtin_trap(); }
+IK_DEVICE void cluster_wait() { __builtin_trap(); }
+
 }  // namespace vendor
 }  // namespace ik
 

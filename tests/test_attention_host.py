@@ -31,10 +31,11 @@ class FakeKernel:
         return launcher
 
 
-def fake_plan(log, *, splits: int, fused: bool, capacity: int, page_size_log2: int = 0):
-    main, combine = FakeKernel(log), FakeKernel(log) if splits > 1 else None
+def fake_plan(log, *, splits: int, fused: bool, capacity: int, page_size_log2: int = 0,
+              clustered: bool = False):
+    main, combine = FakeKernel(log), FakeKernel(log) if splits > 1 and not clustered else None
     return A._DecodePlan(
-        device=0, backend=None, main=main, combine=combine, fused=fused,
+        device=0, backend=None, main=main, combine=combine, fused=fused, clustered=clustered,
         grid=(splits, 2, 3), block=(256, 1, 1), shared_bytes=32768, num_splits=splits,
         rows_per_split=-(-capacity // splits), kv_capacity=capacity, page_size_log2=page_size_log2,
     )
@@ -117,6 +118,18 @@ def test_one_split_takes_no_scratch(host, monkeypatch):
     A._DecodeCall(plan, q, k, v, None, lens, None)(q, k, v, None, lens, True, 1.0, None)
     (_, _, _, _, p, _), = log
     assert p.part_out is None and p.split_counters is None and p.causal == 0  # one token: no mask
+
+
+def test_cluster_merge_takes_no_scratch_counters_or_merge_launch(host, monkeypatch):
+    monkeypatch.setattr(A, "_split_scratch", lambda *a, **kw: pytest.fail("the cluster merges in shared memory"))
+    monkeypatch.setattr(A, "_split_counters", lambda *a, **kw: pytest.fail("no counters in a cluster"))
+    log: list = []
+    q, k, v, lens = tensors()
+    plan = fake_plan(log, splits=4, fused=False, capacity=k.shape[2], clustered=True)
+    A._DecodeCall(plan, q, k, v, None, lens, None)(q, k, v, None, lens, True, 1.0, None)
+    (kern, grid, _, _, p, _), = log  # one launch
+    assert kern is plan.main and grid == (4, 2, 3) and p.num_splits == 4
+    assert p.part_out is None and p.split_counters is None
 
 
 def test_paged_layout_passes_the_block_table():

@@ -77,6 +77,37 @@ def test_groups_that_fit_the_sms_run_one_block_per_sm_with_a_deeper_ring():
     assert one_per_sm(8, 4096).stages == configs.ONE_PER_SM_STAGES
 
 
+def test_one_block_per_sm_takes_four_rows_a_step_where_idle_lanes_shrink_the_step():
+    # K+V bytes a step at 2 rows per row group, 256 threads: 80 -> 10 KB, 96 -> 12 KB, 112 -> 14,
+    # 128 -> 16, 192 -> 12 (24 of 32 lanes busy); 4 rows where that lands nearer 20 KB.
+    unroll = {d: configs.decode_tiles(4, 1, head_dim=d, one_per_sm=True)[3] for d in (64, 80, 96, 112, 128, 192, 256)}
+    assert unroll == {64: 2, 80: 4, 96: 4, 112: 2, 128: 2, 192: 4, 256: 2}
+    # the two-blocks-per-SM kernel and explicit overrides keep theirs
+    assert configs.decode_tiles(4, 1, head_dim=96)[3] == configs.DECODE_UNROLL
+    configs.decode_overrides["unroll"] = 2
+    try:
+        assert configs.decode_tiles(4, 1, head_dim=96, one_per_sm=True)[3] == 2
+    finally:
+        configs.decode_overrides.clear()
+
+
+def test_split_groups_of_up_to_eight_merge_in_a_cluster_where_the_target_has_clusters():
+    one = dict(clusters=True, blocks=128, sm_count=132)
+    assert [configs.decode_cluster(s, **one) for s in (1, 2, 5, 8, 9, 16)] == [1, 2, 5, 8, 1, 1]
+    assert configs.decode_cluster(4, **{**one, "clusters": False}) == 1
+    assert configs.decode_cluster(4, **{**one, "blocks": 256}) == 1  # two blocks per SM: no
+    configs.decode_overrides["cluster"] = 1
+    try:
+        assert configs.decode_cluster(4, **one) == 1
+    finally:
+        configs.decode_overrides.clear()
+    # a clustered launch asks for more than half an SM's shared memory: one block per SM
+    assert configs.decode_cluster_smem(70000, 228 * 1024) == 114 * 1024 + 1
+    assert configs.decode_cluster_smem(200000, 228 * 1024) == 200000
+    base = dict(threads=256, warp_size=32, rows=4, head_dim=128, unroll=2, stages=4)
+    assert configs.decode_smem_bytes(**base, cluster=2) == configs.decode_smem_bytes(**base) + 2 * 4 * 129 * 4
+
+
 def test_short_caches_with_two_waves_of_groups_take_128_thread_blocks():
     # H100-like: 132 SMs x 2 blocks of 256 threads = 264 slots.
     small = dict(slots=264, paged=False)

@@ -6,7 +6,9 @@
 #   PATH "lib" is the library's kernel; "lib+warpruns" the library's with the WARPRUNS splice.
 #   NAME=sdpa-cudnn: torch SDPA's cuDNN backend on the same inputs (it reads the full L).
 #   CASE: a shape of SHAPES, optionally with configuration knobs: "B4-L512:st4,s2"; the flag "f"
-#   gives every sequence the full length L (as the benchmark does), else kv_lens lie in [L-64, L].
+#   gives every sequence the full length L (as the benchmark does), else kv_lens lie in [L-64, L];
+#   the flag "m" keeps a paged cache's pages in order (monotonic block table), else shuffled; a
+#   suffix "#n" names a repeat of a case ("D1:f#2"), to time configurations in A B B A order.
 # Versions are timed in a fixed order each round, and the slots differ by up to ~0.5 us at D1 (two
 # names for one byte-identical kernel measured 0.58 us apart): for sub-microsecond questions name
 # each text twice in mirrored order (A B B A) and compare the pair means.
@@ -40,7 +42,15 @@ WARPRUNS = [
 # separate merge launch's block would not cover the dims at 8).
 LANES2 = [("constexpr int kMergeLanes = 4;", "constexpr int kMergeLanes = 2;")]
 LANES8 = [("constexpr int kMergeLanes = 4;", "constexpr int kMergeLanes = 8;")]
-SPLICES = {"warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8}
+# Diagnostics (wrong results by design, for timing only): "nomerge" skips the split merge (each
+# block writes its partial and returns); "noepi" returns right after the stream loop (a guarded
+# store keeps the loop's results live), so stream-only time can be read off.
+NOMERGE = [("  const bool fused = p.num_splits > 1 && p.split_counters != nullptr;",
+            "  const bool fused = false;")]
+NOEPI = [("  // Merge the row groups of each warp",
+          "  if (lane == 0) { float s_ = 0.f;\n#pragma unroll\n    for (int r = 0; r < ROWS; ++r) { s_ += l[r];\n#pragma unroll\n      for (int i = 0; i < VEC; ++i) s_ += acc[r][i]; }\n"
+          "    if (s_ == 1.2345f) p.part_lse[0] = s_; }\n  return;\n  // Merge the row groups of each warp")]
+SPLICES = {"warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8, "nomerge": NOMERGE, "noepi": NOEPI}
 
 def version_text(path):
     base, _, splice = path.partition("+")
@@ -56,24 +66,25 @@ SHAPES = {  # name: (B, L, dtype, page size or 0, head_dim)
     "D1-paged16": (8, 4096, torch.float16, 16, 128), "D2-paged16": (32, 8192, torch.float16, 16, 128),
     "D3-paged16": (1, 32768, torch.float16, 16, 128), "D1-paged1": (8, 4096, torch.float16, 1, 128),
     "D1-paged256": (8, 4096, torch.float16, 256, 128),
-    **{f"D1-d{d}": (8, 4096, torch.float16, 0, d) for d in (64, 96, 256)},
+    **{f"D1-d{d}": (8, 4096, torch.float16, 0, d) for d in (64, 80, 96, 112, 192, 256)},
     **{f"B{b}-L{n}": (b, n, torch.float16, 0, 128) for b in (1, 4, 16, 64) for n in (512, 1024, 4096, 32768, 131072)},
 }
-KNOBS = {"s": "num_splits", "t": "threads", "st": "stages", "u": "unroll", "r": "rows"}
+KNOBS = {"s": "num_splits", "t": "threads", "st": "stages", "u": "unroll", "r": "rows", "c": "cluster"}
 PEERS = {"sdpa-cudnn"}
 
 def parse_case(name):
     """'B4-L512' or 'B4-L512:st4,s2,f' (configs.decode_overrides: s splits, t threads, st stages,
-    u unroll, r query rows per block; f: full lengths). Returns (B, L, dtype, page, head_dim, overrides, full)."""
-    shape, _, knobs = name.partition(":")
-    ov, full = {}, False
+    u unroll, r query rows per block, c1 no cluster merge; f: full lengths; m: pages in order). Returns (B, L, dtype,
+    page, head_dim, overrides, full, monotonic)."""
+    shape, _, knobs = name.split("#")[0].partition(":")
+    ov, full, monotonic = {}, False, False
     for tok in filter(None, knobs.split(",")):
-        if tok == "f":
-            full = True
+        if tok in ("f", "m"):
+            full, monotonic = full or tok == "f", monotonic or tok == "m"
             continue
         key = tok.rstrip("0123456789")
         ov[KNOBS[key]] = int(tok[len(key):])
-    return (*SHAPES[shape], ov, full)
+    return (*SHAPES[shape], ov, full, monotonic)
 
 args = sys.argv[2:]
 cases = args[args.index("--") + 1:] if "--" in args else ["D1", "D3", "D2"]
@@ -84,7 +95,7 @@ results = {**harness.device_meta(), "command": " ".join(["python", *sys.argv]), 
            "cases": {}}
 ROUNDS = 3
 for name in cases:
-    B, L, dtype, page, D, ov, full = parse_case(name)
+    B, L, dtype, page, D, ov, full, monotonic = parse_case(name)
     configs.decode_overrides.clear(); configs.decode_overrides.update(ov); A.clear_plans()
     sets = []
     for _ in range(harness.rotation_count(2 * B * 8 * L * D * 2, harness.l2_cache_bytes())):
@@ -93,7 +104,7 @@ for name in cases:
         lens = (torch.full((B,), L, dtype=torch.int32, device="cuda") if full
                 else torch.randint(max(1, L - 64), L + 1, (B,), dtype=torch.int32, device="cuda"))
         if page:
-            kp, vp, bt = ikport.paged_kv_from_dense(k, v, page)
+            kp, vp, bt = ikport.paged_kv_from_dense(k, v, page, shuffle=not monotonic)
             sets.append((qq, kp, vp, bt, lens, (k, v)))
         else:
             sets.append((qq, k, v, None, lens, (k, v)))
@@ -145,7 +156,8 @@ for name in cases:
             entry["versions"][vname]["rounds_us"].append(round(t.median_us, 2))
     for vname, e in entry["versions"].items():
         e["median_us"] = statistics.median(e["rounds_us"])
-        print(name, vname, e["median_us"], e["rounds_us"], "regs", e.get("regs"), "err", e.get("max_abs_err"), flush=True)
+        print(name, vname, e["median_us"], e["rounds_us"], "regs", e.get("regs"), "err", e.get("max_abs_err"),
+              "grid", entry["grid"], "block", entry["block"], "smem", entry["smem"], flush=True)
     del sets, outs; A.clear_plans(); torch.cuda.empty_cache()
 configs.decode_overrides.clear()
 json.dump(results, open(sys.argv[1], "w"), indent=1)
