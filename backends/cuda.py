@@ -254,9 +254,13 @@ class CudaBackend(Backend):
 
     def max_active_clusters(self, fn: Any, cluster: int, block_threads: int, shared_bytes: int) -> int:
         """Clusters of `fn` resident at once: the GPCs' SM counts decide (a cluster's blocks share
-        one GPC), so this is the driver's answer, not SMs / cluster."""
+        one GPC), so this is the driver's answer, not SMs / cluster. Clusters past 8 blocks (the
+        portable limit) are allowed on `fn` first, for the query and the launches after it."""
         cu = self._driver
         self.set_max_dynamic_shared(fn, shared_bytes)  # the query counts against the kernel's limit
+        if cluster > 8:
+            attr = cu.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED
+            self._check(cu.cuFuncSetAttribute(fn, attr, 1), "cuFuncSetAttribute")
         cfg = cu.CUlaunchConfig()
         cfg.gridDimX, cfg.gridDimY, cfg.gridDimZ = cluster, 1, 1
         cfg.blockDimX, cfg.blockDimY, cfg.blockDimZ = block_threads, 1, 1

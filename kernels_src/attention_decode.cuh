@@ -596,7 +596,7 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split(DecodeParams p) {
 template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES, int CLUSTER>
 __global__ void __launch_bounds__(THREADS) IK_CLUSTER_DIMS(CLUSTER) attn_decode_split_cluster(DecodeParams p) {
   static_assert(IK_HAS_CLUSTERS || CLUSTER < 0, "block clusters: NVIDIA sm_90 and newer only");  // (dependent: checked when instantiated)
-  static_assert(CLUSTER >= 2 && CLUSTER <= 8, "2 to 8 splits a cluster (the portable cluster sizes)");
+  static_assert(CLUSTER >= 2 && CLUSTER <= 16, "2 to 16 splits a cluster (9-16: non-portable sizes, allowed at load)");
   decode_split<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL, STAGES, CLUSTER>(p);
 }
 

@@ -93,7 +93,7 @@ def test_one_block_per_sm_takes_four_rows_a_step_where_idle_lanes_shrink_the_ste
 
 def test_split_groups_of_up_to_eight_merge_in_a_cluster_where_the_target_has_clusters():
     one = dict(clusters=True, blocks=128, sm_count=132)
-    assert [configs.decode_cluster(s, **one) for s in (1, 2, 5, 8, 9, 16)] == [1, 2, 5, 8, 1, 1]
+    assert [configs.decode_cluster(s, **one) for s in (1, 2, 5, 8, 9, 16, 17)] == [1, 2, 5, 8, 9, 16, 1]
     assert configs.decode_cluster(4, **{**one, "clusters": False}) == 1
     assert configs.decode_cluster(4, **{**one, "blocks": 256}) == 1  # two blocks per SM: no
     configs.decode_overrides["cluster"] = 1
