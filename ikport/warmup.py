@@ -10,7 +10,8 @@ The default set is what `ikport.attention` / `ikport.paged_attention` launch wit
 variant: the split decode kernel for fp16 and bf16, head dims 64, 128 and 256 (`head_dims`),
 every query-row tile (GQA group x query tokens: 1, 2, 4, 8), contiguous and paged, with the
 launch parameters of ikport.configs (the launch rules' 128-thread and one-block-per-SM versions
-included). `all_kernels=True` adds every instantiation of
+included; on targets with block clusters, the contiguous kernels' clustered versions for 2, 4
+and 8 splits, the sizes the split rule picks most). `all_kernels=True` adds every instantiation of
 kernels_src/manifest.yaml (naive and combine kernels, the register-load pipeline, mma_tile).
 
 After the cold pass, a warm pass clears the in-process map and loads every kernel again from
@@ -34,6 +35,7 @@ from .backends.target import Target
 from .manifest import KernelSpec, default_instantiations, spec
 
 DTYPES = ("fp16", "bf16")
+WARMUP_CLUSTERS = (2, 4, 8)  # clustered split counts built ahead; others compile on first use
 GOAL_COLD_PER_KERNEL_S = 5.0  # compiling one kernel from scratch
 GOAL_WARM_TOTAL_S = 1.0  # loading every kernel of the default set from the disk cache
 
@@ -46,12 +48,14 @@ def _manifest_head_dims() -> list[int]:
     return sorted(dims)
 
 
-def dispatcher_kernels(head_dims: Iterable[int] | None = None,
-                       dtypes: Iterable[str] = DTYPES, async_copy: bool = True) -> list[KernelSpec]:
+def dispatcher_kernels(head_dims: Iterable[int] | None = None, dtypes: Iterable[str] = DTYPES,
+                       async_copy: bool = True, clusters: bool = False) -> list[KernelSpec]:
     """The decode kernels the default variant loads, for these head dims: the split kernels, the
     128-thread version short contiguous caches with many groups take (configs.decode_small_blocks),
     on targets with async copies the deeper-ring one-block-per-SM version for contiguous caches,
-    and the merge kernel every split-K plan loads up front (a graph capture launches it)."""
+    on targets with clusters the contiguous 256-thread kernels' clustered versions
+    (configs.decode_cluster, WARMUP_CLUSTERS), and the merge kernel every split-K plan loads up
+    front (a graph capture launches it)."""
     # (paged, one block per SM, threads)
     layouts = [(False, False, configs.DECODE_THREADS), (True, False, configs.DECODE_THREADS),
                (False, False, configs.SMALL_BLOCK_THREADS)]
@@ -67,15 +71,20 @@ def dispatcher_kernels(head_dims: Iterable[int] | None = None,
                     out.append(spec("attention_decode", "split", dtype=dtype, head_dim=int(d),
                                     rows=rows, paged=paged, threads=threads, unroll=unroll,
                                     stages=stages))
+                    if clusters and not paged and block == configs.DECODE_THREADS:
+                        out += [spec("attention_decode", "split_cluster", dtype=dtype, head_dim=int(d),
+                                     rows=rows, paged=paged, threads=threads, unroll=unroll,
+                                     stages=stages, cluster=c) for c in WARMUP_CLUSTERS]
             out.append(spec("attention_decode", "combine", dtype=dtype, head_dim=int(d)))
     return out
 
 
 def kernel_set(all_kernels: bool = False, head_dims: Iterable[int] | None = None,
-               name_filter: str = "", async_copy: bool = True) -> list[KernelSpec]:
-    """The specs warmup builds, without duplicates, in a stable order (`async_copy`: the target's)."""
+               name_filter: str = "", async_copy: bool = True, clusters: bool = False) -> list[KernelSpec]:
+    """The specs warmup builds, without duplicates, in a stable order (`async_copy`, `clusters`:
+    the target's facts)."""
     head_dims = list(head_dims) if head_dims else None
-    specs = dispatcher_kernels(head_dims, async_copy=async_copy)
+    specs = dispatcher_kernels(head_dims, async_copy=async_copy, clusters=clusters)
     if all_kernels:
         specs += list(default_instantiations())
         for dtype in DTYPES:
@@ -262,7 +271,8 @@ def warmup(
     """
     backend, tgt, dev, desc = _resolve(target, device)
     cache = DiskCache(knobs.cache_dir()) if knobs.disk_cache_enabled() else None
-    specs = kernel_set(all_kernels, head_dims, name_filter, async_copy=tgt.facts.async_copy)
+    specs = kernel_set(all_kernels, head_dims, name_filter, async_copy=tgt.facts.async_copy,
+                       clusters=tgt.facts.clusters)
     report = WarmupReport(tgt.arch, backend.name, desc, str(cache.root) if cache else None)
     bar = Progress(len(specs), progress)
     t_start = time.perf_counter()

@@ -18,7 +18,9 @@ from ikport.backends.cache import DiskCache
 from ikport.backends.target import Target
 
 FEW = dict(head_dims=[64], name_filter="rows=1,")
-N_FEW = 8  # fp16 + bf16 x (contiguous, paged, contiguous at 128 threads, one block per SM)
+# fp16 + bf16 x (contiguous, paged, contiguous at 128 threads, one block per SM; sm_90: + the
+# clustered versions of contiguous and one block per SM for 2, 4 and 8 splits)
+N_FEW = 2 * (4 + 2 * len(warmup.WARMUP_CLUSTERS))
 
 
 @pytest.fixture
@@ -54,6 +56,18 @@ def test_default_set_is_what_the_dispatcher_launches():
                 assert s.uri in uris
 
 
+def test_targets_with_clusters_add_the_clustered_contiguous_kernels():
+    plain, clustered = warmup.kernel_set(), warmup.kernel_set(clusters=True)
+    extra = [s for s in clustered if s.kernel == "split_cluster"]
+    # dtypes x head dims x row tiles x (contiguous, one block per SM) x cluster sizes
+    assert len(extra) == len(clustered) - len(plain) == 2 * 3 * len(configs.DECODE_ROW_TILES) * 2 * 3
+    assert {dict(s.params)["cluster"] for s in extra} == set(warmup.WARMUP_CLUSTERS)
+    assert not any(dict(s.params)["paged"] for s in extra)
+    # each is the clustered twin of a kernel of the plain set
+    twins = {s.uri.replace("split_cluster[", "split[").rsplit(",cluster=", 1)[0] + "]" for s in extra}
+    assert twins <= {s.uri for s in plain}
+
+
 def test_targets_without_async_copies_skip_the_one_block_per_sm_ring():
     amd = warmup.kernel_set(async_copy=False)
     assert len(amd) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 3 + 1)
@@ -71,7 +85,7 @@ def test_all_adds_every_manifest_instantiation():
 
 
 def test_filter_and_head_dims():
-    specs = warmup.kernel_set(**FEW)
+    specs = warmup.kernel_set(**FEW, clusters=True)
     assert len(specs) == N_FEW
     assert all("head_dim=64" in s.uri and "rows=1," in s.uri for s in specs)
 
@@ -88,7 +102,7 @@ def test_cold_then_cached_then_forced(cache, nvrtc):
     from ikport.dispatch import get_backend
 
     be = get_backend("cuda")
-    for s in warmup.kernel_set(**FEW):
+    for s in warmup.kernel_set(**FEW, clusters=True):
         assert cache.get(warmup.entry_key(s, be, Target("sm_90"))) is not None
     assert len(list(cache.root.glob("*/*.bin"))) == N_FEW
     kernels._compiled.clear()
@@ -194,7 +208,8 @@ def test_warmup_on_the_gpu_meets_the_goals(cache):
 
     r = warmup.warmup()
     print(r.summary())
-    assert r.device is not None and not r.failed and len(r.rows) == len(warmup.kernel_set())
+    n = len(warmup.kernel_set(clusters=Target(r.target).facts.clusters))
+    assert r.device is not None and not r.failed and len(r.rows) == n
     assert all(x.status == "compiled" and x.load_s > 0 for x in r.rows)
     assert max(r.compile_times()) < warmup.GOAL_COLD_PER_KERNEL_S
     assert r.warm_s is not None and r.warm_s < warmup.GOAL_WARM_TOTAL_S
