@@ -104,12 +104,11 @@ def report(session: nox.Session) -> None:
 
 # ---- compute-sanitizer ---------------------------------------------------------------------------
 # A fast subset of the GPU suite covering every kernel path (test_attention_gpu.py unless a node id
-# names its file): fused split-K, the
-# unfused combine kernel, one block per head (split1, MHA), naive, multi-token causal queries,
-# zero and clamped lengths, a strided cache slice, paged (page sizes 16 and 1), the cp.async ring
-# (3 and 4 stages, D 96 and 256), the launch rules' kernels (one block per SM with the 4-stage
-# ring, 128-thread blocks), the early copy's rows past kv_len and the matrix shim. Node ids, so
-# a renamed test fails loudly.
+# names its file): fused split-K, the unfused combine kernel, one block per head (split1, MHA),
+# naive, multi-token causal queries, zero and clamped lengths, a strided cache slice, paged (page
+# sizes 16 and 1), the cp.async ring (3 and 4 stages, D 96 and 256), the launch rules' kernels
+# (one block per SM with the 4-stage ring, 128-thread blocks), the early copy's rows past kv_len,
+# the cluster merge and the matrix shim. Node ids, so a renamed test fails loudly.
 # (The CUDA-graph test is left out: with PYTORCH_NO_CUDA_MEMORY_CACHING=1 the split-K scratch
 # allocation inside a capture is a plain cudaMalloc, which stream capture forbids.)
 SANITIZE_TESTS = [
@@ -131,6 +130,9 @@ SANITIZE_TESTS = [
     "test_cache_rows_past_kv_len_never_leak[two-stage-contiguous-split]",
     "test_cache_rows_past_kv_len_never_leak[one-per-sm-contiguous-split]",
     "test_matrix_shim_tile_product[True-bf16]",
+    # split-K merged inside a block cluster (sm_90+): 2 and 8 blocks, empty splits, paged
+    "test_cluster_merge_matches_reference[fp16-2]",
+    "test_cluster_merge_matches_reference[bf16-8]",
     # W4A16: split-K with the fused merge, several row tiles, asymmetric groups, every variant
     "test_w4a16_gpu.py::test_default_matches_reference[M33-N96-K1024-fp16]",
     "test_w4a16_gpu.py::test_default_matches_reference[M5-N1024-K14336-bf16]",
