@@ -147,6 +147,8 @@ def decode_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int,
 # SMs / 4 may fit). H100, in A B B A order (decode-ab-cluster-h100.json): D1 53.43 -> 52.52 us,
 # bf16 53.94 -> 52.49, head_dim 96 44.94 -> 44.24, B=1 L=512 (8 splits) 10.69 -> 9.20; without
 # those two guards B=4 L=4096 (4 splits) went 31.74 -> 42.75 and D1-paged16 (256 blocks) 56.3 -> 78.7.
+# With them (decode-ab-cluster2-h100.json, another host): D1 52.00 -> 50.90, B=1 L=512 10.58 -> 9.44;
+# B=4 at L=512 and 4096 keep the global merge (the driver fits fewer than 32 clusters of 4).
 # Past 8 blocks a cluster is a non-portable size (the H100 allows 16), opted in at load.
 MAX_CLUSTER = 16
 

@@ -45,8 +45,8 @@ LANES8 = [("constexpr int kMergeLanes = 4;", "constexpr int kMergeLanes = 8;")]
 # Diagnostics (wrong results by design, for timing only): "nomerge" skips the split merge (each
 # block writes its partial and returns); "noepi" returns right after the stream loop (a guarded
 # store keeps the loop's results live), so stream-only time can be read off.
-NOMERGE = [("  const bool fused = p.num_splits > 1 && p.split_counters != nullptr;",
-            "  const bool fused = false;")]
+NOMERGE = [("  const bool fused = CLUSTER == 1 && p.num_splits > 1 && p.split_counters != nullptr;",
+            "  const bool fused = false;")]  # (measured on v7, whose line lacked `CLUSTER == 1 &&`)
 NOEPI = [("  // Merge the row groups of each warp",
           "  if (lane == 0) { float s_ = 0.f;\n#pragma unroll\n    for (int r = 0; r < ROWS; ++r) { s_ += l[r];\n#pragma unroll\n      for (int i = 0; i < VEC; ++i) s_ += acc[r][i]; }\n"
           "    if (s_ == 1.2345f) p.part_lse[0] = s_; }\n  return;\n  // Merge the row groups of each warp")]
