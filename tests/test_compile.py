@@ -41,6 +41,29 @@ def test_matrix_shim_becomes_mma_sync_and_ldmatrix(nvidia_rows):
             assert r.instructions["ldmatrix"] >= 2, r
 
 
+def test_cluster_decode_kernel_builds_for_sm_90_and_is_refused_below():
+    """The clustered decode merge (block clusters, sm_90+; not in the default set every target
+    builds): on sm_90 the kernel carries its cluster shape and the distributed-shared-memory
+    stores and barriers; on sm_80 its instantiation stops at the static_assert, never a kernel
+    that would trap."""
+    pytest.importorskip("cuda.bindings")
+    s = manifest.spec("attention_decode", "split_cluster", dtype="fp16", head_dim=128, rows=4, paged=False,
+                      threads=256, unroll=2, stages=4, cluster=2)
+    row = toolchain.compile_one(s, Target("sm_90"))
+    assert row.status == "ok" and row.spill_bytes == 0, row
+    from ikport.dispatch import get_backend
+    from ikport.backends.source import kernel_source
+
+    be = get_backend("cuda")
+    source = kernel_source(s.source_file, [(s.name_expr, s.params_type)])
+    ptx = be.compile(source, [s.name_expr], [], Target("sm_90")).assembly
+    assert ".reqnctapercluster 2, 1, 1" in ptx
+    assert "st.shared::cluster.f32" in ptx and "mapa.shared::cluster" in ptx
+    assert "barrier.cluster.arrive.release" in ptx and "barrier.cluster.wait.acquire" in ptx
+    with pytest.raises(CompileError, match="block clusters: NVIDIA sm_90 and newer only"):
+        be.compile(source, [s.name_expr], [], Target("sm_80"))
+
+
 def test_compile_error_names_kernel_target_options_and_log():
     pytest.importorskip("cuda.bindings")
     from ikport.dispatch import get_backend
@@ -93,3 +116,13 @@ def test_every_kernel_compiles_for_every_amd_target(amd_rows):
         assert r.spill_bytes == 0, r  # no scratch in any kernel
         if r.kernel.startswith("mma_tile"):
             assert r.instructions["mma"] >= 1, r  # v_mfma / v_wmma, never a scalar fallback
+
+
+@pytest.mark.amd_offline
+def test_cluster_decode_kernel_is_refused_on_amd():
+    """No block clusters on AMD: instantiating the clustered decode kernel stops at its
+    static_assert (the dispatcher never asks: ArchFacts.clusters is False there)."""
+    s = manifest.spec("attention_decode", "split_cluster", dtype="bf16", head_dim=64, rows=8, paged=True,
+                      threads=256, unroll=2, stages=2, cluster=4)
+    row = toolchain.compile_one(s, Target("gfx942"))
+    assert row.status == "failed" and "block clusters" in row.error, row
