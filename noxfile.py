@@ -107,8 +107,9 @@ def report(session: nox.Session) -> None:
 # names its file): fused split-K, the unfused combine kernel, one block per head (split1, MHA),
 # naive, multi-token causal queries, zero and clamped lengths, a strided cache slice, paged (page
 # sizes 16 and 1), the cp.async ring (3 and 4 stages, D 96 and 256), the launch rules' kernels
-# (one block per SM with the 4-stage ring, 128-thread blocks), the early copy's rows past kv_len,
-# the cluster merge and the matrix shim. Node ids, so a renamed test fails loudly.
+# (one block per SM with the 4-stage ring, paged at 512 threads, 128-thread blocks), the early
+# copy's rows past kv_len, the cluster merge and the matrix shim. Node ids, so a renamed test
+# fails loudly.
 # (The CUDA-graph test is left out: with PYTORCH_NO_CUDA_MEMORY_CACHING=1 the split-K scratch
 # allocation inside a capture is a plain cudaMalloc, which stream capture forbids.)
 SANITIZE_TESTS = [
@@ -129,6 +130,7 @@ SANITIZE_TESTS = [
     # the early copy: rows past kv_len (NaN, Inf) fetched, never used; 2- and 4-stage rings
     "test_cache_rows_past_kv_len_never_leak[two-stage-contiguous-split]",
     "test_cache_rows_past_kv_len_never_leak[one-per-sm-contiguous-split]",
+    "test_cache_rows_past_kv_len_never_leak[one-per-sm-paged-split]",  # 512 threads, paged
     "test_matrix_shim_tile_product[True-bf16]",
     # split-K merged inside a block cluster (sm_90+): 2 and 8 blocks, empty splits, paged
     "test_cluster_merge_matches_reference[fp16-2]",

@@ -259,15 +259,16 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                            capacity, capacity, ps_log2)
     else:
         info = backend.device_info(dev)
-        groups = B * Hkv * configs.decode_rows(Hq // Hkv * Tq)[1]
+        rows, row_tiles = configs.decode_rows(Hq // Hkv * Tq)
+        groups = B * Hkv * row_tiles
         one_per_sm = variant == "split" and configs.decode_one_block_per_sm(
             groups=groups, kv_capacity=capacity, sm_count=info.sm_count, paged=paged,
-            async_copy=backend.target_for(dev).facts.async_copy)
+            async_copy=backend.target_for(dev).facts.async_copy, rows=rows)
 
         def load(threads: int):  # the kernel's tiles, the kernel, its shared memory, blocks per SM
             tiles = configs.decode_tiles(Hq // Hkv, Tq, head_dim=D, warp_size=info.warp_size,
                                          max_smem=info.max_smem_per_block, one_per_sm=one_per_sm,
-                                         threads=threads)
+                                         threads=threads, paged=paged)
             rows, _, threads, unroll, stages = tiles
             main = get_kernel(
                 spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=rows, paged=paged,
@@ -289,7 +290,6 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
             one_per_sm=one_per_sm, tiles=tiles,
         )
         facts = backend.target_for(dev).facts
-        groups = Hkv * cfg.row_tiles * B
         cluster = configs.decode_cluster(cfg.num_splits, clusters=facts.clusters,
                                          blocks=groups * cfg.num_splits, sm_count=info.sm_count)
         clustered = False

@@ -52,11 +52,17 @@ def decode_rows(rows_total: int) -> tuple[int, int]:
 # the H100 against two blocks per SM with 2 stages, in the same rounds
 # (docs/results/decode-ab-rule-h100.json): D1 54.66 -> 53.57 us, D3 55.55 -> 54.24, B=16 L=4096
 # 96.83 -> 94.74 and L=1024 33.18 -> 30.58 (no split left), head_dim 64 33.02 -> 32.27. Only
-# with async copies (the ring is what keeps the bytes in flight); not for paged caches, whose
-# page-table loads stall each copy's issue, which a second block per SM hides (D1-paged16 55.97
-# -> 58.46 us at one block per SM, decode-ab-onepersm-h100.json); not for splits of at most
+# with async copies (the ring is what keeps the bytes in flight); not for splits of at most
 # SHORT_SPLIT_ROWS rows, which gained nothing (B=1 L=512: 10.90 -> 11.44 us).
 ONE_PER_SM_STAGES = 4
+# Paged caches at one block per SM take 512 threads and 2 stages: the same 64 KB in flight per SM
+# as 256 threads x 4 stages, in twice the warps. Each step's copies wait on block-table loads; at
+# 8 warps an SM then stalls (D1-paged16: 56.6 us at 256 x 4 against 52.7 with the page ids computed,
+# not loaded), at 16 it does not (51.6-52.0 us, in-order tables, decode-ab-lead-h100.json). Not at
+# 8 query rows, where 512 threads spill (their limit is 128 registers): those keep two blocks per SM.
+ONE_PER_SM_PAGED_THREADS = 512
+ONE_PER_SM_PAGED_STAGES = 2
+ONE_PER_SM_PAGED_MAX_ROWS = 4
 # The one-block-per-SM ring moves about 16-24 KB of K and V per step at its best. Head dims that
 # leave lanes of a row group idle (80, 96, 192: 10 of 16, 12 of 16, 24 of 32 lanes busy) move less
 # per step at 2 rows per row group, so they take 4 rows where that lands nearer ONE_PER_SM_STEP_BYTES.
@@ -78,10 +84,10 @@ def decode_one_per_sm_unroll(head_dim: int, threads: int, warp_size: int = 32) -
 
 
 def decode_one_block_per_sm(*, groups: int, kv_capacity: int, sm_count: int, paged: bool,
-                            async_copy: bool) -> bool:
-    """Whether a decode launch of `groups` (sequence, KV head, row tile) groups over caches of
-    `kv_capacity` rows runs one block per SM with ONE_PER_SM_STAGES stages (see above)."""
-    if not async_copy or paged or groups > sm_count:
+                            async_copy: bool, rows: int = 1) -> bool:
+    """Whether a decode launch of `groups` (sequence, KV head, row tile) groups of `rows` query
+    rows over caches of `kv_capacity` rows runs one block per SM with the deeper ring (see above)."""
+    if not async_copy or groups > sm_count or (paged and rows > ONE_PER_SM_PAGED_MAX_ROWS):
         return False
     splits = _wave_filling_splits(groups, kv_capacity, sm_count)
     return -(-kv_capacity // splits) > SHORT_SPLIT_ROWS
@@ -111,16 +117,19 @@ def decode_small_blocks(*, groups: int, kv_capacity: int, slots: int, paged: boo
 
 def decode_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int = 32,
                  max_smem: int | None = None, one_per_sm: bool = False,
-                 threads: int = DECODE_THREADS) -> tuple[int, int, int, int, int]:
+                 threads: int = DECODE_THREADS, paged: bool = False) -> tuple[int, int, int, int, int]:
     """(rows, row_tiles, threads, unroll, stages): the kernel template choice, before split-K.
     With `max_smem` (the target's per-block limit), 128 threads where 256 would not fit: the
     merge buffer grows with warps x rows x head_dim (gfx1100, wave32: 8 warps x 8 rows x 256
-    dims needs 66 KB of its 64 KB LDS). `one_per_sm`: the deeper ring of ONE_PER_SM_STAGES."""
+    dims needs 66 KB of its 64 KB LDS). `one_per_sm`: the one-block-per-SM ring (ONE_PER_SM_STAGES;
+    paged: ONE_PER_SM_PAGED_THREADS threads, ONE_PER_SM_PAGED_STAGES stages)."""
     rows, row_tiles = decode_rows(group * q_len)
-    threads = decode_overrides.get("threads", threads)
+    paged_one_per_sm = one_per_sm and paged
+    threads = decode_overrides.get("threads", ONE_PER_SM_PAGED_THREADS if paged_one_per_sm else threads)
     unroll = decode_overrides.get("unroll", decode_one_per_sm_unroll(head_dim, threads, warp_size)
                                   if one_per_sm else DECODE_UNROLL)
-    stages = decode_overrides.get("stages", ONE_PER_SM_STAGES if one_per_sm else DECODE_STAGES)
+    stages = decode_overrides.get("stages", ONE_PER_SM_PAGED_STAGES if paged_one_per_sm
+                                  else ONE_PER_SM_STAGES if one_per_sm else DECODE_STAGES)
     if max_smem is not None and "threads" not in decode_overrides:
         while threads > 128 and decode_smem_bytes(threads=threads, warp_size=warp_size, rows=rows,
                                                   head_dim=head_dim, unroll=unroll,

@@ -52,26 +52,29 @@ def dispatcher_kernels(head_dims: Iterable[int] | None = None, dtypes: Iterable[
                        async_copy: bool = True, clusters: bool = False) -> list[KernelSpec]:
     """The decode kernels the default variant loads, for these head dims: the split kernels, the
     128-thread version short contiguous caches with many groups take (configs.decode_small_blocks),
-    on targets with async copies the deeper-ring one-block-per-SM version for contiguous caches,
-    on targets with clusters the contiguous 256-thread kernels' clustered versions
-    (configs.decode_cluster, WARMUP_CLUSTERS), and the merge kernel every split-K plan loads up
-    front (a graph capture launches it)."""
-    # (paged, one block per SM, threads)
+    on targets with async copies the one-block-per-SM versions (the deeper ring for contiguous
+    caches, 512 threads for paged ones of at most ONE_PER_SM_PAGED_MAX_ROWS query rows), on targets
+    with clusters the clustered versions of the contiguous 256-thread and all one-block-per-SM
+    kernels (configs.decode_cluster, WARMUP_CLUSTERS), and the merge kernel every split-K plan
+    loads up front (a graph capture launches it)."""
+    # (paged, one block per SM, threads asked)
     layouts = [(False, False, configs.DECODE_THREADS), (True, False, configs.DECODE_THREADS),
                (False, False, configs.SMALL_BLOCK_THREADS)]
     if async_copy:
-        layouts.append((False, True, configs.DECODE_THREADS))
+        layouts += [(False, True, configs.DECODE_THREADS), (True, True, configs.DECODE_THREADS)]
     out = []
     for dtype in dtypes:
         for d in head_dims or _manifest_head_dims():
             for rows_total in configs.DECODE_ROW_TILES:
                 for paged, one_per_sm, block in layouts:
+                    if paged and one_per_sm and rows_total > configs.ONE_PER_SM_PAGED_MAX_ROWS:
+                        continue  # two blocks per SM there (configs.decode_one_block_per_sm)
                     rows, _, threads, unroll, stages = configs.decode_tiles(
-                        rows_total, 1, head_dim=int(d), one_per_sm=one_per_sm, threads=block)
+                        rows_total, 1, head_dim=int(d), one_per_sm=one_per_sm, threads=block, paged=paged)
                     out.append(spec("attention_decode", "split", dtype=dtype, head_dim=int(d),
                                     rows=rows, paged=paged, threads=threads, unroll=unroll,
                                     stages=stages))
-                    if clusters and not paged and block == configs.DECODE_THREADS:
+                    if clusters and block == configs.DECODE_THREADS and (one_per_sm or not paged):
                         out += [spec("attention_decode", "split_cluster", dtype=dtype, head_dim=int(d),
                                      rows=rows, paged=paged, threads=threads, unroll=unroll,
                                      stages=stages, cluster=c) for c in WARMUP_CLUSTERS]

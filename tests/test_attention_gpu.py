@@ -84,6 +84,21 @@ def test_launch_rule_shapes_match_reference(B, L):
         assert (plan.block[0], dict(plan.main.spec.params)["stages"]) == RULE_SHAPES[(B, L)]
 
 
+@pytest.mark.parametrize("group", [4, 8])
+def test_paged_launch_rule_matches_reference(group):
+    """Paged caches whose groups fit the SMs run one 512-thread block per SM (configs.
+    ONE_PER_SM_PAGED_THREADS) at up to 4 query rows; 8 rows keep two 256-thread blocks per SM."""
+    q, k, v, lens = case(8, 8 * group, 8, 1, 4096, 128, torch.float16, seed=group)
+    kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(group))
+    out = poisoned(q)
+    ikport.paged_attention(q, kp, vp, bt, lens, out=out)
+    check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
+    A = sys.modules["ikport.attention"]
+    plan = A._plan(ikport.dispatch.backend_for(q.device), q, kp, bt, None)
+    if torch.cuda.get_device_properties(q.device).multi_processor_count == 132:
+        assert plan.block[0] == (512 if group == 4 else 256)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(2, 8, 2, 1, 129, 128), (1, 4, 4, 3, 50, 64), (3, 6, 2, 1, 1, 128)])
 def test_naive_matches_reference(shape, dtype):

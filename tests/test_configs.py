@@ -57,7 +57,10 @@ def test_groups_that_fit_the_sms_run_one_block_per_sm_with_a_deeper_ring():
     assert configs.decode_one_block_per_sm(groups=64, **one)  # D1: 8 sequences x 8 KV heads
     assert configs.decode_one_block_per_sm(groups=128, **one)
     assert not configs.decode_one_block_per_sm(groups=256, **one)  # two per SM, no split already
-    assert not configs.decode_one_block_per_sm(groups=64, **{**one, "paged": True})
+    # paged caches too, up to 4 query rows a block (512 threads at 8 rows would spill)
+    assert configs.decode_one_block_per_sm(groups=64, **{**one, "paged": True}, rows=4)
+    assert not configs.decode_one_block_per_sm(groups=64, **{**one, "paged": True}, rows=8)
+    assert configs.decode_one_block_per_sm(groups=64, **one, rows=8)
     assert not configs.decode_one_block_per_sm(groups=64, **{**one, "async_copy": False})
     # Splits of at most SHORT_SPLIT_ROWS rows keep the 2-stage ring: B=1 L=4096 (16 x 256 rows),
     # B=16 L=512 (one split of 512); B=16 L=1024 (one split of 1024) takes the deeper one.
@@ -66,6 +69,15 @@ def test_groups_that_fit_the_sms_run_one_block_per_sm_with_a_deeper_ring():
     assert configs.decode_one_block_per_sm(groups=128, **{**one, "kv_capacity": 1024})
     assert configs.decode_tiles(4, 1, one_per_sm=True)[4] == configs.ONE_PER_SM_STAGES
     assert configs.decode_tiles(4, 1)[4] == configs.DECODE_STAGES
+    # paged: 512 threads x 2 stages, the same bytes in flight as 256 x 4 in twice the warps
+    _, _, threads, unroll, stages = configs.decode_tiles(4, 1, one_per_sm=True, paged=True)
+    assert (threads, unroll, stages) == (configs.ONE_PER_SM_PAGED_THREADS, 2, configs.ONE_PER_SM_PAGED_STAGES)
+    assert configs.decode_tiles(4, 1, paged=True)[2] == configs.DECODE_THREADS
+    configs.decode_overrides["threads"] = 256
+    try:
+        assert configs.decode_tiles(4, 1, one_per_sm=True, paged=True)[2] == 256
+    finally:
+        configs.decode_overrides.clear()
 
     def one_per_sm(B, L):
         return configs.decode_config(sm_count=132, blocks_per_sm=2, batch=B, kv_heads=8, group=4,

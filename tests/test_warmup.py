@@ -18,9 +18,9 @@ from ikport.backends.cache import DiskCache
 from ikport.backends.target import Target
 
 FEW = dict(head_dims=[64], name_filter="rows=1,")
-# fp16 + bf16 x (contiguous, paged, contiguous at 128 threads, one block per SM; sm_90: + the
-# clustered versions of contiguous and one block per SM for 2, 4 and 8 splits)
-N_FEW = 2 * (4 + 2 * len(warmup.WARMUP_CLUSTERS))
+# fp16 + bf16 x (contiguous, paged, contiguous at 128 threads, one block per SM contiguous and
+# paged; sm_90: + the clustered versions of contiguous and both one block per SM for 2, 4 and 8 splits)
+N_FEW = 2 * (5 + 3 * len(warmup.WARMUP_CLUSTERS))
 
 
 @pytest.fixture
@@ -41,16 +41,19 @@ def test_default_set_is_what_the_dispatcher_launches():
     specs = warmup.kernel_set()
     uris = {s.uri for s in specs}
     # per row tile: contiguous, paged, contiguous at 128 threads, contiguous one block per SM;
-    # + the merge kernel
-    assert len(specs) == len(uris) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 4 + 1)
+    # paged one block per SM at up to 4 rows (3 row tiles); + the merge kernel
+    assert len(specs) == len(uris) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 4 + 3 + 1)
     # Every (group, query tokens) the dispatcher can see maps to a kernel in the set (head dim 128).
     small = configs.SMALL_BLOCK_THREADS
     for group in range(1, 9):
         for q_len in range(1, 5):
             for paged, one_per_sm, block in ((False, False, 256), (True, False, 256), (False, False, small),
-                                             (False, True, 256)):
+                                             (False, True, 256), (True, True, 256)):
+                rows = configs.decode_rows(group * q_len)[0]
+                if paged and one_per_sm and rows > configs.ONE_PER_SM_PAGED_MAX_ROWS:
+                    continue
                 rows, _, threads, unroll, stages = configs.decode_tiles(group, q_len, one_per_sm=one_per_sm,
-                                                                        threads=block)
+                                                                        threads=block, paged=paged)
                 s = manifest.spec("attention_decode", "split", dtype="bf16", head_dim=128, rows=rows,
                                   paged=paged, threads=threads, unroll=unroll, stages=stages)
                 assert s.uri in uris
@@ -59,10 +62,12 @@ def test_default_set_is_what_the_dispatcher_launches():
 def test_targets_with_clusters_add_the_clustered_contiguous_kernels():
     plain, clustered = warmup.kernel_set(), warmup.kernel_set(clusters=True)
     extra = [s for s in clustered if s.kernel == "split_cluster"]
-    # dtypes x head dims x row tiles x (contiguous, one block per SM) x cluster sizes
-    assert len(extra) == len(clustered) - len(plain) == 2 * 3 * len(configs.DECODE_ROW_TILES) * 2 * 3
+    # dtypes x head dims x cluster sizes x (row tiles x (contiguous, contiguous one block per SM)
+    # + 3 row tiles of paged one block per SM)
+    assert len(extra) == len(clustered) - len(plain) == 2 * 3 * 3 * (len(configs.DECODE_ROW_TILES) * 2 + 3)
     assert {dict(s.params)["cluster"] for s in extra} == set(warmup.WARMUP_CLUSTERS)
-    assert not any(dict(s.params)["paged"] for s in extra)
+    paged = [s for s in extra if dict(s.params)["paged"]]  # only the 512-thread one-block-per-SM kernels
+    assert paged and all(dict(s.params)["threads"] == configs.ONE_PER_SM_PAGED_THREADS for s in paged)
     # each is the clustered twin of a kernel of the plain set
     twins = {s.uri.replace("split_cluster[", "split[").rsplit(",cluster=", 1)[0] + "]" for s in extra}
     assert twins <= {s.uri for s in plain}
@@ -73,6 +78,7 @@ def test_targets_without_async_copies_skip_the_one_block_per_sm_ring():
     assert len(amd) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 3 + 1)
     assert not any(f"stages={configs.ONE_PER_SM_STAGES}]" in s.uri for s in amd)
     assert any(f"stages={configs.ONE_PER_SM_STAGES}]" in s.uri for s in warmup.kernel_set())
+    assert not any(f"threads={configs.ONE_PER_SM_PAGED_THREADS}," in s.uri for s in amd)
 
 
 def test_all_adds_every_manifest_instantiation():
@@ -145,7 +151,7 @@ def test_failed_kernel_is_a_row_not_an_exception(cache, monkeypatch):
 
 def test_disk_cache_off(cache, nvrtc, monkeypatch):
     monkeypatch.setenv("IKPORT_NO_DISK_CACHE", "1")
-    r = warmup.warmup(target="sm_90", head_dims=[64], name_filter="fp16,head_dim=64,rows=1,paged=true")
+    r = warmup.warmup(target="sm_90", head_dims=[64], name_filter="fp16,head_dim=64,rows=1,paged=true,threads=256")
     assert len(r.rows) == 1 and r.cache_dir is None and r.warm_s is None
     assert "nothing persists" in r.summary()
     assert not cache.root.exists()
@@ -254,7 +260,7 @@ def test_log_bad_value_warns():
 
 
 def test_log_debug_shows_compile_commands(cache, nvrtc):
-    done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", "bf16,head_dim=64,rows=1,paged=true",
+    done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", "bf16,head_dim=64,rows=1,paged=true,threads=256",
                 env_extra={"IKPORT_LOG": "debug"})
     assert done.returncode == 0, done.stderr
     assert "ikport DEBUG" in done.stderr and "compile attention_decode.split[dtype=bf16" in done.stderr

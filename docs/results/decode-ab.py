@@ -50,7 +50,18 @@ NOMERGE = [("  const bool fused = CLUSTER == 1 && p.num_splits > 1 && p.split_co
 NOEPI = [("  // Merge the row groups of each warp",
           "  if (lane == 0) { float s_ = 0.f;\n#pragma unroll\n    for (int r = 0; r < ROWS; ++r) { s_ += l[r];\n#pragma unroll\n      for (int i = 0; i < VEC; ++i) s_ += acc[r][i]; }\n"
           "    if (s_ == 1.2345f) p.part_lse[0] = s_; }\n  return;\n  // Merge the row groups of each warp")]
-SPLICES = {"warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8, "nomerge": NOMERGE, "noepi": NOEPI}
+# Paged diagnostics on the v8 text (decode-ab-paged-h100.json): "nopt" computes each row's page id
+# instead of loading it (valid only for in-order tables, case flag "m"); "early" copies a paged
+# cache's first ring step before kv_len is known, bounded by the capacity, as contiguous caches do
+# (its page ids too: only safe where every block-table entry holds a real page).
+NOPT = [("page[u] = active && t < end ? bt_row[t >> p.page_size_log2] : 0;",
+         "page[u] = active && t < end ? static_cast<int>(bt_row - p.block_table) + (t >> p.page_size_log2) : 0;")]
+EARLY = [("constexpr bool kEarlyCopy = !PAGED && STAGES > 0;", "constexpr bool kEarlyCopy = STAGES > 0;"),
+         ("if constexpr (kEarlyCopy) issue(0, t_early_end);",
+          "if constexpr (kEarlyCopy) {\n    if constexpr (PAGED) decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(0), t_early_end, lane_active, page);\n"
+          "    issue(0, t_early_end);\n  }")]
+SPLICES = {"warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8, "nomerge": NOMERGE, "noepi": NOEPI,
+           "nopt": NOPT, "early": EARLY, "nopt-early": NOPT + EARLY}
 
 def version_text(path):
     base, _, splice = path.partition("+")
@@ -68,6 +79,7 @@ SHAPES = {  # name: (B, L, dtype, page size or 0, head_dim)
     "D1-paged256": (8, 4096, torch.float16, 256, 128),
     **{f"D1-d{d}": (8, 4096, torch.float16, 0, d) for d in (64, 80, 96, 112, 192, 256)},
     **{f"B{b}-L{n}": (b, n, torch.float16, 0, 128) for b in (1, 4, 16, 64) for n in (512, 1024, 4096, 32768, 131072)},
+    "B8-L1024": (8, 1024, torch.float16, 0, 128), "B1-L8192": (1, 8192, torch.float16, 0, 128),
 }
 KNOBS = {"s": "num_splits", "t": "threads", "st": "stages", "u": "unroll", "r": "rows", "c": "cluster"}
 PEERS = {"sdpa-cudnn"}
