@@ -90,7 +90,7 @@ def decode_one_block_per_sm(*, groups: int, kv_capacity: int, sm_count: int, pag
     if not async_copy or groups > sm_count or (paged and rows > ONE_PER_SM_PAGED_MAX_ROWS):
         return False
     splits = _wave_filling_splits(groups, kv_capacity, sm_count)
-    return -(-kv_capacity // splits) > SHORT_SPLIT_ROWS
+    return -(-kv_capacity // splits) >= SHORT_SPLIT_ROWS
 
 
 # Caches of at most SMALL_BLOCK_MAX_ROWS rows with more groups than one wave of 256-thread blocks

@@ -62,10 +62,11 @@ def test_groups_that_fit_the_sms_run_one_block_per_sm_with_a_deeper_ring():
     assert not configs.decode_one_block_per_sm(groups=64, **{**one, "paged": True}, rows=8)
     assert configs.decode_one_block_per_sm(groups=64, **one, rows=8)
     assert not configs.decode_one_block_per_sm(groups=64, **{**one, "async_copy": False})
-    # Splits of at most SHORT_SPLIT_ROWS rows keep the 2-stage ring: B=1 L=4096 (16 x 256 rows),
-    # B=16 L=512 (one split of 512); B=16 L=1024 (one split of 1024) takes the deeper one.
+    # Splits shorter than SHORT_SPLIT_ROWS rows keep the 2-stage ring: B=1 L=4096 (16 x 256 rows),
+    # B=4 L=512 (4 x 128); B=16 L=512 (one split of 512) and L=1024 take the deeper one.
     assert not configs.decode_one_block_per_sm(groups=8, **one)
-    assert not configs.decode_one_block_per_sm(groups=128, **{**one, "kv_capacity": 512})
+    assert not configs.decode_one_block_per_sm(groups=32, **{**one, "kv_capacity": 512})
+    assert configs.decode_one_block_per_sm(groups=128, **{**one, "kv_capacity": 512})
     assert configs.decode_one_block_per_sm(groups=128, **{**one, "kv_capacity": 1024})
     assert configs.decode_tiles(4, 1, one_per_sm=True)[4] == configs.ONE_PER_SM_STAGES
     assert configs.decode_tiles(4, 1)[4] == configs.DECODE_STAGES
