@@ -100,7 +100,8 @@ def paged_attention(
         q: [B, Hq, Tq, D].
         k_pages, v_pages: [num_pages, Hkv, page_size, D]; page_size a power of two in [1, 256].
         block_table: int32 [B, max_pages]: page ids of each sequence, in order. Entries for
-            pages below kv_len must be valid page ids (they are not range-checked on the device).
+            pages below kv_len must be valid page ids (they are not range-checked on the device);
+            entries past kv_len may hold anything.
         kv_lens: int32 [B] on the device (clamped to [0, max_pages * page_size]).
     Other arguments as in `attention`.
     """
@@ -284,16 +285,18 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                 groups=groups, kv_capacity=capacity, paged=paged,
                 slots=info.sm_count * configs.decode_blocks_per_sm(per_sm, tiles[0], tiles[2])):
             tiles, main, smem, per_sm = load(configs.SMALL_BLOCK_THREADS)
-        cfg = configs.decode_config(
-            sm_count=info.sm_count, blocks_per_sm=per_sm, batch=B, kv_heads=Hkv, group=Hq // Hkv,
-            q_len=Tq, kv_capacity=capacity, num_splits=1 if variant == "split1" else None,
-            one_per_sm=one_per_sm, tiles=tiles,
-        )
+        def split_config(num_splits: int | None) -> configs.DecodeConfig:
+            return configs.decode_config(
+                sm_count=info.sm_count, blocks_per_sm=per_sm, batch=B, kv_heads=Hkv, group=Hq // Hkv,
+                q_len=Tq, kv_capacity=capacity, num_splits=num_splits, one_per_sm=one_per_sm, tiles=tiles)
+
         facts = backend.target_for(dev).facts
-        cluster = configs.decode_cluster(cfg.num_splits, clusters=facts.clusters,
-                                         blocks=groups * cfg.num_splits, sm_count=info.sm_count)
-        clustered = False
-        if variant == "split" and cluster > 1:
+
+        def cluster_kernel(cfg: configs.DecodeConfig):  # (kernel, shared memory) or None
+            cluster = configs.decode_cluster(cfg.num_splits, clusters=facts.clusters,
+                                             blocks=groups * cfg.num_splits, sm_count=info.sm_count)
+            if variant != "split" or cluster == 1:
+                return None
             rows, _, threads, unroll, stages = tiles
             kernel = get_kernel(
                 spec("attention_decode", "split_cluster", dtype=dtype, head_dim=D, rows=rows, paged=paged,
@@ -305,7 +308,19 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
             asked = configs.decode_cluster_smem(need, facts.max_smem_per_sm)
             if asked <= info.max_smem_per_block and backend.max_active_clusters(
                     kernel.fn, cluster, threads, asked) >= groups:
-                main, smem, clustered = kernel, asked, True
+                return kernel, asked
+            return None
+
+        cfg = split_config(1 if variant == "split1" else None)
+        fit = cluster_kernel(cfg)
+        fewer = configs.decode_fewer_splits_for_clusters(cfg.num_splits, cfg.rows_per_split)
+        if fit is None and fewer and facts.clusters and variant == "split":
+            fewer_cfg = split_config(fewer)  # short splits: one split less if its clusters all fit
+            fit = cluster_kernel(fewer_cfg)
+            cfg = fewer_cfg if fit is not None else cfg
+        clustered = fit is not None
+        if clustered:
+            main, smem = fit
         combine = None
         if cfg.num_splits > 1 and not clustered:
             combine = get_kernel(spec("attention_decode", "combine", dtype=dtype, head_dim=D), backend, dev)
@@ -343,7 +358,7 @@ class _DecodeCall:
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides,
             block_table.stride(0) if block_table is not None else 0,
             B, Hq, k.shape[1], Tq, plan.kv_capacity, plan.page_size_log2, plan.num_splits,
-            plan.rows_per_split, 0, 0.0,
+            plan.rows_per_split, 0, 0.0, k.shape[0] if block_table is not None else 0,
         )
         self.main = plan.main.bind(plan.grid, plan.block, plan.shared_bytes)
         self.combine = None

@@ -171,6 +171,18 @@ def decode_cluster(num_splits: int, *, clusters: bool, blocks: int, sm_count: in
     return num_splits if decode_overrides.get("cluster", num_splits) > 1 else 1
 
 
+# Short splits (under SHORT_SPLIT_ROWS rows) whose clusters the driver cannot fit all at once take
+# one split less where that count's clusters do fit: the cluster merge saves more than the SMs
+# left idle cost. H100, B=4 x 8 KV heads, 4 splits (128 blocks, global merge) against 3 (96 blocks
+# in clusters of 3), A B B A (decode-ab-b4s3-h100.json): L=512 12.84 -> 12.08 us, L=1024 15.83 ->
+# 15.03; long splits lose (L=4096, 1024-row splits: 32.22 -> 34.72), so they keep theirs.
+def decode_fewer_splits_for_clusters(num_splits: int, rows_per_split: int) -> int | None:
+    """The split count to try when `num_splits` splits cannot merge in resident clusters, or None."""
+    if rows_per_split >= SHORT_SPLIT_ROWS or num_splits <= 2 or "num_splits" in decode_overrides:
+        return None
+    return num_splits - 1
+
+
 def decode_cluster_smem(smem: int, max_smem_per_sm: int) -> int:
     """Shared memory a clustered launch asks for: at least half the SM's and one byte, so no SM
     holds two of its blocks."""

@@ -40,7 +40,7 @@ class DecodeParams(ctypes.Structure):
         ("num_kv_heads", ctypes.c_int32), ("q_len", ctypes.c_int32),
         ("kv_capacity", ctypes.c_int32), ("page_size_log2", ctypes.c_int32),
         ("num_splits", ctypes.c_int32), ("rows_per_split", ctypes.c_int32),
-        ("causal", ctypes.c_int32), ("scale_log2", ctypes.c_float),
+        ("causal", ctypes.c_int32), ("scale_log2", ctypes.c_float), ("num_pages", ctypes.c_int32),
     ]
 
 

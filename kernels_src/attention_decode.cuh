@@ -34,6 +34,7 @@ struct DecodeParams {
   int num_splits, rows_per_split;
   int causal;
   float scale_log2;  // softmax scale * log2(e): scores are kept in the log2 domain
+  int num_pages;     // paged: pages in the pool (the early copy clamps its page ids into it)
 };
 
 namespace decode {
@@ -329,13 +330,13 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
   const int kv_len = decode::kv_len_of(p, b);
   const int t_begin = split * p.rows_per_split;
   const int t_end = min(t_begin + p.rows_per_split, kv_len);
-  // Early copy: a contiguous cache's first ring step is copied before anything else, bounded by
-  // the split and the cache's capacity (allocated memory) instead of kv_len, so the K/V copies,
-  // the kv_len load and the query loads are in flight together rather than one after another
-  // (H100: 0.55-0.8 us less on every contiguous shape measured, docs/results/decode.md v7). Its
-  // rows past kv_len get -inf scores and zeroed V in the loop. Not paged: a page table past
-  // kv_len may hold garbage page ids.
-  constexpr bool kEarlyCopy = !PAGED && STAGES > 0;
+  // Early copy: the first ring step is copied before anything else, bounded by the split and the
+  // cache's capacity (allocated memory) instead of kv_len, so the K/V copies, the kv_len load and
+  // the query loads are in flight together rather than one after another (H100: 0.55-0.8 us less
+  // on every contiguous shape measured, docs/results/decode.md v7; paged 0.5-1 us, v9). Its rows
+  // past kv_len get -inf scores and zeroed V in the loop. A paged table past kv_len may hold
+  // garbage: those page ids are clamped into the pool, so the copy stays in bounds.
+  constexpr bool kEarlyCopy = STAGES > 0;
   const int t_early_end = min(t_begin + p.rows_per_split, p.kv_capacity);
 
   const T* kbase = static_cast<const T*>(p.k) + d0;
@@ -380,7 +381,14 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
     }
     ik::cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
   };
-  if constexpr (kEarlyCopy) issue(0, t_early_end);  // before the query loads: nothing waits ahead of it
+  if constexpr (kEarlyCopy) {  // before the query loads: nothing waits ahead of it
+    if constexpr (PAGED) {
+      decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(0), t_early_end, lane_active, page);
+#pragma unroll
+      for (int u = 0; u < U; ++u) page[u] = min(max(page[u], 0), p.num_pages - 1);
+    }
+    issue(0, t_early_end);
+  }
 
   // Query rows of this block, pre-scaled into the log2 domain; their key limits.
   float q[ROWS][VEC];

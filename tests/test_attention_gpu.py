@@ -84,6 +84,20 @@ def test_launch_rule_shapes_match_reference(B, L):
         assert (plan.block[0], dict(plan.main.spec.params)["stages"]) == RULE_SHAPES[(B, L)]
 
 
+def test_short_splits_take_one_split_less_where_its_clusters_fit():
+    """B=4 x 8 KV heads, L=512: 4 splits' clusters of 4 do not all fit on the H100 at one block
+    per SM, 3 splits' clusters of 3 do (configs.decode_fewer_splits_for_clusters)."""
+    q, k, v, lens = case(4, 32, 8, 1, 512, 128, torch.float16, seed=45)
+    out = poisoned(q)
+    ikport.attention(q, k, v, kv_lens=lens, out=out)
+    check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
+    A = sys.modules["ikport.attention"]
+    plan = A._plan(ikport.dispatch.backend_for(q.device), q, k, None, None)
+    props = torch.cuda.get_device_properties(q.device)
+    if props.multi_processor_count == 132 and (props.major, props.minor) >= (9, 0):
+        assert (plan.num_splits, plan.clustered) == (3, True)
+
+
 @pytest.mark.parametrize("group", [4, 8])
 def test_paged_launch_rule_matches_reference(group):
     """Paged caches whose groups fit the SMs run one 512-thread block per SM (configs.
@@ -145,8 +159,9 @@ LEAK_SHAPES = {"two-stage": (4, 16, 4, 1500, 700), "one-per-sm": (8, 32, 8, 4096
 @pytest.mark.parametrize("shape", list(LEAK_SHAPES))
 def test_cache_rows_past_kv_len_never_leak(variant, paged, shape):
     """Rows at or past kv_len hold NaN and Inf (a never-written cache slot may): the kernel may
-    fetch them (a contiguous cache's first ring step is copied before kv_len arrives) but must
-    ignore them."""
+    fetch them (the first ring step is copied before kv_len arrives) but must ignore them. Paged:
+    the block table past each sequence's last page holds garbage ids (-1, huge), which the early
+    copy must clamp into the pool."""
     B, Hq, Hkv, L, inside = LEAK_SHAPES[shape]
     q, k, v, lens = case(B, Hq, Hkv, 1, L, 128, torch.float16, seed=12)
     lens[1], lens[2] = 1, inside  # splits past the end, and one ending inside a step
@@ -157,6 +172,10 @@ def test_cache_rows_past_kv_len_never_leak(variant, paged, shape):
     out = poisoned(q)
     if paged:
         kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(2))
+        page = torch.arange(bt.shape[1], device=DEV).view(1, -1)
+        unused = page * 16 >= lens.view(-1, 1).long()  # pages wholly past kv_len
+        garbage = torch.where(page % 2 == 0, -1, 2**31 - 1).to(torch.int32).expand_as(bt)
+        bt = torch.where(unused, garbage, bt)
         ikport.paged_attention(q, kp, vp, bt, lens, out=out, variant=variant)
     else:
         ikport.attention(q, k, v, kv_lens=lens, out=out, variant=variant)
@@ -297,6 +316,26 @@ def test_cluster_merge_matches_reference(splits, dtype):
                 ikport.paged_attention(q, kp, vp, bt, lens, out=out, causal=True)
                 check(out, ref, dtype)
                 A.clear_plans()
+    finally:
+        configs.decode_overrides.clear()
+        A.clear_plans()
+
+
+def test_non_portable_cluster_of_sixteen_splits_launches():
+    """One group in 16 splits: a 16-block cluster (past the portable 8, allowed on the kernel
+    before the residency query) fits any sm_90 part once, so it must launch clustered there."""
+    from ikport import configs
+    A = sys.modules["ikport.attention"]
+    q, k, v, lens = case(1, 4, 1, 1, 4000, 128, torch.float16, seed=16)
+    configs.decode_overrides.update(num_splits=16)
+    A.clear_plans()
+    try:
+        out = poisoned(q)
+        ikport.attention(q, k, v, kv_lens=lens, out=out)
+        check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
+        plan = next(iter(A._plans.values()))
+        assert plan.num_splits == 16
+        assert plan.clustered == (torch.cuda.get_device_capability() >= (9, 0))
     finally:
         configs.decode_overrides.clear()
         A.clear_plans()

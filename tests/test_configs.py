@@ -140,3 +140,14 @@ def test_decode_config_keeps_the_launched_kernels_tiles():
     c = configs.decode_config(sm_count=48, blocks_per_sm=None, batch=2, kv_heads=4, group=8,
                               q_len=1, kv_capacity=8192, tiles=tiles)
     assert (c.rows, c.threads) == (8, 128)
+
+
+def test_short_splits_try_one_split_less_for_resident_clusters():
+    assert configs.decode_fewer_splits_for_clusters(4, 128) == 3  # B=4 L=512
+    assert configs.decode_fewer_splits_for_clusters(4, 1024) is None  # long splits keep theirs
+    assert configs.decode_fewer_splits_for_clusters(2, 256) is None  # no cluster below 2 splits
+    configs.decode_overrides["num_splits"] = 4
+    try:
+        assert configs.decode_fewer_splits_for_clusters(4, 128) is None  # an explicit split count stays
+    finally:
+        configs.decode_overrides.clear()

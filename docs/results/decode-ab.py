@@ -145,6 +145,8 @@ for name in cases:
         text = version_text(path) + f"\ntemplate __global__ void {spec.name_expr}({spec.params_type});\n"
         mod = be.compile(text, [spec.name_expr], [], target)
         fn = be.get_function(be.load(mod, 0), mod, spec.name_expr)
+        if plan.clustered:  # as the planner does: clusters past 8 blocks are allowed on the function
+            be.max_active_clusters(fn, plan.grid[0], plan.block[0], plan.shared_bytes)
         launchers[vname] = dataclasses.replace(plan.main, fn=fn, max_dynamic_shared=0).bind(plan.grid, plan.block, plan.shared_bytes)
         errs = []
         for i in range(len(sets)):  # every input set, output poisoned first
