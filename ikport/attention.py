@@ -285,6 +285,7 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                 groups=groups, kv_capacity=capacity, paged=paged,
                 slots=info.sm_count * configs.decode_blocks_per_sm(per_sm, tiles[0], tiles[2])):
             tiles, main, smem, per_sm = load(configs.SMALL_BLOCK_THREADS)
+
         def split_config(num_splits: int | None) -> configs.DecodeConfig:
             return configs.decode_config(
                 sm_count=info.sm_count, blocks_per_sm=per_sm, batch=B, kv_heads=Hkv, group=Hq // Hkv,

@@ -52,14 +52,17 @@ def decode_rows(rows_total: int) -> tuple[int, int]:
 # the H100 against two blocks per SM with 2 stages, in the same rounds
 # (docs/results/decode-ab-rule-h100.json): D1 54.66 -> 53.57 us, D3 55.55 -> 54.24, B=16 L=4096
 # 96.83 -> 94.74 and L=1024 33.18 -> 30.58 (no split left), head_dim 64 33.02 -> 32.27. Only
-# with async copies (the ring is what keeps the bytes in flight); not for splits of at most
-# SHORT_SPLIT_ROWS rows, which gained nothing (B=1 L=512: 10.90 -> 11.44 us).
+# with async copies (the ring is what keeps the bytes in flight); not for splits shorter than
+# SHORT_SPLIT_ROWS rows, which gained nothing (B=1 L=512, 64-row splits: 10.90 -> 11.44 us). Splits
+# of exactly that many gain (decode-ab-split512-h100.json, A B B A): B=16 L=512 19.34 -> 18.72 us,
+# B=8 L=1024 19.83 -> 19.28, B=1 L=8192 21.89 -> 20.91.
 ONE_PER_SM_STAGES = 4
 # Paged caches at one block per SM take 512 threads and 2 stages: the same 64 KB in flight per SM
 # as 256 threads x 4 stages, in twice the warps. Each step's copies wait on block-table loads; at
 # 8 warps an SM then stalls (D1-paged16: 56.6 us at 256 x 4 against 52.7 with the page ids computed,
-# not loaded), at 16 it does not (51.6-52.0 us, in-order tables, decode-ab-lead-h100.json). Not at
-# 8 query rows, where 512 threads spill (their limit is 128 registers): those keep two blocks per SM.
+# not loaded), at 16 it does not (51.6-52.0 us, in-order tables, decode-ab-lead-h100.json). Against
+# two blocks per SM, shuffled tables: 56.48 -> 54.26 us (decode-ab-paged512-h100.json). Not at 8
+# query rows, where 512 threads spill (their limit is 128 registers): those keep two blocks per SM.
 ONE_PER_SM_PAGED_THREADS = 512
 ONE_PER_SM_PAGED_STAGES = 2
 ONE_PER_SM_PAGED_MAX_ROWS = 4
@@ -174,7 +177,7 @@ def decode_cluster(num_splits: int, *, clusters: bool, blocks: int, sm_count: in
 # Short splits (under SHORT_SPLIT_ROWS rows) whose clusters the driver cannot fit all at once take
 # one split less where that count's clusters do fit: the cluster merge saves more than the SMs
 # left idle cost. H100, B=4 x 8 KV heads, 4 splits (128 blocks, global merge) against 3 (96 blocks
-# in clusters of 3), A B B A (decode-ab-b4s3-h100.json): L=512 12.84 -> 12.08 us, L=1024 15.83 ->
+# in clusters of 3), A B B A (decode-ab-b4s3-h100.json): L=512 12.84 -> 12.09 us, L=1024 15.83 ->
 # 15.03; long splits lose (L=4096, 1024-row splits: 32.22 -> 34.72), so they keep theirs.
 def decode_fewer_splits_for_clusters(num_splits: int, rows_per_split: int) -> int | None:
     """The split count to try when `num_splits` splits cannot merge in resident clusters, or None."""
