@@ -59,7 +59,7 @@ def test_default_set_is_what_the_dispatcher_launches():
                 assert s.uri in uris
 
 
-def test_targets_with_clusters_add_the_clustered_contiguous_kernels():
+def test_targets_with_clusters_add_the_clustered_kernels():
     plain, clustered = warmup.kernel_set(), warmup.kernel_set(clusters=True)
     extra = [s for s in clustered if s.kernel == "split_cluster"]
     # dtypes x head dims x cluster sizes x (row tiles x (contiguous, contiguous one block per SM)
