@@ -37,6 +37,15 @@ struct DecodeParams {
   int num_pages;     // paged: pages in the pool (the early copy clamps its page ids into it)
 };
 
+// The copy engine (bulk copies on mbarriers) fills the ring where the target has one (NVIDIA
+// sm_90+); elsewhere, or with this 0, every thread copies its own slots with cp.async. Built and
+// run by the CPU block emulator (tests/test_decode_emulation.py), not yet timed on an H100: off
+// until it is (docs/results/decode.md, "v10: the copy engine, prepared"). decode-ab.py's "bulk"
+// splice turns it on for an A/B.
+#ifndef IK_DECODE_BULK_COPY
+#define IK_DECODE_BULK_COPY 0
+#endif
+
 namespace decode {
 
 // Sentinel for "no score yet": finite, so exp2(m_old - m_new) never sees (-inf) - (-inf).
@@ -352,15 +361,79 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
   auto ring_slot = [&](int stage, int u, int kv) -> uint4* {
     return ring + ((stage * U + u) * 2 + kv) * THREADS + threadIdx.x;
   };
+  // Bulk copies (the copy engine, sm_90+): warp 0 fills each ring stage with a few large copies
+  // (rows [kStep][row] of K, then of V) onto the stage's `full` barrier; each warp, having read
+  // its slots, arrives on the stage's `empty` barrier, which warp 0 waits on before refilling it.
+  // A copy spans as many rows as lie contiguous: the step's (contiguous caches), a page's, or one
+  // row (a strided cache). Elsewhere every thread copies its own 16-byte slots with cp.async.
+  constexpr bool kBulk = IK_HAS_BULK_COPY && IK_DECODE_BULK_COPY && STAGES > 0;
+  constexpr int kRow16 = C::kLanesNeeded;                            // 16-byte units per K/V row
+  constexpr int kRunsPerLane = (kStep + ik::kWarpSize - 1) / ik::kWarpSize;  // at one row a copy
+  static_assert(!kBulk || (kStep & (kStep - 1)) == 0, "bulk copies: a power-of-two step");
+  __shared__ ik::mbarrier_t bars[kBulk ? 2 * STAGES : 1];  // full[stage], then empty[stage]
+  ik::mbarrier_t* full = bars;
+  ik::mbarrier_t* empty = bars + (kBulk ? STAGES : 0);
+  auto bulk_row = [&](int stage, int kv, int j) -> uint4* { return ring + ((stage * 2 + kv) * kStep + j) * kRow16; };
+  int run = 1;  // rows a bulk copy
+  if constexpr (kBulk) {
+    if (p.k_st == HEAD_DIM && p.v_st == HEAD_DIM) {
+      run = PAGED ? min(1 << p.page_size_log2, kStep) : kStep;
+      if (PAGED && t_begin != 0) run = min(run, t_begin & -t_begin);  // runs must not cross pages
+    }
+    if (threadIdx.x == 0) {
+      for (int s = 0; s < STAGES; ++s) { ik::mbar_init(&full[s], 1); ik::mbar_init(&empty[s], C::kWarps); }
+    }
+    ik::warp_sync();  // warp 0 issues next; the other warps wait on the barriers after a block_sync
+  }
+
   // Paged: the ring's page ids are loaded one iteration before their copies are issued, so an
   // issue never waits on a block-table load (page size 1: one id per row; D1 67.0 -> 57.2 us).
-  int page[U];
+  // Bulk copies: warp 0's lanes hold the ids of their copies' first rows (those below `end`).
+  int page[kBulk ? kRunsPerLane : U];
+  auto load_run_pages = [&](int i, int end) {
+    if (warp != 0) return;
+#pragma unroll
+    for (int r = 0; r < kRunsPerLane; ++r) {
+      const int j = (lane + ik::kWarpSize * r) * run, t = t_begin + i * kStep + j;
+      page[r] = j < kStep && t < end ? bt_row[t >> p.page_size_log2] : 0;
+    }
+  };
   auto load_pages = [&](int i) {
-    if constexpr (PAGED) decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(i), t_end, lane_active, page);
+    if constexpr (PAGED && kBulk) {
+      load_run_pages(i, t_end);
+    } else if constexpr (PAGED) {
+      decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(i), t_end, lane_active, page);
+    }
+  };
+  // Warp 0 copies step i's rows below `end` into stage i % STAGES, once every warp has read the
+  // stage's previous step; a paged step's page ids must be in page[].
+  auto bulk_issue = [&](int i, int end) {
+    const int ts = t_begin + i * kStep, stage = i % STAGES;
+    if (ts >= end) return;
+    if (i >= STAGES) ik::mbar_wait(&empty[stage], (i / STAGES - 1) & 1);
+    const int rows = min(kStep, end - ts);
+    if (lane == 0) ik::mbar_arrive_expect_tx(&full[stage], 2 * rows * kRow16 * 16);
+#pragma unroll
+    for (int r = 0; r < kRunsPerLane; ++r) {
+      const int j = (lane + ik::kWarpSize * r) * run;
+      if (j < rows) {
+        const int t = ts + j, bytes = min(run, rows - j) * kRow16 * 16;
+        const long long ko = PAGED ? decode::paged_offset(p, page[r], p.k_sb, p.k_sh, p.k_st, hk, t)
+                                   : decode::row_offset<false>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t);
+        const long long vo = PAGED ? decode::paged_offset(p, page[r], p.v_sb, p.v_sh, p.v_st, hk, t)
+                                   : decode::row_offset<false>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t);
+        ik::bulk_copy(bulk_row(stage, 0, j), kbase - d0 + ko, bytes, &full[stage]);
+        ik::bulk_copy(bulk_row(stage, 1, j), vbase - d0 + vo, bytes, &full[stage]);
+      }
+    }
   };
   // Copies step i's K/V chunks of this thread into ring stage i % STAGES (zeros past `end`);
   // a paged step's page ids must be in page[].
   auto issue = [&](int i, int end) {
+    if constexpr (kBulk) {
+      if (warp == 0) bulk_issue(i, end);
+      return;
+    }
     if (t_begin + i * kStep < end) {
       const int t0 = step_row(i);
 #pragma unroll
@@ -383,9 +456,10 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
   };
   if constexpr (kEarlyCopy) {  // before the query loads: nothing waits ahead of it
     if constexpr (PAGED) {
-      decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(0), t_early_end, lane_active, page);
+      if constexpr (kBulk) load_run_pages(0, t_early_end);
+      else decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(0), t_early_end, lane_active, page);
 #pragma unroll
-      for (int u = 0; u < U; ++u) page[u] = min(max(page[u], 0), p.num_pages - 1);
+      for (int u = 0; u < (kBulk ? kRunsPerLane : U); ++u) page[u] = min(max(page[u], 0), p.num_pages - 1);
     }
     issue(0, t_early_end);
   }
@@ -423,11 +497,27 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
     }
     load_pages(STAGES - 1);
   }
+  if constexpr (kBulk) ik::block_sync();  // the barriers are initialized before any warp waits
 
   for (int i = 0; i < n_steps; ++i) {
     const int t0 = step_row(i);
     uint4 kr[U], vr[U];
-    if constexpr (STAGES > 0) {
+    if constexpr (kBulk) {
+      const int stage = i % STAGES;
+      issue(i + STAGES - 1, t_end);
+      load_pages(i + STAGES);
+      ik::mbar_wait(&full[stage], (i / STAGES) & 1);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int j = u * C::kGroups + g;
+        kr[u] = lane_active ? bulk_row(stage, 0, j)[sub] : make_uint4(0, 0, 0, 0);
+        vr[u] = lane_active ? bulk_row(stage, 1, j)[sub] : make_uint4(0, 0, 0, 0);
+        // rows past kv_len: never copied, or the early copy's; a zero weight times them could be NaN
+        if (t0 + u * C::kGroups >= t_end) vr[u] = make_uint4(0, 0, 0, 0);
+      }
+      ik::warp_sync();  // the warp's reads are done: the stage may be refilled
+      if (lane == 0) ik::mbar_arrive(&empty[stage]);
+    } else if constexpr (STAGES > 0) {
       issue(i + STAGES - 1, t_end);
       load_pages(i + STAGES);  // for the next iteration's issue: in flight during this step's math
       ik::cp_async_wait<STAGES - 1>();  // this thread's copies of step i have landed
@@ -507,7 +597,10 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
 
   // Then the warps, through shared memory: [warp][row] m, l and [warp][row][dim] acc. The merge
   // buffer reuses the ring: every thread's copies must have landed and been read first.
-  if constexpr (STAGES > 0) {
+  if constexpr (kBulk) {
+    if (n_steps == 0 && t_begin < t_early_end) ik::mbar_wait(&full[0], 0);  // the early copy, unread
+    ik::block_sync();
+  } else if constexpr (STAGES > 0) {
     ik::cp_async_wait<0>();
     ik::block_sync();
   }

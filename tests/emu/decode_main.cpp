@@ -1,0 +1,71 @@
+// decode_main.cpp -- kernels_src/attention_decode.cuh run on the CPU by the block emulator, as a
+// shared library the test loads with ctypes. One build per kernel configuration (-D EMU_*).
+#include "block_emu.hpp"
+#include "attention_decode.cuh"
+
+#if !defined(EMU_T) || !defined(EMU_HEAD_DIM) || !defined(EMU_ROWS) || !defined(EMU_THREADS) || \
+    !defined(EMU_UNROLL) || !defined(EMU_STAGES) || !defined(EMU_CLUSTER)
+#error "define EMU_T, EMU_HEAD_DIM, EMU_ROWS, EMU_THREADS, EMU_UNROLL, EMU_STAGES and EMU_CLUSTER"
+#endif
+
+namespace {
+DecodeParams params;
+template <bool PAGED>
+void split_body() { attn_decode_split<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_UNROLL, EMU_STAGES>(params); }
+#if EMU_CLUSTER > 1
+template <bool PAGED>
+void cluster_body() {
+  attn_decode_split_cluster<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_UNROLL, EMU_STAGES, EMU_CLUSTER>(params);
+}
+#endif
+void combine_body() { attn_decode_combine<EMU_T, EMU_HEAD_DIM>(params); }
+
+// Every block of the grid, `cluster` consecutive blocks along x at a time, the units in a random
+// order; nullptr or the first failure.
+const char* run_grid(void (*body)(), EmuDim3 grid, int threads, int cluster, unsigned long long seed) {
+  std::vector<std::vector<EmuDim3>> units;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; x += static_cast<unsigned>(cluster)) {
+        units.emplace_back();
+        for (int r = 0; r < cluster; ++r) units.back().push_back({x + static_cast<unsigned>(r), y, z});
+      }
+  emu::rng.seed(seed);
+  std::shuffle(units.begin(), units.end(), emu::rng);
+  emu::grid_dim = grid;
+  emu::block_dim = {static_cast<unsigned>(threads), 1, 1};
+  emu::block_body = body;
+  for (const auto& unit : units)
+    if (const char* err = emu::run_unit(unit, threads)) return err;
+  return nullptr;
+}
+}  // namespace
+
+extern "C" {
+// 0: bulk copies land at random switches; 1: as late as possible; 2: at once (block_emu.hpp).
+void emu_set_landing(int mode) { emu::landing = mode; }
+int emu_cluster() { return EMU_CLUSTER; }
+// grid (num_splits, Hkv * row tiles, B), as the library launches attn_decode_split; with
+// `clustered`, attn_decode_split_cluster (num_splits == EMU_CLUSTER, one cluster per group).
+const char* emu_decode_split(const DecodeParams* p, int paged, int clustered, int gx, int gy, int gz,
+                             unsigned long long seed) {
+  params = *p;
+  void (*body)() = paged ? split_body<true> : split_body<false>;
+  int cluster = 1;
+#if EMU_CLUSTER > 1
+  if (clustered) {
+    if (gx != EMU_CLUSTER) return "a clustered launch needs num_splits == EMU_CLUSTER";
+    body = paged ? cluster_body<true> : cluster_body<false>;
+    cluster = EMU_CLUSTER;
+  }
+#else
+  if (clustered) return "built without clusters (EMU_CLUSTER <= 1)";
+#endif
+  return run_grid(body, {unsigned(gx), unsigned(gy), unsigned(gz)}, EMU_THREADS, cluster, seed);
+}
+// grid (B * Hq * Tq), block max(head_dim, 64): the separate split-K merge.
+const char* emu_decode_combine(const DecodeParams* p, int rows, unsigned long long seed) {
+  params = *p;
+  return run_grid(combine_body, {unsigned(rows), 1, 1}, EMU_HEAD_DIM < 64 ? 64 : EMU_HEAD_DIM, 1, seed);
+}
+}

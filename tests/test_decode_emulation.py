@@ -1,0 +1,225 @@
+"""The decode kernel's own source, executed on the CPU, checked against the fp32 reference.
+
+tests/emu/decode_main.cpp includes kernels_src/attention_decode.cuh after
+tests/emu/block_emu.hpp, a host stand-in for the ik::vendor layer that runs every thread of a
+block as a coroutine. The kernel text is unchanged but for its shared-memory declarations, which
+`emulated_source` rewrites into calls that give each block its own. Each configuration below is
+one build: a warp/wave size and what a class of targets has (cp.async on NVIDIA sm_80+, the copy
+engine and block clusters on sm_90, plain copies and 64-lane waves on CDNA), with the kernel's
+template values. So the AMD wave64 path, the sm_90 cluster merge and the split-K, paged, strided,
+causal and empty-sequence logic run on every CI machine, not only where a GPU is lent. The
+emulator is adversarial where it can be (block_emu.hpp): shared memory starts as NaN, cp.async
+copies land only when waited for, bulk copies land at random, late or at once, warps run at
+random speeds.
+
+What this does not cover: timing, the weak memory model and the vendor intrinsics themselves;
+the GPU suite (tests/test_attention_gpu.py) does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from ikport import reference
+from ikport.attention import paged_kv_from_dense
+from ikport.kernels import DecodeParams
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = Path(__file__).resolve().parent / "emu"
+KERNEL = ROOT / "kernels_src" / "attention_decode.cuh"
+CXX = next((c for c in ("g++", "clang++", "clang++-19") if shutil.which(c)), None)
+pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++ or clang++)")
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # max abs error, as the GPU suite
+DTYPES = {"fp16": (torch.float16, "ik::half_t"), "bf16": (torch.bfloat16, "ik::bf16_t")}
+
+
+CUDA = dict(wave=32, mask="unsigned int", async_copy=1, bulk=0, cluster=0)  # sm_80-sm_89
+SM90 = dict(CUDA, cluster=2)  # + block clusters (the clustered entry built for `cluster` splits)
+CDNA = dict(wave=64, mask="unsigned long long", async_copy=0, bulk=0, cluster=0)  # gfx90a, gfx942
+RDNA3 = dict(CDNA, wave=32)  # gfx1100: 32-lane waves, 64-bit ballots
+# name: target facts, then the kernel's template values (head_dim, query rows, threads, rows per
+# row group a step, ring stages: 0 reads K/V straight into registers)
+CONFIGS = {
+    "cuda-ring4-d128-r4-t128-fp16": dict(CUDA, dtype="fp16", head_dim=128, rows=4, threads=128, unroll=2, stages=4),
+    # head_dim 96 leaves 4 of 16 lanes of a row group idle
+    "cuda-ring2-d96-r2-t128-bf16": dict(CUDA, dtype="bf16", head_dim=96, rows=2, threads=128, unroll=4, stages=2),
+    "cuda-regs-d64-r8-t128-fp16": dict(CUDA, dtype="fp16", head_dim=64, rows=8, threads=128, unroll=2, stages=0),
+    "sm90-cluster4-ring4-d128-r4-t128-bf16": dict(SM90, cluster=4, dtype="bf16", head_dim=128, rows=4,
+                                                  threads=128, unroll=2, stages=4),
+    # the copy engine filling the ring (off in the library until timed: IK_DECODE_BULK_COPY)
+    "sm90-bulk4-d128-r4-t128-fp16": dict(SM90, bulk=1, dtype="fp16", head_dim=128, rows=4, threads=128,
+                                         unroll=2, stages=4),
+    "sm90-bulk2-d96-r2-t256-bf16": dict(SM90, bulk=1, dtype="bf16", head_dim=96, rows=2, threads=256,
+                                        unroll=2, stages=2),
+    # AMD: the 2-stage ring with synchronous copies (the planner's choice there), and registers only
+    "cdna-ring2-d128-r4-t256-bf16": dict(CDNA, dtype="bf16", head_dim=128, rows=4, threads=256, unroll=2, stages=2),
+    "cdna-regs-d256-r1-t128-fp16": dict(CDNA, dtype="fp16", head_dim=256, rows=1, threads=128, unroll=2, stages=0),
+    "rdna3-ring2-d128-r8-t128-fp16": dict(RDNA3, dtype="fp16", head_dim=128, rows=8, threads=128, unroll=2, stages=2),
+}
+
+
+def emulated_source(text: str) -> str:
+    """The kernel text with each `__shared__` declaration made a per-block emulator call."""
+    text, n = re.subn(r"extern __shared__[^;]*?\b([\w:]+)\s+(\w+)\[\];", r"\1* \2 = emu::dynamic_smem<\1>();", text)
+    assert n == 1, "expected one dynamic shared-memory declaration"
+    text = re.sub(r"__shared__\s+([\w:]+)\s+(\w+)\[([^\]]+)\];", r'\1* \2 = emu::static_smem<\1>(\3, "\2");', text)
+    assert "__shared__" not in text, "a __shared__ declaration the emulator cannot place"
+    return text
+
+
+def build(name: str, tmp: Path) -> ctypes.CDLL:
+    c = CONFIGS[name]
+    src = tmp / "src"
+    src.mkdir(exist_ok=True)
+    (src / "attention_decode.cuh").write_text(emulated_source(KERNEL.read_text()))
+    out = tmp / f"{name}.so"
+    defines = {
+        "IK_WARP_SIZE": c["wave"], "EMU_LANE_MASK_T": c["mask"], "EMU_ASYNC_COPY": c["async_copy"],
+        "EMU_BULK_COPY": c["bulk"], "IK_DECODE_BULK_COPY": c["bulk"], "EMU_CLUSTERS": int(c["cluster"] > 0),
+        "EMU_CLUSTER": max(c["cluster"], 1), "EMU_T": DTYPES[c["dtype"]][1], "EMU_HEAD_DIM": c["head_dim"],
+        "EMU_ROWS": c["rows"], "EMU_THREADS": c["threads"], "EMU_UNROLL": c["unroll"], "EMU_STAGES": c["stages"],
+    }
+    args = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+            "-Wno-unused-variable", "-Wno-unused-but-set-variable",
+            *[f"-D{k}={v}" for k, v in defines.items()],
+            f"-I{src}", f"-I{EMU}", f"-I{ROOT / 'portability'}", EMU / "decode_main.cpp", "-o", out]
+    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr[-4000:]
+    lib = ctypes.CDLL(str(out))
+    for fn in (lib.emu_decode_split, lib.emu_decode_combine):
+        fn.restype = ctypes.c_char_p
+    lib.emu_decode_split.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong]
+    lib.emu_decode_combine.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_ulonglong]
+    lib.emu_set_landing.argtypes = [ctypes.c_int]
+    return lib
+
+
+@pytest.fixture(scope="module")
+def libs(tmp_path_factory):
+    cache: dict[str, ctypes.CDLL] = {}
+    def get(name: str) -> ctypes.CDLL:
+        if name not in cache:
+            cache[name] = build(name, tmp_path_factory.mktemp(hashlib.sha1(name.encode()).hexdigest()[:8]))
+        return cache[name]
+    return get
+
+
+def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1, causal: bool = False,
+               kv_lens: list[int] | None = None, page: int = 0, splits: int = 1, fused: bool = True,
+               strided: bool = False, clustered: bool = False, seed: int = 0,
+               landing: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, fp32 reference) for one case on fresh random inputs; `clustered`: the
+    split merge in a block cluster of `splits` blocks."""
+    c = CONFIGS[name]
+    dtype, D, rows = DTYPES[c["dtype"]][0], c["head_dim"], c["rows"]
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Tq, D, generator=g).to(dtype)
+    if strided:  # a [B, L, Hkv, D] cache read as [B, Hkv, L, D]: sequence stride Hkv * D
+        k = torch.randn(B, L, Hkv, D, generator=g).to(dtype).transpose(1, 2)
+        v = torch.randn(B, L, Hkv, D, generator=g).to(dtype).transpose(1, 2)
+    else:
+        k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+        v = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    lens = torch.tensor(kv_lens if kv_lens is not None else [L] * B, dtype=torch.int32)
+    ref = reference.attention(q, k, v, causal=causal, kv_lens=lens)
+    out = torch.full_like(q, float("nan"))
+    table = None
+    if page:
+        k, v, table = paged_kv_from_dense(k.contiguous(), v.contiguous(), page, generator=g)
+        # entries past kv_len may hold anything: the kernel must not follow them
+        for b, n in enumerate(lens.tolist()):
+            table[b, -(-n // page):] = -1 if b % 2 else 2**31 - 1
+    capacity = table.shape[1] * page if page else L
+    rows_per_split = -(-(-(-capacity // splits)) // 16) * 16  # as configs.decode_config rounds
+    splits = -(-capacity // rows_per_split)
+    part_out = torch.full((B, Hq, Tq, splits, D), float("nan"))
+    part_lse = torch.full((B, Hq, Tq, splits), float("nan"))
+    row_tiles = -(-(Hq // Hkv * Tq) // rows)
+    counters = torch.zeros(2 * B * Hkv * row_tiles, dtype=torch.int32)
+    p = DecodeParams()
+    p.q, p.k, p.v, p.out = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+    p.part_out, p.part_lse = part_out.data_ptr(), part_lse.data_ptr()
+    p.kv_lens = lens.data_ptr()
+    p.block_table = table.data_ptr() if page else None
+    p.split_counters = counters.data_ptr() if fused and splits > 1 and not clustered else None
+    p.q_sb, p.q_sh, p.q_st = q.stride()[:3]
+    p.k_sb, p.k_sh, p.k_st = k.stride()[:3]
+    p.v_sb, p.v_sh, p.v_st = v.stride()[:3]
+    p.o_sb, p.o_sh, p.o_st = out.stride()[:3]
+    p.bt_sb = table.stride(0) if page else 0
+    p.batch, p.num_q_heads, p.num_kv_heads, p.q_len = B, Hq, Hkv, Tq
+    p.kv_capacity, p.page_size_log2 = capacity, page.bit_length() - 1 if page else 0
+    p.num_splits, p.rows_per_split, p.causal = splits, rows_per_split, int(causal)
+    p.scale_log2 = D ** -0.5 * math.log2(math.e)
+    p.num_pages = k.shape[0] if page else 0
+    lib.emu_set_landing(LANDING[landing])
+    err = lib.emu_decode_split(ctypes.byref(p), int(bool(page)), int(clustered), splits, Hkv * row_tiles, B, seed)
+    assert err is None, err.decode()
+    if splits > 1 and not fused and not clustered:
+        err = lib.emu_decode_combine(ctypes.byref(p), B * Hq * Tq, seed)
+        assert err is None, err.decode()
+    if fused and splits > 1:
+        assert not counters.any(), "split counters not back at zero"
+    return out, ref
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert not out.isnan().any(), "NaN in the output (a row never written, or stale shared memory read)"
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= TOL[out.dtype], f"max abs error {err:.3e} > {TOL[out.dtype]:.1e}"
+
+
+# (label, case kwargs): shapes chosen to cross every branch at a few blocks each
+CASES = {
+    "gqa4-one-split": dict(B=2, Hq=8, Hkv=2, L=100, kv_lens=[100, 37]),
+    "split-fused-ragged": dict(B=2, Hq=4, Hkv=1, L=300, kv_lens=[300, 129], splits=3),
+    "split-unfused-combine": dict(B=1, Hq=6, Hkv=2, L=200, splits=4, fused=False),
+    "empty-and-single-row": dict(B=3, Hq=4, Hkv=2, L=70, kv_lens=[0, 1, 70], splits=2),
+    "causal-three-tokens": dict(B=2, Hq=4, Hkv=2, L=90, Tq=3, causal=True, kv_lens=[90, 5], splits=2),
+    "strided-cache": dict(B=1, Hq=2, Hkv=2, L=77, strided=True, splits=2),
+    "paged-16-shuffled": dict(B=2, Hq=4, Hkv=1, L=150, kv_lens=[150, 33], page=16, splits=2),
+    "paged-1": dict(B=1, Hq=3, Hkv=1, L=40, page=1, splits=2),
+    # splits start 112 rows apart: a bulk copy must stop at 16-row boundaries inside 64-row pages
+    "paged-64-unaligned-splits": dict(B=1, Hq=4, Hkv=1, L=300, kv_lens=[290], page=64, splits=3),
+}
+
+
+# The clustered entry (sm_90): one cluster of `splits` blocks a group, splits == the config's cluster.
+CLUSTER_CASES = {
+    "cluster-ragged": dict(B=2, Hq=8, Hkv=2, L=300, kv_lens=[300, 130]),
+    "cluster-empty-splits": dict(B=3, Hq=4, Hkv=1, L=260, kv_lens=[0, 1, 200]),  # later splits empty
+    "cluster-causal-three-tokens": dict(B=1, Hq=4, Hkv=2, L=150, Tq=3, causal=True),
+    "cluster-paged-16": dict(B=2, Hq=4, Hkv=1, L=200, kv_lens=[200, 75], page=16),
+}
+
+# When bulk copies land (block_emu.hpp): at random, as late as possible, at once.
+LANDING = {"random": 0, "late": 1, "immediate": 2}
+RUNS = [(config, landing) for config, c in CONFIGS.items() for landing in (LANDING if c["bulk"] else ["random"])]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("config,landing", RUNS)
+def test_emulated_decode_matches_reference(libs, config, landing, case):
+    kw = CASES[case]
+    out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)), landing=landing, **kw)
+    check(out, ref)
+
+
+@pytest.mark.parametrize("case", list(CLUSTER_CASES))
+@pytest.mark.parametrize("config,landing", [(c, l) for c, l in RUNS if CONFIGS[c]["cluster"]])
+def test_emulated_cluster_merge_matches_reference(libs, config, landing, case):
+    kw = CLUSTER_CASES[case]
+    out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)), landing=landing,
+                          splits=CONFIGS[config]["cluster"], clustered=True, **kw)
+    check(out, ref)
