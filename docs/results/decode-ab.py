@@ -60,7 +60,9 @@ EARLY = [("constexpr bool kEarlyCopy = !PAGED && STAGES > 0;", "constexpr bool k
          ("if constexpr (kEarlyCopy) issue(0, t_early_end);",
           "if constexpr (kEarlyCopy) {\n    if constexpr (PAGED) decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(0), t_early_end, lane_active, page);\n"
           "    issue(0, t_early_end);\n  }")]
-SPLICES = {"warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8, "nomerge": NOMERGE, "noepi": NOEPI,
+# The copy engine filling the ring on sm_90 (v10, prepared without a GPU: decode.md).
+BULK = [("#define IK_DECODE_BULK_COPY 0", "#define IK_DECODE_BULK_COPY 1")]
+SPLICES = {"bulk": BULK, "warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8, "nomerge": NOMERGE, "noepi": NOEPI,
            "nopt": NOPT, "early": EARLY, "nopt-early": NOPT + EARLY}
 
 def version_text(path):
