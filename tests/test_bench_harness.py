@@ -210,10 +210,34 @@ def test_bench_workload_records_rows_and_skips(cpu_bench: None) -> None:
     for row in results.rows:
         assert set(harness.ROW_KEYS) <= set(row)
         assert row["bytes"] == w.kv_bytes and row["median_us_sleep2x"] == 11.0
+        assert row["eager_us_rounds"] == 11.0  # a locked workload: the interleaved eager rounds
     # a peer that cannot run on this device is skipped with its reason, not fatal
     for entry in results.skipped:
         assert entry["workload"] == "T1" and entry["reason"]
     assert results.speedups["T1"]["hf-repeat-kv"] == 1.0
+
+
+def test_interleaved_eager_alternates_order_and_takes_the_median(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    per_call = {"a": iter([5.0, 1.0, 9.0]), "b": iter([2.0, 4.0, 3.0])}
+
+    def fake_eager(fns, **_kw):
+        name = fns[0]()
+        calls.append(name)
+        us = next(per_call[name])
+        return harness.Timing.from_samples([us])
+
+    monkeypatch.setattr(harness, "eager_time", fake_eager)
+    prepared = {n: decode.Prepared([lambda n=n: n]) for n in ("a", "b")}
+    assert decode.interleaved_eager(prepared, rounds=3, iters=1) == {"a": 5.0, "b": 3.0}
+    assert calls == ["a", "b", "b", "a", "a", "b"]
+
+
+def test_sweep_rows_skip_the_eager_rounds(cpu_bench: None) -> None:
+    w = decode.Workload("sweep-T", 1, 32, head_dim=16, q_heads=2, kv_heads=1)
+    results = decode.Results()
+    decode.bench_workload(w, results, with_flashinfer=False)
+    assert results.rows and all("eager_us_rounds" not in r for r in results.rows)
 
 
 def test_bench_workload_paged(cpu_bench: None) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import statistics
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -41,6 +42,13 @@ SWEEP_MAX_KV_BYTES = 4 * 10**9
 # A measurement runs 50 timed calls unless that would take longer than this (slow journey variants).
 CALL_BUDGET_S = 3.0
 MIN_ITERS = 10
+# Locked workloads also time every implementation's eager call in interleaved rounds (each round
+# times them in turn, the order reversed every other round; the median over rounds is
+# `eager_us_rounds`): a slow host spell then lands on every implementation alike instead of
+# deciding one row (H100, decode-h100.json at 4305f28: every impl of the D1 row read 46-59 us of
+# host time a call against 29-39 in the other rows).
+EAGER_ROUNDS = 5
+EAGER_ROUND_ITERS = 10
 
 
 @dataclass(frozen=True)
@@ -352,8 +360,9 @@ def time_prepared(w: Workload, impl: str, prepared: Prepared) -> dict[str, Any]:
 
 def check_and_time(
     w: Workload, impl: str, build: Builder, sets: list[InputSet], ref: torch.Tensor, rows: list[int]
-) -> dict[str, Any]:
-    """Bind `impl` to the sets, compare its output with the reference, then time it.
+) -> tuple[dict[str, Any], Prepared]:
+    """Bind `impl` to the sets, compare its output with the reference, then time it: its row,
+    and the bound implementation (for the eager rounds).
 
     Raises WrongResult where an ikport implementation misses the tolerance.
     """
@@ -367,7 +376,20 @@ def check_and_time(
             )
         row = time_prepared(w, impl, prepared)
     row["max_abs_err"] = float(f"{err:.3g}")
-    return row
+    return row, prepared
+
+
+def interleaved_eager(prepared: dict[str, Prepared], *, rounds: int = EAGER_ROUNDS,
+                      iters: int = EAGER_ROUND_ITERS) -> dict[str, float]:
+    """Each implementation's eager call time, median over `rounds` rounds that time every
+    implementation in turn (see EAGER_ROUNDS)."""
+    medians: dict[str, list[float]] = {impl: [] for impl in prepared}
+    order = list(prepared)
+    for r in range(rounds):
+        for impl in order if r % 2 == 0 else order[::-1]:
+            with prepared[impl].context():
+                medians[impl].append(harness.eager_time(prepared[impl].fns, warmup=2, iters=iters).median_us)
+    return {impl: round(statistics.median(m), 2) for impl, m in medians.items()}
 
 
 def bench_workload(w: Workload, results: Results, with_flashinfer: bool) -> None:
@@ -377,10 +399,11 @@ def bench_workload(w: Workload, results: Results, with_flashinfer: bool) -> None
     rows = check_rows(w.batch)
     ref = reference(sets[0], rows)
     print(f"{w.id}: {w.kv_bytes / 1e6:.0f} MB K+V, {len(sets)} rotated sets", flush=True)
+    timed: dict[str, tuple[dict[str, Any], Prepared]] = {}
     for impl, build in implementations(w, with_flashinfer):
         ours = impl.startswith("ikport")
         try:
-            row = check_and_time(w, impl, build, sets, ref, rows)
+            row, prepared = check_and_time(w, impl, build, sets, ref, rows)
         except WrongResult:
             raise
         except Exception as exc:  # noqa: BLE001 - recorded with its reason, never fatal
@@ -393,12 +416,19 @@ def bench_workload(w: Workload, results: Results, with_flashinfer: bool) -> None
             )
             continue
         results.rows.append(row)
+        timed[impl] = (row, prepared)
         print(
             f"  {impl:22s} {row['median_us']:10.2f} us {row['GBps']:7.0f} GB/s "
             f"{row['pct_roof']:5.1f}%  eager {row['eager_us']:9.2f} us  "
             f"err {row['max_abs_err']:.1e}",
             flush=True,
         )
+    if w.locked and timed:
+        rounds = interleaved_eager({impl: p for impl, (_, p) in timed.items()})
+        for impl, us in rounds.items():
+            timed[impl][0]["eager_us_rounds"] = us
+        print("  eager, interleaved rounds: " + ", ".join(f"{i} {us:.1f}" for i, us in rounds.items()), flush=True)
+    del timed
     ours_row = next(
         (r for r in results.rows if r["workload"] == w.id and r["impl"] == "ikport"), None
     )
@@ -493,7 +523,7 @@ def print_tables(results: Results) -> None:
         reason = entry["reason"].splitlines()[0][:120]
         print(f"skipped {entry['workload']} {entry['impl']}: {reason}")
     print(
-        f"\n{'workload':26s} {'ikport us':>9s} {'%roof':>6s} {'eager':>8s}  {'best peer':22s} "
+        f"\n{'workload':26s} {'ikport us':>9s} {'%roof':>6s} {'eager':>8s} {'rounds':>8s}  {'best peer':22s} "
         f"{'peer us':>9s} {'speedup':>7s}"
     )
     for wid in dict.fromkeys(r["workload"] for r in results.rows):
@@ -505,8 +535,8 @@ def print_tables(results: Results) -> None:
             continue
         speedup = peer["median_us"] / ours["median_us"]
         print(
-            f"{wid:26s} {ours['median_us']:9.2f} {ours['pct_roof']:6.1f} {ours['eager_us']:8.1f}  "
-            f"{peer['impl']:22s} {peer['median_us']:9.2f} {speedup:7.3f}"
+            f"{wid:26s} {ours['median_us']:9.2f} {ours['pct_roof']:6.1f} {ours['eager_us']:8.1f} "
+            f"{ours.get('eager_us_rounds', '-'):>8}  {peer['impl']:22s} {peer['median_us']:9.2f} {speedup:7.3f}"
         )
     for entry in results.errors:
         reason = entry["reason"].splitlines()[0][:200]
@@ -550,7 +580,9 @@ def run(args: argparse.Namespace) -> int:
             "kernel time: torch.cuda._sleep queued before the start event (sized at 2x the call's "
             "host time, >= 100 us; median_us_sleep2x re-times locked workloads with it doubled; "
             "median_us_last re-times ikport after the peers); "
-            "eager_us: call on an idle GPU, synchronize after each; input sets rotated, "
+            "eager_us: call on an idle GPU, synchronize after each; eager_us_rounds (locked "
+            f"workloads): median of {EAGER_ROUNDS} rounds timing every impl in turn "
+            f"({EAGER_ROUND_ITERS} calls each, order reversed every other round); input sets rotated, "
             "> 3x the L2 in total; max_abs_err against float32 on the first, middle and last "
             "sequence"
         ),
