@@ -78,6 +78,17 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, int bytes,
   }
 }
 
+// A ring stage's barriers: `full` completes on one arrival plus the stage's bytes, `empty` on one
+// arrival per warp.
+template <int THREADS, int STAGES>
+__device__ __forceinline__ void init_ring_barriers(unsigned long long* full, unsigned long long* empty) {
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < STAGES; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], THREADS / 32); }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+}
+
 // The bulk copy engine: thread 0 issues one copy of K and one of V per step (STEP16 16-byte
 // units each) onto the step's `full` barrier; every warp reads its slots, then arrives on the
 // step's `empty` barrier, which thread 0 waits on before refilling the stage (STAGES ahead).
@@ -88,11 +99,7 @@ __global__ void __launch_bounds__(THREADS) ring_bulk(SArgs a) {
   const long long n = a.chunk16, base = blockIdx.x * n;
   const uint4* k = a.k + base; const uint4* v = a.v + base;
   const int nsteps = (n + STEP16 - 1) / STEP16;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], THREADS / 32); }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
+  init_ring_barriers<THREADS, STAGES>(full, empty);
   auto issue = [&](int i) {
     if (i >= nsteps) return;
     const int s = i % STAGES;
@@ -134,11 +141,7 @@ __global__ void __launch_bounds__(THREADS) ring_bulk_rows(SArgs a) {
   const uint4* k = a.k + base; const uint4* v = a.v + base;
   const int nsteps = n / STEP16;  // (whole steps only)
   const int lane = threadIdx.x & 31;
-  if (threadIdx.x == 0) {
-    for (int s = 0; s < STAGES; ++s) { mbar_init(&full[s], 1); mbar_init(&empty[s], THREADS / 32); }
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
+  init_ring_barriers<THREADS, STAGES>(full, empty);
   auto issue = [&](int i) {  // warp 0
     if (i >= nsteps) return;
     const int s = i % STAGES;
