@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ikport import reference
+from ikport import configs, reference
 from ikport.attention import paged_kv_from_dense
 from ikport.kernels import DecodeParams
 
@@ -56,6 +56,12 @@ CONFIGS = {
     "cuda-regs-d64-r8-t128-fp16": dict(CUDA, dtype="fp16", head_dim=64, rows=8, threads=128, unroll=2, stages=0),
     "sm90-cluster4-ring4-d128-r4-t128-bf16": dict(SM90, cluster=4, dtype="bf16", head_dim=128, rows=4,
                                                   threads=128, unroll=2, stages=4),
+    # the H100's own launches at GQA 4 (configs.decode_tiles): one block per SM with the 4-stage
+    # ring (D1, 2 splits in a cluster), and paged caches at 512 threads with 2 stages
+    "sm90-one-per-sm-d128-r4-t256-fp16": dict(SM90, dtype="fp16", head_dim=128, rows=4, threads=256,
+                                              unroll=2, stages=4),
+    "sm90-one-per-sm-paged-d128-r4-t512-fp16": dict(SM90, dtype="fp16", head_dim=128, rows=4, threads=512,
+                                                    unroll=2, stages=2),
     # the copy engine filling the ring (off in the library until timed: IK_DECODE_BULK_COPY)
     "sm90-bulk4-d128-r4-t128-fp16": dict(SM90, bulk=1, dtype="fp16", head_dim=128, rows=4, threads=128,
                                          unroll=2, stages=4),
@@ -223,3 +229,13 @@ def test_emulated_cluster_merge_matches_reference(libs, config, landing, case):
     out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)), landing=landing,
                           splits=CONFIGS[config]["cluster"], clustered=True, **kw)
     check(out, ref)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_emulated_configs_include_the_h100_launches(paged):
+    """The two sm_90 configurations above are the planner's own choice at GQA 4 (if the planner
+    changes, this names the configuration to update)."""
+    name = "sm90-one-per-sm-paged-d128-r4-t512-fp16" if paged else "sm90-one-per-sm-d128-r4-t256-fp16"
+    rows, _, threads, unroll, stages = configs.decode_tiles(4, 1, one_per_sm=True, paged=paged)
+    c = CONFIGS[name]
+    assert (c["rows"], c["threads"], c["unroll"], c["stages"]) == (rows, threads, unroll, stages)
