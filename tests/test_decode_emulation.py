@@ -95,8 +95,9 @@ def build(name: str, tmp: Path) -> ctypes.CDLL:
         "EMU_CLUSTER": max(c["cluster"], 1), "EMU_T": DTYPES[c["dtype"]][1], "EMU_HEAD_DIM": c["head_dim"],
         "EMU_ROWS": c["rows"], "EMU_THREADS": c["threads"], "EMU_UNROLL": c["unroll"], "EMU_STAGES": c["stages"],
     }
+    # (-fno-gnu-unique: each build keeps its own emulator state, though several share the process)
     args = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-            "-Wno-unused-variable", "-Wno-unused-but-set-variable",
+            "-Wno-unused-variable", "-Wno-unused-but-set-variable", *(["-fno-gnu-unique"] if "g++" in CXX else []),
             *[f"-D{k}={v}" for k, v in defines.items()],
             f"-I{src}", f"-I{EMU}", f"-I{ROOT / 'portability'}", EMU / "decode_main.cpp", "-o", out]
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
