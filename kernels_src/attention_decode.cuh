@@ -374,7 +374,7 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
   ik::mbarrier_t* full = bars;
   ik::mbarrier_t* empty = bars + (kBulk ? STAGES : 0);
   auto bulk_row = [&](int stage, int kv, int j) -> uint4* { return ring + ((stage * 2 + kv) * kStep + j) * kRow16; };
-  int run = 1;  // rows a bulk copy
+  int run = 1;  // rows per bulk copy
   if constexpr (kBulk) {
     if (p.k_st == HEAD_DIM && p.v_st == HEAD_DIM) {
       run = PAGED ? min(1 << p.page_size_log2, kStep) : kStep;

@@ -42,8 +42,9 @@ IK_DEVICE void cluster_wait() { vendor::cluster_wait(); }
 // takes its per-thread copies instead). One thread copies `bytes` (a multiple of 16; both addresses
 // 16-byte aligned) from global into shared memory; the bytes, as they land, complete the
 // transaction count of the mbarrier `bar` (in shared memory). A stage's "full" barrier: one
-// thread calls mbar_arrive_expect_tx with the stage's total bytes, then issues its copies; readers
-// mbar_wait on the phase's parity (0, 1, 0, ...). mbar_init once, by one thread, then a barrier.
+// thread calls mbar_arrive_expect_tx with the stage's total bytes, and one or more threads issue
+// the copies; readers mbar_wait on the phase's parity (0, 1, 0, ...). mbar_init once, by one
+// thread, then a barrier before another thread uses it.
 using mbarrier_t = unsigned long long;
 IK_DEVICE void mbar_init(mbarrier_t* bar, int count) { vendor::mbar_init(bar, count); }
 IK_DEVICE void mbar_arrive_expect_tx(mbarrier_t* bar, int bytes) { vendor::mbar_arrive_expect_tx(bar, bytes); }

@@ -271,7 +271,7 @@ inline const char* run_unit(const std::vector<EmuDim3>& blocks, int block_thread
       land_one();
     }
   }
-  if (!engine.empty()) return "the block exited with bulk copies still in flight";
+  if (!engine.empty()) return "the blocks exited with bulk copies still in flight";
   for (const Thread& th : threads) {
     if (!th.groups.empty() || !th.open.empty()) return "a thread exited with cp.async copies never waited for";
   }
