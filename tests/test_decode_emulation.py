@@ -103,11 +103,12 @@ def build(name: str, tmp: Path) -> ctypes.CDLL:
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr[-4000:]
     lib = ctypes.CDLL(str(out))
-    for fn in (lib.emu_decode_split, lib.emu_decode_combine):
+    for fn in (lib.emu_decode_split, lib.emu_decode_combine, lib.emu_decode_naive):
         fn.restype = ctypes.c_char_p
     lib.emu_decode_split.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong]
     lib.emu_decode_combine.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_ulonglong]
+    lib.emu_decode_naive.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_ulonglong]
     lib.emu_set_landing.argtypes = [ctypes.c_int]
     return lib
 
@@ -124,10 +125,10 @@ def libs(tmp_path_factory):
 
 def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1, causal: bool = False,
                kv_lens: list[int] | None = None, page: int = 0, splits: int = 1, fused: bool = True,
-               strided: bool = False, clustered: bool = False, seed: int = 0,
+               strided: bool = False, clustered: bool = False, naive: bool = False, seed: int = 0,
                landing: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel output, fp32 reference) for one case on fresh random inputs; `clustered`: the
-    split merge in a block cluster of `splits` blocks."""
+    split merge in a block cluster of `splits` blocks; `naive`: v0 instead of the split kernel."""
     c = CONFIGS[name]
     dtype, D, rows = DTYPES[c["dtype"]][0], c["head_dim"], c["rows"]
     g = torch.Generator().manual_seed(seed)
@@ -171,6 +172,10 @@ def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1
     p.scale_log2 = D ** -0.5 * math.log2(math.e)
     p.num_pages = k.shape[0] if page else 0
     lib.emu_set_landing(LANDING[landing])
+    if naive:
+        err = lib.emu_decode_naive(ctypes.byref(p), seed)
+        assert err is None, err.decode()
+        return out, ref
     err = lib.emu_decode_split(ctypes.byref(p), int(bool(page)), int(clustered), splits, Hkv * row_tiles, B, seed)
     assert err is None, err.decode()
     if splits > 1 and not fused and not clustered:
@@ -229,6 +234,14 @@ def test_emulated_cluster_merge_matches_reference(libs, config, landing, case):
     kw = CLUSTER_CASES[case]
     out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)), landing=landing,
                           splits=CONFIGS[config]["cluster"], clustered=True, **kw)
+    check(out, ref)
+
+
+@pytest.mark.parametrize("case", ["gqa4-one-split", "causal-three-tokens", "strided-cache", "paged-16-shuffled"])
+@pytest.mark.parametrize("config", ["cuda-ring4-d128-r4-t128-fp16", "cdna-ring2-d128-r4-t256-bf16"])
+def test_emulated_naive_decode_matches_reference(libs, config, case):
+    """v0 (the journey's naive kernel: static shared arrays, block-wide tree reductions)."""
+    out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)), naive=True, **CASES[case])
     check(out, ref)
 
 

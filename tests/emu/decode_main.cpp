@@ -19,6 +19,7 @@ void cluster_body() {
 }
 #endif
 void combine_body() { attn_decode_combine<EMU_T, EMU_HEAD_DIM>(params); }
+void naive_body() { attn_decode_naive<EMU_T, EMU_HEAD_DIM>(params); }
 
 // Every block of the grid, `cluster` consecutive blocks along x at a time, the units in a random
 // order; nullptr or the first failure.
@@ -62,6 +63,11 @@ const char* emu_decode_split(const DecodeParams* p, int paged, int clustered, in
   if (clustered) return "built without clusters (EMU_CLUSTER <= 1)";
 #endif
   return run_grid(body, {unsigned(gx), unsigned(gy), unsigned(gz)}, EMU_THREADS, cluster, seed);
+}
+// grid (Tq * Hq, B), block 128: v0, the journey's naive kernel.
+const char* emu_decode_naive(const DecodeParams* p, unsigned long long seed) {
+  params = *p;
+  return run_grid(naive_body, {unsigned(p->q_len * p->num_q_heads), unsigned(p->batch), 1}, 128, 1, seed);
 }
 // grid (B * Hq * Tq), block max(head_dim, 64): the separate split-K merge.
 const char* emu_decode_combine(const DecodeParams* p, int rows, unsigned long long seed) {
