@@ -3,7 +3,7 @@
 tests/emu/decode_main.cpp includes kernels_src/attention_decode.cuh after
 tests/emu/block_emu.hpp, a host stand-in for the ik::vendor layer that runs every thread of a
 block as a coroutine. The kernel text is unchanged but for its shared-memory declarations, which
-`emulated_source` rewrites into calls that give each block its own. Each configuration below is
+`emulation.emulated_source` rewrites into calls that give each block its own. Each configuration below is
 one build: a warp/wave size and what a class of targets has (cp.async on NVIDIA sm_80+, the copy
 engine and block clusters on sm_90, plain copies and 64-lane waves on CDNA), with the kernel's
 template values. So the AMD wave64 path, the sm_90 cluster merge and the split-K, paged, strided,
@@ -21,9 +21,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import math
-import re
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -33,10 +30,10 @@ from ikport import configs, reference
 from ikport.attention import paged_kv_from_dense
 from ikport.kernels import DecodeParams
 
-ROOT = Path(__file__).resolve().parents[1]
-EMU = Path(__file__).resolve().parent / "emu"
-KERNEL = ROOT / "kernels_src" / "attention_decode.cuh"
-CXX = next((c for c in ("g++", "clang++", "clang++-19") if shutil.which(c)), None)
+import emulation
+
+KERNEL = emulation.ROOT / "kernels_src" / "attention_decode.cuh"
+CXX = emulation.GXX
 pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++ or clang++)")
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # max abs error, as the GPU suite
@@ -74,35 +71,15 @@ CONFIGS = {
 }
 
 
-def emulated_source(text: str) -> str:
-    """The kernel text with each `__shared__` declaration made a per-block emulator call."""
-    text, n = re.subn(r"extern __shared__[^;]*?\b([\w:]+)\s+(\w+)\[\];", r"\1* \2 = emu::dynamic_smem<\1>();", text)
-    assert n == 1, "expected one dynamic shared-memory declaration"
-    text = re.sub(r"__shared__\s+([\w:]+)\s+(\w+)\[([^\]]+)\];", r'\1* \2 = emu::static_smem<\1>(\3, "\2");', text)
-    assert "__shared__" not in text, "a __shared__ declaration the emulator cannot place"
-    return text
-
-
 def build(name: str, tmp: Path) -> ctypes.CDLL:
     c = CONFIGS[name]
-    src = tmp / "src"
-    src.mkdir(exist_ok=True)
-    (src / "attention_decode.cuh").write_text(emulated_source(KERNEL.read_text()))
-    out = tmp / f"{name}.so"
     defines = {
         "IK_WARP_SIZE": c["wave"], "EMU_LANE_MASK_T": c["mask"], "EMU_ASYNC_COPY": c["async_copy"],
         "EMU_BULK_COPY": c["bulk"], "IK_DECODE_BULK_COPY": c["bulk"], "EMU_CLUSTERS": int(c["cluster"] > 0),
         "EMU_CLUSTER": max(c["cluster"], 1), "EMU_T": DTYPES[c["dtype"]][1], "EMU_HEAD_DIM": c["head_dim"],
         "EMU_ROWS": c["rows"], "EMU_THREADS": c["threads"], "EMU_UNROLL": c["unroll"], "EMU_STAGES": c["stages"],
     }
-    # (-fno-gnu-unique: each build keeps its own emulator state, though several share the process)
-    args = [CXX, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
-            "-Wno-unused-variable", "-Wno-unused-but-set-variable", *(["-fno-gnu-unique"] if "g++" in CXX else []),
-            *[f"-D{k}={v}" for k, v in defines.items()],
-            f"-I{src}", f"-I{EMU}", f"-I{ROOT / 'portability'}", EMU / "decode_main.cpp", "-o", out]
-    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
-    assert p.returncode == 0, p.stderr[-4000:]
-    lib = ctypes.CDLL(str(out))
+    lib = emulation.build([KERNEL], "decode_main.cpp", defines, tmp / f"{name}.so", CXX)
     for fn in (lib.emu_decode_split, lib.emu_decode_combine, lib.emu_decode_naive):
         fn.restype = ctypes.c_char_p
     lib.emu_decode_split.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_int, ctypes.c_int,

@@ -108,6 +108,7 @@ inline Barrier cluster_barrier;
 inline std::vector<float> warp_f;  // shuffle slots, one per thread of the unit
 inline std::vector<int> warp_i;
 inline std::vector<char> warp_p;
+inline std::vector<float> matrix_a, matrix_b;  // matrix_emu.hpp: 16 slots per thread of the unit
 inline std::vector<int> block_any_count;  // [block]
 // Shared memory of each block of the unit: the dynamic part, and each static array by name.
 constexpr size_t kDynamicSmemBytes = 256 * 1024;
@@ -152,6 +153,8 @@ inline Barrier& my_warp() { return warp_barriers[current->block * warps_per_bloc
 template <class T>
 T* slots(std::vector<T>& v) { return v.data() + current->block * threads_per_block + tid() / IK_WARP_SIZE * IK_WARP_SIZE; }
 inline float* slots_of(float) { return slots(warp_f); }
+// The calling wave's 16 slots per lane of `v` (matrix fragments).
+inline float* wave_matrix_slots(std::vector<float>& v) { return v.data() + 16 * (slots(v) - v.data()); }
 inline int* slots_of(int) { return slots(warp_i); }
 
 // Every lane publishes v; the caller gets lane `src`'s value (two barrier phases, as wave_emu).
@@ -223,6 +226,8 @@ inline const char* run_unit(const std::vector<EmuDim3>& blocks, int block_thread
   warp_f.assign(n, 0.f);
   warp_i.assign(n, 0);
   warp_p.assign(n, 0);
+  matrix_a.assign(16 * n, 0.f);
+  matrix_b.assign(16 * n, 0.f);
   block_any_count.assign(nb, 0);
   // uninitialized shared memory: NaN in every float type
   dynamic_smem_of.assign(nb, std::vector<unsigned char>(kDynamicSmemBytes, 0xff));
@@ -286,16 +291,16 @@ inline void entry(unsigned int lo, unsigned int hi) {
 }
 
 // The running thread's block's shared memory: its dynamic part, and its static array `name` of
-// `count` elements (the test rewrites `__shared__` declarations into these calls).
+// type A (e.g. float[4][16]); tests/emulation.py rewrites `__shared__` declarations into these.
 template <class T>
 T* dynamic_smem() { return reinterpret_cast<T*>(dynamic_smem_of[static_cast<size_t>(current->block)].data()); }
-template <class T>
-T* static_smem(int count, const char* name) {
+template <class A>
+A* static_smem(const char* name) {
   auto& bytes = static_smem_of[static_cast<size_t>(current->block)][name];
-  if (bytes.empty()) bytes.assign(static_cast<size_t>(count) * sizeof(T) + 16, 0xff);
+  if (bytes.empty()) bytes.assign(sizeof(A) + 16, 0xff);
   void* p = bytes.data();
   size_t space = bytes.size();
-  return static_cast<T*>(std::align(alignof(T) < 16 ? 16 : alignof(T), sizeof(T), p, space));
+  return static_cast<A*>(std::align(16, sizeof(A), p, space));
 }
 
 }  // namespace emu

@@ -1,0 +1,55 @@
+// w4a16_main.cpp -- kernels_src/w4a16.cuh (and mma_tile.cuh, the matrix shim's tile product) run on the CPU by the block emulator, as a shared
+// library the test loads with ctypes (tests/test_w4a16_emulation.py). One build per target class
+// and kernel configuration (-D EMU_*); AMD's matrix builtins come from matrix_emu.hpp.
+#include "block_emu.hpp"
+#include "w4a16.cuh"
+#include "mma_tile.cuh"
+
+#if !defined(EMU_T) || !defined(EMU_MT) || !defined(EMU_NT) || !defined(EMU_WARPS) || !defined(EMU_GT) || \
+    !defined(EMU_STAGES) || !defined(EMU_GEMV_WARPS)
+#error "define EMU_T, EMU_MT, EMU_NT, EMU_WARPS, EMU_GT, EMU_STAGES and EMU_GEMV_WARPS"
+#endif
+
+namespace {
+W4A16Params params;
+void mma_body() { w4a16_mma<EMU_T, EMU_MT, EMU_NT, EMU_WARPS, EMU_GT, EMU_STAGES>(params); }
+template <bool MAGIC>
+void gemv_body() { w4a16_gemv<EMU_T, MAGIC, EMU_GEMV_WARPS>(params); }
+void naive_body() { w4a16_naive<EMU_T>(params); }
+void dequant_body() { w4a16_dequant<EMU_T>(params); }
+MmaTileParams tile_params;
+template <bool BT>
+void tile_body() { mma_tile<EMU_T, BT>(tile_params); }
+
+const char* run_grid(void (*body)(), EmuDim3 grid, int threads, unsigned long long seed) {
+  std::vector<std::vector<EmuDim3>> units;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; ++x) units.push_back({{x, y, z}});
+  emu::rng.seed(seed);
+  std::shuffle(units.begin(), units.end(), emu::rng);
+  emu::grid_dim = grid;
+  emu::block_dim = {static_cast<unsigned>(threads), 1, 1};
+  emu::block_body = body;
+  for (const auto& unit : units)
+    if (const char* err = emu::run_unit(unit, threads)) return err;
+  return nullptr;
+}
+}  // namespace
+
+extern "C" {
+// kernel: 0 mma, 1 gemv (magic-number unpacking), 2 gemv-scalar, 3 naive, 4 dequant; the grid and
+// block the library's planner gives it (ikport/w4a16.py).
+const char* emu_w4a16(const W4A16Params* p, int kernel, int gx, int gy, int gz, int threads, unsigned long long seed) {
+  params = *p;
+  void (*const bodies[])() = {mma_body, gemv_body<true>, gemv_body<false>, naive_body, dequant_body};
+  if (kernel < 0 || kernel > 4) return "unknown kernel";
+  return run_grid(bodies[kernel], {unsigned(gx), unsigned(gy), unsigned(gz)}, threads, seed);
+}
+// The matrix shim's tile product (kernels_src/mma_tile.cuh): grid (n / 16, m / 16), one wave.
+const char* emu_mma_tile(const MmaTileParams* p, int b_transposed, unsigned long long seed) {
+  tile_params = *p;
+  return run_grid(b_transposed ? tile_body<true> : tile_body<false>,
+                  {unsigned(p->n / 16), unsigned(p->m / 16), 1}, IK_WARP_SIZE, seed);
+}
+}

@@ -1,0 +1,45 @@
+"""Building kernels for the block emulator (tests/emu/block_emu.hpp): shared by
+test_decode_emulation.py and test_w4a16_emulation.py."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+EMU = Path(__file__).resolve().parent / "emu"
+GXX = next((c for c in ("g++", "clang++", "clang++-19") if shutil.which(c)), None)
+CLANG = next((c for c in ("clang++-19", "clang++") if shutil.which(c)), None)  # ext_vector_type
+_ALIGNED = r"(?:__attribute__\(\(aligned\(\d+\)\)\)\s+)?"
+
+
+def emulated_source(text: str) -> str:
+    """A kernel text with each `__shared__` declaration made a per-block emulator call: the
+    dynamic array a pointer, each static array a reference to an array of the same type."""
+    text = re.sub(rf"extern __shared__\s+{_ALIGNED}([\w:][\w:\s]*?)\s+(\w+)\[\];",
+                  r"\1* \2 = emu::dynamic_smem<\1>();", text)
+    text = re.sub(rf"__shared__\s+{_ALIGNED}([\w:][\w:\s]*?)\s+(\w+)((?:\[[^\]]+\])+);",
+                  r'auto& \2 = *emu::static_smem<\1\3>("\2");', text)
+    assert "__shared__" not in text, "a __shared__ declaration the emulator cannot place"
+    return text
+
+
+def build(kernels: list[Path], main: str, defines: dict[str, object], out: Path, cxx: str) -> ctypes.CDLL:
+    """tests/emu/`main` with the kernel files `kernels` (rewritten by emulated_source) as a shared
+    library."""
+    src = out.parent / f"{out.stem}-src"
+    src.mkdir(exist_ok=True)
+    for kernel in kernels:
+        (src / kernel.name).write_text(emulated_source(kernel.read_text()))
+    # (-fno-gnu-unique: each build keeps its own emulator state, though several share the process)
+    args = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
+            "-Wno-unused-variable", "-Wno-unused-but-set-variable", "-Wno-psabi",
+            *(["-fno-gnu-unique"] if Path(cxx).name.startswith("g++") else []),
+            *[f"-D{k}={v}" for k, v in defines.items()],
+            f"-I{src}", f"-I{EMU}", f"-I{ROOT / 'portability'}", EMU / main, "-o", out]
+    p = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr[-4000:]
+    return ctypes.CDLL(str(out))

@@ -1,0 +1,176 @@
+"""The W4A16 kernels' own source on AMD's two matrix units, executed on the CPU.
+
+tests/emu/w4a16_main.cpp includes kernels_src/w4a16.cuh over the block emulator
+(tests/emu/block_emu.hpp, see test_decode_emulation.py) with portability/mma.cuh's AMD branch,
+whose matrix builtins (CDNA's 16x16x16 MFMA on 64-lane waves, RDNA3's 16x16x16 WMMA on 32-lane
+waves) are emulated from the fragment layouts that tests/test_mma_layout.py checks against AMD's
+own tables (tests/emu/matrix_emu.hpp). So the matrix-unit kernel (B fragments straight from the
+packed codes, warps splitting K inside a block, split-K across blocks with the last block's merge),
+the GEMVs, the naive kernel and the dequantizing kernel run as an AMD GPU would run them, against
+the fp32 reference, with the launch the library's planner gives (ikport/w4a16.py). Needs clang
+(ext_vector_type, as the device code); CI installs clang-19 (ci/setup-amd.sh).
+
+Not covered: NVIDIA's matrix path (inline PTX: the GPU suite runs it), timing, and the hardware's
+rounding inside a matrix instruction (emulated in fp32, k in order).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+
+import pytest
+import torch
+
+import ikport
+from ikport import configs, int4, reference
+from ikport.kernels import W4A16Params
+from ikport.w4a16 import _group_log2
+
+import emulation
+
+KERNEL = emulation.ROOT / "kernels_src" / "w4a16.cuh"
+pytestmark = pytest.mark.skipif(emulation.CLANG is None, reason="no host clang++ (ext_vector_type)")
+
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |reference|, as the GPU suite
+DTYPES = {"fp16": (torch.float16, "ik::half_t"), "bf16": (torch.bfloat16, "ik::bf16_t")}
+# target class: (wave size, matrix-unit macro, packed layout)
+TARGETS = {
+    "cdna": (64, "IK_MMA_AMD_MFMA_16X16X16", "amd_mfma16"),  # gfx90a, gfx942
+    "rdna3": (32, "IK_MMA_AMD_WMMA_W32", "amd_wmma16_w32"),  # gfx1100
+}
+KERNELS = {"mma": 0, "gemv": 1, "gemv-scalar": 2, "naive": 3, "dequant": 4}
+SM_COUNT = 4  # a small device: the planner splits K across blocks for few output tiles
+
+
+def mma_plan(target: str, M: int, N: int, K: int, group_size: int) -> dict[str, int]:
+    """The matrix-unit kernel's template values and launch, as ikport/w4a16.py plans them."""
+    wave, _, layout = TARGETS[target]
+    chunk_k = int4.layout_info(layout).chunk_k
+    cfg = configs.w4a16_config(m=M, n=N, k=K, chunk_k=chunk_k, sm_count=SM_COUNT)
+    stages = configs.w4a16_stages(cfg.warps * wave, cfg.n_tiles)
+    return dict(mt=cfg.m_tiles, nt=cfg.n_tiles, warps=cfg.warps, gt=configs.w4a16_group_tiles(group_size),
+                stages=stages, grid=cfg.grid, splits=cfg.num_splits, per_split=cfg.chunks_per_split)
+
+
+@pytest.fixture(scope="module")
+def libs(tmp_path_factory):
+    cache: dict[tuple, ctypes.CDLL] = {}
+
+    def get(target: str, dt: str, plan: dict[str, int]) -> ctypes.CDLL:
+        key = (target, dt, plan["mt"], plan["nt"], plan["warps"], plan["gt"], plan["stages"])
+        if key not in cache:
+            wave, macro, _ = TARGETS[target]
+            defines = {
+                "IK_WARP_SIZE": wave, "EMU_LANE_MASK_T": "unsigned long long", "EMU_ASYNC_COPY": 0,
+                "EMU_BULK_COPY": 0, "EMU_CLUSTERS": 0, macro: 1, "EMU_T": DTYPES[dt][1],
+                "EMU_MT": plan["mt"], "EMU_NT": plan["nt"], "EMU_WARPS": plan["warps"], "EMU_GT": plan["gt"],
+                "EMU_STAGES": plan["stages"], "EMU_GEMV_WARPS": configs.W4A16_GEMV_WARPS,
+            }
+            name = "-".join(map(str, key))
+            tmp = tmp_path_factory.mktemp(hashlib.sha1(name.encode()).hexdigest()[:8])
+            lib = emulation.build([KERNEL, KERNEL.with_name("mma_tile.cuh")], "w4a16_main.cpp", defines, tmp / "w4a16.so", emulation.CLANG)
+            lib.emu_w4a16.restype = ctypes.c_char_p
+            lib.emu_w4a16.argtypes = [ctypes.POINTER(W4A16Params)] + [ctypes.c_int] * 5 + [ctypes.c_ulonglong]
+            cache[key] = lib
+        return cache[key]
+
+    return get
+
+
+def run_w4a16(libs, target: str, dt: str, variant: str, M: int, N: int, K: int, *, group_size: int = 128,
+              symmetric: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, fp32 reference) on fresh random inputs, the output poisoned with NaN."""
+    wave, _, layout = TARGETS[target]
+    dtype = DTYPES[dt][0]
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(N, K, generator=g).to(dtype)
+    weight = ikport.quantize_weight(w, group_size=group_size, symmetric=symmetric, layout=layout)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    ref = reference.w4a16_matmul(x, weight)
+    plan = mma_plan(target, M, N, K, weight.group_size)
+    lib = libs(target, dt, plan)
+    chunk_k = int4.layout_info(layout).chunk_k
+    zeros = weight.zeros.data_ptr() if weight.zeros is not None else None
+    if variant == "dequant":  # a dense [N, K] weight, then the product on the host (torch's GEMM on a GPU)
+        dense = torch.full((N, K), float("nan"), dtype=dtype)
+        p = W4A16Params(None, weight.qweight.data_ptr(), weight.scales.data_ptr(), zeros, dense.data_ptr(),
+                        None, None, 0, K, 0, N, K, _group_log2(weight.group_size), 1, K // chunk_k)
+        chunks_per_block = 256 // int4.layout_info(layout).unique_lanes
+        err = lib.emu_w4a16(ctypes.byref(p), KERNELS[variant], N // 16, -(-(K // chunk_k) // chunks_per_block), 1,
+                            256, seed)
+        assert err is None, err.decode()
+        return (x.float() @ dense.float().T).to(dtype), ref
+    out = torch.full((M, N), float("nan"), dtype=dtype)
+    splits, per_split, grid, threads = 1, K // chunk_k, (N // 16, M, 1), wave
+    if variant == "mma":
+        splits, per_split, grid, threads = plan["splits"], plan["per_split"], plan["grid"], plan["warps"] * wave
+    elif variant.startswith("gemv"):
+        threads = configs.W4A16_GEMV_WARPS * wave
+    partials = torch.full((splits, M, N), float("nan"))
+    counters = torch.zeros(grid[0] * grid[2], dtype=torch.int32)
+    p = W4A16Params(x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(), zeros, out.data_ptr(),
+                    partials.data_ptr(), counters.data_ptr(), x.stride(0), out.stride(0), M, N, K,
+                    _group_log2(weight.group_size), splits, per_split)
+    err = lib.emu_w4a16(ctypes.byref(p), KERNELS[variant], *grid, threads, seed)
+    assert err is None, err.decode()
+    assert not counters.any(), "split counters not back at zero"
+    return out, ref
+
+
+def check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert torch.isfinite(out).all(), "NaN in the output (unwritten, or stale shared memory read)"
+    err = (out.float() - ref.float()).abs().max().item()
+    bound = TOL[out.dtype] * ref.float().abs().max().item()
+    assert err <= bound, f"max abs error {err:.3e} > {bound:.3e}"
+
+
+SHAPES = [(1, 32, 256), (3, 48, 1024), (17, 64, 512), (33, 32, 256)]  # M, N, K: tails of 16-row tiles
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "M{}-N{}-K{}".format(*s))
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_emulated_matrix_kernel_matches_reference(libs, target, dt, shape):
+    M, N, K = shape
+    check(*run_w4a16(libs, target, dt, "mma", M, N, K, seed=M * 7 + N + K))
+
+
+def test_emulated_matrix_kernel_splits_k_across_blocks(libs):
+    """Few output tiles on a small device: K split across blocks, the last block merges."""
+    plan = mma_plan("cdna", 1, 32, 4096, 128)
+    assert plan["splits"] > 1
+    check(*run_w4a16(libs, "cdna", "fp16", "mma", 1, 32, 4096, seed=5))
+
+
+@pytest.mark.parametrize("group", [(32, False), (64, True), (-1, False)], ids=["g32-asym", "g64", "per-channel-asym"])
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_emulated_groups_and_zero_points(libs, target, group):
+    group_size, symmetric = group
+    check(*run_w4a16(libs, target, "bf16", "mma", 5, 32, 512, group_size=group_size, symmetric=symmetric, seed=9))
+
+
+@pytest.mark.parametrize("variant", ["gemv", "gemv-scalar", "naive", "dequant"])
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_emulated_other_variants_match_reference(libs, target, variant):
+    check(*run_w4a16(libs, target, "fp16", variant, 2, 48, 384, symmetric=False, seed=3))
+
+
+@pytest.mark.parametrize("b_transposed", [False, True])
+@pytest.mark.parametrize("dt", list(DTYPES))
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_emulated_matrix_shim_tile_product(libs, target, dt, b_transposed):
+    """portability/mma.cuh's AMD branch alone (kernels_src/mma_tile.cuh): C = A B in fp32."""
+    from ikport.kernels import MmaTileParams
+    dtype = DTYPES[dt][0]
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(32, 48, generator=g).to(dtype)
+    b = torch.randn(32, 48, generator=g).to(dtype) if b_transposed else torch.randn(48, 32, generator=g).to(dtype)
+    c = torch.full((32, 32), float("nan"))
+    lib = libs(target, dt, mma_plan(target, 1, 32, 256, 128))
+    lib.emu_mma_tile.restype = ctypes.c_char_p
+    lib.emu_mma_tile.argtypes = [ctypes.POINTER(MmaTileParams), ctypes.c_int, ctypes.c_ulonglong]
+    err = lib.emu_mma_tile(ctypes.byref(MmaTileParams(a.data_ptr(), b.data_ptr(), c.data_ptr(), 32, 32, 48)),
+                           int(b_transposed), 1)
+    assert err is None, err.decode()
+    torch.testing.assert_close(c, reference.mma_tile(a, b, b_transposed), rtol=1e-4, atol=1e-4)
