@@ -24,7 +24,7 @@ import torch
 
 import ikport
 from ikport import configs, int4, reference
-from ikport.kernels import W4A16Params
+from ikport.kernels import MmaTileParams, W4A16Params
 from ikport.w4a16 import _group_log2
 
 import emulation
@@ -72,6 +72,8 @@ def libs(tmp_path_factory):
             lib = emulation.build([KERNEL, KERNEL.with_name("mma_tile.cuh")], "w4a16_main.cpp", defines, tmp / "w4a16.so", emulation.CLANG)
             lib.emu_w4a16.restype = ctypes.c_char_p
             lib.emu_w4a16.argtypes = [ctypes.POINTER(W4A16Params)] + [ctypes.c_int] * 5 + [ctypes.c_ulonglong]
+            lib.emu_mma_tile.restype = ctypes.c_char_p
+            lib.emu_mma_tile.argtypes = [ctypes.POINTER(MmaTileParams), ctypes.c_int, ctypes.c_ulonglong]
             cache[key] = lib
         return cache[key]
 
@@ -161,15 +163,12 @@ def test_emulated_other_variants_match_reference(libs, target, variant):
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_emulated_matrix_shim_tile_product(libs, target, dt, b_transposed):
     """portability/mma.cuh's AMD branch alone (kernels_src/mma_tile.cuh): C = A B in fp32."""
-    from ikport.kernels import MmaTileParams
     dtype = DTYPES[dt][0]
     g = torch.Generator().manual_seed(11)
     a = torch.randn(32, 48, generator=g).to(dtype)
     b = torch.randn(32, 48, generator=g).to(dtype) if b_transposed else torch.randn(48, 32, generator=g).to(dtype)
     c = torch.full((32, 32), float("nan"))
-    lib = libs(target, dt, mma_plan(target, 1, 32, 256, 128))
-    lib.emu_mma_tile.restype = ctypes.c_char_p
-    lib.emu_mma_tile.argtypes = [ctypes.POINTER(MmaTileParams), ctypes.c_int, ctypes.c_ulonglong]
+    lib = libs(target, dt, mma_plan(target, 1, 32, 256, 128))  # (any build of this target and dtype)
     err = lib.emu_mma_tile(ctypes.byref(MmaTileParams(a.data_ptr(), b.data_ptr(), c.data_ptr(), 32, 32, 48)),
                            int(b_transposed), 1)
     assert err is None, err.decode()
