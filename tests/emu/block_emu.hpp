@@ -283,6 +283,26 @@ inline const char* run_unit(const std::vector<EmuDim3>& blocks, int block_thread
   return nullptr;
 }
 
+// Every block of `grid`, `cluster` consecutive blocks along x at a time (1: one block), the units
+// in a seeded random order, each thread running `body`; nullptr or the first failure.
+inline const char* run_grid(void (*body)(), EmuDim3 grid, int threads, int cluster, unsigned long long seed) {
+  std::vector<std::vector<EmuDim3>> units;
+  for (unsigned z = 0; z < grid.z; ++z)
+    for (unsigned y = 0; y < grid.y; ++y)
+      for (unsigned x = 0; x < grid.x; x += static_cast<unsigned>(cluster)) {
+        units.emplace_back();
+        for (int r = 0; r < cluster; ++r) units.back().push_back({x + static_cast<unsigned>(r), y, z});
+      }
+  rng.seed(seed);
+  std::shuffle(units.begin(), units.end(), rng);
+  grid_dim = grid;
+  block_dim = {static_cast<unsigned>(threads), 1, 1};
+  block_body = body;
+  for (const auto& unit : units)
+    if (const char* err = run_unit(unit, threads)) return err;
+  return nullptr;
+}
+
 inline void entry(unsigned int lo, unsigned int hi) {
   Thread* th = reinterpret_cast<Thread*>(static_cast<uintptr_t>(lo) | (static_cast<uintptr_t>(hi) << 32));
   block_body();

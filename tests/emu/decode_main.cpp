@@ -20,26 +20,6 @@ void cluster_body() {
 #endif
 void combine_body() { attn_decode_combine<EMU_T, EMU_HEAD_DIM>(params); }
 void naive_body() { attn_decode_naive<EMU_T, EMU_HEAD_DIM>(params); }
-
-// Every block of the grid, `cluster` consecutive blocks along x at a time, the units in a random
-// order; nullptr or the first failure.
-const char* run_grid(void (*body)(), EmuDim3 grid, int threads, int cluster, unsigned long long seed) {
-  std::vector<std::vector<EmuDim3>> units;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; x += static_cast<unsigned>(cluster)) {
-        units.emplace_back();
-        for (int r = 0; r < cluster; ++r) units.back().push_back({x + static_cast<unsigned>(r), y, z});
-      }
-  emu::rng.seed(seed);
-  std::shuffle(units.begin(), units.end(), emu::rng);
-  emu::grid_dim = grid;
-  emu::block_dim = {static_cast<unsigned>(threads), 1, 1};
-  emu::block_body = body;
-  for (const auto& unit : units)
-    if (const char* err = emu::run_unit(unit, threads)) return err;
-  return nullptr;
-}
 }  // namespace
 
 extern "C" {
@@ -62,16 +42,16 @@ const char* emu_decode_split(const DecodeParams* p, int paged, int clustered, in
 #else
   if (clustered) return "built without clusters (EMU_CLUSTER <= 1)";
 #endif
-  return run_grid(body, {unsigned(gx), unsigned(gy), unsigned(gz)}, EMU_THREADS, cluster, seed);
+  return emu::run_grid(body, {unsigned(gx), unsigned(gy), unsigned(gz)}, EMU_THREADS, cluster, seed);
 }
 // grid (Tq * Hq, B), block 128: v0, the journey's naive kernel.
 const char* emu_decode_naive(const DecodeParams* p, unsigned long long seed) {
   params = *p;
-  return run_grid(naive_body, {unsigned(p->q_len * p->num_q_heads), unsigned(p->batch), 1}, 128, 1, seed);
+  return emu::run_grid(naive_body, {unsigned(p->q_len * p->num_q_heads), unsigned(p->batch), 1}, 128, 1, seed);
 }
 // grid (B * Hq * Tq), block max(head_dim, 64): the separate split-K merge.
 const char* emu_decode_combine(const DecodeParams* p, int rows, unsigned long long seed) {
   params = *p;
-  return run_grid(combine_body, {unsigned(rows), 1, 1}, EMU_HEAD_DIM < 64 ? 64 : EMU_HEAD_DIM, 1, seed);
+  return emu::run_grid(combine_body, {unsigned(rows), 1, 1}, EMU_HEAD_DIM < 64 ? 64 : EMU_HEAD_DIM, 1, seed);
 }
 }

@@ -20,21 +20,6 @@ void dequant_body() { w4a16_dequant<EMU_T>(params); }
 MmaTileParams tile_params;
 template <bool BT>
 void tile_body() { mma_tile<EMU_T, BT>(tile_params); }
-
-const char* run_grid(void (*body)(), EmuDim3 grid, int threads, unsigned long long seed) {
-  std::vector<std::vector<EmuDim3>> units;
-  for (unsigned z = 0; z < grid.z; ++z)
-    for (unsigned y = 0; y < grid.y; ++y)
-      for (unsigned x = 0; x < grid.x; ++x) units.push_back({{x, y, z}});
-  emu::rng.seed(seed);
-  std::shuffle(units.begin(), units.end(), emu::rng);
-  emu::grid_dim = grid;
-  emu::block_dim = {static_cast<unsigned>(threads), 1, 1};
-  emu::block_body = body;
-  for (const auto& unit : units)
-    if (const char* err = emu::run_unit(unit, threads)) return err;
-  return nullptr;
-}
 }  // namespace
 
 extern "C" {
@@ -44,12 +29,12 @@ const char* emu_w4a16(const W4A16Params* p, int kernel, int gx, int gy, int gz, 
   params = *p;
   void (*const bodies[])() = {mma_body, gemv_body<true>, gemv_body<false>, naive_body, dequant_body};
   if (kernel < 0 || kernel > 4) return "unknown kernel";
-  return run_grid(bodies[kernel], {unsigned(gx), unsigned(gy), unsigned(gz)}, threads, seed);
+  return emu::run_grid(bodies[kernel], {unsigned(gx), unsigned(gy), unsigned(gz)}, threads, 1, seed);
 }
 // The matrix shim's tile product (kernels_src/mma_tile.cuh): grid (n / 16, m / 16), one wave.
 const char* emu_mma_tile(const MmaTileParams* p, int b_transposed, unsigned long long seed) {
   tile_params = *p;
-  return run_grid(b_transposed ? tile_body<true> : tile_body<false>,
-                  {unsigned(p->n / 16), unsigned(p->m / 16), 1}, IK_WARP_SIZE, seed);
+  return emu::run_grid(b_transposed ? tile_body<true> : tile_body<false>,
+                       {unsigned(p->n / 16), unsigned(p->m / 16), 1}, IK_WARP_SIZE, 1, seed);
 }
 }
