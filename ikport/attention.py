@@ -26,8 +26,12 @@ from .manifest import spec
 #   naive          v0: one block per query head, scalar loads
 #   split1         one block per KV head for its whole GQA group, 16-byte loads, no split-K
 #   split-unfused  + split-K, partial results merged by a second launch
-#   split          + the merge fused into the last block of each split group (default)
-DECODE_VARIANTS = ("naive", "split1", "split-unfused", "split")
+#   split-vector   + the merge fused into the last block of each split group (v1-v9: fp32
+#                  dot products on the vector units)
+#   split-mma      the same split and merge, the math on the matrix units (v11)
+#   split          the default: split-mma where a block serves enough query rows
+#                  (configs.decode_use_mma), else split-vector
+DECODE_VARIANTS = ("naive", "split1", "split-unfused", "split-vector", "split-mma", "split")
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _LOG2E = 1.4426950408889634
 
@@ -260,28 +264,43 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                            capacity, capacity, ps_log2)
     else:
         info = backend.device_info(dev)
+        facts = backend.target_for(dev).facts
         rows, row_tiles = configs.decode_rows(Hq // Hkv * Tq)
         groups = B * Hkv * row_tiles
-        one_per_sm = variant == "split" and configs.decode_one_block_per_sm(
+        mma = variant == "split-mma" or (variant == "split" and configs.decode_use_mma(rows))
+        c_is_a = facts.matrix_unit == "mma.sync"  # P stays in registers (ik::mma::kCIsA)
+        default = variant in ("split", "split-vector", "split-mma")  # fused merge, tuned launches
+        one_per_sm = default and not mma and configs.decode_one_block_per_sm(
             groups=groups, kv_capacity=capacity, sm_count=info.sm_count, paged=paged,
-            async_copy=backend.target_for(dev).facts.async_copy, rows=rows)
+            async_copy=facts.async_copy, rows=rows)
+
+        def kernel_spec(tiles, cluster: int = 1):  # the split kernel of these tiles, its shared memory
+            rows, _, threads, unroll, stages = tiles
+            clustered = {"cluster": cluster} if cluster > 1 else {}
+            if mma:
+                return (spec("attention_decode", "split_mma_cluster" if cluster > 1 else "split_mma", dtype=dtype,
+                             head_dim=D, rows=rows, paged=paged, threads=threads, stages=stages, **clustered),
+                        configs.decode_mma_smem_bytes(threads=threads, warp_size=info.warp_size, rows=rows,
+                                                      head_dim=D, stages=stages, c_is_a=c_is_a, cluster=cluster))
+            return (spec("attention_decode", "split_cluster" if cluster > 1 else "split", dtype=dtype, head_dim=D,
+                         rows=rows, paged=paged, threads=threads, unroll=unroll, stages=stages, **clustered),
+                    configs.decode_smem_bytes(threads=threads, warp_size=info.warp_size, rows=rows, head_dim=D,
+                                              unroll=unroll, stages=stages, cluster=cluster))
 
         def load(threads: int):  # the kernel's tiles, the kernel, its shared memory, blocks per SM
-            tiles = configs.decode_tiles(Hq // Hkv, Tq, head_dim=D, warp_size=info.warp_size,
-                                         max_smem=info.max_smem_per_block, one_per_sm=one_per_sm,
-                                         threads=threads, paged=paged)
-            rows, _, threads, unroll, stages = tiles
-            main = get_kernel(
-                spec("attention_decode", "split", dtype=dtype, head_dim=D, rows=rows, paged=paged,
-                     threads=threads, unroll=unroll, stages=stages),
-                backend, dev,
-            )
-            smem = configs.decode_smem_bytes(threads=threads, warp_size=info.warp_size, rows=rows,
-                                             head_dim=D, unroll=unroll, stages=stages)
-            return tiles, main, smem, backend.occupancy(main.fn, threads, smem)
+            if mma:
+                tiles = configs.decode_mma_tiles(Hq // Hkv, Tq, head_dim=D, warp_size=info.warp_size,
+                                                 max_smem=info.max_smem_per_block, c_is_a=c_is_a)
+            else:
+                tiles = configs.decode_tiles(Hq // Hkv, Tq, head_dim=D, warp_size=info.warp_size,
+                                             max_smem=info.max_smem_per_block, one_per_sm=one_per_sm,
+                                             threads=threads, paged=paged)
+            kspec, smem = kernel_spec(tiles)
+            main = get_kernel(kspec, backend, dev)
+            return tiles, main, smem, backend.occupancy(main.fn, tiles[2], smem)
 
         tiles, main, smem, per_sm = load(configs.DECODE_THREADS)
-        if variant == "split" and not one_per_sm and configs.decode_small_blocks(
+        if default and not mma and not one_per_sm and configs.decode_small_blocks(
                 groups=groups, kv_capacity=capacity, paged=paged,
                 slots=info.sm_count * configs.decode_blocks_per_sm(per_sm, tiles[0], tiles[2])):
             tiles, main, smem, per_sm = load(configs.SMALL_BLOCK_THREADS)
@@ -291,31 +310,23 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                 sm_count=info.sm_count, blocks_per_sm=per_sm, batch=B, kv_heads=Hkv, group=Hq // Hkv,
                 q_len=Tq, kv_capacity=capacity, num_splits=num_splits, one_per_sm=one_per_sm, tiles=tiles)
 
-        facts = backend.target_for(dev).facts
-
         def cluster_kernel(cfg: configs.DecodeConfig):  # (kernel, shared memory) or None
             cluster = configs.decode_cluster(cfg.num_splits, clusters=facts.clusters,
                                              blocks=groups * cfg.num_splits, sm_count=info.sm_count)
-            if variant != "split" or cluster == 1:
+            if not default or cluster == 1:
                 return None
-            rows, _, threads, unroll, stages = tiles
-            kernel = get_kernel(
-                spec("attention_decode", "split_cluster", dtype=dtype, head_dim=D, rows=rows, paged=paged,
-                     threads=threads, unroll=unroll, stages=stages, cluster=cluster),
-                backend, dev,
-            )
-            need = configs.decode_smem_bytes(threads=threads, warp_size=info.warp_size, rows=rows,
-                                              head_dim=D, unroll=unroll, stages=stages, cluster=cluster)
+            kspec, need = kernel_spec(tiles, cluster)
+            kernel = get_kernel(kspec, backend, dev)
             asked = configs.decode_cluster_smem(need, facts.max_smem_per_sm)
             if asked <= info.max_smem_per_block and backend.max_active_clusters(
-                    kernel.fn, cluster, threads, asked) >= groups:
+                    kernel.fn, cluster, tiles[2], asked) >= groups:
                 return kernel, asked
             return None
 
         cfg = split_config(1 if variant == "split1" else None)
         fit = cluster_kernel(cfg)
         fewer = configs.decode_fewer_splits_for_clusters(cfg.num_splits, cfg.rows_per_split)
-        if fit is None and fewer and facts.clusters and variant == "split":
+        if fit is None and fewer and facts.clusters and default:
             fewer_cfg = split_config(fewer)  # short splits: one split less if its clusters all fit
             fit = cluster_kernel(fewer_cfg)
             cfg = fewer_cfg if fit is not None else cfg
@@ -326,7 +337,7 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
         if cfg.num_splits > 1 and not clustered:
             combine = get_kernel(spec("attention_decode", "combine", dtype=dtype, head_dim=D), backend, dev)
         plan = _DecodePlan(
-            dev, backend, main, combine, variant == "split" and not clustered, clustered,
+            dev, backend, main, combine, default and not clustered, clustered,
             (cfg.num_splits, Hkv * cfg.row_tiles, B), (cfg.threads, 1, 1), smem,
             cfg.num_splits, cfg.rows_per_split, capacity, ps_log2,
         )

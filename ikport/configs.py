@@ -150,6 +150,54 @@ def decode_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int,
     return max(merge, ring) + (cluster * rows * (head_dim + 1) * 4 if cluster > 1 else 0)
 
 
+# v11, decode on the matrix units (attn_decode_split_mma): each warp scores 16 K rows for up to
+# 16 query rows with one matrix product, so it should pay off once a block serves several query
+# rows (GQA group x query tokens). Four warps, each streaming its own ring of DECODE_MMA_STAGES
+# tiles of 16 K/V rows (as deep as the target's shared memory allows): the math is no longer what
+# limits a warp, so fewer warps with deeper rings keep the same bytes in flight.
+# DECODE_MMA_MIN_ROWS: the default plan takes it from blocks of this many query rows; None until
+# an H100 run has timed it against the vector kernel (docs/results/decode.md, v11): variant
+# "split-mma" (or decode_overrides["mma"] = 1) runs it meanwhile.
+DECODE_MMA_MIN_ROWS: int | None = None
+DECODE_MMA_WARPS = 4
+DECODE_MMA_STAGES = 6
+MMA_TILE_ROWS = 16  # K/V rows per ring tile (MmaConfig::kTile)
+C_TO_A_LD = 24  # ik::mma::kCToALd: the per-warp scratch rows where C is not A's layout (AMD)
+
+
+def decode_use_mma(rows: int) -> bool:
+    """Whether the default decode plan takes the matrix-unit kernel for blocks of `rows` query
+    rows (decode_rows). Override: "mma" in decode_overrides (0 or 1)."""
+    default = DECODE_MMA_MIN_ROWS is not None and rows >= DECODE_MMA_MIN_ROWS
+    return bool(decode_overrides.get("mma", default))
+
+
+def decode_mma_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int, stages: int,
+                          c_is_a: bool, cluster: int = 1) -> int:
+    """Dynamic shared memory of attn_decode_split_mma (mirrors MmaConfig::smem_bytes), and of its
+    clustered kernel with `cluster` > 1. `c_is_a`: the target keeps P in registers (NVIDIA)."""
+    warps, ld = threads // warp_size, head_dim + 8
+    stream = (warps * stages * 2 * MMA_TILE_ROWS * ld * 2 + 16 * ld * 2
+              + (0 if c_is_a else warps * 16 * C_TO_A_LD * 2))
+    merge = warps * rows * (head_dim + 2) * 4
+    return max(merge, stream) + (cluster * rows * (head_dim + 1) * 4 if cluster > 1 else 0)
+
+
+def decode_mma_tiles(group: int, q_len: int, *, head_dim: int, warp_size: int, max_smem: int,
+                     c_is_a: bool) -> tuple[int, int, int, int, int]:
+    """(rows, row_tiles, threads, unroll, stages) of the matrix-unit kernel (unroll unused: 1):
+    DECODE_MMA_WARPS warps, the deepest ring up to DECODE_MMA_STAGES that fits `max_smem`.
+    Overrides: "threads", "stages", "rows"."""
+    rows, row_tiles = decode_rows(group * q_len)
+    threads = decode_overrides.get("threads", DECODE_MMA_WARPS * warp_size)
+    stages = decode_overrides.get("stages", DECODE_MMA_STAGES)
+    if "stages" not in decode_overrides:
+        while stages > 2 and decode_mma_smem_bytes(threads=threads, warp_size=warp_size, rows=rows,
+                                                   head_dim=head_dim, stages=stages, c_is_a=c_is_a) > max_smem:
+            stages -= 1
+    return rows, row_tiles, threads, 1, stages
+
+
 # Split-K groups of at most MAX_CLUSTER splits merge inside a block cluster where the target has
 # clusters (attn_decode_split_cluster): the partial results go to one block's shared memory, not
 # through global memory, counters and a fence. Only launches of at most one block per SM: the
@@ -194,8 +242,8 @@ def decode_cluster_smem(smem: int, max_smem_per_sm: int) -> int:
 
 def decode_combine_threads(head_dim: int) -> int:
     """Block of attn_decode_combine (the separate split-K merge): a merge pair per 4 output dims,
-    at least two warps/waves' worth (mirrors its __launch_bounds__)."""
-    return max(head_dim, 64)
+    at least 64 threads, whole 64-lane waves (mirrors its __launch_bounds__)."""
+    return -(-max(head_dim, 64) // 64) * 64
 
 
 GOOD_WAVE_UTILIZATION = 0.95  # take the fewest splits that keep the waves this full

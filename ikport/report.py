@@ -75,9 +75,10 @@ def parse_uri(uri: str) -> tuple[str, str, dict[str, Any]]:
     return m.group(1), m.group(2), params
 
 
-def launch_shape(uri: str, warp_size: int) -> Launch | None:
+def launch_shape(uri: str, warp_size: int, c_is_a: bool = True) -> Launch | None:
     """Block size and dynamic shared memory the dispatcher launches `uri` with (ikport/attention.py
-    and tests/test_attention_gpu.py); None for a kernel this function does not know yet."""
+    and tests/test_attention_gpu.py); None for a kernel this function does not know yet.
+    `c_is_a`: the target's matrix accumulator is its A operand (NVIDIA; ik::mma::kCIsA)."""
     family, kernel, p = parse_uri(uri)
     if (family, kernel) == ("attention_decode", "naive"):
         return Launch(128, 0, False, False)
@@ -86,6 +87,11 @@ def launch_shape(uri: str, warp_size: int) -> Launch | None:
         smem = configs.decode_smem_bytes(threads=threads, warp_size=warp_size, rows=p["rows"],
                                          head_dim=p["head_dim"], unroll=p["unroll"], stages=stages)
         return Launch(threads, smem, stages > 0, False)
+    if (family, kernel) == ("attention_decode", "split_mma"):
+        threads = p["threads"]
+        smem = configs.decode_mma_smem_bytes(threads=threads, warp_size=warp_size, rows=p["rows"],
+                                             head_dim=p["head_dim"], stages=p["stages"], c_is_a=c_is_a)
+        return Launch(threads, smem, True, True)
     if (family, kernel) == ("attention_decode", "combine"):
         return Launch(configs.decode_combine_threads(p["head_dim"]), 0, False, False)
     if family == "mma_tile":
@@ -274,7 +280,7 @@ class Entry:
 
 def enrich(row: CompileRow) -> Entry:
     warp = row.wavefront_size or ARCH_TABLE[row.target].warp_size
-    launch = launch_shape(row.kernel, warp)
+    launch = launch_shape(row.kernel, warp, ARCH_TABLE[row.target].matrix_unit == "mma.sync")
     occ = None
     if launch is not None and row.status == "ok":
         occ = estimate_occupancy(row.target, row.registers, row.agprs, row.sgprs, launch.threads,

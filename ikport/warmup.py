@@ -49,14 +49,18 @@ def _manifest_head_dims() -> list[int]:
 
 
 def dispatcher_kernels(head_dims: Iterable[int] | None = None, dtypes: Iterable[str] = DTYPES,
-                       async_copy: bool = True, clusters: bool = False) -> list[KernelSpec]:
+                       async_copy: bool = True, clusters: bool = False, warp_size: int = 32,
+                       max_smem: int = 227 * 1024, c_is_a: bool = True) -> list[KernelSpec]:
     """The decode kernels the default variant loads, for these head dims: the split kernels, the
     128-thread version short contiguous caches with many groups take (configs.decode_small_blocks),
     on targets with async copies the one-block-per-SM versions (the deeper ring for contiguous
     caches, 512 threads for paged ones of at most ONE_PER_SM_PAGED_MAX_ROWS query rows), on targets
     with clusters the clustered versions of the contiguous 256-thread and all one-block-per-SM
     kernels (configs.decode_cluster, WARMUP_CLUSTERS), and the merge kernel every split-K plan
-    loads up front (a graph capture launches it)."""
+    loads up front (a graph capture launches it). Row tiles that the default sends to the matrix units
+    (configs.decode_use_mma) get attn_decode_split_mma instead, contiguous and paged, with its
+    clustered versions where the target has clusters (`warp_size`, `max_smem`, `c_is_a`: the
+    target's facts, for its tiles)."""
     # (paged, one block per SM, threads asked)
     layouts = [(False, False, configs.DECODE_THREADS), (True, False, configs.DECODE_THREADS),
                (False, False, configs.SMALL_BLOCK_THREADS)]
@@ -66,6 +70,17 @@ def dispatcher_kernels(head_dims: Iterable[int] | None = None, dtypes: Iterable[
     for dtype in dtypes:
         for d in head_dims or _manifest_head_dims():
             for rows_total in configs.DECODE_ROW_TILES:
+                if configs.decode_use_mma(rows_total):
+                    rows, _, threads, _, stages = configs.decode_mma_tiles(
+                        rows_total, 1, head_dim=int(d), warp_size=warp_size, max_smem=max_smem, c_is_a=c_is_a)
+                    for paged in (False, True):
+                        common = dict(dtype=dtype, head_dim=int(d), rows=rows, paged=paged, threads=threads,
+                                      stages=stages)
+                        out.append(spec("attention_decode", "split_mma", **common))
+                        if clusters:
+                            out += [spec("attention_decode", "split_mma_cluster", **common, cluster=c)
+                                    for c in WARMUP_CLUSTERS]
+                    continue
                 for paged, one_per_sm, block in layouts:
                     if paged and one_per_sm and rows_total > configs.ONE_PER_SM_PAGED_MAX_ROWS:
                         continue  # two blocks per SM there (configs.decode_one_block_per_sm)
@@ -83,11 +98,13 @@ def dispatcher_kernels(head_dims: Iterable[int] | None = None, dtypes: Iterable[
 
 
 def kernel_set(all_kernels: bool = False, head_dims: Iterable[int] | None = None,
-               name_filter: str = "", async_copy: bool = True, clusters: bool = False) -> list[KernelSpec]:
-    """The specs warmup builds, without duplicates, in a stable order (`async_copy`, `clusters`:
-    the target's facts)."""
+               name_filter: str = "", async_copy: bool = True, clusters: bool = False, warp_size: int = 32,
+               max_smem: int = 227 * 1024, c_is_a: bool = True) -> list[KernelSpec]:
+    """The specs warmup builds, without duplicates, in a stable order (`async_copy` to `c_is_a`:
+    the target's facts, as dispatcher_kernels takes them)."""
     head_dims = list(head_dims) if head_dims else None
-    specs = dispatcher_kernels(head_dims, async_copy=async_copy, clusters=clusters)
+    specs = dispatcher_kernels(head_dims, async_copy=async_copy, clusters=clusters, warp_size=warp_size,
+                               max_smem=max_smem, c_is_a=c_is_a)
     if all_kernels:
         specs += list(default_instantiations())
         for dtype in DTYPES:
@@ -274,8 +291,9 @@ def warmup(
     """
     backend, tgt, dev, desc = _resolve(target, device)
     cache = DiskCache(knobs.cache_dir()) if knobs.disk_cache_enabled() else None
-    specs = kernel_set(all_kernels, head_dims, name_filter, async_copy=tgt.facts.async_copy,
-                       clusters=tgt.facts.clusters)
+    f = tgt.facts
+    specs = kernel_set(all_kernels, head_dims, name_filter, async_copy=f.async_copy, clusters=f.clusters,
+                       warp_size=f.warp_size, max_smem=f.max_smem_per_block, c_is_a=f.matrix_unit == "mma.sync")
     report = WarmupReport(tgt.arch, backend.name, desc, str(cache.root) if cache else None)
     bar = Progress(len(specs), progress)
     t_start = time.perf_counter()

@@ -37,15 +37,6 @@ struct DecodeParams {
   int num_pages;     // paged: pages in the pool (the early copy clamps its page ids into it)
 };
 
-// The copy engine (bulk copies on mbarriers) fills the ring where the target has one (NVIDIA
-// sm_90+); elsewhere, or with this 0, every thread copies its own slots with cp.async. Built and
-// run by the CPU block emulator (tests/test_decode_emulation.py), not yet timed on an H100: off
-// until it is (docs/results/decode.md, "v10: the copy engine, prepared"). decode-ab.py's "bulk"
-// splice turns it on for an A/B.
-#ifndef IK_DECODE_BULK_COPY
-#define IK_DECODE_BULK_COPY 0
-#endif
-
 namespace decode {
 
 // Sentinel for "no score yet": finite, so exp2(m_old - m_new) never sees (-inf) - (-inf).
@@ -200,6 +191,86 @@ IK_DEVICE void merge_cluster(const DecodeParams& p, const float* c_out, const fl
     const int hq = hk * group + rr / p.q_len, tq = rr % p.q_len;
     static_cast<T*>(p.out)[b * p.o_sb + hq * p.o_sh + tq * p.o_st + d] = ik::dtype<T>::from_float(l > 0.f ? o / l : 0.f);
   }
+}
+
+// The end of a split block, shared by both stream loops. Shared memory holds each warp's online
+// softmax state: [warp][row] maxima, then sums, then [warp][row][dim] unnormalized outputs, and
+// every thread has passed a barrier since they were written. Merges the warps, then the splits:
+// fused (the last block), clustered (into block 0's `c_out`, past the kernel's own shared
+// memory), or later by attn_decode_combine.
+template <class T, int HEAD_DIM, int ROWS, int THREADS, int WARPS, int CLUSTER>
+IK_DEVICE void finish_split(const DecodeParams& p, const float* smem, float* c_out, int b, int hk, int row0) {
+  const int split = blockIdx.x;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int rows_total = group * p.q_len;
+  const float* s_m = smem;
+  const float* s_l = s_m + WARPS * ROWS;
+  const float* s_acc = s_l + WARPS * ROWS;
+  // Split-K with the fused merge: the last block of this (sequence, KV head, row tile) to finish
+  // its stream merges every split's partial result. Two counters per group, zero at rest:
+  // `arrived` (taken right after the stream, its round trip hidden behind the partial writes)
+  // picks the last block; `written` tells it when the others' partials are visible. The last
+  // block thus skips a fence and waits only for partials written long before, usually.
+  const bool fused = CLUSTER == 1 && p.num_splits > 1 && p.split_counters != nullptr;
+  int* arrived = fused ? p.split_counters + b * gridDim.y + blockIdx.y : nullptr;
+  int* written = fused ? arrived + p.batch * gridDim.y : nullptr;
+  int arrival = 0;
+  if (fused && threadIdx.x == 0) arrival = ik::atomic_add(arrived, 1);
+  float* c_lse = c_out + CLUSTER * ROWS * HEAD_DIM;  // clustered merge: [split][row] after [split][row][dim]
+  if constexpr (CLUSTER > 1) ik::cluster_wait();  // every block of the cluster is running
+
+  for (int idx = threadIdx.x; idx < ROWS * HEAD_DIM; idx += THREADS) {
+    int r = idx / HEAD_DIM, d = idx % HEAD_DIM, rr = row0 + r;
+    if (rr >= rows_total) continue;
+    float m_all = decode::kNoScore;
+    for (int w = 0; w < WARPS; ++w) m_all = fmaxf(m_all, s_m[w * ROWS + r]);
+    float l_all = 0.f, o = 0.f;
+    for (int w = 0; w < WARPS; ++w) {
+      float f = ik::exp2_fast(s_m[w * ROWS + r] - m_all);
+      l_all += s_l[w * ROWS + r] * f;
+      o += s_acc[(w * ROWS + r) * HEAD_DIM + d] * f;
+    }
+    int hq = hk * group + rr / p.q_len, tq = rr % p.q_len;
+    float inv = l_all > 0.f ? 1.f / l_all : 0.f;
+    if constexpr (CLUSTER > 1) {
+      ik::cluster_store(c_out + (split * ROWS + r) * HEAD_DIM + d, 0, o * inv);
+      if (d == 0) ik::cluster_store(c_lse + split * ROWS + r, 0, l_all > 0.f ? m_all + __log2f(l_all) : -IK_INFINITY);
+    } else if (p.num_splits == 1) {
+      T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st;
+      out[d] = ik::dtype<T>::from_float(o * inv);
+    } else {
+      long long row = ((static_cast<long long>(b) * p.num_q_heads + hq) * p.q_len + tq) * p.num_splits + split;
+      p.part_out[row * HEAD_DIM + d] = o * inv;
+      if (d == 0) p.part_lse[row] = l_all > 0.f ? m_all + __log2f(l_all) : -IK_INFINITY;
+    }
+  }
+  if constexpr (CLUSTER > 1) {
+    ik::cluster_arrive();  // release: this thread's stores into block 0
+    if (split != 0) return;
+    ik::cluster_wait();  // acquire: every block's stores
+    merge_cluster<T, HEAD_DIM, ROWS, THREADS, CLUSTER>(p, c_out, c_lse, b, hk, row0, rows_total);
+    return;
+  }
+  if (!fused) return;
+
+  // The barrier also makes this block's own partials visible to all its threads.
+  if (!ik::block_any(threadIdx.x == 0 && arrival == p.num_splits - 1)) {
+    ik::fence_device();  // this block's partials, then its count
+    ik::block_sync();
+    if (threadIdx.x == 0) ik::atomic_add(written, 1);
+    return;
+  }
+  if (threadIdx.x == 0) {
+    // Safe to wait: every other block of the group has arrived, so it is running and its
+    // remaining work (write, fence, count) waits on nothing. Then zero the counters for the
+    // next call (and for CUDA graph replays).
+    while (ik::atomic_add(written, 0) != p.num_splits - 1) {}
+    *arrived = 0;
+    *written = 0;
+    ik::fence_device();  // acquire: the others' partials, for every thread after the barrier
+  }
+  ik::block_sync();
+  merge_rows<T, HEAD_DIM, ROWS, THREADS>(p, b, hk, row0, rows_total);
 }
 
 }  // namespace decode
@@ -361,79 +432,15 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
   auto ring_slot = [&](int stage, int u, int kv) -> uint4* {
     return ring + ((stage * U + u) * 2 + kv) * THREADS + threadIdx.x;
   };
-  // Bulk copies (the copy engine, sm_90+): warp 0 fills each ring stage with a few large copies
-  // (rows [kStep][row] of K, then of V) onto the stage's `full` barrier; each warp, having read
-  // its slots, arrives on the stage's `empty` barrier, which warp 0 waits on before refilling it.
-  // A copy spans as many rows as lie contiguous: the step's (contiguous caches), a page's, or one
-  // row (a strided cache). Elsewhere every thread copies its own 16-byte slots with cp.async.
-  constexpr bool kBulk = IK_HAS_BULK_COPY && IK_DECODE_BULK_COPY && STAGES > 0;
-  constexpr int kRow16 = C::kLanesNeeded;                            // 16-byte units per K/V row
-  constexpr int kRunsPerLane = (kStep + ik::kWarpSize - 1) / ik::kWarpSize;  // at one row a copy
-  static_assert(!kBulk || (kStep & (kStep - 1)) == 0, "bulk copies: a power-of-two step");
-  __shared__ ik::mbarrier_t bars[kBulk ? 2 * STAGES : 1];  // full[stage], then empty[stage]
-  ik::mbarrier_t* full = bars;
-  ik::mbarrier_t* empty = bars + (kBulk ? STAGES : 0);
-  auto bulk_row = [&](int stage, int kv, int j) -> uint4* { return ring + ((stage * 2 + kv) * kStep + j) * kRow16; };
-  int run = 1;  // rows per bulk copy
-  if constexpr (kBulk) {
-    if (p.k_st == HEAD_DIM && p.v_st == HEAD_DIM) {
-      run = PAGED ? min(1 << p.page_size_log2, kStep) : kStep;
-      if (PAGED && t_begin != 0) run = min(run, t_begin & -t_begin);  // runs must not cross pages
-    }
-    if (threadIdx.x == 0) {
-      for (int s = 0; s < STAGES; ++s) { ik::mbar_init(&full[s], 1); ik::mbar_init(&empty[s], C::kWarps); }
-    }
-    ik::warp_sync();  // warp 0 issues next; the other warps wait on the barriers after a block_sync
-  }
-
   // Paged: the ring's page ids are loaded one iteration before their copies are issued, so an
   // issue never waits on a block-table load (page size 1: one id per row; D1 67.0 -> 57.2 us).
-  // Bulk copies: warp 0's lanes hold the ids of their copies' first rows (those below `end`).
-  int page[kBulk ? kRunsPerLane : U];
-  auto load_run_pages = [&](int i, int end) {
-    if (warp != 0) return;
-#pragma unroll
-    for (int r = 0; r < kRunsPerLane; ++r) {
-      const int j = (lane + ik::kWarpSize * r) * run, t = t_begin + i * kStep + j;
-      page[r] = j < kStep && t < end ? bt_row[t >> p.page_size_log2] : 0;
-    }
-  };
+  int page[U];
   auto load_pages = [&](int i) {
-    if constexpr (PAGED && kBulk) {
-      load_run_pages(i, t_end);
-    } else if constexpr (PAGED) {
-      decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(i), t_end, lane_active, page);
-    }
-  };
-  // Warp 0 copies step i's rows below `end` into stage i % STAGES, once every warp has read the
-  // stage's previous step; a paged step's page ids must be in page[].
-  auto bulk_issue = [&](int i, int end) {
-    const int ts = t_begin + i * kStep, stage = i % STAGES;
-    if (ts >= end) return;
-    if (i >= STAGES) ik::mbar_wait(&empty[stage], (i / STAGES - 1) & 1);
-    const int rows = min(kStep, end - ts);
-    if (lane == 0) ik::mbar_arrive_expect_tx(&full[stage], 2 * rows * kRow16 * 16);
-#pragma unroll
-    for (int r = 0; r < kRunsPerLane; ++r) {
-      const int j = (lane + ik::kWarpSize * r) * run;
-      if (j < rows) {
-        const int t = ts + j, bytes = min(run, rows - j) * kRow16 * 16;
-        const long long ko = PAGED ? decode::paged_offset(p, page[r], p.k_sb, p.k_sh, p.k_st, hk, t)
-                                   : decode::row_offset<false>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t);
-        const long long vo = PAGED ? decode::paged_offset(p, page[r], p.v_sb, p.v_sh, p.v_st, hk, t)
-                                   : decode::row_offset<false>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t);
-        ik::bulk_copy(bulk_row(stage, 0, j), kbase - d0 + ko, bytes, &full[stage]);
-        ik::bulk_copy(bulk_row(stage, 1, j), vbase - d0 + vo, bytes, &full[stage]);
-      }
-    }
+    if constexpr (PAGED) decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(i), t_end, lane_active, page);
   };
   // Copies step i's K/V chunks of this thread into ring stage i % STAGES (zeros past `end`);
   // a paged step's page ids must be in page[].
   auto issue = [&](int i, int end) {
-    if constexpr (kBulk) {
-      if (warp == 0) bulk_issue(i, end);
-      return;
-    }
     if (t_begin + i * kStep < end) {
       const int t0 = step_row(i);
 #pragma unroll
@@ -456,10 +463,9 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
   };
   if constexpr (kEarlyCopy) {  // before the query loads: nothing waits ahead of it
     if constexpr (PAGED) {
-      if constexpr (kBulk) load_run_pages(0, t_early_end);
-      else decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(0), t_early_end, lane_active, page);
+      decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(0), t_early_end, lane_active, page);
 #pragma unroll
-      for (int u = 0; u < (kBulk ? kRunsPerLane : U); ++u) page[u] = min(max(page[u], 0), p.num_pages - 1);
+      for (int u = 0; u < U; ++u) page[u] = min(max(page[u], 0), p.num_pages - 1);
     }
     issue(0, t_early_end);
   }
@@ -497,27 +503,11 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
     }
     load_pages(STAGES - 1);
   }
-  if constexpr (kBulk) ik::block_sync();  // the barriers are initialized before any warp waits
 
   for (int i = 0; i < n_steps; ++i) {
     const int t0 = step_row(i);
     uint4 kr[U], vr[U];
-    if constexpr (kBulk) {
-      const int stage = i % STAGES;
-      issue(i + STAGES - 1, t_end);
-      load_pages(i + STAGES);
-      ik::mbar_wait(&full[stage], (i / STAGES) & 1);
-#pragma unroll
-      for (int u = 0; u < U; ++u) {
-        const int j = u * C::kGroups + g;
-        kr[u] = lane_active ? bulk_row(stage, 0, j)[sub] : make_uint4(0, 0, 0, 0);
-        vr[u] = lane_active ? bulk_row(stage, 1, j)[sub] : make_uint4(0, 0, 0, 0);
-        // rows past kv_len: never copied, or the early copy's; a zero weight times them could be NaN
-        if (t0 + u * C::kGroups >= t_end) vr[u] = make_uint4(0, 0, 0, 0);
-      }
-      ik::warp_sync();  // the warp's reads are done: the stage may be refilled
-      if (lane == 0) ik::mbar_arrive(&empty[stage]);
-    } else if constexpr (STAGES > 0) {
+    if constexpr (STAGES > 0) {
       issue(i + STAGES - 1, t_end);
       load_pages(i + STAGES);  // for the next iteration's issue: in flight during this step's math
       ik::cp_async_wait<STAGES - 1>();  // this thread's copies of step i have landed
@@ -597,10 +587,7 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
 
   // Then the warps, through shared memory: [warp][row] m, l and [warp][row][dim] acc. The merge
   // buffer reuses the ring: every thread's copies must have landed and been read first.
-  if constexpr (kBulk) {
-    if (n_steps == 0 && t_begin < t_early_end) ik::mbar_wait(&full[0], 0);  // the early copy, unread
-    ik::block_sync();
-  } else if constexpr (STAGES > 0) {
+  if constexpr (STAGES > 0) {
     ik::cp_async_wait<0>();
     ik::block_sync();
   }
@@ -619,72 +606,7 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
   }
   ik::block_sync();
 
-  // Split-K with the fused merge: the last block of this (sequence, KV head, row tile) to finish
-  // its stream merges every split's partial result. Two counters per group, zero at rest:
-  // `arrived` (taken right after the stream, its round trip hidden behind the partial writes)
-  // picks the last block; `written` tells it when the others' partials are visible. The last
-  // block thus skips a fence and waits only for partials written long before, usually.
-  const bool fused = CLUSTER == 1 && p.num_splits > 1 && p.split_counters != nullptr;
-  int* arrived = fused ? p.split_counters + b * gridDim.y + blockIdx.y : nullptr;
-  int* written = fused ? arrived + p.batch * gridDim.y : nullptr;
-  int arrival = 0;
-  if (fused && threadIdx.x == 0) arrival = ik::atomic_add(arrived, 1);
-  float* c_out = smem + C::smem_bytes() / 4;     // clustered merge: block 0's [split][row][dim]
-  float* c_lse = c_out + CLUSTER * ROWS * HEAD_DIM;  // and [split][row]
-  if constexpr (CLUSTER > 1) ik::cluster_wait();  // every block of the cluster is running
-
-  for (int idx = threadIdx.x; idx < ROWS * HEAD_DIM; idx += THREADS) {
-    int r = idx / HEAD_DIM, d = idx % HEAD_DIM, rr = row0 + r;
-    if (rr >= rows_total) continue;
-    float m_all = decode::kNoScore;
-    for (int w = 0; w < C::kWarps; ++w) m_all = fmaxf(m_all, s_m[w * ROWS + r]);
-    float l_all = 0.f, o = 0.f;
-    for (int w = 0; w < C::kWarps; ++w) {
-      float f = ik::exp2_fast(s_m[w * ROWS + r] - m_all);
-      l_all += s_l[w * ROWS + r] * f;
-      o += s_acc[(w * ROWS + r) * HEAD_DIM + d] * f;
-    }
-    int hq = hk * group + rr / p.q_len, tq = rr % p.q_len;
-    float inv = l_all > 0.f ? 1.f / l_all : 0.f;
-    if constexpr (CLUSTER > 1) {
-      ik::cluster_store(c_out + (split * ROWS + r) * HEAD_DIM + d, 0, o * inv);
-      if (d == 0) ik::cluster_store(c_lse + split * ROWS + r, 0, l_all > 0.f ? m_all + __log2f(l_all) : -IK_INFINITY);
-    } else if (p.num_splits == 1) {
-      T* out = static_cast<T*>(p.out) + b * p.o_sb + hq * p.o_sh + tq * p.o_st;
-      out[d] = ik::dtype<T>::from_float(o * inv);
-    } else {
-      long long row = ((static_cast<long long>(b) * p.num_q_heads + hq) * p.q_len + tq) * p.num_splits + split;
-      p.part_out[row * HEAD_DIM + d] = o * inv;
-      if (d == 0) p.part_lse[row] = l_all > 0.f ? m_all + __log2f(l_all) : -IK_INFINITY;
-    }
-  }
-  if constexpr (CLUSTER > 1) {
-    ik::cluster_arrive();  // release: this thread's stores into block 0
-    if (split != 0) return;
-    ik::cluster_wait();  // acquire: every block's stores
-    decode::merge_cluster<T, HEAD_DIM, ROWS, THREADS, CLUSTER>(p, c_out, c_lse, b, hk, row0, rows_total);
-    return;
-  }
-  if (!fused) return;
-
-  // The barrier also makes this block's own partials visible to all its threads.
-  if (!ik::block_any(threadIdx.x == 0 && arrival == p.num_splits - 1)) {
-    ik::fence_device();  // this block's partials, then its count
-    ik::block_sync();
-    if (threadIdx.x == 0) ik::atomic_add(written, 1);
-    return;
-  }
-  if (threadIdx.x == 0) {
-    // Safe to wait: every other block of the group has arrived, so it is running and its
-    // remaining work (write, fence, count) waits on nothing. Then zero the counters for the
-    // next call (and for CUDA graph replays).
-    while (ik::atomic_add(written, 0) != p.num_splits - 1) {}
-    *arrived = 0;
-    *written = 0;
-    ik::fence_device();  // acquire: the others' partials, for every thread after the barrier
-  }
-  ik::block_sync();
-  decode::merge_rows<T, HEAD_DIM, ROWS, THREADS>(p, b, hk, row0, rows_total);
+  decode::finish_split<T, HEAD_DIM, ROWS, THREADS, C::kWarps, CLUSTER>(p, smem, smem + C::smem_bytes() / 4, b, hk, row0);
 }
 
 template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int UNROLL, int STAGES>
@@ -701,12 +623,250 @@ __global__ void __launch_bounds__(THREADS) IK_CLUSTER_DIMS(CLUSTER) attn_decode_
   decode_split<T, HEAD_DIM, ROWS, PAGED, THREADS, UNROLL, STAGES, CLUSTER>(p);
 }
 
+// ---------------------------------------------------------------------------------------------
+// v11: split-K decode on the matrix units. The same split, merge and early copy as decode_split,
+// but each warp scores a tile of 16 K rows for the block's query rows with one matrix product
+// (S = Q K^T: Q's rows padded to 16, D/16 products) and accumulates P V with D/16 more, instead
+// of a dot product per row and lane group with shuffles: the vector path spends ~60 instructions
+// per K/V row of a warp at GQA 4, this one ~8 (docs/results/decode.md, v11).
+//
+// Each warp streams its own tiles (t_begin + 16 * (warp + WARPS * i)) through its own cp.async
+// ring of STAGES tiles of K and V in shared memory, STAGES - 1 ahead, so warps synchronize only
+// at the end. The block's query rows wait in shared memory as the A operand of every Q K^T.
+// grid and merge as attn_decode_split; block THREADS; dynamic shared memory smem_bytes().
+#ifdef IK_HAS_MMA
+template <class T, int HEAD_DIM, int ROWS, int THREADS, int STAGES>
+struct MmaConfig {
+  static constexpr int kWarps = THREADS / ik::kWarpSize;
+  static constexpr int kTile = 16;          // K/V rows per warp step: Q K^T's n, P V's k
+  static constexpr int kLd = HEAD_DIM + 8;  // row stride in shared memory: 16 bytes of padding keep
+                                            // the 8 rows of each matrix load on different banks
+  static constexpr int kRow16 = HEAD_DIM / 8;  // 16-byte chunks of a K/V row
+  static constexpr int kCopies = (kTile * kRow16 + ik::kWarpSize - 1) / ik::kWarpSize;  // a lane's per tile and tensor
+  static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16, <= 256");
+  static_assert(ROWS >= 1 && ROWS <= 16, "the query rows of a block fill one 16-row matrix tile");
+  static_assert(STAGES >= 2, "a ring of at least 2 tiles a warp");
+  static_assert(THREADS % ik::kWarpSize == 0, "block must be whole warps");
+  static constexpr int tile_elems() { return kTile * kLd; }
+  static constexpr int ring_bytes() { return kWarps * STAGES * 2 * tile_elems() * 2; }
+  static constexpr int q_bytes() { return 16 * kLd * 2; }
+  static constexpr int scratch_bytes() { return kWarps * ik::mma::kCToAScratch * 2; }
+  static constexpr int stream_bytes() { return ring_bytes() + q_bytes() + scratch_bytes(); }
+  static constexpr int merge_bytes() { return kWarps * ROWS * (HEAD_DIM + 2) * 4; }
+  static constexpr int smem_bytes() { return merge_bytes() > stream_bytes() ? merge_bytes() : stream_bytes(); }
+};
+
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int STAGES, int CLUSTER>
+IK_DEVICE void decode_split_mma(const DecodeParams& p) {
+  using C = MmaConfig<T, HEAD_DIM, ROWS, THREADS, STAGES>;
+  namespace mm = ik::mma;
+  constexpr int W = C::kWarps, LD = C::kLd, R16 = C::kRow16, WS = ik::kWarpSize;
+  // Q K^T's products unrolled in pairs where fragments live as 16-bit slots (AMD): fully
+  // unrolled, RDNA3's 16-slot fragments of 8 products ran out of registers (gfx1100 spilled)
+  constexpr int kQkUnroll = mm::kCIsA ? HEAD_DIM / 16 : 2;
+  extern __shared__ __attribute__((aligned(16))) float smem[];
+  if constexpr (CLUSTER > 1) ik::cluster_arrive_relaxed();  // "started", waited on before the stores
+
+  const int split = blockIdx.x;
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int rows_total = group * p.q_len;
+  const int row_tiles = (rows_total + ROWS - 1) / ROWS;
+  const int hk = blockIdx.y / row_tiles, row0 = (blockIdx.y % row_tiles) * ROWS;
+  const int b = blockIdx.z;
+  const int lane = ik::lane_id(), warp = ik::warp_id();
+
+  const int kv_len = decode::kv_len_of(p, b);
+  const int t_begin = split * p.rows_per_split;
+  const int t_end = min(t_begin + p.rows_per_split, kv_len);
+  const int t_early_end = min(t_begin + p.rows_per_split, p.kv_capacity);  // see decode_split
+  const int n_tiles = t_end > t_begin ? (t_end - t_begin + C::kTile - 1) / C::kTile : 0;
+  const int n_steps = n_tiles > warp ? (n_tiles - warp + W - 1) / W : 0;  // this warp's tiles
+  auto tile_row0 = [&](int i) { return t_begin + (i * W + warp) * C::kTile; };
+
+  T* ring = reinterpret_cast<T*>(smem);
+  T* s_q = ring + C::ring_bytes() / 2;
+  T* scratch = s_q + 16 * LD + warp * mm::kCToAScratch;
+  auto tile = [&](int i, int kv) { return ring + ((warp * STAGES + i % STAGES) * 2 + kv) * C::tile_elems(); };
+  const T* kbase = static_cast<const T*>(p.k);
+  const T* vbase = static_cast<const T*>(p.v);
+  const int* bt_row = PAGED ? p.block_table + b * p.bt_sb : nullptr;
+
+  // Lane copy c of a tile moves 16 bytes: chunk (lane + c * WS) % R16 of row (lane + c * WS) / R16.
+  // Paged: the page ids of a step are loaded one step before its copies are issued.
+  int page[C::kCopies];
+  auto load_pages = [&](int i, int end) {
+    if constexpr (PAGED) {
+#pragma unroll
+      for (int c = 0; c < C::kCopies; ++c) {
+        const int idx = lane + c * WS, t = tile_row0(i) + idx / R16;
+        page[c] = idx < C::kTile * R16 && t < end ? bt_row[t >> p.page_size_log2] : 0;
+      }
+    }
+  };
+  auto issue = [&](int i, int end) {  // step i's tile (rows below `end`; zeros past it), one group
+    const int r0 = tile_row0(i);
+    if (r0 < end) {
+      T* kd = tile(i, 0);
+      T* vd = tile(i, 1);
+#pragma unroll
+      for (int c = 0; c < C::kCopies; ++c) {
+        const int idx = lane + c * WS, r = idx / R16, ch = idx % R16, t = r0 + r;
+        if (idx < C::kTile * R16) {
+          const bool valid = t < end;
+          long long ko = 0, vo = 0;
+          if (valid && PAGED) {
+            ko = decode::paged_offset(p, page[c], p.k_sb, p.k_sh, p.k_st, hk, t);
+            vo = decode::paged_offset(p, page[c], p.v_sb, p.v_sh, p.v_st, hk, t);
+          } else if (valid) {
+            ko = decode::row_offset<false>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t);
+            vo = decode::row_offset<false>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t);
+          }
+          ik::cp_async16_zfill(kd + r * LD + ch * 8, kbase + ko + ch * 8, valid);
+          ik::cp_async16_zfill(vd + r * LD + ch * 8, vbase + vo + ch * 8, valid);
+        }
+      }
+    }
+    ik::cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
+  };
+  // The early copy, as decode_split's: bounded by the capacity, page ids clamped into the pool.
+  load_pages(0, t_early_end);
+  if constexpr (PAGED) {
+#pragma unroll
+    for (int c = 0; c < C::kCopies; ++c) page[c] = min(max(page[c], 0), p.num_pages - 1);
+  }
+  issue(0, t_early_end);
+
+  // The block's query rows into shared memory, unscaled (exact in T); rows past them zero.
+  for (int idx = threadIdx.x; idx < 16 * R16; idx += THREADS) {
+    const int r = idx / R16, ch = idx % R16, rr = row0 + r;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (r < ROWS && rr < rows_total) {
+      const int hq = hk * group + rr / p.q_len, tq = rr % p.q_len;
+      v = ik::load16(static_cast<const T*>(p.q) + b * p.q_sb + hq * p.q_sh + tq * p.q_st + ch * 8);
+    }
+    ik::store16(s_q + r * LD + ch * 8, v);
+  }
+  // Per accumulator slot: its query row's last visible key (-1: a padding row), its online
+  // softmax state (equal across the slots and lanes of a row), its P V outputs.
+  int limit[mm::kCSlots];
+  float m[mm::kCSlots], l[mm::kCSlots];
+  mm::FragC o[HEAD_DIM / 16];
+#pragma unroll
+  for (int s = 0; s < mm::kCSlots; ++s) {
+    const int r = mm::c_row(s), rr = row0 + r;
+    limit[s] = r < ROWS && rr < rows_total ? decode::key_limit(p, kv_len, rr % p.q_len) : -1;
+    m[s] = decode::kNoScore;
+    l[s] = 0.f;
+  }
+#pragma unroll
+  for (int n = 0; n < HEAD_DIM / 16; ++n) mm::zero(o[n]);
+
+#pragma unroll
+  for (int i = 1; i < STAGES - 1; ++i) {
+    load_pages(i, t_end);
+    issue(i, t_end);
+  }
+  load_pages(STAGES - 1, t_end);
+  ik::block_sync();  // the query rows are in shared memory
+
+  for (int i = 0; i < n_steps; ++i) {
+    ik::warp_sync();  // every lane is done with step i - 1's tile, whose slot the next issue refills
+    issue(i + STAGES - 1, t_end);
+    load_pages(i + STAGES, t_end);  // for the next iteration's issue: in flight during this math
+    ik::cp_async_wait<STAGES - 1>();  // this lane's copies of step i have landed
+    const int r0 = tile_row0(i);
+    T* kt = tile(i, 0);
+    T* vt = tile(i, 1);
+    if (i == 0) {  // the early copy's rows past kv_len: a zero weight times stale V could be NaN
+#pragma unroll
+      for (int c = 0; c < C::kCopies; ++c) {
+        const int idx = lane + c * WS, r = idx / R16, ch = idx % R16;
+        if (idx < C::kTile * R16 && r0 + r >= t_end) ik::store16(vt + r * LD + ch * 8, make_uint4(0, 0, 0, 0));
+      }
+    }
+    ik::warp_sync();  // every lane's copies of step i are visible to the warp
+
+    mm::FragC s;
+    mm::zero(s);
+#pragma unroll kQkUnroll
+    for (int kc = 0; kc < HEAD_DIM / 16; ++kc) {
+      mm::FragA<T> a;
+      mm::FragB<T> bk;
+      mm::load_a(a, s_q + kc * 16, LD);
+      mm::load_bt(bk, kt + kc * 16, LD);
+      mm::mma(s, a, bk);
+    }
+    float mx[mm::kCSlots];
+#pragma unroll
+    for (int j = 0; j < mm::kCSlots; ++j) {
+      const int t = r0 + mm::c_col(j);
+      s.x[j] = t < t_end && t <= limit[j] ? s.x[j] * p.scale_log2 : -IK_INFINITY;
+      mx[j] = s.x[j];
+    }
+    mm::row_reduce(mx, [](float x, float y) { return fmaxf(x, y); });
+#pragma unroll
+    for (int j = 0; j < mm::kCSlots; ++j) {
+      const float m_new = fmaxf(m[j], mx[j]);
+      const float alpha = ik::exp2_fast(m[j] - m_new);
+      m[j] = m_new;
+      s.x[j] = ik::exp2_fast(s.x[j] - m_new);
+      l[j] = l[j] * alpha + s.x[j];
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 16; ++n) o[n].x[j] *= alpha;
+    }
+    mm::FragA<T> pa;
+    mm::c_to_a(pa, s, scratch);
+#pragma unroll
+    for (int n = 0; n < HEAD_DIM / 16; ++n) {
+      mm::FragB<T> bv;
+      mm::load_b(bv, vt + n * 16, LD);
+      mm::mma(o[n], pa, bv);
+    }
+  }
+  mm::row_reduce(l, [](float x, float y) { return x + y; });
+
+  // The warps' states into shared memory in decode_split's layout (reusing the ring: every
+  // copy must have landed and every warp be done reading), then the shared ending.
+  ik::cp_async_wait<0>();
+  ik::block_sync();
+  float* s_m = smem;
+  float* s_l = s_m + W * ROWS;
+  float* s_acc = s_l + W * ROWS;
+#pragma unroll
+  for (int j = 0; j < mm::kCSlots; ++j) {
+    const int r = mm::c_row(j), col = mm::c_col(j);
+    if (r < ROWS) {
+      if (col == 0) { s_m[warp * ROWS + r] = m[j]; s_l[warp * ROWS + r] = l[j]; }
+#pragma unroll
+      for (int n = 0; n < HEAD_DIM / 16; ++n) s_acc[(warp * ROWS + r) * HEAD_DIM + n * 16 + col] = o[n].x[j];
+    }
+  }
+  ik::block_sync();
+  decode::finish_split<T, HEAD_DIM, ROWS, THREADS, W, CLUSTER>(p, smem, smem + C::smem_bytes() / 4, b, hk, row0);
+}
+
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int STAGES>
+__global__ void __launch_bounds__(THREADS) attn_decode_split_mma(DecodeParams p) {
+  decode_split_mma<T, HEAD_DIM, ROWS, PAGED, THREADS, STAGES, 1>(p);
+}
+
+// grid (CLUSTER, Hkv * row_tiles, B): num_splits == CLUSTER; dynamic shared memory
+// smem_bytes() + SplitConfig's cluster_bytes(CLUSTER).
+template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int STAGES, int CLUSTER>
+__global__ void __launch_bounds__(THREADS) IK_CLUSTER_DIMS(CLUSTER) attn_decode_split_mma_cluster(DecodeParams p) {
+  static_assert(IK_HAS_CLUSTERS || CLUSTER < 0, "block clusters: NVIDIA sm_90 and newer only");
+  static_assert(CLUSTER >= 2 && CLUSTER <= 16, "2 to 16 splits a cluster (9-16: non-portable sizes, allowed at load)");
+  decode_split_mma<T, HEAD_DIM, ROWS, PAGED, THREADS, STAGES, CLUSTER>(p);
+}
+#endif  // IK_HAS_MMA
+
 // Merges the num_splits partial results of each (sequence, query head, token) row, when the
 // split kernel runs without split_counters (the unfused journey variant, and graph captures).
-// grid (B * Hq * Tq), block max(HEAD_DIM, 64): a merge group per 4 dims (threads past the row's
-// dims idle), whole warps (shuffles).
+// grid (B * Hq * Tq), block max(HEAD_DIM, 64) rounded up to whole 64-lane waves: a merge group
+// per 4 dims (threads past the row's dims idle). Whole warps/waves: the shuffles need every lane
+// (head_dim 80 once launched 80 threads, a partial warp; the CPU emulator deadlocked on it).
 template <class T, int HEAD_DIM>
-__global__ void __launch_bounds__(HEAD_DIM < 64 ? 64 : HEAD_DIM) attn_decode_combine(DecodeParams p) {
+__global__ void __launch_bounds__((HEAD_DIM < 64 ? 64 : HEAD_DIM + 63) / 64 * 64) attn_decode_combine(DecodeParams p) {
   const long long row = blockIdx.x;
   const int tq = row % p.q_len, hq = (row / p.q_len) % p.num_q_heads;
   const int b = row / (static_cast<long long>(p.q_len) * p.num_q_heads);

@@ -38,20 +38,4 @@ IK_DEVICE void cluster_arrive_relaxed() { vendor::cluster_arrive_relaxed(); }
 IK_DEVICE void cluster_arrive() { vendor::cluster_arrive(); }
 IK_DEVICE void cluster_wait() { vendor::cluster_wait(); }
 
-// The bulk copy engine, where IK_HAS_BULK_COPY (NVIDIA sm_90+; elsewhere these trap, and a kernel
-// takes its per-thread copies instead). One thread copies `bytes` (a multiple of 16; both addresses
-// 16-byte aligned) from global into shared memory; the bytes, as they land, complete the
-// transaction count of the mbarrier `bar` (in shared memory). A stage's "full" barrier: one
-// thread calls mbar_arrive_expect_tx with the stage's total bytes, and one or more threads issue
-// the copies; readers mbar_wait on the phase's parity (0, 1, 0, ...). mbar_init once, by one
-// thread, then a barrier before another thread uses it.
-using mbarrier_t = unsigned long long;
-IK_DEVICE void mbar_init(mbarrier_t* bar, int count) { vendor::mbar_init(bar, count); }
-IK_DEVICE void mbar_arrive_expect_tx(mbarrier_t* bar, int bytes) { vendor::mbar_arrive_expect_tx(bar, bytes); }
-IK_DEVICE void mbar_arrive(mbarrier_t* bar) { vendor::mbar_arrive(bar); }
-IK_DEVICE void mbar_wait(mbarrier_t* bar, int parity) { vendor::mbar_wait(bar, parity); }
-IK_DEVICE void bulk_copy(void* smem, const void* gmem, int bytes, mbarrier_t* bar) {
-  vendor::bulk_copy(smem, gmem, bytes, bar);
-}
-
 }  // namespace ik

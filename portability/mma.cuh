@@ -8,6 +8,8 @@
 //   ik::mma::load_bt(b, smem_Bt, ldbt); // B given as Bt[n][k] row-major (e.g. K in Q*K^T)
 //   ik::mma::mma(c, a, b);
 //   slot s of this lane holds C[ik::mma::c_row(s)][ik::mma::c_col(s)], s < ik::mma::kCSlots.
+//   ik::mma::row_reduce(v, op);          // v[s] <- op over row c_row(s) of a C-shaped tile
+//   ik::mma::c_to_a(a, c, scratch);      // C (e.g. softmax weights P) as the A of a next product
 //
 // NVIDIA: ldmatrix + 2x mma.sync.m16n8k16 (row addresses must be 16-byte aligned: ld % 8 == 0).
 // CDNA: v_mfma_f32_16x16x16 (wave64). RDNA3: v_wmma_f32_16x16x16 (wave32).
@@ -23,9 +25,12 @@ using Layout = layout::NvM16n8k16x2;
 using Layout = layout::AmdMfma16x16x16;
 #elif defined(IK_MMA_AMD_WMMA_W32)
 using Layout = layout::AmdWmma16x16x16W32;
+#elif defined(IK_MMA_EMULATED_NV)  // the CPU block emulator only (tests/emu): NVIDIA's layout,
+using Layout = layout::NvM16n8k16x2;  // fragments element by element, products by matrix_emu.hpp
 #endif
 
-#if defined(IK_MMA_NV_M16N8K16) || defined(IK_MMA_AMD_MFMA_16X16X16) || defined(IK_MMA_AMD_WMMA_W32)
+#if defined(IK_MMA_NV_M16N8K16) || defined(IK_MMA_AMD_MFMA_16X16X16) || defined(IK_MMA_AMD_WMMA_W32) || \
+    defined(IK_MMA_EMULATED_NV)
 #define IK_HAS_MMA 1
 static_assert(Layout::kLanes == IK_WARP_SIZE, "matrix fragment layout assumes another warp size");
 
@@ -46,6 +51,41 @@ struct FragC {
 IK_DEVICE void zero(FragC& c) {
 #pragma unroll
   for (int i = 0; i < Layout::kC; ++i) c.x[i] = 0.f;
+}
+
+// Each slot of a C-shaped tile (values in C's slot order) gets `op` over its row's 16 entries:
+// the lane's slots of that row, then the kCRowSpan lanes holding the rest (mma_layout.cuh).
+template <int S>
+constexpr int row_lead_slot() {  // the first slot holding the same row as slot S (lane-independent)
+  int s = 0;
+  while (Layout::c_row(0, s) != Layout::c_row(0, S)) ++s;
+  return s;
+}
+template <class Op, int S = 0>
+IK_DEVICE void fold_row_slots(float (&v)[Layout::kC], Op op) {
+  if constexpr (S < Layout::kC) {
+    constexpr int lead = row_lead_slot<S>();
+    if constexpr (lead != S) v[lead] = op(v[lead], v[S]);
+    fold_row_slots<Op, S + 1>(v, op);
+  }
+}
+template <class Op, int S = 0>
+IK_DEVICE void spread_row_slots(float (&v)[Layout::kC], Op op) {
+  if constexpr (S < Layout::kC) {
+    constexpr int lead = row_lead_slot<S>();
+    if constexpr (lead == S) {
+#pragma unroll
+      for (int m = 1; m < Layout::kCRowSpan; m *= 2) v[S] = op(v[S], shfl_xor(v[S], m));
+    } else {
+      v[S] = v[lead];
+    }
+    spread_row_slots<Op, S + 1>(v, op);
+  }
+}
+template <class Op>
+IK_DEVICE void row_reduce(float (&v)[Layout::kC], Op op) {
+  fold_row_slots(v, op);
+  spread_row_slots(v, op);  // leads are reduced before the slots after them copy them
 }
 
 template <class T>
@@ -123,7 +163,7 @@ IK_DEVICE void mma(FragC& c, const FragA<T>& a, const FragB<T>& b) {
   mma_m16n8k16<T>(*reinterpret_cast<float(*)[4]>(hi), a.r, b.r[2], b.r[3]);
 }
 
-#else  // AMD: fragments are filled element by element from the layout's index math.
+#else  // AMD (and the emulator's NVIDIA layout): fragments filled element by element from the layout's index math.
 typedef _Float16 ik_f16x4 __attribute__((ext_vector_type(4)));
 typedef short ik_i16x4 __attribute__((ext_vector_type(4)));
 typedef _Float16 ik_f16x16 __attribute__((ext_vector_type(16)));
@@ -196,6 +236,11 @@ IK_DEVICE void mma(FragC& c, const FragA<T>& a, const FragB<T>& b) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) c.x[i] = acc[i];
 }
+#elif defined(IK_MMA_EMULATED_NV)
+template <class T>
+IK_DEVICE void mma(FragC& c, const FragA<T>& a, const FragB<T>& b) {
+  emu_layout_mma<Layout, is_same<T, bf16_t>::value>(c.x, a.x, b.x);
+}
 #else  // IK_MMA_AMD_WMMA_W32
 template <class T>
 IK_DEVICE void mma(FragC& c, const FragA<T>& a, const FragB<T>& b) {
@@ -221,6 +266,28 @@ IK_DEVICE void mma(FragC& c, const FragA<T>& a, const FragB<T>& b) {
 }
 #endif
 #endif  // vendor
+
+// A C tile (fp32) as the A operand of a next product, rounded to T: softmax weights P in P*V.
+// Where the layouts agree (NVIDIA) it stays in registers; elsewhere it goes through `scratch`,
+// kCToAScratch elements of this warp's own in shared memory (16 rows of kCToALd).
+inline constexpr bool kCIsA = layout::c_matches_a<Layout>();
+inline constexpr int kCToALd = 24;  // 48-byte rows: 16-byte aligned, off each other's banks
+inline constexpr int kCToAScratch = kCIsA ? 0 : 16 * kCToALd;
+template <class T>
+IK_DEVICE void c_to_a(FragA<T>& a, const FragC& c, T* scratch) {
+  if constexpr (kCIsA) {
+    (void)scratch;
+#pragma unroll
+    for (int p = 0; p < kASlots / 2; ++p)
+      set_a_pair(a, p, dtype<T>::bits_from_float(c.x[2 * p]) | (static_cast<unsigned int>(dtype<T>::bits_from_float(c.x[2 * p + 1])) << 16));
+  } else {
+    warp_sync();  // the warp's last load_a of the scratch is done
+#pragma unroll
+    for (int s = 0; s < kCSlots; ++s) scratch[c_row(s) * kCToALd + c_col(s)] = dtype<T>::from_float(c.x[s]);
+    warp_sync();
+    load_a(a, scratch, kCToALd);
+  }
+}
 #endif  // IK_HAS_MMA
 
 }  // namespace mma

@@ -16,6 +16,7 @@ namespace layout {
 // NVIDIA: two mma.sync.m16n8k16 (row.col) side by side. A in 4 regs of 2 halves, B in 2+2, C 4+4.
 struct NvM16n8k16x2 {
   static constexpr int kLanes = 32, kA = 8, kB = 8, kC = 8;
+  static constexpr int kCRowSpan = 4;  // lanes sharing a row of C: an aligned group of 4 (see c_rows_in_spans)
   static constexpr IK_HD int a_row(int l, int s) { return l / 4 + 8 * ((s / 2) % 2); }
   static constexpr IK_HD int a_col(int l, int s) { return (l % 4) * 2 + 8 * (s / 4) + s % 2; }
   static constexpr IK_HD int b_row(int l, int s) { return (l % 4) * 2 + 8 * ((s / 2) % 2) + s % 2; }
@@ -27,6 +28,7 @@ struct NvM16n8k16x2 {
 // CDNA2/CDNA3 v_mfma_f32_16x16x16{f16,bf16_1k} (wave64): each lane holds 4 consecutive k.
 struct AmdMfma16x16x16 {
   static constexpr int kLanes = 64, kA = 4, kB = 4, kC = 4;
+  static constexpr int kCRowSpan = 16;
   static constexpr IK_HD int a_row(int l, int s) { return (void)s, l % 16; }
   static constexpr IK_HD int a_col(int l, int s) { return 4 * (l / 16) + s; }
   static constexpr IK_HD int b_row(int l, int s) { return 4 * (l / 16) + s; }
@@ -39,6 +41,7 @@ struct AmdMfma16x16x16 {
 // the fp32 accumulator interleaves rows between the two half-waves.
 struct AmdWmma16x16x16W32 {
   static constexpr int kLanes = 32, kA = 16, kB = 16, kC = 8;
+  static constexpr int kCRowSpan = 16;
   static constexpr IK_HD int a_row(int l, int s) { return (void)s, l % 16; }
   static constexpr IK_HD int a_col(int l, int s) { return (void)l, s; }
   static constexpr IK_HD int b_row(int l, int s) { return (void)l, s; }
@@ -65,6 +68,41 @@ constexpr bool pairs_are_adjacent_k() {
 static_assert(pairs_are_adjacent_k<NvM16n8k16x2>(), "A/B slot pairs");
 static_assert(pairs_are_adjacent_k<AmdMfma16x16x16>(), "A/B slot pairs");
 static_assert(pairs_are_adjacent_k<AmdWmma16x16x16W32>(), "A/B slot pairs");
+
+// Row reductions over C (ik::mma::row_reduce) rely on: the lanes l ^ m, m < kCRowSpan, hold the
+// same rows in the same slots; slots of one lane share a row alike in every lane; and these
+// lanes' same-row slots are the row's 16 entries (so no other lane holds any of them).
+template <class L>
+constexpr bool c_rows_in_spans() {
+  for (int l = 0; l < L::kLanes; ++l)
+    for (int s = 0; s < L::kC; ++s) {
+      int same = 0;
+      for (int s2 = 0; s2 < L::kC; ++s2) {
+        if ((L::c_row(l, s2) == L::c_row(l, s)) != (L::c_row(0, s2) == L::c_row(0, s))) return false;
+        same += L::c_row(l, s2) == L::c_row(l, s);
+      }
+      if (same * L::kCRowSpan != 16) return false;
+      for (int m = 1; m < L::kCRowSpan; ++m)
+        if (L::c_row(l ^ m, s) != L::c_row(l, s)) return false;
+    }
+  return true;
+}
+static_assert(c_rows_in_spans<NvM16n8k16x2>(), "C rows");
+static_assert(c_rows_in_spans<AmdMfma16x16x16>(), "C rows");
+static_assert(c_rows_in_spans<AmdWmma16x16x16W32>(), "C rows");
+
+// Whether a lane's C slots are its A slots, element for element (NVIDIA's m16n8k16: a product's
+// accumulator is the next product's A operand in registers, as FlashAttention-2 keeps P).
+template <class L>
+constexpr bool c_matches_a() {
+  if (L::kC != L::kA) return false;
+  for (int l = 0; l < L::kLanes; ++l)
+    for (int s = 0; s < L::kC; ++s)
+      if (L::c_row(l, s) != L::a_row(l, s) || L::c_col(l, s) != L::a_col(l, s)) return false;
+  return true;
+}
+static_assert(c_matches_a<NvM16n8k16x2>() && !c_matches_a<AmdMfma16x16x16>() && !c_matches_a<AmdWmma16x16x16W32>(),
+              "C-as-A layouts");
 
 }  // namespace layout
 }  // namespace ik

@@ -137,42 +137,6 @@ IK_DEVICE void cluster_arrive() { __trap(); }
 IK_DEVICE void cluster_wait() { __trap(); }
 #endif
 
-// The bulk copy engine (sm_90+): one thread copies a contiguous run of global memory into shared
-// memory (cp.async.bulk); the copied bytes complete a transaction count on an mbarrier that other
-// threads wait on by phase parity.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define IK_HAS_BULK_COPY 1
-IK_DEVICE unsigned int smem_u32(const void* p) { return static_cast<unsigned int>(__cvta_generic_to_shared(p)); }
-IK_DEVICE void mbar_init(unsigned long long* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");  // visible to the copy engine
-}
-IK_DEVICE void mbar_arrive_expect_tx(unsigned long long* bar, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
-}
-IK_DEVICE void mbar_arrive(unsigned long long* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
-}
-IK_DEVICE void mbar_wait(unsigned long long* bar, int parity) {
-  unsigned int done;
-  do {
-    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-                 : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
-  } while (!done);
-}
-IK_DEVICE void bulk_copy(void* smem, const void* gmem, int bytes, unsigned long long* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(smem_u32(smem)), "l"(gmem), "r"(bytes), "r"(smem_u32(bar)) : "memory");
-}
-#else
-#define IK_HAS_BULK_COPY 0
-IK_DEVICE void mbar_init(unsigned long long*, int) { __trap(); }
-IK_DEVICE void mbar_arrive_expect_tx(unsigned long long*, int) { __trap(); }
-IK_DEVICE void mbar_arrive(unsigned long long*) { __trap(); }
-IK_DEVICE void mbar_wait(unsigned long long*, int) { __trap(); }
-IK_DEVICE void bulk_copy(void*, const void*, int, unsigned long long*) { __trap(); }
-#endif
-
 }  // namespace vendor
 }  // namespace ik
 

@@ -125,14 +125,6 @@ IK_DEVICE void cluster_arrive_relaxed() { __builtin_trap(); }
 IK_DEVICE void cluster_arrive() { __builtin_trap(); }
 IK_DEVICE void cluster_wait() { __builtin_trap(); }
 
-// No bulk copy engine on AMD (kernels take their per-thread copies where !IK_HAS_BULK_COPY).
-#define IK_HAS_BULK_COPY 0
-IK_DEVICE void mbar_init(unsigned long long*, int) { __builtin_trap(); }
-IK_DEVICE void mbar_arrive_expect_tx(unsigned long long*, int) { __builtin_trap(); }
-IK_DEVICE void mbar_arrive(unsigned long long*) { __builtin_trap(); }
-IK_DEVICE void mbar_wait(unsigned long long*, int) { __builtin_trap(); }
-IK_DEVICE void bulk_copy(void*, const void*, int, unsigned long long*) { __builtin_trap(); }
-
 }  // namespace vendor
 }  // namespace ik
 

@@ -58,7 +58,7 @@ SHAPES = [  # B, Hq, Hkv, Tq, L, D
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-Hq{}-Hkv{}-T{}-L{}-D{}".format(*s))
-@pytest.mark.parametrize("variant", ["split", "split-unfused", "split1"])
+@pytest.mark.parametrize("variant", ["split-mma", "split-vector", "split-unfused", "split1"])
 def test_decode_matches_reference(shape, dtype, variant):
     q, k, v, lens = case(*shape, dtype, seed=hash(shape) % 1000)
     out = poisoned(q)
@@ -76,10 +76,10 @@ RULE_SHAPES = {(16, 1024): (256, 4), (8, 4096): (256, 4), (64, 512): (128, 2), (
 def test_launch_rule_shapes_match_reference(B, L):
     q, k, v, lens = case(B, 32, 8, 1, L, 128, torch.float16, seed=B + L)
     out = poisoned(q)
-    ikport.attention(q, k, v, kv_lens=lens, out=out)
+    ikport.attention(q, k, v, kv_lens=lens, out=out, variant="split-vector")
     check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
     A = sys.modules["ikport.attention"]
-    plan = A._plan(ikport.dispatch.backend_for(q.device), q, k, None, None)
+    plan = A._plan(ikport.dispatch.backend_for(q.device), q, k, None, "split-vector")
     if torch.cuda.get_device_properties(q.device).multi_processor_count == 132:
         assert (plan.block[0], dict(plan.main.spec.params)["stages"]) == RULE_SHAPES[(B, L)]
 
@@ -89,10 +89,10 @@ def test_short_splits_take_one_split_less_where_its_clusters_fit():
     per SM, 3 splits' clusters of 3 do (configs.decode_fewer_splits_for_clusters)."""
     q, k, v, lens = case(4, 32, 8, 1, 512, 128, torch.float16, seed=45)
     out = poisoned(q)
-    ikport.attention(q, k, v, kv_lens=lens, out=out)
+    ikport.attention(q, k, v, kv_lens=lens, out=out, variant="split-vector")
     check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
     A = sys.modules["ikport.attention"]
-    plan = A._plan(ikport.dispatch.backend_for(q.device), q, k, None, None)
+    plan = A._plan(ikport.dispatch.backend_for(q.device), q, k, None, "split-vector")
     props = torch.cuda.get_device_properties(q.device)
     if props.multi_processor_count == 132 and (props.major, props.minor) >= (9, 0):
         assert (plan.num_splits, plan.clustered) == (3, True)
@@ -105,10 +105,10 @@ def test_paged_launch_rule_matches_reference(group):
     q, k, v, lens = case(8, 8 * group, 8, 1, 4096, 128, torch.float16, seed=group)
     kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(group))
     out = poisoned(q)
-    ikport.paged_attention(q, kp, vp, bt, lens, out=out)
+    ikport.paged_attention(q, kp, vp, bt, lens, out=out, variant="split-vector")
     check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
     A = sys.modules["ikport.attention"]
-    plan = A._plan(ikport.dispatch.backend_for(q.device), q, kp, bt, None)
+    plan = A._plan(ikport.dispatch.backend_for(q.device), q, kp, bt, "split-vector")
     if torch.cuda.get_device_properties(q.device).multi_processor_count == 132:
         assert plan.block[0] == (512 if group == 4 else 256)
 
@@ -122,17 +122,18 @@ def test_naive_matches_reference(shape, dtype):
     check(out, reference.attention(q, k, v, kv_lens=lens), dtype)
 
 
+@pytest.mark.parametrize("variant", ["split-mma", "split-vector"])
 @pytest.mark.parametrize("Tq", [2, 4, 7])
 @pytest.mark.parametrize("causal", [True, False])
-def test_multi_token_queries(Tq, causal):
+def test_multi_token_queries(Tq, causal, variant):
     q, k, v, lens = case(3, 8, 2, Tq, 700, 128, torch.float16, seed=Tq)
     lens[1] = Tq  # shortest length that keeps every causal row non-empty
     out = poisoned(q)
-    ikport.attention(q, k, v, kv_lens=lens, causal=causal, out=out)
+    ikport.attention(q, k, v, kv_lens=lens, causal=causal, out=out, variant=variant)
     check(out, reference.attention(q, k, v, kv_lens=lens, causal=causal), torch.float16)
 
 
-@pytest.mark.parametrize("variant", ["split", "split-unfused", "split1", "naive"])
+@pytest.mark.parametrize("variant", ["split-mma", "split-vector", "split-unfused", "split1", "naive"])
 def test_zero_length_sequence_gives_zeros(variant):
     q, k, v, lens = case(3, 8, 2, 1, 600, 128, torch.float16, seed=3)
     lens[1] = 0
@@ -154,7 +155,7 @@ def test_lengths_past_the_cache_are_clamped():
 LEAK_SHAPES = {"two-stage": (4, 16, 4, 1500, 700), "one-per-sm": (8, 32, 8, 4096, 2060)}
 
 
-@pytest.mark.parametrize("variant", ["split", "split-unfused", "split1"])
+@pytest.mark.parametrize("variant", ["split-mma", "split-vector", "split-unfused", "split1"])
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged"])
 @pytest.mark.parametrize("shape", list(LEAK_SHAPES))
 def test_cache_rows_past_kv_len_never_leak(variant, paged, shape):
@@ -208,7 +209,7 @@ def test_query_head_strides():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("page_size", [1, 16, 256])
-@pytest.mark.parametrize("variant", ["split", "split-unfused", "naive"])
+@pytest.mark.parametrize("variant", ["split-mma", "split-vector", "split-unfused", "naive"])
 def test_paged_matches_reference(page_size, dtype, variant):
     q, k, v, lens = case(3, 16, 4, 1, 1100, 128, dtype, seed=page_size)
     g = torch.Generator().manual_seed(page_size)

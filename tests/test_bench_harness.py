@@ -141,7 +141,7 @@ def test_locked_workloads() -> None:
     for w in decode.LOCKED:
         assert (w.q_heads, w.kv_heads, w.head_dim, w.dtype) == (32, 8, 128, "fp16")
         assert w.locked
-    assert set(by_id["D1"].variants) == {"naive", "split1", "split-unfused"}
+    assert set(by_id["D1"].variants) == {"naive", "split1", "split-unfused", "split-vector", "split-mma"}
     assert decode.workloads(quick=True) == list(decode.LOCKED)
 
 

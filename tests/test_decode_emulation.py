@@ -4,13 +4,12 @@ tests/emu/decode_main.cpp includes kernels_src/attention_decode.cuh after
 tests/emu/block_emu.hpp, a host stand-in for the ik::vendor layer that runs every thread of a
 block as a coroutine. The kernel text is unchanged but for its shared-memory declarations, which
 `emulation.emulated_source` rewrites into calls that give each block its own. Each configuration below is
-one build: a warp/wave size and what a class of targets has (cp.async on NVIDIA sm_80+, the copy
-engine and block clusters on sm_90, plain copies and 64-lane waves on CDNA), with the kernel's
-template values. So the AMD wave64 path, the sm_90 cluster merge and the split-K, paged, strided,
+one build: a warp/wave size and what a class of targets has (cp.async on NVIDIA sm_80+, block
+clusters on sm_90, plain copies and 64-lane waves on CDNA, the AMD matrix units), with the
+kernel's template values. So the AMD wave64 path, the sm_90 cluster merge and the split-K, paged, strided,
 causal and empty-sequence logic run on every CI machine, not only where a GPU is lent. The
 emulator is adversarial where it can be (block_emu.hpp): shared memory starts as NaN, cp.async
-copies land only when waited for, bulk copies land at random, late or at once, warps run at
-random speeds.
+copies land only when waited for, warps run at random speeds.
 
 What this does not cover: timing, the weak memory model and the vendor intrinsics themselves;
 the GPU suite (tests/test_attention_gpu.py) does.
@@ -40,9 +39,9 @@ TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # max abs error, as the GPU
 DTYPES = {"fp16": (torch.float16, "ik::half_t"), "bf16": (torch.bfloat16, "ik::bf16_t")}
 
 
-CUDA = dict(wave=32, mask="unsigned int", async_copy=1, bulk=0, cluster=0)  # sm_80-sm_89
+CUDA = dict(wave=32, mask="unsigned int", async_copy=1, cluster=0)  # sm_80-sm_89
 SM90 = dict(CUDA, cluster=2)  # + block clusters (the clustered entry built for `cluster` splits)
-CDNA = dict(wave=64, mask="unsigned long long", async_copy=0, bulk=0, cluster=0)  # gfx90a, gfx942
+CDNA = dict(wave=64, mask="unsigned long long", async_copy=0, cluster=0)  # gfx90a, gfx942
 RDNA3 = dict(CDNA, wave=32)  # gfx1100: 32-lane waves, 64-bit ballots
 # name: target facts, then the kernel's template values (head_dim, query rows, threads, rows per
 # row group a step, ring stages: 0 reads K/V straight into registers)
@@ -59,34 +58,52 @@ CONFIGS = {
                                               unroll=2, stages=4),
     "sm90-one-per-sm-paged-d128-r4-t512-fp16": dict(SM90, dtype="fp16", head_dim=128, rows=4, threads=512,
                                                     unroll=2, stages=2),
-    # the copy engine filling the ring (off in the library until timed: IK_DECODE_BULK_COPY)
-    "sm90-bulk4-d128-r4-t128-fp16": dict(SM90, bulk=1, dtype="fp16", head_dim=128, rows=4, threads=128,
-                                         unroll=2, stages=4),
-    "sm90-bulk2-d96-r2-t256-bf16": dict(SM90, bulk=1, dtype="bf16", head_dim=96, rows=2, threads=256,
-                                        unroll=2, stages=2),
     # AMD: the 2-stage ring with synchronous copies (the planner's choice there), and registers only
     "cdna-ring2-d128-r4-t256-bf16": dict(CDNA, dtype="bf16", head_dim=128, rows=4, threads=256, unroll=2, stages=2),
     "cdna-regs-d256-r1-t128-fp16": dict(CDNA, dtype="fp16", head_dim=256, rows=1, threads=128, unroll=2, stages=0),
     "rdna3-ring2-d128-r8-t128-fp16": dict(RDNA3, dtype="fp16", head_dim=128, rows=8, threads=128, unroll=2, stages=2),
+    # v11, the matrix units (attn_decode_split_mma; `stages`: 16-row tiles in each warp's ring),
+    # over emulated matrix instructions (host clang): CDNA's MFMA on 64-lane waves, RDNA3's WMMA
+    # (P through the per-warp scratch); NVIDIA's mma.sync layout (P kept in registers, rows over
+    # 4 lanes) with cp.async copies that land only when waited for, as sm_90 (the cluster merge)
+    # and sm_80; and WMMA's layout with cp.async and clusters. The NVIDIA PTX itself (ldmatrix,
+    # mma.sync) runs in the GPU suite only.
+    "cdna-mma-st2-d128-r4-t128-fp16": dict(CDNA, mma="mfma", dtype="fp16", head_dim=128, rows=4, threads=128,
+                                           unroll=1, stages=2),
+    "rdna3-mma-st3-d64-r8-t128-bf16": dict(RDNA3, mma="wmma", dtype="bf16", head_dim=64, rows=8, threads=128,
+                                           unroll=1, stages=3),
+    "sm90-cluster2-mma-st6-d128-r4-t128-fp16": dict(SM90, mma="nv", dtype="fp16", head_dim=128, rows=4,
+                                                    threads=128, unroll=1, stages=6),
+    "cuda-mma-st2-d80-r8-t64-bf16": dict(CUDA, mma="nv", dtype="bf16", head_dim=80, rows=8, threads=64,
+                                         unroll=1, stages=2),
+    "wmma-async-cluster2-mma-st4-d96-r2-t64-fp16": dict(RDNA3, async_copy=1, cluster=2, mma="wmma", dtype="fp16",
+                                                        head_dim=96, rows=2, threads=64, unroll=1, stages=4),
 }
+MATRIX_LAYOUT = {"mfma": "IK_MMA_AMD_MFMA_16X16X16", "wmma": "IK_MMA_AMD_WMMA_W32", "nv": "IK_MMA_EMULATED_NV"}
 
 
 def build(name: str, tmp: Path) -> ctypes.CDLL:
     c = CONFIGS[name]
     defines = {
         "IK_WARP_SIZE": c["wave"], "EMU_LANE_MASK_T": c["mask"], "EMU_ASYNC_COPY": c["async_copy"],
-        "EMU_BULK_COPY": c["bulk"], "IK_DECODE_BULK_COPY": c["bulk"], "EMU_CLUSTERS": int(c["cluster"] > 0),
+        "EMU_CLUSTERS": int(c["cluster"] > 0),
         "EMU_CLUSTER": max(c["cluster"], 1), "EMU_T": DTYPES[c["dtype"]][1], "EMU_HEAD_DIM": c["head_dim"],
         "EMU_ROWS": c["rows"], "EMU_THREADS": c["threads"], "EMU_UNROLL": c["unroll"], "EMU_STAGES": c["stages"],
+        "EMU_MMA": int("mma" in c),
     }
-    lib = emulation.build([KERNEL], "decode_main.cpp", defines, tmp / f"{name}.so", CXX)
+    cxx = CXX
+    if c.get("mma"):
+        if emulation.CLANG is None:
+            pytest.skip("the emulated matrix units need host clang++ (ext_vector_type)")
+        defines[MATRIX_LAYOUT[c["mma"]]] = 1
+        cxx = emulation.CLANG
+    lib = emulation.build([KERNEL], "decode_main.cpp", defines, tmp / f"{name}.so", cxx)
     for fn in (lib.emu_decode_split, lib.emu_decode_combine, lib.emu_decode_naive):
         fn.restype = ctypes.c_char_p
     lib.emu_decode_split.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong]
-    lib.emu_decode_combine.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_ulonglong]
+    lib.emu_decode_combine.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_int, ctypes.c_ulonglong]
     lib.emu_decode_naive.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_ulonglong]
-    lib.emu_set_landing.argtypes = [ctypes.c_int]
     return lib
 
 
@@ -102,8 +119,8 @@ def libs(tmp_path_factory):
 
 def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1, causal: bool = False,
                kv_lens: list[int] | None = None, page: int = 0, splits: int = 1, fused: bool = True,
-               strided: bool = False, clustered: bool = False, naive: bool = False, seed: int = 0,
-               landing: str = "random") -> tuple[torch.Tensor, torch.Tensor]:
+               strided: bool = False, clustered: bool = False, naive: bool = False,
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel output, fp32 reference) for one case on fresh random inputs; `clustered`: the
     split merge in a block cluster of `splits` blocks; `naive`: v0 instead of the split kernel."""
     c = CONFIGS[name]
@@ -148,7 +165,6 @@ def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1
     p.num_splits, p.rows_per_split, p.causal = splits, rows_per_split, int(causal)
     p.scale_log2 = D ** -0.5 * math.log2(math.e)
     p.num_pages = k.shape[0] if page else 0
-    lib.emu_set_landing(LANDING[landing])
     if naive:
         err = lib.emu_decode_naive(ctypes.byref(p), seed)
         assert err is None, err.decode()
@@ -156,7 +172,7 @@ def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1
     err = lib.emu_decode_split(ctypes.byref(p), int(bool(page)), int(clustered), splits, Hkv * row_tiles, B, seed)
     assert err is None, err.decode()
     if splits > 1 and not fused and not clustered:
-        err = lib.emu_decode_combine(ctypes.byref(p), B * Hq * Tq, seed)
+        err = lib.emu_decode_combine(ctypes.byref(p), B * Hq * Tq, configs.decode_combine_threads(D), seed)
         assert err is None, err.decode()
     if fused and splits > 1:
         assert not counters.any(), "split counters not back at zero"
@@ -179,7 +195,7 @@ CASES = {
     "strided-cache": dict(B=1, Hq=2, Hkv=2, L=77, strided=True, splits=2),
     "paged-16-shuffled": dict(B=2, Hq=4, Hkv=1, L=150, kv_lens=[150, 33], page=16, splits=2),
     "paged-1": dict(B=1, Hq=3, Hkv=1, L=40, page=1, splits=2),
-    # splits start 112 rows apart: a bulk copy must stop at 16-row boundaries inside 64-row pages
+    # splits start 112 rows apart: a split starts inside a 64-row page
     "paged-64-unaligned-splits": dict(B=1, Hq=4, Hkv=1, L=300, kv_lens=[290], page=64, splits=3),
 }
 
@@ -192,24 +208,21 @@ CLUSTER_CASES = {
     "cluster-paged-16": dict(B=2, Hq=4, Hkv=1, L=200, kv_lens=[200, 75], page=16),
 }
 
-# When bulk copies land (block_emu.hpp): at random, as late as possible, at once.
-LANDING = {"random": 0, "late": 1, "immediate": 2}
-RUNS = [(config, landing) for config, c in CONFIGS.items() for landing in (LANDING if c["bulk"] else ["random"])]
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("config,landing", RUNS)
-def test_emulated_decode_matches_reference(libs, config, landing, case):
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_emulated_decode_matches_reference(libs, config, case):
     kw = CASES[case]
-    out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)), landing=landing, **kw)
+    out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)), **kw)
     check(out, ref)
 
 
 @pytest.mark.parametrize("case", list(CLUSTER_CASES))
-@pytest.mark.parametrize("config,landing", [(c, l) for c, l in RUNS if CONFIGS[c]["cluster"]])
-def test_emulated_cluster_merge_matches_reference(libs, config, landing, case):
+@pytest.mark.parametrize("config", [c for c in CONFIGS if CONFIGS[c]["cluster"]])
+def test_emulated_cluster_merge_matches_reference(libs, config, case):
     kw = CLUSTER_CASES[case]
-    out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)), landing=landing,
+    out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)),
                           splits=CONFIGS[config]["cluster"], clustered=True, **kw)
     check(out, ref)
 

@@ -63,7 +63,7 @@ def libs(tmp_path_factory):
             wave, macro, _ = TARGETS[target]
             defines = {
                 "IK_WARP_SIZE": wave, "EMU_LANE_MASK_T": "unsigned long long", "EMU_ASYNC_COPY": 0,
-                "EMU_BULK_COPY": 0, "EMU_CLUSTERS": 0, macro: 1, "EMU_T": DTYPES[dt][1],
+                "EMU_CLUSTERS": 0, macro: 1, "EMU_T": DTYPES[dt][1],
                 "EMU_MT": plan["mt"], "EMU_NT": plan["nt"], "EMU_WARPS": plan["warps"], "EMU_GT": plan["gt"],
                 "EMU_STAGES": plan["stages"], "EMU_GEMV_WARPS": configs.W4A16_GEMV_WARPS,
             }

@@ -37,19 +37,32 @@ def nvrtc():
     pytest.importorskip("cuda.bindings", reason="pip install 'ikport[cuda]'")
 
 
+MMA_ROWS = [r for r in configs.DECODE_ROW_TILES if configs.decode_use_mma(r)]  # row tiles on the matrix units
+VECTOR_ROWS = [r for r in configs.DECODE_ROW_TILES if not configs.decode_use_mma(r)]
+
+
 def test_default_set_is_what_the_dispatcher_launches():
     specs = warmup.kernel_set()
     uris = {s.uri for s in specs}
-    # per row tile: contiguous, paged, contiguous at 128 threads, contiguous one block per SM;
-    # paged one block per SM at up to 4 rows (3 row tiles); + the merge kernel
-    assert len(specs) == len(uris) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 4 + 3 + 1)
+    # vector row tiles: contiguous, paged, contiguous at 128 threads, contiguous one block per SM,
+    # paged one block per SM (up to 4 rows); matrix-unit row tiles: contiguous, paged; + the merge
+    paged_one = [r for r in VECTOR_ROWS if r <= configs.ONE_PER_SM_PAGED_MAX_ROWS]
+    assert len(specs) == len(uris) == 2 * 3 * (len(VECTOR_ROWS) * 4 + len(paged_one) + 2 * len(MMA_ROWS) + 1)
     # Every (group, query tokens) the dispatcher can see maps to a kernel in the set (head dim 128).
     small = configs.SMALL_BLOCK_THREADS
     for group in range(1, 9):
         for q_len in range(1, 5):
+            rows = configs.decode_rows(group * q_len)[0]
+            if configs.decode_use_mma(rows):
+                _, _, threads, _, stages = configs.decode_mma_tiles(group, q_len, head_dim=128, warp_size=32,
+                                                                    max_smem=227 * 1024, c_is_a=True)
+                for paged in (False, True):
+                    s = manifest.spec("attention_decode", "split_mma", dtype="bf16", head_dim=128, rows=rows,
+                                      paged=paged, threads=threads, stages=stages)
+                    assert s.uri in uris
+                continue
             for paged, one_per_sm, block in ((False, False, 256), (True, False, 256), (False, False, small),
                                              (False, True, 256), (True, True, 256)):
-                rows = configs.decode_rows(group * q_len)[0]
                 if paged and one_per_sm and rows > configs.ONE_PER_SM_PAGED_MAX_ROWS:
                     continue
                 rows, _, threads, unroll, stages = configs.decode_tiles(group, q_len, one_per_sm=one_per_sm,
@@ -61,21 +74,24 @@ def test_default_set_is_what_the_dispatcher_launches():
 
 def test_targets_with_clusters_add_the_clustered_kernels():
     plain, clustered = warmup.kernel_set(), warmup.kernel_set(clusters=True)
-    extra = [s for s in clustered if s.kernel == "split_cluster"]
-    # dtypes x head dims x cluster sizes x (row tiles x (contiguous, contiguous one block per SM)
-    # + 3 row tiles of paged one block per SM)
-    assert len(extra) == len(clustered) - len(plain) == 2 * 3 * 3 * (len(configs.DECODE_ROW_TILES) * 2 + 3)
+    extra = [s for s in clustered if s.kernel in ("split_cluster", "split_mma_cluster")]
+    # dtypes x head dims x cluster sizes x (vector row tiles x (contiguous, contiguous one block
+    # per SM) + paged one block per SM at up to 4 rows + matrix-unit row tiles x (contiguous, paged))
+    paged_one = [r for r in VECTOR_ROWS if r <= configs.ONE_PER_SM_PAGED_MAX_ROWS]
+    assert len(extra) == len(clustered) - len(plain) == 2 * 3 * 3 * (
+        len(VECTOR_ROWS) * 2 + len(paged_one) + 2 * len(MMA_ROWS))
     assert {dict(s.params)["cluster"] for s in extra} == set(warmup.WARMUP_CLUSTERS)
-    paged = [s for s in extra if dict(s.params)["paged"]]  # only the 512-thread one-block-per-SM kernels
+    # the vector kernel's paged clusters: only its 512-thread one-block-per-SM kernels
+    paged = [s for s in extra if dict(s.params)["paged"] and s.kernel == "split_cluster"]
     assert paged and all(dict(s.params)["threads"] == configs.ONE_PER_SM_PAGED_THREADS for s in paged)
     # each is the clustered twin of a kernel of the plain set
-    twins = {s.uri.replace("split_cluster[", "split[").rsplit(",cluster=", 1)[0] + "]" for s in extra}
+    twins = {s.uri.replace("_cluster[", "[").rsplit(",cluster=", 1)[0] + "]" for s in extra}
     assert twins <= {s.uri for s in plain}
 
 
 def test_targets_without_async_copies_skip_the_one_block_per_sm_ring():
     amd = warmup.kernel_set(async_copy=False)
-    assert len(amd) == 2 * 3 * (len(configs.DECODE_ROW_TILES) * 3 + 1)
+    assert len(amd) == 2 * 3 * (len(VECTOR_ROWS) * 3 + len(MMA_ROWS) * 2 + 1)
     assert not any(f"stages={configs.ONE_PER_SM_STAGES}]" in s.uri for s in amd)
     assert any(f"stages={configs.ONE_PER_SM_STAGES}]" in s.uri for s in warmup.kernel_set())
     assert not any(f"threads={configs.ONE_PER_SM_PAGED_THREADS}," in s.uri for s in amd)

@@ -60,9 +60,9 @@ EARLY = [("constexpr bool kEarlyCopy = !PAGED && STAGES > 0;", "constexpr bool k
          ("if constexpr (kEarlyCopy) issue(0, t_early_end);",
           "if constexpr (kEarlyCopy) {\n    if constexpr (PAGED) decode::load_page_ids<U, C::kGroups>(p, bt_row, step_row(0), t_early_end, lane_active, page);\n"
           "    issue(0, t_early_end);\n  }")]
-# The copy engine filling the ring on sm_90 (v10, prepared without a GPU: decode.md).
-BULK = [("#define IK_DECODE_BULK_COPY 0", "#define IK_DECODE_BULK_COPY 1")]
-SPLICES = {"bulk": BULK, "warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8, "nomerge": NOMERGE, "noepi": NOEPI,
+# (v10's "bulk" splice, the copy engine filling the ring, applied to the text of 5c3d155: that
+# path was measured slower everywhere, decode-ab-bulk-h100.json, and removed.)
+SPLICES = {"warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8, "nomerge": NOMERGE, "noepi": NOEPI,
            "nopt": NOPT, "early": EARLY, "nopt-early": NOPT + EARLY}
 
 def version_text(path):
@@ -83,7 +83,7 @@ SHAPES = {  # name: (B, L, dtype, page size or 0, head_dim)
     **{f"B{b}-L{n}": (b, n, torch.float16, 0, 128) for b in (1, 4, 16, 64) for n in (512, 1024, 4096, 32768, 131072)},
     "B8-L1024": (8, 1024, torch.float16, 0, 128), "B1-L8192": (1, 8192, torch.float16, 0, 128),
 }
-KNOBS = {"s": "num_splits", "t": "threads", "st": "stages", "u": "unroll", "r": "rows", "c": "cluster"}
+KNOBS = {"s": "num_splits", "t": "threads", "st": "stages", "u": "unroll", "r": "rows", "c": "cluster", "mma": "mma"}
 PEERS = {"sdpa-cudnn"}
 
 def parse_case(name):

@@ -1,4 +1,4 @@
-# What switching the decode ring to the copy engine (IK_DECODE_BULK_COPY=1) changes in the compiled
+# (Runs against 5c3d155: session 11 removed the copy-engine path.) What switching the decode ring to the copy engine (IK_DECODE_BULK_COPY=1) changes in the compiled
 # kernels, without a GPU: NVRTC registers, static shared memory and spills per instantiation, and
 # whether the library's PTX (the flag at its default, 0) equals that of the kernel text at
 # BASE_COMMIT (the same but for internal symbol names, which carry a hash of the source).

@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (Ran in session 11 against 5c3d155; the copy-engine path it switches on was removed after.)
 # One device call for v10 (decode.md, "v10: the copy engine, prepared"): the stream-only question,
 # the A/B of the copy-engine ring against the cp.async ring, then, with the ring switched to the
 # copy engine in this copy of the tree only, the decode GPU tests and compute-sanitizer on the

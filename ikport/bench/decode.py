@@ -87,9 +87,9 @@ class Workload:
 
 
 LOCKED = (
-    Workload("D1", 8, 4096, variants=("naive", "split1", "split-unfused")),
-    Workload("D2", 32, 8192, variants=("split1", "split-unfused")),
-    Workload("D3", 1, 32768, variants=("naive", "split1", "split-unfused")),
+    Workload("D1", 8, 4096, variants=("naive", "split1", "split-unfused", "split-vector", "split-mma")),
+    Workload("D2", 32, 8192, variants=("split1", "split-unfused", "split-vector", "split-mma")),
+    Workload("D3", 1, 32768, variants=("naive", "split1", "split-unfused", "split-vector", "split-mma")),
     Workload("D1-paged16", 8, 4096, page_size=PAGE_SIZE),
     Workload("D2-paged16", 32, 8192, page_size=PAGE_SIZE),
 )

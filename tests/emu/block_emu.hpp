@@ -5,7 +5,7 @@
 //
 // Each GPU thread is a coroutine (ucontext) with its own stack; one OS thread runs them in turn,
 // switching only where a GPU thread could wait: a barrier (warp, block or cluster), a shuffle, or
-// a spin on memory (an mbarrier, a split-K counter). So a run is deterministic for a given seed,
+// a spin on memory (a split-K counter). So a run is deterministic for a given seed,
 // and a deadlock (every thread waiting, nothing in flight) is reported instead of hanging.
 //
 // What is modelled, and how adversarially:
@@ -13,12 +13,6 @@
 //   cp.async        (IK_HAS_ASYNC_COPY=1) copies are recorded per thread and performed only when
 //                   cp_async_wait<N> retires their group: a read of a slot before its wait sees
 //                   the stale bytes;
-//   bulk copies     (EMU_BULK_COPY=1: the sm_90 copy engine) land whole, each completing its
-//                   bytes on its mbarrier, when `landing` says: at random switches, as late as
-//                   possible (only once every thread waits: a block that exits or reuses the
-//                   memory with a copy in flight shows), or at once (a stage refilled before its
-//                   readers are done shows); mbarriers follow the PTX phase rules (arrivals plus
-//                   transaction bytes; try_wait.parity);
 //   scheduling      every thread runs to its next wait in turn, but each warp of a block gets a
 //                   random speed (runs in 1/1 to 1/8 of the passes), so warps drift apart as far
 //                   as their barriers let them;
@@ -44,9 +38,8 @@
 #include <string>
 #include <vector>
 
-#if !defined(IK_WARP_SIZE) || !defined(EMU_LANE_MASK_T) || !defined(EMU_ASYNC_COPY) || !defined(EMU_BULK_COPY) || \
-    !defined(EMU_CLUSTERS)
-#error "define IK_WARP_SIZE, EMU_LANE_MASK_T, EMU_ASYNC_COPY, EMU_BULK_COPY and EMU_CLUSTERS (0|1)"
+#if !defined(IK_WARP_SIZE) || !defined(EMU_LANE_MASK_T) || !defined(EMU_ASYNC_COPY) || !defined(EMU_CLUSTERS)
+#error "define IK_WARP_SIZE, EMU_LANE_MASK_T, EMU_ASYNC_COPY and EMU_CLUSTERS (0|1)"
 #endif
 
 #define IK_DEVICE inline
@@ -76,7 +69,7 @@ using std::min;
 
 namespace emu {
 
-struct Copy { void* dst; const void* src; int bytes; void* bar; };
+struct Copy { void* dst; const void* src; };
 
 struct Barrier {
   int expected = 0, count = 0;
@@ -95,8 +88,6 @@ struct Thread {
   std::vector<Copy> open;                // cp.async copies not yet committed
 };
 
-struct Mbarrier { int expected = 0, pending = 0; long long tx = 0; unsigned phase = 0; };
-
 inline std::vector<Thread> threads;
 inline Thread* current = nullptr;
 inline ucontext_t scheduler;
@@ -114,10 +105,6 @@ inline std::vector<int> block_any_count;  // [block]
 constexpr size_t kDynamicSmemBytes = 256 * 1024;
 inline std::vector<std::vector<unsigned char>> dynamic_smem_of;
 inline std::vector<std::map<std::string, std::vector<unsigned char>>> static_smem_of;
-inline std::map<void*, Mbarrier> mbarriers;
-inline std::vector<Copy> engine;  // bulk copies in flight
-enum Landing { kRandom = 0, kLate = 1, kImmediate = 2 };
-inline int landing = kRandom;
 inline std::mt19937_64 rng;
 inline unsigned long long progress = 0;  // bumps whenever some thread could stop waiting
 
@@ -171,35 +158,6 @@ inline int xor_source(int mask, int width) {
   return src >= ((l + width) & ~(width - 1)) ? l : src;
 }
 
-inline void mbar_check(Mbarrier& m) {
-  if (m.pending == 0 && m.tx == 0) {
-    ++m.phase;
-    m.pending = m.expected;
-    ++progress;
-  }
-}
-inline Mbarrier& mbar(void* bar) {
-  auto it = mbarriers.find(bar);
-  if (it == mbarriers.end()) {
-    if (current) fail("mbarrier used before mbar_init");
-    std::abort();  // (land_one only sees barriers that bulk_copy checked)
-  }
-  return it->second;
-}
-
-// The copy engine: lands one bulk copy in flight (a random one).
-inline void land_one() {
-  if (engine.empty()) return;
-  const size_t i = rng() % engine.size();
-  Copy c = engine[i];
-  engine.erase(engine.begin() + static_cast<long>(i));
-  memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
-  Mbarrier& m = mbar(c.bar);
-  m.tx -= c.bytes;
-  mbar_check(m);
-  ++progress;
-}
-
 inline void perform(const std::vector<Copy>& group) {
   for (const Copy& c : group) {
     if (c.src) memcpy(c.dst, c.src, 16);
@@ -232,8 +190,6 @@ inline const char* run_unit(const std::vector<EmuDim3>& blocks, int block_thread
   // uninitialized shared memory: NaN in every float type
   dynamic_smem_of.assign(nb, std::vector<unsigned char>(kDynamicSmemBytes, 0xff));
   static_smem_of.assign(nb, {});
-  mbarriers.clear();
-  engine.clear();
   for (size_t t = 0; t < n; ++t) {
     Thread& th = threads[t];
     th.block = static_cast<int>(t / static_cast<size_t>(block_threads));
@@ -264,7 +220,6 @@ inline const char* run_unit(const std::vector<EmuDim3>& blocks, int block_thread
       swapcontext(&scheduler, &th.ctx);
       current = nullptr;
       if (error) return error;
-      if (landing == kRandom && !engine.empty() && rng() % 8 == 0) land_one();
     }
     if (!alive) break;
     if (progress != before) {
@@ -272,11 +227,9 @@ inline const char* run_unit(const std::vector<EmuDim3>& blocks, int block_thread
     } else if (!full_pass) {
       full_pass = true;  // nothing moved while some warps sat out: run everyone
     } else {  // a full pass with every thread waiting
-      if (engine.empty()) return "deadlock: every thread waits and no copy is in flight";
-      land_one();
+      return "deadlock: every thread waits";
     }
   }
-  if (!engine.empty()) return "the blocks exited with bulk copies still in flight";
   for (const Thread& th : threads) {
     if (!th.groups.empty() || !th.open.empty()) return "a thread exited with cp.async copies never waited for";
   }
@@ -426,7 +379,7 @@ IK_DEVICE void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
     store16(smem, valid ? load16(gmem) : make_uint4(0, 0, 0, 0));
     return;
   }
-  emu::current->open.push_back({smem, valid ? gmem : nullptr, 16, nullptr});
+  emu::current->open.push_back({smem, valid ? gmem : nullptr});
 }
 IK_DEVICE void cp_async16(void* smem, const void* gmem) { cp_async16_zfill(smem, gmem, true); }
 IK_DEVICE void cp_async_commit() {
@@ -476,35 +429,6 @@ IK_DEVICE void cluster_wait() {
   th.cluster_pending = false;
 }
 
-#define IK_HAS_BULK_COPY EMU_BULK_COPY
-IK_DEVICE void mbar_init(unsigned long long* bar, int count) {
-  if (reinterpret_cast<uintptr_t>(bar) % 8) emu::fail("mbarrier not 8-byte aligned");
-  emu::mbarriers[bar] = {count, count, 0, 0};
-}
-IK_DEVICE void mbar_arrive(unsigned long long* bar) {
-  emu::Mbarrier& m = emu::mbar(bar);
-  if (m.pending <= 0) emu::fail("mbarrier: more arrivals than its count in one phase");
-  --m.pending;
-  ++emu::progress;
-  emu::mbar_check(m);
-}
-IK_DEVICE void mbar_arrive_expect_tx(unsigned long long* bar, int bytes) {
-  emu::mbar(bar).tx += bytes;
-  mbar_arrive(bar);
-}
-// try_wait.parity: returns once the phase of that parity has completed, i.e. while the current
-// (incomplete) phase has the other parity.
-IK_DEVICE void mbar_wait(unsigned long long* bar, int parity) {
-  while (static_cast<int>(emu::mbar(bar).phase & 1u) == parity) emu::yield();
-}
-IK_DEVICE void bulk_copy(void* smem, const void* gmem, int bytes, unsigned long long* bar) {
-  if (bytes <= 0 || bytes % 16 || reinterpret_cast<uintptr_t>(smem) % 16 || reinterpret_cast<uintptr_t>(gmem) % 16)
-    emu::fail("bulk copy: size or address not a multiple of 16");
-  emu::mbar(bar);  // must exist
-  emu::engine.push_back({smem, gmem, bytes, bar});
-  ++emu::progress;
-  if (emu::landing == emu::kImmediate) emu::land_one();
-}
 
 }  // namespace vendor
 }  // namespace ik

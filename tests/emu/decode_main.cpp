@@ -4,12 +4,22 @@
 #include "attention_decode.cuh"
 
 #if !defined(EMU_T) || !defined(EMU_HEAD_DIM) || !defined(EMU_ROWS) || !defined(EMU_THREADS) || \
-    !defined(EMU_UNROLL) || !defined(EMU_STAGES) || !defined(EMU_CLUSTER)
-#error "define EMU_T, EMU_HEAD_DIM, EMU_ROWS, EMU_THREADS, EMU_UNROLL, EMU_STAGES and EMU_CLUSTER"
+    !defined(EMU_UNROLL) || !defined(EMU_STAGES) || !defined(EMU_CLUSTER) || !defined(EMU_MMA)
+#error "define EMU_T, EMU_HEAD_DIM, EMU_ROWS, EMU_THREADS, EMU_UNROLL, EMU_STAGES, EMU_CLUSTER and EMU_MMA"
 #endif
 
 namespace {
 DecodeParams params;
+#if EMU_MMA  // v11, the matrix units (a build with an AMD matrix layout: matrix_emu.hpp)
+template <bool PAGED>
+void split_body() { attn_decode_split_mma<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_STAGES>(params); }
+#if EMU_CLUSTER > 1
+template <bool PAGED>
+void cluster_body() {
+  attn_decode_split_mma_cluster<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_STAGES, EMU_CLUSTER>(params);
+}
+#endif
+#else
 template <bool PAGED>
 void split_body() { attn_decode_split<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_UNROLL, EMU_STAGES>(params); }
 #if EMU_CLUSTER > 1
@@ -18,13 +28,12 @@ void cluster_body() {
   attn_decode_split_cluster<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_UNROLL, EMU_STAGES, EMU_CLUSTER>(params);
 }
 #endif
+#endif
 void combine_body() { attn_decode_combine<EMU_T, EMU_HEAD_DIM>(params); }
 void naive_body() { attn_decode_naive<EMU_T, EMU_HEAD_DIM>(params); }
 }  // namespace
 
 extern "C" {
-// 0: bulk copies land at random switches; 1: as late as possible; 2: at once (block_emu.hpp).
-void emu_set_landing(int mode) { emu::landing = mode; }
 int emu_cluster() { return EMU_CLUSTER; }
 // grid (num_splits, Hkv * row tiles, B), as the library launches attn_decode_split; with
 // `clustered`, attn_decode_split_cluster (num_splits == EMU_CLUSTER, one cluster per group).
@@ -49,9 +58,9 @@ const char* emu_decode_naive(const DecodeParams* p, unsigned long long seed) {
   params = *p;
   return emu::run_grid(naive_body, {unsigned(p->q_len * p->num_q_heads), unsigned(p->batch), 1}, 128, 1, seed);
 }
-// grid (B * Hq * Tq), block max(head_dim, 64): the separate split-K merge.
-const char* emu_decode_combine(const DecodeParams* p, int rows, unsigned long long seed) {
+// grid (B * Hq * Tq), block `threads` (configs.decode_combine_threads): the separate split-K merge.
+const char* emu_decode_combine(const DecodeParams* p, int rows, int threads, unsigned long long seed) {
   params = *p;
-  return emu::run_grid(combine_body, {unsigned(rows), 1, 1}, EMU_HEAD_DIM < 64 ? 64 : EMU_HEAD_DIM, 1, seed);
+  return emu::run_grid(combine_body, {unsigned(rows), 1, 1}, threads, 1, seed);
 }
 }

@@ -64,7 +64,15 @@ inline C emu_mma(const V& a, const V& b, C c, float (*to_float)(unsigned short))
   for (int i = 0; i < NC; ++i) c[i] = acc[i];
   return c;
 }
-#if defined(IK_MMA_AMD_MFMA_16X16X16)
+#if defined(IK_MMA_EMULATED_NV)
+// NVIDIA's layout (mma.sync.m16n8k16 pairs) behind the shim's element-by-element fragments: the
+// kernels' NVIDIA-only logic (C kept as A in registers, rows shared by 4 lanes) runs here; the
+// PTX itself (ldmatrix, mma.sync) only on the GPU.
+template <class L, bool BF16>
+inline void emu_layout_mma(float (&c)[L::kC], const unsigned short (&a)[L::kA], const unsigned short (&b)[L::kB]) {
+  emu::matrix_product<L>(a, b, c, BF16 ? emu::bf16_bits_to_float : emu::f16_bits_to_float);
+}
+#elif defined(IK_MMA_AMD_MFMA_16X16X16)
 inline emu_f32x4 __builtin_amdgcn_mfma_f32_16x16x16f16(emu_f16x4 a, emu_f16x4 b, emu_f32x4 c, int, int, int) {
   return emu_mma<ik::layout::AmdMfma16x16x16, 4, 4>(a, b, c, emu::f16_bits_to_float);
 }
