@@ -186,14 +186,22 @@ def decode_mma_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: 
 def decode_mma_tiles(group: int, q_len: int, *, head_dim: int, warp_size: int, max_smem: int,
                      c_is_a: bool) -> tuple[int, int, int, int, int]:
     """(rows, row_tiles, threads, unroll, stages) of the matrix-unit kernel (unroll unused: 1):
-    DECODE_MMA_WARPS warps, the deepest ring up to DECODE_MMA_STAGES that fits `max_smem`.
+    DECODE_MMA_WARPS warps with the deepest ring up to DECODE_MMA_STAGES that fits `max_smem`;
+    where even 2 stages do not fit (64 KB of LDS at head_dim 128), half the warps, and so on.
     Overrides: "threads", "stages", "rows"."""
     rows, row_tiles = decode_rows(group * q_len)
     threads = decode_overrides.get("threads", DECODE_MMA_WARPS * warp_size)
     stages = decode_overrides.get("stages", DECODE_MMA_STAGES)
+
+    def fits(threads: int, stages: int) -> bool:
+        return decode_mma_smem_bytes(threads=threads, warp_size=warp_size, rows=rows, head_dim=head_dim,
+                                     stages=stages, c_is_a=c_is_a) <= max_smem
+
+    if "threads" not in decode_overrides:
+        while threads > warp_size and not fits(threads, 2):
+            threads //= 2
     if "stages" not in decode_overrides:
-        while stages > 2 and decode_mma_smem_bytes(threads=threads, warp_size=warp_size, rows=rows,
-                                                   head_dim=head_dim, stages=stages, c_is_a=c_is_a) > max_smem:
+        while stages > 2 and not fits(threads, stages):
             stages -= 1
     return rows, row_tiles, threads, 1, stages
 

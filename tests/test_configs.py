@@ -1,5 +1,7 @@
 """Launch heuristics (CPU): split-K fills the SMs' waves, from the SM count, not a device name."""
 
+import pytest
+
 from ikport import configs
 
 
@@ -151,3 +153,43 @@ def test_short_splits_try_one_split_less_for_resident_clusters():
         assert configs.decode_fewer_splits_for_clusters(4, 128) is None  # an explicit split count stays
     finally:
         configs.decode_overrides.clear()
+
+
+@pytest.mark.parametrize("warp_size,max_smem,c_is_a", [(32, 227 * 1024, True), (32, 99 * 1024, True),
+                                                       (64, 64 * 1024, False), (32, 64 * 1024, False)])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_mma_tiles_fit_the_targets_shared_memory(warp_size, max_smem, c_is_a, head_dim):
+    """The matrix-unit kernel's ring shrinks to the target: stages first, then warps (64 KB of LDS
+    cannot hold 4 waves x 2 tiles at head_dim 128)."""
+    rows, _, threads, _, stages = configs.decode_mma_tiles(4, 1, head_dim=head_dim, warp_size=warp_size,
+                                                           max_smem=max_smem, c_is_a=c_is_a)
+    smem = configs.decode_mma_smem_bytes(threads=threads, warp_size=warp_size, rows=rows, head_dim=head_dim,
+                                         stages=stages, c_is_a=c_is_a)
+    assert smem <= max_smem and 2 <= stages <= configs.DECODE_MMA_STAGES and threads % warp_size == 0
+    if threads < configs.DECODE_MMA_WARPS * warp_size:  # fewer warps only where 2 stages did not fit
+        assert configs.decode_mma_smem_bytes(threads=threads * 2, warp_size=warp_size, rows=rows,
+                                             head_dim=head_dim, stages=2, c_is_a=c_is_a) > max_smem
+    elif stages < configs.DECODE_MMA_STAGES:  # the deepest ring that fits
+        assert configs.decode_mma_smem_bytes(threads=threads, warp_size=warp_size, rows=rows,
+                                             head_dim=head_dim, stages=stages + 1, c_is_a=c_is_a) > max_smem
+
+
+def test_mma_smem_mirrors_the_kernel_layout():
+    # 4 warps x 6 stages x (K + V) x 16 rows x (128 + 8) halves, + Q's 16 rows; AMD adds 4 x 16 x 24 halves
+    nv = configs.decode_mma_smem_bytes(threads=128, warp_size=32, rows=4, head_dim=128, stages=6, c_is_a=True)
+    assert nv == 4 * 6 * 2 * 16 * 136 * 2 + 16 * 136 * 2
+    amd = configs.decode_mma_smem_bytes(threads=128, warp_size=32, rows=4, head_dim=128, stages=6, c_is_a=False)
+    assert amd - nv == 4 * 16 * 24 * 2
+    assert configs.decode_mma_smem_bytes(threads=128, warp_size=32, rows=4, head_dim=128, stages=6, c_is_a=True,
+                                         cluster=2) == nv + 2 * 4 * 129 * 4
+
+
+def test_mma_is_opt_in_until_timed(monkeypatch):
+    assert configs.DECODE_MMA_MIN_ROWS is None and not configs.decode_use_mma(8)
+    monkeypatch.setitem(configs.decode_overrides, "mma", 1)
+    assert configs.decode_use_mma(1)
+    monkeypatch.setattr(configs, "DECODE_MMA_MIN_ROWS", 4)
+    monkeypatch.setitem(configs.decode_overrides, "mma", 0)
+    assert not configs.decode_use_mma(8)
+    monkeypatch.delitem(configs.decode_overrides, "mma")
+    assert configs.decode_use_mma(4) and not configs.decode_use_mma(2)
