@@ -220,11 +220,14 @@ def kernel_assembly(module: CompiledModule, name_expr: str) -> str:
 
 def dynamic_lds_bytes(spec, arch: str) -> int:
     """The dynamic shared memory ikport/attention.py launches the kernel with (0: static only)."""
-    if (spec.family, spec.kernel) != ("attention_decode", "split"):
-        return 0
     from ikport import configs
 
     p = dict(spec.params)
+    if (spec.family, spec.kernel) == ("attention_decode", "split_mma"):
+        return configs.decode_mma_smem_bytes(threads=p["threads"], warp_size=WAVEFRONT[arch], rows=p["rows"],
+                                             head_dim=p["head_dim"], stages=p["stages"], c_is_a=False)
+    if (spec.family, spec.kernel) != ("attention_decode", "split"):
+        return 0
     return configs.decode_smem_bytes(
         threads=p["threads"], warp_size=WAVEFRONT[arch], rows=p["rows"], head_dim=p["head_dim"],
         unroll=p["unroll"], stages=p.get("stages", 0),
