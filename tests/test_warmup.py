@@ -297,3 +297,17 @@ def test_log_debug_shows_the_chosen_decode_config(caplog):
     plans = [r.getMessage() for r in caplog.records if r.getMessage().startswith("plan ")]
     assert len(plans) == 1, plans
     assert "B=3 Hq=24 Hkv=6 Tq=1 D=64 capacity=777" in plans[0] and "splits=" in plans[0]
+
+
+def test_matrix_unit_row_tiles_take_the_mma_kernels_once_default(monkeypatch):
+    """With the matrix units the default from 4 query rows (configs.DECODE_MMA_MIN_ROWS), those
+    row tiles warm attn_decode_split_mma (contiguous and paged, the planner's tiles for the target)
+    and, with clusters, its clustered versions; the vector kernels keep the smaller tiles."""
+    monkeypatch.setattr(configs, "DECODE_MMA_MIN_ROWS", 4)
+    specs = warmup.kernel_set(head_dims=[128], clusters=True, warp_size=64, max_smem=64 * 1024, c_is_a=False)
+    mma = [s for s in specs if s.kernel == "split_mma"]
+    tiles = configs.decode_mma_tiles(4, 1, head_dim=128, warp_size=64, max_smem=64 * 1024, c_is_a=False)
+    assert {(dict(s.params)["rows"], dict(s.params)["paged"]) for s in mma} == {(4, False), (4, True), (8, False), (8, True)}
+    assert all((dict(s.params)["threads"], dict(s.params)["stages"]) == (tiles[2], tiles[4]) for s in mma)
+    assert len([s for s in specs if s.kernel == "split_mma_cluster"]) == len(mma) * len(warmup.WARMUP_CLUSTERS)
+    assert {dict(s.params)["rows"] for s in specs if s.kernel == "split"} == {1, 2}
