@@ -76,6 +76,11 @@ CONFIGS = {
                                                     threads=128, unroll=1, stages=6),
     "cuda-mma-st2-d80-r8-t64-bf16": dict(CUDA, mma="nv", dtype="bf16", head_dim=80, rows=8, threads=64,
                                          unroll=1, stages=2),
+    # the head_dim extremes: 256 (16 output tiles a warp) at one query row (15 padding rows), and 16
+    "cuda-mma-st2-d256-r1-t64-fp16": dict(CUDA, mma="nv", dtype="fp16", head_dim=256, rows=1, threads=64,
+                                          unroll=1, stages=2),
+    "cuda-mma-st3-d16-r2-t128-bf16": dict(CUDA, mma="nv", dtype="bf16", head_dim=16, rows=2, threads=128,
+                                          unroll=1, stages=3),
     "wmma-async-cluster2-mma-st4-d96-r2-t64-fp16": dict(RDNA3, async_copy=1, cluster=2, mma="wmma", dtype="fp16",
                                                         head_dim=96, rows=2, threads=64, unroll=1, stages=4),
 }
