@@ -175,5 +175,6 @@ for name in cases:
         print(name, vname, e["median_us"], e["rounds_us"], "regs", e.get("regs"), "err", e.get("max_abs_err"),
               "grid", entry["grid"], "block", entry["block"], "smem", entry["smem"], flush=True)
     del sets, outs; A.clear_plans(); torch.cuda.empty_cache()
+    json.dump(results, open(sys.argv[1], "w"), indent=1)  # after every case: a timeout keeps what ran
 configs.decode_overrides.clear()
 json.dump(results, open(sys.argv[1], "w"), indent=1)
