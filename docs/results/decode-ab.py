@@ -108,7 +108,7 @@ target = be.target_for(0)
 results = {**harness.device_meta(), "command": " ".join(["python", *sys.argv]), "versions_compared": versions,
            "cases": {}}
 ROUNDS = 3
-for name in cases:
+def run_case(name):
     B, L, dtype, page, D, ov, full, monotonic = parse_case(name)
     configs.decode_overrides.clear(); configs.decode_overrides.update(ov); A.clear_plans()
     sets = []
@@ -135,7 +135,7 @@ for name in cases:
     spec = plan.main.spec
     entry = results["cases"][name] = {"B": B, "L": L, "dtype": str(dtype), "page_size": page, "overrides": ov,
                                       "grid": plan.grid, "block": plan.block, "smem": plan.shared_bytes,
-                                      "splits": plan.num_splits, "versions": {}}
+                                      "splits": plan.num_splits, "kernel": spec.name_expr, "versions": {}}
     launchers = {}
     peer_fns = {}  # peers time their own calls on the same inputs (full length L)
     for vname in [n for n, path in versions.items() if path in PEERS]:
@@ -173,8 +173,17 @@ for name in cases:
     for vname, e in entry["versions"].items():
         e["median_us"] = statistics.median(e["rounds_us"])
         print(name, vname, e["median_us"], e["rounds_us"], "regs", e.get("regs"), "err", e.get("max_abs_err"),
-              "grid", entry["grid"], "block", entry["block"], "smem", entry["smem"], flush=True)
+              "grid", entry["grid"], "block", entry["block"], "smem", entry["smem"], entry["kernel"], flush=True)
     del sets, outs; A.clear_plans(); torch.cuda.empty_cache()
     json.dump(results, open(sys.argv[1], "w"), indent=1)  # after every case: a timeout keeps what ran
+
+
+for name in cases:  # a case that fails (a plan the GPU cannot launch) is reported; the rest still run
+    try:
+        run_case(name)
+    except Exception as e:  # noqa: BLE001
+        print(name, "FAILED", type(e).__name__, str(e)[:300], flush=True)
+        results["cases"][name] = {"error": f"{type(e).__name__}: {e}"}
+        A.clear_plans(); torch.cuda.empty_cache()
 configs.decode_overrides.clear()
 json.dump(results, open(sys.argv[1], "w"), indent=1)

@@ -11,7 +11,7 @@ nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format
 clean() { tr '\000' ' ' | grep -v '^ *$'; }
 GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[0-9]*' | head -1 | tr 'H' 'h')
 timeout 250 python docs/results/decode-ab.py "$OUT/decode-ab-mma-${GPU}.json" lib=lib -- \
-  D1:f,mma0 D1:f,mma1 D1:f,mma1#2 D1:f,mma0#2 D1:f,mma1,st8 D1:f,mma1,st4 D1:f,mma1,t256,st4 \
+  D1:f,mma0 D1:f,mma1 D1:f,mma1#2 D1:f,mma0#2 D1:f,mma1,st4 D1:f,mma1,st3 D1:f,mma1,t256,st3 \
   D3:f,mma0 D3:f,mma1 D2:f,mma0 D2:f,mma1 B16-L512:f,mma0 B16-L512:f,mma1 B64-L512:f,mma0 B64-L512:f,mma1 \
   D1-paged16:f,mma0 D1-paged16:f,mma1 D1-bf16:f,mma0 D1-bf16:f,mma1 D1-d64:f,mma0 D1-d64:f,mma1 \
   D1-d256:f,mma0 D1-d256:f,mma1 2>&1 | clean > "$OUT/decode-ab-mma-${GPU}.log"
