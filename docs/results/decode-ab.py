@@ -62,8 +62,16 @@ EARLY = [("constexpr bool kEarlyCopy = !PAGED && STAGES > 0;", "constexpr bool k
           "    issue(0, t_early_end);\n  }")]
 # (v10's "bulk" splice, the copy engine filling the ring, applied to the text of 5c3d155: that
 # path was measured slower everywhere, decode-ab-bulk-h100.json, and removed.)
+# v11 (matrix units): "lazy" rescales the O accumulators only when some row's max moved in this
+# tile (a warp vote), instead of every tile.
+LAZY = [("      l[j] = l[j] * alpha + s.x[j];\n#pragma unroll\n      for (int n = 0; n < HEAD_DIM / 16; ++n) o[n].x[j] *= alpha;\n    }\n",
+         "      l[j] = l[j] * alpha + s.x[j];\n      alphas[j] = alpha;\n      moved = moved || alpha != 1.f;\n    }\n"
+         "    if (ik::any(moved)) {\n#pragma unroll\n      for (int j = 0; j < mm::kCSlots; ++j)\n#pragma unroll\n"
+         "        for (int n = 0; n < HEAD_DIM / 16; ++n) o[n].x[j] *= alphas[j];\n    }\n"),
+        ("    mm::row_reduce(mx, [](float x, float y) { return fmaxf(x, y); });\n",
+         "    mm::row_reduce(mx, [](float x, float y) { return fmaxf(x, y); });\n    float alphas[mm::kCSlots];\n    bool moved = false;\n")]
 SPLICES = {"warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8, "nomerge": NOMERGE, "noepi": NOEPI,
-           "nopt": NOPT, "early": EARLY, "nopt-early": NOPT + EARLY}
+           "nopt": NOPT, "early": EARLY, "nopt-early": NOPT + EARLY, "lazy": LAZY}
 
 def version_text(path):
     base, _, splice = path.partition("+")
