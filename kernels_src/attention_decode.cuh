@@ -703,27 +703,67 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
       }
     }
   };
+  // Lane copy c of a tile: its row and 16-byte chunk. Where a row's chunks divide the warp
+  // (head_dim 16/32/64/128/256 on 32 lanes) the row is the lane's plus a constant per copy, so
+  // the copies' shared-memory offsets fold into immediates.
+  auto copy_row = [&](int c) {
+    if constexpr (WS % R16 == 0) return lane / R16 + c * (WS / R16);
+    return (lane + c * WS) / R16;
+  };
+  auto copy_col = [&](int c) { return (WS % R16 == 0 ? lane % R16 : (lane + c * WS) % R16) * 8; };
+  auto copy_in_tile = [&](int c) { return (C::kTile * R16) % WS == 0 || lane + c * WS < C::kTile * R16; };
+  // A contiguous cache's copy sources: one pointer per lane copy, set once and moved on by this
+  // warp's tile stride after each issue (issue takes the steps in order): recomputing each
+  // source from (b, hk, t) was most of the loop's instructions (decode-sass.json).
+  const T* k_src[C::kCopies];
+  const T* v_src[C::kCopies];
+  const long long k_step = static_cast<long long>(W * C::kTile) * p.k_st;
+  const long long v_step = static_cast<long long>(W * C::kTile) * p.v_st;
+  if constexpr (!PAGED) {
+#pragma unroll
+    for (int c = 0; c < C::kCopies; ++c) {
+      const long long t = tile_row0(0) + copy_row(c);
+      k_src[c] = kbase + b * p.k_sb + hk * p.k_sh + t * p.k_st + copy_col(c);
+      v_src[c] = vbase + b * p.v_sb + hk * p.v_sh + t * p.v_st + copy_col(c);
+    }
+  }
   auto issue = [&](int i, int end) {  // step i's tile (rows below `end`; zeros past it), one group
     const int r0 = tile_row0(i);
-    if (r0 < end) {
-      T* kd = tile(i, 0);
-      T* vd = tile(i, 1);
+    T* kd = tile(i, 0);
+    T* vd = tile(i, 1);
+    if (!PAGED && r0 + C::kTile <= end) {  // a whole tile (warp-uniform): no row checks
 #pragma unroll
       for (int c = 0; c < C::kCopies; ++c) {
-        const int idx = lane + c * WS, r = idx / R16, ch = idx % R16, t = r0 + r;
-        if (idx < C::kTile * R16) {
-          const bool valid = t < end;
-          long long ko = 0, vo = 0;
-          if (valid && PAGED) {
-            ko = decode::paged_offset(p, page[c], p.k_sb, p.k_sh, p.k_st, hk, t);
-            vo = decode::paged_offset(p, page[c], p.v_sb, p.v_sh, p.v_st, hk, t);
-          } else if (valid) {
-            ko = decode::row_offset<false>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t);
-            vo = decode::row_offset<false>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t);
-          }
-          ik::cp_async16_zfill(kd + r * LD + ch * 8, kbase + ko + ch * 8, valid);
-          ik::cp_async16_zfill(vd + r * LD + ch * 8, vbase + vo + ch * 8, valid);
+        if (copy_in_tile(c)) {
+          ik::cp_async16(kd + copy_row(c) * LD + copy_col(c), k_src[c]);
+          ik::cp_async16(vd + copy_row(c) * LD + copy_col(c), v_src[c]);
         }
+      }
+    } else if (r0 < end) {
+#pragma unroll
+      for (int c = 0; c < C::kCopies; ++c) {
+        const int r = copy_row(c), col = copy_col(c);
+        if (copy_in_tile(c)) {
+          const bool valid = r0 + r < end;
+          const T* ks = kbase;  // invalid rows: a zero-byte copy from an address in bounds
+          const T* vs = vbase;
+          if (valid && PAGED) {
+            ks += decode::paged_offset(p, page[c], p.k_sb, p.k_sh, p.k_st, hk, r0 + r) + col;
+            vs += decode::paged_offset(p, page[c], p.v_sb, p.v_sh, p.v_st, hk, r0 + r) + col;
+          } else if (valid) {
+            ks = k_src[c];
+            vs = v_src[c];
+          }
+          ik::cp_async16_zfill(kd + r * LD + col, ks, valid);
+          ik::cp_async16_zfill(vd + r * LD + col, vs, valid);
+        }
+      }
+    }
+    if constexpr (!PAGED) {
+#pragma unroll
+      for (int c = 0; c < C::kCopies; ++c) {
+        k_src[c] += k_step;
+        v_src[c] += v_step;
       }
     }
     ik::cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
