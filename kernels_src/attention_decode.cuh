@@ -712,59 +712,48 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
   };
   auto copy_col = [&](int c) { return (WS % R16 == 0 ? lane % R16 : (lane + c * WS) % R16) * 8; };
   auto copy_in_tile = [&](int c) { return (C::kTile * R16) % WS == 0 || lane + c * WS < C::kTile * R16; };
-  // A contiguous cache's copy sources: one pointer per lane copy, set once and moved on by this
-  // warp's tile stride after each issue (issue takes the steps in order): recomputing each
-  // source from (b, hk, t) was most of the loop's instructions (decode-sass.json).
-  const T* k_src[C::kCopies];
-  const T* v_src[C::kCopies];
-  const long long k_step = static_cast<long long>(W * C::kTile) * p.k_st;
-  const long long v_step = static_cast<long long>(W * C::kTile) * p.v_st;
-  if constexpr (!PAGED) {
-#pragma unroll
-    for (int c = 0; c < C::kCopies; ++c) {
-      const long long t = tile_row0(0) + copy_row(c);
-      k_src[c] = kbase + b * p.k_sb + hk * p.k_sh + t * p.k_st + copy_col(c);
-      v_src[c] = vbase + b * p.v_sb + hk * p.v_sh + t * p.v_st + copy_col(c);
-    }
-  }
+  // Copy sources. Where copies are asynchronous an issue is nothing but address work: a warp
+  // keeps its next tile's start in a contiguous cache and moves it on by its tile stride (issue
+  // takes the steps in order), and whole tiles skip the row checks (sm_90, D1: 592 -> 393 loop
+  // instructions a tile, decode-sass.json). Synchronous copies (AMD) recompute each source from
+  // (b, hk, t): there the hoisted offsets and a whole tile's loads stay in registers (gfx1100
+  // spilled).
+  constexpr bool kTileCursor = IK_HAS_ASYNC_COPY && !PAGED;
+  const T* k_next = kbase + (PAGED ? 0 : b * p.k_sb + hk * p.k_sh + static_cast<long long>(tile_row0(0)) * p.k_st);
+  const T* v_next = vbase + (PAGED ? 0 : b * p.v_sb + hk * p.v_sh + static_cast<long long>(tile_row0(0)) * p.v_st);
+  auto source = [&](const T* base, const T* next, long long sb, long long sh, long long st, int t0, int c) {
+    const int r = copy_row(c), col = copy_col(c);
+    if constexpr (PAGED) return base + decode::paged_offset(p, page[c], sb, sh, st, hk, t0 + r) + col;
+    if constexpr (kTileCursor) return next + r * st + col;
+    return base + b * sb + hk * sh + static_cast<long long>(t0 + r) * st + col;
+  };
   auto issue = [&](int i, int end) {  // step i's tile (rows below `end`; zeros past it), one group
     const int r0 = tile_row0(i);
     T* kd = tile(i, 0);
     T* vd = tile(i, 1);
-    if (!PAGED && r0 + C::kTile <= end) {  // a whole tile (warp-uniform): no row checks
+    if (kTileCursor && r0 + C::kTile <= end) {  // a whole tile (warp-uniform)
 #pragma unroll
       for (int c = 0; c < C::kCopies; ++c) {
         if (copy_in_tile(c)) {
-          ik::cp_async16(kd + copy_row(c) * LD + copy_col(c), k_src[c]);
-          ik::cp_async16(vd + copy_row(c) * LD + copy_col(c), v_src[c]);
+          ik::cp_async16(kd + copy_row(c) * LD + copy_col(c), source(kbase, k_next, p.k_sb, p.k_sh, p.k_st, r0, c));
+          ik::cp_async16(vd + copy_row(c) * LD + copy_col(c), source(vbase, v_next, p.v_sb, p.v_sh, p.v_st, r0, c));
         }
       }
     } else if (r0 < end) {
 #pragma unroll
       for (int c = 0; c < C::kCopies; ++c) {
-        const int r = copy_row(c), col = copy_col(c);
         if (copy_in_tile(c)) {
-          const bool valid = r0 + r < end;
-          const T* ks = kbase;  // invalid rows: a zero-byte copy from an address in bounds
-          const T* vs = vbase;
-          if (valid && PAGED) {
-            ks += decode::paged_offset(p, page[c], p.k_sb, p.k_sh, p.k_st, hk, r0 + r) + col;
-            vs += decode::paged_offset(p, page[c], p.v_sb, p.v_sh, p.v_st, hk, r0 + r) + col;
-          } else if (valid) {
-            ks = k_src[c];
-            vs = v_src[c];
-          }
-          ik::cp_async16_zfill(kd + r * LD + col, ks, valid);
-          ik::cp_async16_zfill(vd + r * LD + col, vs, valid);
+          const bool valid = r0 + copy_row(c) < end;  // else a zero-byte copy from an address in bounds
+          const T* ks = valid ? source(kbase, k_next, p.k_sb, p.k_sh, p.k_st, r0, c) : kbase;
+          const T* vs = valid ? source(vbase, v_next, p.v_sb, p.v_sh, p.v_st, r0, c) : vbase;
+          ik::cp_async16_zfill(kd + copy_row(c) * LD + copy_col(c), ks, valid);
+          ik::cp_async16_zfill(vd + copy_row(c) * LD + copy_col(c), vs, valid);
         }
       }
     }
-    if constexpr (!PAGED) {
-#pragma unroll
-      for (int c = 0; c < C::kCopies; ++c) {
-        k_src[c] += k_step;
-        v_src[c] += v_step;
-      }
+    if constexpr (kTileCursor) {
+      k_next += static_cast<long long>(W * C::kTile) * p.k_st;
+      v_next += static_cast<long long>(W * C::kTile) * p.v_st;
     }
     ik::cp_async_commit();  // one group per step, empty past the end: the wait count stays uniform
   };
