@@ -1,6 +1,6 @@
 # No GPU: the SASS of the decode kernels' stream loops for sm_90 (NVRTC's cubin through nvdisasm,
-# from the pip wheel nvidia-cuda-nvdisasm): instructions per loop iteration and per K/V row a warp
-# handles, and the opcode mix, for the vector kernel and the matrix-unit kernel at D1's launch
+# from the pip wheel nvidia-cuda-nvdisasm): instructions per loop iteration (all, and on the path
+# a whole tile takes) and per K/V row a warp handles on that path, and the opcode mix, for the vector kernel and the matrix-unit kernel at D1's launch
 # (and the "lazy" splice of decode-ab.py). Usage: python decode-sass.py OUT.json
 import collections, json, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
@@ -43,6 +43,16 @@ def stream_loop(ins, labels, key):
                 best = body
     return best
 
+def common_path(body, labels):
+    """The loop's instructions less those an unconditional forward branch jumps over (the copies'
+    checked path, taken only by a split's last tiles, after the whole-tile path)."""
+    skipped = set()
+    for a, t in body:
+        m = re.match(r"BRA\s+`\((\.L_x_\d+)\)", t)
+        if m and labels[m.group(1)] > a:
+            skipped |= {x for x, _ in body if a < x < labels[m.group(1)]}
+    return [x for x in body if x[0] not in skipped]
+
 def opcode(t):
     return re.sub(r"^@!?U?P\w+\s+", "", t).split()[0].split(".")[0]
 
@@ -64,6 +74,8 @@ CASES = [
      "attn_decode_split_cluster<__half, 128, 4, false, 256, 2, 4, 2>", LIB, "LDGSTS", 4),
     ("matrix units D1 (4 warps, 6 stages, cluster 2)", "attn_decode_split_mma_cluster<__half, 128, 4, false, 128, 6, 2>",
      LIB, "HMMA", 16),
+    ("matrix units D1, the first v11 text (decode-v11a.cuh)", "attn_decode_split_mma_cluster<__half, 128, 4, false, 128, 6, 2>",
+     inline_includes(Path(__file__).parent / "decode-v11a.cuh"), "HMMA", 16),
     ("matrix units D1, lazy O rescale", "attn_decode_split_mma_cluster<__half, 128, 4, false, 128, 6, 2>",
      lazy_text(), "HMMA", 16),
     ("matrix units D1 paged", "attn_decode_split_mma_cluster<__half, 128, 4, true, 128, 6, 2>", LIB, "HMMA", 16),
@@ -73,9 +85,11 @@ for label, name, text, key, rows in CASES:
     mod, ins, labels = sass(name, text)
     body = stream_loop(ins, labels, key)
     mix = collections.Counter(opcode(t) for _, t in body)
+    common = common_path(body, labels)
     row = {"case": label, "kernel": name, "registers": mod.resources[name].registers,
-           "loop_instructions": len(body), "rows_per_iteration_per_warp": rows,
-           "instructions_per_row": round(len(body) / rows, 1), "mix": dict(mix.most_common())}
+           "loop_instructions": len(body), "common_path_instructions": len(common),
+           "rows_per_iteration_per_warp": rows, "instructions_per_row": round(len(common) / rows, 1),
+           "mix": dict(mix.most_common())}
     res["cases"].append(row)
-    print(label, row["registers"], row["loop_instructions"], row["instructions_per_row"], mix.most_common(12), flush=True)
+    print(label, row["registers"], row["loop_instructions"], len(common), row["instructions_per_row"], mix.most_common(8), flush=True)
 json.dump(res, open(sys.argv[1], "w"), indent=1)
