@@ -692,32 +692,30 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
   const int* bt_row = PAGED ? p.block_table + b * p.bt_sb : nullptr;
 
   // Lane copy c of a tile moves 16 bytes: chunk (lane + c * WS) % R16 of row (lane + c * WS) / R16.
-  // Paged: the page ids of a step are loaded one step before its copies are issued.
-  int page[C::kCopies];
-  auto load_pages = [&](int i, int end) {
-    if constexpr (PAGED) {
-#pragma unroll
-      for (int c = 0; c < C::kCopies; ++c) {
-        const int idx = lane + c * WS, t = tile_row0(i) + idx / R16;
-        page[c] = idx < C::kTile * R16 && t < end ? bt_row[t >> p.page_size_log2] : 0;
-      }
-    }
-  };
-  // Lane copy c of a tile: its row and 16-byte chunk. Where a row's chunks divide the warp
-  // (head_dim 16/32/64/128/256 on 32 lanes) the row is the lane's plus a constant per copy, so
-  // the copies' shared-memory offsets fold into immediates.
+  // Where a row's chunks divide the warp (head_dim 16-256 in powers of two on 32 lanes) the row
+  // is the lane's plus a constant per copy, so the shared-memory offsets fold into immediates.
   auto copy_row = [&](int c) {
     if constexpr (WS % R16 == 0) return lane / R16 + c * (WS / R16);
     return (lane + c * WS) / R16;
   };
   auto copy_col = [&](int c) { return (WS % R16 == 0 ? lane % R16 : (lane + c * WS) % R16) * 8; };
   auto copy_in_tile = [&](int c) { return (C::kTile * R16) % WS == 0 || lane + c * WS < C::kTile * R16; };
+  // Paged: the page ids of a step are loaded one step before its copies are issued.
+  int page[C::kCopies];
+  auto load_pages = [&](int i, int end) {
+    if constexpr (PAGED) {
+#pragma unroll
+      for (int c = 0; c < C::kCopies; ++c) {
+        const int t = tile_row0(i) + copy_row(c);
+        page[c] = copy_in_tile(c) && t < end ? bt_row[t >> p.page_size_log2] : 0;
+      }
+    }
+  };
   // Copy sources. Where copies are asynchronous an issue is nothing but address work: a warp
   // keeps its next tile's start in a contiguous cache and moves it on by its tile stride (issue
-  // takes the steps in order), and whole tiles skip the row checks (sm_90, D1: 592 -> 393 loop
-  // instructions a tile, decode-sass.json). Synchronous copies (AMD) recompute each source from
-  // (b, hk, t): there the hoisted offsets and a whole tile's loads stay in registers (gfx1100
-  // spilled).
+  // takes the steps in order), and whole tiles skip the row checks (sm_90, D1: 592 -> 378 loop
+  // instructions a whole tile, decode-sass.json). Synchronous copies (AMD) recompute each source
+  // from (b, hk, t): there the hoisted offsets stay in registers (gfx1100 spilled).
   constexpr bool kTileCursor = IK_HAS_ASYNC_COPY && !PAGED;
   const T* k_next = kbase + (PAGED ? 0 : b * p.k_sb + hk * p.k_sh + static_cast<long long>(tile_row0(0)) * p.k_st);
   const T* v_next = vbase + (PAGED ? 0 : b * p.v_sb + hk * p.v_sh + static_cast<long long>(tile_row0(0)) * p.v_st);
@@ -809,8 +807,7 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
     if (i == 0) {  // the early copy's rows past kv_len: a zero weight times stale V could be NaN
 #pragma unroll
       for (int c = 0; c < C::kCopies; ++c) {
-        const int idx = lane + c * WS, r = idx / R16, ch = idx % R16;
-        if (idx < C::kTile * R16 && r0 + r >= t_end) ik::store16(vt + r * LD + ch * 8, make_uint4(0, 0, 0, 0));
+        if (copy_in_tile(c) && r0 + copy_row(c) >= t_end) ik::store16(vt + copy_row(c) * LD + copy_col(c), make_uint4(0, 0, 0, 0));
       }
     }
     ik::warp_sync();  // every lane's copies of step i are visible to the warp
