@@ -297,7 +297,7 @@ def _plan(backend: Backend, q, k, block_table, variant: str | None) -> _DecodePl
                                              threads=threads, paged=paged)
             kspec, smem = kernel_spec(tiles)
             main = get_kernel(kspec, backend, dev)
-            return tiles, main, smem, backend.occupancy(main.fn, tiles[2], smem)
+            return tiles, main, smem, main.occupancy(tiles[2], smem)
 
         tiles, main, smem, per_sm = load(configs.DECODE_THREADS)
         if default and not mma and not one_per_sm and configs.decode_small_blocks(

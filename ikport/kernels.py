@@ -122,6 +122,14 @@ class Kernel:
             self.backend.set_max_dynamic_shared(self.fn, shared_bytes)
             self.max_dynamic_shared = shared_bytes
 
+    def occupancy(self, block_threads: int, shared_bytes: int) -> int | None:
+        """Blocks of this kernel resident on one SM/CU at once with this launch shape, or None
+        where the backend cannot say. The limit is raised first: the driver counts `shared_bytes`
+        against the kernel's opt-in limit and answers 0 above it, so a plan made before the
+        kernel's first launch took the fallback estimate (v11's first D1 plan: 6 splits, not 2)."""
+        self._allow_shared(shared_bytes)
+        return self.backend.occupancy(self.fn, block_threads, shared_bytes)
+
     def launch(self, grid, block, shared_bytes: int, params: ctypes.Structure, stream: int) -> None:
         self._allow_shared(shared_bytes)
         self.backend.launch(self.fn, grid, block, shared_bytes, params, stream)

@@ -161,3 +161,26 @@ def test_unwritable_cache_dir_falls_back_to_memory_through_compile_spec(tmp_path
     kernels.compile_spec(s, be, Target("sm_90"))
     assert be.compiles == 1  # the in-process map serves it
     kernels._compiled.clear()
+
+
+def test_occupancy_is_asked_with_the_shared_memory_allowed():
+    """The driver answers 0 blocks for a launch above the kernel's opt-in shared-memory limit:
+    Kernel.occupancy raises the limit first (once per new high-water mark), so the first plan of
+    a kernel sees the real occupancy, not the fallback estimate."""
+    calls = []
+
+    class Driverish(CountingBackend):
+        limit = 48 * 1024
+
+        def set_max_dynamic_shared(self, fn, nbytes):
+            calls.append(("limit", nbytes))
+            self.limit = nbytes
+
+        def occupancy(self, fn, block_threads, shared_bytes):
+            calls.append(("occupancy", shared_bytes))
+            return 0 if shared_bytes > self.limit else 1
+
+    k = kernels.Kernel(manifest.spec("mma_tile", "tile", dtype="fp16", b_transposed=False), Driverish(), object())
+    assert k.occupancy(128, 200_000) == 1
+    assert k.occupancy(128, 100_000) == 1
+    assert calls == [("limit", 200_000), ("occupancy", 200_000), ("occupancy", 100_000)]
