@@ -155,9 +155,10 @@ def decode_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int,
 # rows (GQA group x query tokens). Four warps, each streaming its own ring of DECODE_MMA_STAGES
 # tiles of 16 K/V rows (as deep as the target's shared memory allows): the math is no longer what
 # limits a warp, so fewer warps with deeper rings keep the same bytes in flight.
-# DECODE_MMA_MIN_ROWS: the default plan takes it from blocks of this many query rows; None until
-# an H100 run has timed it against the vector kernel (docs/results/decode.md, v11): variant
-# "split-mma" (or decode_overrides["mma"] = 1) runs it meanwhile.
+# DECODE_MMA_MIN_ROWS: the default plan takes it from blocks of this many query rows; None: on
+# the H100 it ran slower than the vector kernel at GQA 4 (D1 54.9-55.1 us against 51.8-52.4, D3
+# 56.4-58.6 against 53.6-54.4, B=16 L=512 19.6-20.0 against 18.4-19.0: decode-ab-mma*-h100.json,
+# decode.md v11), so it stays the journey variant "split-mma" (or decode_overrides["mma"] = 1).
 DECODE_MMA_MIN_ROWS: int | None = None
 DECODE_MMA_WARPS = 4
 DECODE_MMA_STAGES = 6

@@ -184,7 +184,7 @@ def test_mma_smem_mirrors_the_kernel_layout():
                                          cluster=2) == nv + 2 * 4 * 129 * 4
 
 
-def test_mma_is_opt_in_until_timed(monkeypatch):
+def test_mma_is_opt_in(monkeypatch):
     assert configs.DECODE_MMA_MIN_ROWS is None and not configs.decode_use_mma(8)
     monkeypatch.setitem(configs.decode_overrides, "mma", 1)
     assert configs.decode_use_mma(1)
