@@ -153,8 +153,9 @@ def decode_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int,
 # v11, decode on the matrix units (attn_decode_split_mma): each warp scores 16 K rows for up to
 # 16 query rows with one matrix product, so it should pay off once a block serves several query
 # rows (GQA group x query tokens). Four warps, each streaming its own ring of DECODE_MMA_STAGES
-# tiles of 16 K/V rows (as deep as the target's shared memory allows): the math is no longer what
-# limits a warp, so fewer warps with deeper rings keep the same bytes in flight.
+# tiles of 16 K/V rows (as deep as the target's shared memory allows): fewer warps with deeper
+# rings keep the same bytes in flight (the premise; measured, each warp's chain of products and
+# reductions per tile made it latency-bound at 4-8 warps an SM).
 # DECODE_MMA_MIN_ROWS: the default plan takes it from blocks of this many query rows; None: on
 # the H100 it ran slower than the vector kernel at GQA 4 (D1 54.9-55.1 us against 51.8-52.4, D3
 # 56.4-58.6 against 53.6-54.4, B=16 L=512 19.6-20.0 against 18.4-19.0: decode-ab-mma*-h100.json,
