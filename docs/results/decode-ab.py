@@ -70,8 +70,32 @@ LAZY = [("      l[j] = l[j] * alpha + s.x[j];\n#pragma unroll\n      for (int n 
          "        for (int n = 0; n < HEAD_DIM / 16; ++n) o[n].x[j] *= alphas[j];\n    }\n"),
         ("    mm::row_reduce(mx, [](float x, float y) { return fmaxf(x, y); });\n",
          "    mm::row_reduce(mx, [](float x, float y) { return fmaxf(x, y); });\n    float alphas[mm::kCSlots];\n    bool moved = false;\n")]
+# The vector kernel's copies from a per-step cursor (a contiguous cache's next step start, moved
+# on by the block's step stride after each issue), as v11's tile cursor: sm_90 SASS of D1's loop
+# 429 -> 395 instructions (decode-sass.json); prepared in session 12, not yet timed.
+VCURSOR = [
+    ("  auto issue = [&](int i, int end) {\n    if (t_begin + i * kStep < end) {",
+     "  const T* k_next = kbase + (PAGED ? 0 : b * p.k_sb + hk * p.k_sh + static_cast<long long>(step_row(0)) * p.k_st);\n"
+     "  const T* v_next = vbase + (PAGED ? 0 : b * p.v_sb + hk * p.v_sh + static_cast<long long>(step_row(0)) * p.v_st);\n"
+     "  auto issue = [&](int i, int end) {\n    if (t_begin + i * kStep < end) {"),
+    ("        long long ko = 0, vo = 0;\n        if (valid && PAGED) {\n"
+     "          ko = decode::paged_offset(p, page[u], p.k_sb, p.k_sh, p.k_st, hk, t);\n"
+     "          vo = decode::paged_offset(p, page[u], p.v_sb, p.v_sh, p.v_st, hk, t);\n"
+     "        } else if (valid) {\n"
+     "          ko = decode::row_offset<false>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t);\n"
+     "          vo = decode::row_offset<false>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t);\n        }\n"
+     "        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 0), kbase + ko, valid);\n"
+     "        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 1), vbase + vo, valid);\n      }\n    }\n",
+     "        const T* ks = kbase;\n        const T* vs = vbase;\n        if (valid && PAGED) {\n"
+     "          ks += decode::paged_offset(p, page[u], p.k_sb, p.k_sh, p.k_st, hk, t);\n"
+     "          vs += decode::paged_offset(p, page[u], p.v_sb, p.v_sh, p.v_st, hk, t);\n"
+     "        } else if (valid) {\n          ks = k_next + u * C::kGroups * p.k_st;\n          vs = v_next + u * C::kGroups * p.v_st;\n        }\n"
+     "        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 0), ks, valid);\n"
+     "        ik::cp_async16_zfill(ring_slot(i % (STAGES > 0 ? STAGES : 1), u, 1), vs, valid);\n      }\n    }\n"
+     "    if constexpr (!PAGED) {\n      k_next += kStep * p.k_st;\n      v_next += kStep * p.v_st;\n    }\n"),
+]
 SPLICES = {"warpruns": WARPRUNS, "lanes2": LANES2, "lanes8": LANES8, "nomerge": NOMERGE, "noepi": NOEPI,
-           "nopt": NOPT, "early": EARLY, "nopt-early": NOPT + EARLY, "lazy": LAZY}
+           "nopt": NOPT, "early": EARLY, "nopt-early": NOPT + EARLY, "lazy": LAZY, "vcursor": VCURSOR}
 
 def version_text(path):
     base, _, splice = path.partition("+")

@@ -1,7 +1,7 @@
 # No GPU: the SASS of the decode kernels' stream loops for sm_90 (NVRTC's cubin through nvdisasm,
 # from the pip wheel nvidia-cuda-nvdisasm): instructions per loop iteration (all, and on the path
 # a whole tile takes) and per K/V row a warp handles on that path, and the opcode mix, for the vector kernel and the matrix-unit kernel at D1's launch
-# (and the "lazy" splice of decode-ab.py). Usage: python decode-sass.py OUT.json
+# (and decode-ab.py's "lazy" and "vcursor" splices). Usage: python decode-sass.py OUT.json
 import collections, json, re, shutil, subprocess, sys, tempfile
 from pathlib import Path
 import nvidia.cu13
@@ -58,12 +58,12 @@ def opcode(t):
 
 sys.path.insert(0, str(Path(__file__).parent))
 LIB = inline_includes(KERNELS_DIR / "attention_decode.cuh")
-def lazy_text():
+def splice_text(name):  # the library's text with one of decode-ab.py's splices
     src = (Path(__file__).parent / "decode-ab.py").read_text()
     ns = {}
     exec(src[src.index("WARPRUNS = ["):src.index("def version_text")], ns)
     text = LIB
-    for old, new in ns["LAZY"]:
+    for old, new in ns["SPLICES"][name]:
         assert old in text
         text = text.replace(old, new)
     return text
@@ -72,12 +72,18 @@ def lazy_text():
 CASES = [
     ("vector D1 (256 threads, 2 rows a row group a step, 4 stages, cluster 2)",
      "attn_decode_split_cluster<__half, 128, 4, false, 256, 2, 4, 2>", LIB, "LDGSTS", 4),
+    ("vector D1, per-step cursor (decode-ab.py's vcursor splice)",
+     "attn_decode_split_cluster<__half, 128, 4, false, 256, 2, 4, 2>", splice_text("vcursor"), "LDGSTS", 4),
+    ("vector D2 (256 threads, 2 stages, two blocks per SM)", "attn_decode_split<__half, 128, 4, false, 256, 2, 2>",
+     LIB, "LDGSTS", 4),
+    ("vector D2, per-step cursor", "attn_decode_split<__half, 128, 4, false, 256, 2, 2>", splice_text("vcursor"),
+     "LDGSTS", 4),
     ("matrix units D1 (4 warps, 6 stages, cluster 2)", "attn_decode_split_mma_cluster<__half, 128, 4, false, 128, 6, 2>",
      LIB, "HMMA", 16),
     ("matrix units D1, the first v11 text (decode-v11a.cuh)", "attn_decode_split_mma_cluster<__half, 128, 4, false, 128, 6, 2>",
      inline_includes(Path(__file__).parent / "decode-v11a.cuh"), "HMMA", 16),
     ("matrix units D1, lazy O rescale", "attn_decode_split_mma_cluster<__half, 128, 4, false, 128, 6, 2>",
-     lazy_text(), "HMMA", 16),
+     splice_text("lazy"), "HMMA", 16),
     ("matrix units D1 paged", "attn_decode_split_mma_cluster<__half, 128, 4, true, 128, 6, 2>", LIB, "HMMA", 16),
 ]
 res = {"nvdisasm": NVDISASM, "target": "sm_90", "cases": []}
