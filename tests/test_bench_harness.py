@@ -353,7 +353,7 @@ def host_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_kernel_time_sizes_sleep_from_host_time(host_cuda: None) -> None:
     t = harness.kernel_time([lambda: time.sleep(200e-6)] * 3, warmup=3, iters=5)
-    assert t.n == 5 and t.late == 0
+    assert t.n == 5  # `late` is left out: a busy host can outlast even the doubled sleep
     assert t.sleep_us >= 2 * 200 and t.sleep_cycles == round(t.sleep_us * 1000)
     assert t.min_us >= 200 and t.host_us >= 200
 
@@ -385,5 +385,7 @@ def test_warm_up_keeps_the_gpu_busy_for_a_minimum_time(host_cuda: None, monkeypa
     calls = []
     t0 = time.perf_counter()
     host = harness._warm_up([lambda: calls.append(time.sleep(1e-3))], 3)
-    assert time.perf_counter() - t0 >= 0.02 and len(calls) >= 18 and len(calls) % 3 == 0
+    # A busy host sleeps longer than asked, so count rounds, not an exact number of calls:
+    # whole rounds only, and more than one (a round of three 1 ms sleeps is under 20 ms).
+    assert time.perf_counter() - t0 >= 0.02 and len(calls) % 3 == 0 and len(calls) >= 6
     assert len(host) == 3  # host times of the first round only (they size the sleep)
