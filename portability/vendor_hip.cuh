@@ -40,7 +40,13 @@ IK_DEVICE float shfl(float v, int src, int width) { return __shfl(v, src, width)
 IK_DEVICE int shfl(int v, int src, int width) { return __shfl(v, src, width); }
 IK_DEVICE lane_mask_t ballot(bool p) { return __ballot(p); }
 // No independent thread scheduling: a wave is always converged; only LDS ordering is needed.
-IK_DEVICE void warp_sync() { __builtin_amdgcn_wave_barrier(); }
+// The wave barrier alone orders no memory for the compiler (LLVM's intrinsic touches none): the
+// wavefront-scope fences keep a lane's LDS writes before it and other lanes' reads after it.
+IK_DEVICE void warp_sync() {
+  __builtin_amdgcn_fence(__ATOMIC_RELEASE, "wavefront");
+  __builtin_amdgcn_wave_barrier();
+  __builtin_amdgcn_fence(__ATOMIC_ACQUIRE, "wavefront");
+}
 IK_DEVICE void block_sync() { __syncthreads(); }
 IK_DEVICE bool block_any(bool p) { return __syncthreads_or(p) != 0; }
 
