@@ -661,8 +661,8 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
   using C = MmaConfig<T, HEAD_DIM, ROWS, THREADS, STAGES>;
   namespace mm = ik::mma;
   constexpr int W = C::kWarps, LD = C::kLd, R16 = C::kRow16, WS = ik::kWarpSize;
-  // Q K^T's products unrolled in pairs where fragments live as 16-bit slots (AMD): fully
-  // unrolled, RDNA3's 16-slot fragments of 8 products ran out of registers (gfx1100 spilled)
+  // Q K^T's products unrolled in pairs where C is not A's layout (AMD): fully unrolled, RDNA3's
+  // 16-slot fragments of 8 products ran out of registers (gfx1100 spilled)
   constexpr int kQkUnroll = mm::kCIsA ? HEAD_DIM / 16 : 2;
   extern __shared__ __attribute__((aligned(16))) float smem[];
   if constexpr (CLUSTER > 1) ik::cluster_arrive_relaxed();  // "started", waited on before the stores
@@ -714,8 +714,9 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
   // Copy sources. Where copies are asynchronous an issue is nothing but address work: a warp
   // keeps its next tile's start in a contiguous cache and moves it on by its tile stride (issue
   // takes the steps in order), and whole tiles skip the row checks (sm_90, D1: 592 -> 378 loop
-  // instructions a whole tile, decode-sass.json). Synchronous copies (AMD) recompute each source
-  // from (b, hk, t): there the hoisted offsets stay in registers (gfx1100 spilled).
+  // instructions a whole tile, decode-sass.json). Synchronous copies (AMD, NVIDIA before sm_80)
+  // and paged caches recompute each source from (b, hk, t) or the page: with synchronous copies
+  // the hoisted offsets stay in registers (gfx1100 spilled).
   constexpr bool kTileCursor = IK_HAS_ASYNC_COPY && !PAGED;
   const T* k_next = kbase + (PAGED ? 0 : b * p.k_sb + hk * p.k_sh + static_cast<long long>(tile_row0(0)) * p.k_st);
   const T* v_next = vbase + (PAGED ? 0 : b * p.v_sb + hk * p.v_sh + static_cast<long long>(tile_row0(0)) * p.v_st);
@@ -774,7 +775,8 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
     ik::store16(s_q + r * LD + ch * 8, v);
   }
   // Per accumulator slot: its query row's last visible key (-1: a padding row), its online
-  // softmax state (equal across the slots and lanes of a row), its P V outputs.
+  // softmax state (m equal across the slots and lanes of a row; l this slot's part of the row
+  // sum until the row_reduce after the loop), its P V outputs.
   int limit[mm::kCSlots];
   float m[mm::kCSlots], l[mm::kCSlots];
   mm::FragC o[HEAD_DIM / 16];
@@ -877,7 +879,7 @@ __global__ void __launch_bounds__(THREADS) attn_decode_split_mma(DecodeParams p)
 }
 
 // grid (CLUSTER, Hkv * row_tiles, B): num_splits == CLUSTER; dynamic shared memory
-// smem_bytes() + SplitConfig's cluster_bytes(CLUSTER).
+// smem_bytes() + SplitConfig's cluster_bytes(CLUSTER) (the same partial-result buffer).
 template <class T, int HEAD_DIM, int ROWS, bool PAGED, int THREADS, int STAGES, int CLUSTER>
 __global__ void __launch_bounds__(THREADS) IK_CLUSTER_DIMS(CLUSTER) attn_decode_split_mma_cluster(DecodeParams p) {
   static_assert(IK_HAS_CLUSTERS || CLUSTER < 0, "block clusters: NVIDIA sm_90 and newer only");

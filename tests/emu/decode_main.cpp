@@ -10,7 +10,7 @@
 
 namespace {
 DecodeParams params;
-#if EMU_MMA  // v11, the matrix units (a build with an AMD matrix layout: matrix_emu.hpp)
+#if EMU_MMA  // v11, the matrix units (a build with an emulated AMD or NVIDIA layout: matrix_emu.hpp)
 template <bool PAGED>
 void split_body() { attn_decode_split_mma<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_STAGES>(params); }
 #if EMU_CLUSTER > 1
@@ -35,8 +35,9 @@ void naive_body() { attn_decode_naive<EMU_T, EMU_HEAD_DIM>(params); }
 
 extern "C" {
 int emu_cluster() { return EMU_CLUSTER; }
-// grid (num_splits, Hkv * row tiles, B), as the library launches attn_decode_split; with
-// `clustered`, attn_decode_split_cluster (num_splits == EMU_CLUSTER, one cluster per group).
+// grid (num_splits, Hkv * row tiles, B), as the library launches attn_decode_split (with EMU_MMA,
+// attn_decode_split_mma); with `clustered`, its clustered kernel (num_splits == EMU_CLUSTER, one
+// cluster per group).
 const char* emu_decode_split(const DecodeParams* p, int paged, int clustered, int gx, int gy, int gz,
                              unsigned long long seed) {
   params = *p;
