@@ -27,6 +27,16 @@ _MAGIC = b"IKPORT-CACHE-1\n"
 _FORMAT_VERSION = "1"
 
 
+def default_cache_dir() -> Path:
+    """IKPORT_CACHE_DIR, else $XDG_CACHE_HOME/ikport, else ~/.cache/ikport (read at each call, so
+    tests can set it; ikport/knobs.py documents every environment variable)."""
+    env = os.environ.get("IKPORT_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ikport"
+
+
 def cache_key(
     source: str, names: Sequence[str], options: Sequence[str], target: Target, compiler: str,
     library_version: str,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from . import amd_metadata
+from .cache import default_cache_dir
 from .base import (
     Backend,
     BackendUnavailable,
@@ -294,13 +295,8 @@ def hiprtc_library_dir() -> str | None:
 
 
 def cache_root() -> Path:
-    """ikport's cache folder (IKPORT_CACHE_DIR), or a per-user temp folder outside the package."""
-    try:  # imported late: backends must not import the top-level package at import time
-        from ikport import knobs
-
-        return knobs.cache_dir()
-    except ImportError:
-        return Path(tempfile.gettempdir()) / f"ikport-{os.getuid()}"
+    """ikport's cache folder (IKPORT_CACHE_DIR; backends/cache.py), for hipRTC's library link."""
+    return default_cache_dir()
 
 
 # The child imports this file's folder as a package of its own name, so it starts without the

@@ -9,17 +9,17 @@
 CPU tensors run the PyTorch reference; GPU tensors run a compiled kernel, never the reference.
 """
 
-__version__ = "0.1.0"
-
-from . import log as _log  # noqa: E402
+from ._version import __version__
+from . import log as _log
 
 _log.setup()  # the "ikport" logger: IKPORT_LOG level and handler, once
 
 from .attention import attention, paged_attention, paged_kv_from_dense  # noqa: E402
 from .int4 import Int4Weight, quantize_weight  # noqa: E402
+from .plan import DecodeOptions, W4A16Options  # noqa: E402
 from .w4a16 import w4a16_matmul  # noqa: E402
 from . import formats, nn  # noqa: E402,F401  (ikport.formats.from_gptq, ikport.nn.W4A16Linear)
 from . import ops as _ops  # noqa: E402,F401  (registers torch.ops.ikport.*, once)
 
-__all__ = ["attention", "paged_attention", "paged_kv_from_dense", "Int4Weight", "quantize_weight",
-           "w4a16_matmul", "formats", "nn", "__version__"]
+__all__ = ["attention", "paged_attention", "paged_kv_from_dense", "DecodeOptions", "Int4Weight",
+           "quantize_weight", "w4a16_matmul", "W4A16Options", "formats", "nn", "__version__"]

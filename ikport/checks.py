@@ -163,3 +163,9 @@ def w4a16(x: object, weight: object, out_: object, gpu: bool | None = None) -> N
 def vector_rows(name: str, t: torch.Tensor) -> None:
     """A 2-D operand the kernels read in 16-byte vectors along its rows."""
     _check_vector_layout(name, t)
+
+
+def options(value: object, kind: type) -> None:
+    """`options` is None or a `kind` (DecodeOptions, W4A16Options)."""
+    if value is not None and not isinstance(value, kind):
+        raise TypeError(f"options must be an ikport.{kind.__name__} or None, got {type(value).__name__}")

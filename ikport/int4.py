@@ -49,6 +49,8 @@ from typing import Union
 
 import torch
 
+from .backends.target import ARCH_TABLE, MATRIX_LAYOUTS, cuda_arch_from_capability
+
 __all__ = [
     "DEFAULT_LAYOUT",
     "GROUP_SIZES",
@@ -72,12 +74,7 @@ N_MULTIPLE = 16  # out_features: one 16-wide tile row
 K_MULTIPLE = 128  # in_features: the largest chunk (amd_mfma16), so every layout fits every weight
 GROUP_SIZES = (32, 64, 128)  # quantization groups along K; per-channel (G = K) is allowed too
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
-DEFAULT_LAYOUT = "nv_m16n8k16"
-# The AMD archs whose matrix instructions portability/vendor_hip.cuh maps (keep in step with it).
-AMD_MATRIX_ARCHS = {
-    "amd_mfma16": ("gfx90a", "gfx940", "gfx941", "gfx942"),
-    "amd_wmma16_w32": ("gfx1100", "gfx1101", "gfx1102"),
-}
+DEFAULT_LAYOUT = MATRIX_LAYOUTS["mma.sync"]  # NVIDIA's, and what the CPU path packs
 _SYMMETRIC_ZERO = 8
 
 
@@ -137,13 +134,11 @@ def layout_info(layout: str) -> LayoutInfo:
 
 
 def layout_for_device(device: DeviceLike = None) -> str:
-    """The packed layout the W4A16 kernel wants on `device`.
-
-    CPU (and meta) -> "nv_m16n8k16" (the default; the CPU path only unpacks). An NVIDIA GPU (CUDA
-    torch) -> "nv_m16n8k16". A ROCm GPU by its gcnArchName (AMD_MATRIX_ARCHS): CDNA2/3
-    (gfx90a, gfx940-942; MFMA) -> "amd_mfma16", RDNA3 (gfx1100-1102; WMMA wave32) ->
-    "amd_wmma16_w32"; anything else raises ValueError.
-    `device` None means the CPU.
+    """The packed layout the W4A16 kernel wants on `device`: the B-fragment layout of its target's
+    matrix unit (backends/target.py's ARCH_TABLE): "nv_m16n8k16" on NVIDIA, "amd_mfma16" on
+    CDNA2/3 (gfx90a, gfx940-942), "amd_wmma16_w32" on RDNA3 (gfx1100-1102). CPU and meta devices
+    (and `device` None) -> "nv_m16n8k16" (the CPU path only unpacks). A GPU whose target is not in
+    the table raises ValueError.
     """
     if device is None:
         return DEFAULT_LAYOUT
@@ -152,17 +147,17 @@ def layout_for_device(device: DeviceLike = None) -> str:
         return DEFAULT_LAYOUT
     if dev.type != "cuda":  # torch reports ROCm GPUs as "cuda" too
         raise ValueError(f"ikport's W4A16 runs on CPU, CUDA and ROCm tensors, not on {dev.type!r}")
-    if not getattr(torch.version, "hip", None):
-        return "nv_m16n8k16"
     index = dev.index if dev.index is not None else torch.cuda.current_device()
-    arch = str(getattr(torch.cuda.get_device_properties(index), "gcnArchName", "")).split(":")[0]
-    for layout, archs in AMD_MATRIX_ARCHS.items():
-        if arch in archs:
-            return layout
-    raise ValueError(
-        f"no W4A16 INT4 layout for AMD GPU {arch or '(unknown arch)'} on {dev}: the matrix shim "
-        f"(portability/vendor_hip.cuh) covers {sorted(a for v in AMD_MATRIX_ARCHS.values() for a in v)}"
-    )
+    props = torch.cuda.get_device_properties(index)
+    if getattr(torch.version, "hip", None):
+        arch = str(getattr(props, "gcnArchName", "")).split(":")[0]
+    else:
+        arch = cuda_arch_from_capability(props.major, props.minor)
+    facts = ARCH_TABLE.get(arch)
+    if facts is None:
+        raise ValueError(f"no W4A16 INT4 layout for {dev} ({arch or 'unknown arch'}): ikport knows "
+                         f"the targets {sorted(ARCH_TABLE)} (backends/target.py)")
+    return facts.matrix_layout
 
 
 def check_shape(n: int, k: int, what: str = "weight") -> None:

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__, knobs
+from . import knobs
+from ._version import __version__
 from .backends.base import Backend, CompiledModule
 from .backends.cache import DiskCache, cache_key
 from .backends.source import kernel_source

@@ -11,13 +11,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .backends.cache import default_cache_dir
+
 
 def cache_dir() -> Path:
-    env = os.environ.get("IKPORT_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ikport"
+    return default_cache_dir()  # the backends need it too, and import nothing of ikport's
 
 
 def disk_cache_enabled() -> bool:

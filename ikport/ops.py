@@ -1,23 +1,26 @@
 """ikport's public ops as PyTorch custom ops, for torch.compile and torch.export.
 
-    torch.ops.ikport.attention(q, k, v, kv_lens, causal, scale, variant) -> Tensor
+    torch.ops.ikport.attention(q, k, v, kv_lens, causal, scale, options) -> Tensor
     torch.ops.ikport.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal, scale,
-                                     variant) -> Tensor
+                                     options) -> Tensor
     torch.ops.ikport.w4a16_matmul(x, qweight, scales, zeros, perm, group_size, in_features,
-                                  out_features, layout, variant) -> Tensor
+                                  out_features, layout, options) -> Tensor
 
-Eager calls of `ikport.attention` / `ikport.paged_attention` never go through these: a custom-op
-dispatch costs 10-20 us of Python per call. Only while torch.compile (or torch.export) traces a
-function do the public functions route here, so the compiled graph holds one opaque node per
-call (no graph break, `fullgraph=True` holds). The real implementation of each op is the eager
-path itself; the fake (meta) implementation checks what can be checked without data (ranks,
-dtypes, devices, head counts) and returns an empty contiguous [B, Hq, Tq, D] tensor.
+`options` is the text form of an ikport.DecodeOptions / W4A16Options ("" for the defaults;
+`Options.as_text`): torch.library schemas carry no dataclasses.
+
+Eager calls of the public functions never go through these: a custom-op dispatch costs 10-20 us
+of Python per call. Only while torch.compile (or torch.export) traces a function do the public
+functions route here, so the compiled graph holds one opaque node per call (no graph break,
+`fullgraph=True` holds). The real implementation of each op is the eager path (ikport.impl); the
+fake (meta) implementation checks what can be checked without data (ranks, dtypes, devices,
+head counts) and returns an empty contiguous output.
 
 The ops mutate nothing and return a new tensor. An `out=` given to a public function under
 torch.compile is filled by a copy after the op (`out.copy_(result)`), outside the op.
 
-Importing ikport registers both ops once (re-importing or reloading this module keeps the first
-registration).
+Importing ikport registers the ops once (re-importing or reloading this module keeps the first
+registration). OPS names them.
 """
 
 # No `from __future__ import annotations` here: torch.library infers each op's schema from the
@@ -27,13 +30,15 @@ from typing import Optional
 import torch
 
 from . import checks
-from .attention import attention as _eager_attention
-from .attention import paged_attention as _eager_paged_attention
+from .impl import attention as _attention
+from .impl import w4a16 as _w4a16
 from .int4 import Int4Weight
-from .w4a16 import w4a16_matmul as _eager_w4a16_matmul
+from .plan import DecodeOptions, W4A16Options
 
-__all__ = ["attention", "paged_attention", "w4a16_matmul", "traced_attention",
-           "traced_paged_attention", "traced_w4a16_matmul"]
+OPS = ("attention", "paged_attention", "w4a16_matmul")  # torch.ops.ikport.<name>
+
+__all__ = ["OPS", "attention", "paged_attention", "w4a16_matmul", "traced_attention", "traced_paged_attention",
+           "traced_w4a16_matmul"]
 
 
 def _new_output(q: torch.Tensor) -> torch.Tensor:
@@ -41,14 +46,18 @@ def _new_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape)
 
 
+def _decode_options(text: str) -> Optional[DecodeOptions]:
+    return DecodeOptions.from_text(text) if text else None
+
+
 def _attention_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor],
-    causal: bool, scale: Optional[float], variant: Optional[str],
+    causal: bool, scale: Optional[float], options: str,
 ) -> torch.Tensor:
-    return _eager_attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, variant=variant)
+    return _attention.attention(q, k, v, causal, scale, kv_lens, None, _decode_options(options))
 
 
-def _attention_fake(q, k, v, kv_lens, causal, scale, variant):
+def _attention_fake(q, k, v, kv_lens, causal, scale, options):
     # Layout and alignment need data pointers: the real op checks them at run time.
     checks.attention(q, k, v, kv_lens, gpu=False)
     return _new_output(q)
@@ -56,13 +65,13 @@ def _attention_fake(q, k, v, kv_lens, causal, scale, variant):
 
 def _paged_impl(
     q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
-    kv_lens: torch.Tensor, causal: bool, scale: Optional[float], variant: Optional[str],
+    kv_lens: torch.Tensor, causal: bool, scale: Optional[float], options: str,
 ) -> torch.Tensor:
-    return _eager_paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal,
-                                  scale=scale, variant=variant)
+    return _attention.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal, scale, None,
+                                      _decode_options(options))
 
 
-def _paged_fake(q, k_pages, v_pages, block_table, kv_lens, causal, scale, variant):
+def _paged_fake(q, k_pages, v_pages, block_table, kv_lens, causal, scale, options):
     checks.paged(q, k_pages, v_pages, block_table, kv_lens, gpu=False)
     return _new_output(q)
 
@@ -70,14 +79,14 @@ def _paged_fake(q, k_pages, v_pages, block_table, kv_lens, causal, scale, varian
 def _w4a16_impl(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
     perm: Optional[torch.Tensor], group_size: int, in_features: int, out_features: int,
-    layout: str, variant: Optional[str],
+    layout: str, options: str,
 ) -> torch.Tensor:
     w = Int4Weight(qweight, scales, zeros, group_size, in_features, out_features, layout, perm)
-    return _eager_w4a16_matmul(x, w, variant=variant)
+    return _w4a16.w4a16_matmul(x, w, None, W4A16Options.from_text(options) if options else None)
 
 
 def _w4a16_fake(x, qweight, scales, zeros, perm, group_size, in_features, out_features, layout,
-                variant):
+                options):
     w = Int4Weight(qweight, scales, zeros, group_size, in_features, out_features, layout, perm)
     checks.w4a16(x, w, None, gpu=False)
     return x.new_empty((*x.shape[:-1], out_features))
@@ -92,15 +101,12 @@ def _registered(name: str) -> bool:
 
 
 def _register() -> None:
-    if not _registered("attention"):
-        op = torch.library.custom_op("ikport::attention", mutates_args=())(_attention_impl)
-        op.register_fake(_attention_fake)
-    if not _registered("paged_attention"):
-        op = torch.library.custom_op("ikport::paged_attention", mutates_args=())(_paged_impl)
-        op.register_fake(_paged_fake)
-    if not _registered("w4a16_matmul"):
-        op = torch.library.custom_op("ikport::w4a16_matmul", mutates_args=())(_w4a16_impl)
-        op.register_fake(_w4a16_fake)
+    impls = {"attention": (_attention_impl, _attention_fake), "paged_attention": (_paged_impl, _paged_fake),
+             "w4a16_matmul": (_w4a16_impl, _w4a16_fake)}
+    for name in OPS:
+        if not _registered(name):
+            impl, fake = impls[name]
+            torch.library.custom_op(f"ikport::{name}", mutates_args=())(impl).register_fake(fake)
 
 
 _register()
@@ -109,14 +115,20 @@ paged_attention = torch.ops.ikport.paged_attention.default
 w4a16_matmul = torch.ops.ikport.w4a16_matmul.default
 
 
+def _options_text(options, kind: type) -> str:
+    checks.options(options, kind)
+    return "" if options is None else options.as_text()
+
+
 def traced_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-    scale: float | None = None, kv_lens: torch.Tensor | None = None,
-    out: torch.Tensor | None = None, variant: str | None = None,
+    scale: Optional[float] = None, kv_lens: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None, options: Optional[DecodeOptions] = None,
 ) -> torch.Tensor:
     """`ikport.attention` while torch.compile traces: one custom-op node, then `out` by copy."""
     result = torch.ops.ikport.attention.default(
-        q, k, v, kv_lens, bool(causal), None if scale is None else float(scale), variant)
+        q, k, v, kv_lens, bool(causal), None if scale is None else float(scale),
+        _options_text(options, DecodeOptions))
     if out is None:
         return result
     checks.out(out, q)
@@ -126,13 +138,13 @@ def traced_attention(
 
 def traced_paged_attention(
     q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
-    kv_lens: torch.Tensor, *, causal: bool = False, scale: float | None = None,
-    out: torch.Tensor | None = None, variant: str | None = None,
+    kv_lens: torch.Tensor, *, causal: bool = False, scale: Optional[float] = None,
+    out: Optional[torch.Tensor] = None, options: Optional[DecodeOptions] = None,
 ) -> torch.Tensor:
     """`ikport.paged_attention` while torch.compile traces (see `traced_attention`)."""
     result = torch.ops.ikport.paged_attention.default(
         q, k_pages, v_pages, block_table, kv_lens, bool(causal),
-        None if scale is None else float(scale), variant)
+        None if scale is None else float(scale), _options_text(options, DecodeOptions))
     if out is None:
         return result
     checks.out(out, q)
@@ -140,13 +152,13 @@ def traced_paged_attention(
     return out
 
 
-def traced_w4a16_matmul(x: torch.Tensor, weight: Int4Weight, *, out: torch.Tensor | None = None,
-                        variant: str | None = None) -> torch.Tensor:
+def traced_w4a16_matmul(x: torch.Tensor, weight: Int4Weight, *, out: Optional[torch.Tensor] = None,
+                        options: Optional[W4A16Options] = None) -> torch.Tensor:
     """`ikport.w4a16_matmul` while torch.compile traces (see `traced_attention`)."""
     w = weight
     result = torch.ops.ikport.w4a16_matmul.default(
         x, w.qweight, w.scales, w.zeros, w.perm, w.group_size, w.in_features, w.out_features,
-        w.layout, variant)
+        w.layout, _options_text(options, W4A16Options))
     if out is None:
         return result
     checks.w4a16(x, w, out, gpu=False)

@@ -134,10 +134,7 @@ IK_DEVICE void cluster_wait() { __builtin_trap(); }
 }  // namespace vendor
 }  // namespace ik
 
-// Matrix units: CDNA2/CDNA3 have MFMA (wave64), RDNA3 has WMMA (wave32). Other AMD targets have no
-// shim yet: a kernel that needs one fails to compile rather than silently running scalar code.
-#if defined(__gfx1100__) || defined(__gfx1101__) || defined(__gfx1102__)
-#define IK_MMA_AMD_WMMA_W32 1
-#elif defined(__gfx90a__) || defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__)
-#define IK_MMA_AMD_MFMA_16X16X16 1
-#endif
+// Matrix units: CDNA2/CDNA3 have MFMA (wave64), RDNA3 has WMMA (wave32). The backend passes the
+// target's unit as -DIK_MMA_AMD_MFMA_16X16X16 or -DIK_MMA_AMD_WMMA_W32 (backends/target.py);
+// other AMD targets have no shim yet: a kernel that needs one fails to compile rather than
+// silently running scalar code.

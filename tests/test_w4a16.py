@@ -5,6 +5,7 @@ import torch
 
 import ikport
 from ikport import checks, configs, int4, w4a16
+from ikport.backends.target import ARCH_TABLE, Target
 
 
 def weight(n=128, k=256, dtype=torch.float16, **kw):
@@ -151,15 +152,16 @@ def test_zero_points_must_be_integers_in_range():
     assert int4.Int4Weight.from_codes(codes, scales, torch.full((1, 16), 3.0), None).zeros is not None
 
 
-def test_amd_layout_archs_match_the_hip_shim():
-    """ikport.int4.AMD_MATRIX_ARCHS and the #if lines of portability/vendor_hip.cuh name the same
-    archs, so a GPU without the matrix shim is refused before packing, not at compile time."""
-    import re
-    from importlib.resources import files
-
-    text = (files("ikport.portability") / "vendor_hip.cuh").read_text()
-    shim = {}
-    for cond, macro in re.findall(r"#(?:el)?if ([^\n]+)\n#define (IK_MMA_AMD_\w+)", text):
-        shim[macro] = set(re.findall(r"__(gfx\w+)__", cond))
-    assert shim["IK_MMA_AMD_MFMA_16X16X16"] == set(int4.AMD_MATRIX_ARCHS["amd_mfma16"])
-    assert shim["IK_MMA_AMD_WMMA_W32"] == set(int4.AMD_MATRIX_ARCHS["amd_wmma16_w32"])
+@pytest.mark.parametrize("arch", sorted(ARCH_TABLE))
+def test_every_target_has_an_int4_layout_and_its_matrix_shim(arch):
+    """One table (backends/target.py) gives each target its INT4 layout and the -D that selects
+    the matching matrix shim, so the packer and the kernels cannot disagree."""
+    facts = ARCH_TABLE[arch]
+    assert facts.matrix_layout in int4.LAYOUTS
+    assert int4.layout_info(facts.matrix_layout).lanes == facts.warp_size
+    defines = Target(arch).defines()
+    amd_shims = {k for k in defines if k.startswith("IK_MMA_AMD_")}
+    if facts.vendor == "hip":
+        assert amd_shims == {"IK_MMA_AMD_MFMA_16X16X16" if facts.matrix_unit == "mfma" else "IK_MMA_AMD_WMMA_W32"}
+    else:
+        assert not amd_shims

@@ -1,0 +1,1 @@
+"""The eager paths behind the public functions and their custom ops (the implementation layer)."""

@@ -1,0 +1,213 @@
+"""The eager attention path behind `ikport.attention` / `ikport.paged_attention` and their custom
+ops: checks, then the PyTorch reference (CPU tensors) or a prepared GPU launch of the decode
+kernels (kernels_src/attention/), planned by ikport.plan.decode.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from .. import checks, dispatch, reference
+from ..backends.base import Backend
+from ..kernels import DecodeParams, Kernel, get_kernel
+from ..launch import capturing, raw_stream, split_counters, split_scratch
+from ..plan import decode as decode_plan
+from ..plan.decode import DecodeOptions, DecodePlan, DecodeProblem
+
+_DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+_LOG2E = 1.4426950408889634
+
+
+def attention(q, k, v, causal: bool = False, scale: float | None = None,
+              kv_lens: torch.Tensor | None = None, out: torch.Tensor | None = None,
+              options: DecodeOptions | None = None) -> torch.Tensor:
+    """`ikport.attention`, eager (see its docstring; positional: this is the per-call path)."""
+    sig = _signature(("attention", options), q, k, v, kv_lens, out)
+    call = _checked_call(sig, q, k, v)
+    if call is _UNCHECKED:
+        checks.attention(q, k, v, kv_lens)
+        checks.out(out, q)
+        checks.options(options, DecodeOptions)
+        call = _remember(sig, q, k, v, None, kv_lens, out, options)
+    if call is None:
+        scale = _default_scale(q) if scale is None else float(scale)
+        return _into(out, reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens))
+    return call(q, k, v, None, kv_lens, causal, scale, out)
+
+
+def paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal: bool = False,
+                    scale: float | None = None, out: torch.Tensor | None = None,
+                    options: DecodeOptions | None = None) -> torch.Tensor:
+    """`ikport.paged_attention`, eager (see its docstring)."""
+    sig = _signature(("paged", options), q, k_pages, v_pages, block_table, kv_lens, out)
+    call = _checked_call(sig, q, k_pages, v_pages)
+    if call is _UNCHECKED:
+        checks.paged(q, k_pages, v_pages, block_table, kv_lens)
+        checks.out(out, q)
+        checks.options(options, DecodeOptions)
+        call = _remember(sig, q, k_pages, v_pages, block_table, kv_lens, out, options)
+    if call is None:
+        scale = _default_scale(q) if scale is None else float(scale)
+        ref = reference.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal, scale=scale)
+        return _into(out, ref)
+    return call(q, k_pages, v_pages, block_table, kv_lens, causal, scale, out)
+
+
+# Input layouts that passed every check, with what runs them: a _DecodeCall (GPU) or None (the
+# CPU reference). The checks depend only on types, shapes, strides, dtypes and devices (plus
+# pointer alignment, re-checked on every call), so a call whose signature is here skips them and
+# goes straight to its prepared launch (~15 us of Python less per call; decode.md, "Host path").
+_UNCHECKED = object()
+_checked: dict[tuple, _DecodeCall | None] = {}
+
+
+def _signature(kind: tuple, q: object, k: object, v: object, *more: object) -> tuple | None:
+    # Spelled out for q, k and v: this runs on every call (~0.3 us less than a loop over all).
+    T = torch.Tensor
+    if type(q) is not T or type(k) is not T or type(v) is not T:
+        return None  # anything unusual takes the full checks (which name the problem)
+    sig = (kind, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
+           v.shape, v.stride(), v.dtype, v.device)
+    for t in more:
+        if t is None:
+            sig += (None,)
+        elif type(t) is T:
+            sig += (t.shape, t.stride(), t.dtype, t.device)
+        else:
+            return None
+    return sig
+
+
+def _default_scale(q: torch.Tensor) -> float:
+    return 1.0 / math.sqrt(q.shape[-1])
+
+
+def _checked_call(sig: tuple | None, q, k, v):
+    call = _checked.get(sig, _UNCHECKED) if sig is not None else _UNCHECKED
+    if call is not None and call is not _UNCHECKED:
+        if (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+            return _UNCHECKED  # let the checks say which pointer is misaligned
+    return call
+
+
+def _remember(sig: tuple | None, q, k, v, block_table, kv_lens, out, options) -> _DecodeCall | None:
+    """What runs this (checked) layout: None on the CPU, else its prepared GPU launch."""
+    backend = dispatch.backend_for(q.device)
+    call = None
+    if backend is not None:
+        call = _DecodeCall(_prepare(backend, q, k, block_table, options or decode_plan.DEFAULT_OPTIONS),
+                           q, k, v, block_table, out)
+    if sig is not None:
+        if len(_checked) > 4096:
+            _checked.clear()
+        _checked[sig] = call
+    return call
+
+
+def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
+    if out is None:
+        return result
+    out.copy_(result)
+    return out
+
+
+def clear_plans() -> None:
+    """Forget every launch plan and prepared call (tests that change the planner's constants)."""
+    _prepared.clear()
+    _checked.clear()
+
+
+# ---- GPU path ------------------------------------------------------------------------------------
+class _Prepared:
+    """A plan with its kernels loaded on one device."""
+
+    def __init__(self, plan: DecodePlan, backend: Backend, device: int) -> None:
+        self.plan, self.backend, self.device = plan, backend, device
+        self.main: Kernel = get_kernel(plan.kernel, backend, device)
+        self.combine: Kernel | None = get_kernel(plan.combine, backend, device) if plan.combine else None
+
+
+_prepared: dict[tuple, _Prepared] = {}
+
+
+def _prepare(backend: Backend, q, k, block_table, options: DecodeOptions) -> _Prepared:
+    B, Hq, Tq, D = q.shape
+    paged = block_table is not None
+    page_size = k.shape[2] if paged else 0
+    capacity = block_table.shape[1] * page_size if paged else k.shape[2]
+    dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    problem = DecodeProblem(_DTYPE_NAME[q.dtype], B, Hq, k.shape[1], Tq, D, capacity, page_size)
+    key = (backend.name, dev, problem, options)
+    prepared = _prepared.get(key)
+    if prepared is not None:
+        return prepared
+
+    def occupancy(spec, threads: int, smem: int) -> int | None:
+        return get_kernel(spec, backend, dev).occupancy(threads, smem)
+
+    def clusters_resident(spec, cluster: int, threads: int, smem: int) -> int:
+        return backend.max_active_clusters(get_kernel(spec, backend, dev).fn, cluster, threads, smem)
+
+    plan = decode_plan.plan(problem, backend.device_info(dev), occupancy, clusters_resident, options)
+    logging.getLogger("ikport").debug(
+        "plan %s %s%s -> %s%s grid=%s block=%s smem=%d splits=%d rows/split=%d", backend.name, problem,
+        f" {options.pinned()}" if options.pinned() else "", plan.kernel.uri,
+        f" + {plan.combine.uri}" if plan.combine else "", plan.grid, plan.block, plan.shared_bytes,
+        plan.num_splits, plan.rows_per_split)
+    prepared = _prepared[key] = _Prepared(plan, backend, dev)
+    return prepared
+
+
+class _DecodeCall:
+    """One checked input layout's launch: the plan, a parameter struct holding the layout's
+    strides and sizes, and launchers with grid and block bound. A call copies the struct, fills
+    in the pointers and launches: no per-call work that depends only on the layout."""
+
+    def __init__(self, prepared: _Prepared, q, k, v, block_table, out) -> None:
+        B, Hq, Tq, D = q.shape
+        plan = prepared.plan
+        self.prepared, self.plan = prepared, plan
+        self.default_scale_log2 = _default_scale(q) * _LOG2E
+        self.multi_token = Tq > 1  # causal masking matters only with several query tokens
+        out_strides = out.stride()[:3] if out is not None else (Hq * Tq * D, Tq * D, D)
+        self.template = DecodeParams(
+            0, 0, 0, 0, 0, 0, 0, 0, 0,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out_strides,
+            block_table.stride(0) if block_table is not None else 0,
+            B, Hq, k.shape[1], Tq, plan.kv_capacity, plan.page_size_log2, plan.num_splits,
+            plan.rows_per_split, 0, 0.0, k.shape[0] if block_table is not None else 0,
+        )
+        self.main = prepared.main.bind(plan.grid, plan.block, plan.shared_bytes)
+        self.combine = None
+        if prepared.combine is not None:
+            self.combine = prepared.combine.bind(plan.combine_grid, plan.combine_block, 0)
+
+    def __call__(self, q, k, v, block_table, kv_lens, causal, scale, out) -> torch.Tensor:
+        plan, prepared = self.plan, self.prepared
+        if out is None:  # (empty_like: ~1 us of host time less than torch.empty with its arguments)
+            out = torch.empty_like(q, memory_format=torch.contiguous_format)
+        p = DecodeParams.from_buffer_copy(self.template)
+        p.q, p.k, p.v, p.out = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
+        if kv_lens is not None:
+            p.kv_lens = kv_lens.data_ptr()
+        if block_table is not None:
+            p.block_table = block_table.data_ptr()
+        p.causal = 1 if causal and self.multi_token else 0
+        p.scale_log2 = self.default_scale_log2 if scale is None else float(scale) * _LOG2E
+        stream = raw_stream(prepared.device)
+        owner = None  # a torch tensor owning the scratch, if any, lives until the launch is queued
+        if plan.scratch_bytes:
+            in_capture = capturing()
+            scratch, owner = split_scratch(prepared.backend, prepared.device, stream, plan.scratch_bytes,
+                                           in_capture=in_capture)
+            p.part_out, p.part_lse = scratch, scratch + plan.lse_offset
+            if plan.fused:  # arrival counters: the last block of each group merges
+                p.split_counters = split_counters(prepared.backend, prepared.device, stream, plan.counters,
+                                                  in_capture=in_capture)
+        self.main(p, stream)
+        if plan.scratch_bytes and not p.split_counters:
+            self.combine(p, stream)
+        return out
