@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -111,3 +112,16 @@ def default_instantiations(family: str | None = None) -> Iterator[KernelSpec]:
             lists = [line[n] if isinstance(line[n], list) else [line[n]] for n in names]
             for combo in itertools.product(*lists):
                 yield spec(fam, kernel, **dict(zip(names, combo)))
+
+
+def spec_from_uri(uri: str) -> KernelSpec:
+    """The spec a URI names ("family.kernel[a=1,b=true,c=fp16]"); ValueError if it is not one or
+    the manifest does not allow it."""
+    m = re.fullmatch(r"(\w+)\.(\w+)\[(.*)\]", uri)
+    if not m:
+        raise ValueError(f"not a kernel URI: {uri!r}")
+    values: dict[str, Any] = {}
+    for part in filter(None, m.group(3).split(",")):
+        key, _, text = part.partition("=")
+        values[key] = {"true": True, "false": False}.get(text, int(text) if text.lstrip("-").isdigit() else text)
+    return spec(m.group(1), m.group(2), **values)

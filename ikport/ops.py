@@ -6,8 +6,8 @@
     torch.ops.ikport.w4a16_matmul(x, qweight, scales, zeros, perm, group_size, in_features,
                                   out_features, layout, options) -> Tensor
 
-`options` is the text form of an ikport.DecodeOptions / W4A16Options ("" for the defaults;
-`Options.as_text`): torch.library schemas carry no dataclasses.
+`options` is the text form of an ikport.DecodeOptions / W4A16Options (`Options.as_text`; None or
+"" for the defaults): torch.library schemas carry no dataclasses.
 
 Eager calls of the public functions never go through these: a custom-op dispatch costs 10-20 us
 of Python per call. Only while torch.compile (or torch.export) traces a function do the public
@@ -46,13 +46,13 @@ def _new_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape)
 
 
-def _decode_options(text: str) -> Optional[DecodeOptions]:
+def _decode_options(text: Optional[str]) -> Optional[DecodeOptions]:
     return DecodeOptions.from_text(text) if text else None
 
 
 def _attention_impl(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_lens: Optional[torch.Tensor],
-    causal: bool, scale: Optional[float], options: str,
+    causal: bool, scale: Optional[float], options: Optional[str],
 ) -> torch.Tensor:
     return _attention.attention(q, k, v, causal, scale, kv_lens, None, _decode_options(options))
 
@@ -65,7 +65,7 @@ def _attention_fake(q, k, v, kv_lens, causal, scale, options):
 
 def _paged_impl(
     q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, block_table: torch.Tensor,
-    kv_lens: torch.Tensor, causal: bool, scale: Optional[float], options: str,
+    kv_lens: torch.Tensor, causal: bool, scale: Optional[float], options: Optional[str],
 ) -> torch.Tensor:
     return _attention.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal, scale, None,
                                       _decode_options(options))
@@ -79,7 +79,7 @@ def _paged_fake(q, k_pages, v_pages, block_table, kv_lens, causal, scale, option
 def _w4a16_impl(
     x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: Optional[torch.Tensor],
     perm: Optional[torch.Tensor], group_size: int, in_features: int, out_features: int,
-    layout: str, options: str,
+    layout: str, options: Optional[str],
 ) -> torch.Tensor:
     w = Int4Weight(qweight, scales, zeros, group_size, in_features, out_features, layout, perm)
     return _w4a16.w4a16_matmul(x, w, None, W4A16Options.from_text(options) if options else None)
@@ -115,9 +115,9 @@ paged_attention = torch.ops.ikport.paged_attention.default
 w4a16_matmul = torch.ops.ikport.w4a16_matmul.default
 
 
-def _options_text(options, kind: type) -> str:
+def _options_text(options, kind: type) -> Optional[str]:
     checks.options(options, kind)
-    return "" if options is None else options.as_text()
+    return None if options is None else options.as_text()
 
 
 def traced_attention(

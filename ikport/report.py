@@ -29,7 +29,6 @@ import importlib.util
 import json
 import math
 import os
-import re
 import subprocess
 import sys
 import time
@@ -39,10 +38,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import __version__, configs, knobs
+from . import knobs, plan
+from .plan import Launch
+from ._version import __version__
 from .backends.source import KERNELS_DIR, kernel_source
-from .backends.target import ALL_TARGETS, ARCH_TABLE, ArchFacts, Target
-from .manifest import KernelSpec, default_instantiations
+from .backends.target import ALL_TARGETS, ARCH_TABLE, ArchFacts, Target, device_facts
+from .manifest import KernelSpec, default_instantiations, spec_from_uri
 from .toolchain import INSTRUCTION_PATTERNS, CompileRow, compile_one, default_route
 
 DEFAULT_OUT = Path("docs/portability")
@@ -53,90 +54,12 @@ NO_ASSEMBLY_ROUTES = ("hiprtc",)  # routes whose CompiledModule carries no ISA t
 _ROW_CACHE_VERSION = "1"
 
 
-# ---- launch shapes: the one place that knows how each kernel is launched --------------------
-@dataclass(frozen=True)
-class Launch:
-    threads: int  # per block
-    dynamic_shared_bytes: int  # requested at launch, on top of the static shared memory
-    async_copy: bool  # the kernel calls the ik::cp_async* shim on its hot path
-    matrix: bool  # the kernel calls the ik::mma shim
-    smem_fragments: bool = True  # ... and loads fragments from shared memory (ldmatrix on NVIDIA)
-
-
-def parse_uri(uri: str) -> tuple[str, str, dict[str, Any]]:
-    """"family.kernel[a=1,b=true,c=fp16]" -> ("family", "kernel", {"a": 1, "b": True, "c": "fp16"})."""
-    m = re.fullmatch(r"([\w]+)\.([\w]+)\[(.*)\]", uri)
-    if not m:
-        raise ValueError(f"not a kernel URI: {uri!r}")
-    params: dict[str, Any] = {}
-    for part in filter(None, m.group(3).split(",")):
-        key, _, text = part.partition("=")
-        params[key] = {"true": True, "false": False}.get(text, int(text) if text.lstrip("-").isdigit() else text)
-    return m.group(1), m.group(2), params
-
-
-def launch_shape(uri: str, warp_size: int, c_is_a: bool = True) -> Launch | None:
-    """Block size and dynamic shared memory the dispatcher launches `uri` with (ikport/attention.py
-    and tests/test_attention_gpu.py); None for a kernel this function does not know yet.
-    `c_is_a`: the target's matrix accumulator is its A operand (NVIDIA; ik::mma::kCIsA)."""
-    family, kernel, p = parse_uri(uri)
-    if (family, kernel) == ("attention_decode", "naive"):
-        return Launch(128, 0, False, False)
-    if (family, kernel) == ("attention_decode", "split"):
-        threads, stages = p["threads"], p.get("stages", 0)
-        smem = configs.decode_smem_bytes(threads=threads, warp_size=warp_size, rows=p["rows"],
-                                         head_dim=p["head_dim"], unroll=p["unroll"], stages=stages)
-        return Launch(threads, smem, stages > 0, False)
-    if (family, kernel) == ("attention_decode", "split_mma"):
-        threads = p["threads"]
-        smem = configs.decode_mma_smem_bytes(threads=threads, warp_size=warp_size, rows=p["rows"],
-                                             head_dim=p["head_dim"], stages=p["stages"], c_is_a=c_is_a)
-        return Launch(threads, smem, True, True)
-    if (family, kernel) == ("attention_decode", "combine"):
-        return Launch(configs.decode_combine_threads(p["head_dim"]), 0, False, False)
-    if family == "mma_tile":
-        return Launch(warp_size, 0, False, True)  # one warp/wave per 16x16 tile
-    if (family, kernel) == ("w4a16", "naive"):
-        return Launch(warp_size, 0, False, False)  # one warp per 16 output columns
-    if (family, kernel) == ("w4a16", "gemv"):
-        # the row of x in dynamic shared memory: K elements (Llama's K = 4096 shown)
-        return Launch(p["warps"] * warp_size, 4096 * 2, False, False)
-    if (family, kernel) == ("w4a16", "dequant"):
-        return Launch(256, 0, False, False)
-    if (family, kernel) == ("w4a16", "mma"):
-        # the weight ring is static; the x slabs are dynamic, shown for M = 1 (one row of x a
-        # slab) and the chunk of 64 k (NVIDIA; RDNA3's 32 needs half) or 128 (CDNA's wave64);
-        # A via the shim's shared-memory fragment load, B built in registers
-        chunk = {32: 64, 64: 128}[warp_size]
-        return Launch(p["warps"] * warp_size, p["stages"] * p["warps"] * (chunk + 8) * 2, True, True)
-    return None
-
-
 # ---- occupancy estimate ---------------------------------------------------------------------
 # Deliberately simple: the first-order limits a vendor occupancy calculator applies, from the
 # compiler's resource counts and ARCH_TABLE. Not modelled: NVIDIA's per-sub-partition register
 # split and shared-memory carveout steps; AMD's workgroup-per-CU cap and LDS granule.
 NV_REG_ALLOC_UNIT = 256  # registers are allocated per warp, in units of 256
 NV_SMEM_RESERVED_PER_BLOCK = 1024  # sm_80+: the driver reserves 1 KiB of shared memory per block
-NV_MAX_BLOCKS_PER_SM = {"sm_80": 32, "sm_86": 16, "sm_89": 24, "sm_90": 32, "sm_90a": 32}
-
-
-@dataclass(frozen=True)
-class AmdRegisterFile:
-    """Per SIMD (LLVM AMDGPUBaseInfo: getTotalNumVGPRs, getVGPRAllocGranule, getMaxWavesPerEU)."""
-
-    vgprs: int  # per lane; CDNA2/3: one unified file that VGPRs and AGPRs share
-    granule: int  # allocation unit of a wave's (VGPR + AGPR) count
-    max_waves: int  # wave slots per SIMD
-    sgprs: int | None  # SGPR file (GFX9: 800, a wave's share limits it); None: no limit (RDNA)
-
-
-AMD_REGISTER_FILES = {
-    "gfx90a": AmdRegisterFile(512, 8, 8, 800),
-    "gfx942": AmdRegisterFile(512, 8, 8, 800),
-    # RDNA3 wave32, WGP mode: 4 SIMD32 per WGP share 128 KiB LDS; ARCH_TABLE's "CU" is the WGP.
-    "gfx1100": AmdRegisterFile(1536, 24, 16, None),
-}
 
 
 @dataclass(frozen=True)
@@ -168,7 +91,7 @@ def occupancy_nvidia(arch: str, registers: int, threads: int, shared_bytes: int)
         "threads": facts.max_threads_per_sm // (wpb * warp),
         "registers": facts.regs_per_sm // per_warp // wpb,
         "shared": facts.max_smem_per_sm // (shared_bytes + NV_SMEM_RESERVED_PER_BLOCK),
-        "blocks": NV_MAX_BLOCKS_PER_SM.get(arch, 32),
+        "blocks": facts.max_blocks_per_sm,
     }
     return _pick(limits, wpb, warp, facts)
 
@@ -177,20 +100,19 @@ def amd_waves_per_simd(arch: str, vgprs: int, agprs: int | None, sgprs: int | No
     """Waves one SIMD holds for this register use, and which register file limits it.
     `vgprs` is the code object's .vgpr_count, which on CDNA2/3 already counts the AGPRs (the unified
     file: arch VGPRs rounded to 4, then AGPRs); `agprs` is informational here."""
-    rf = AMD_REGISTER_FILES[arch]
-    by_vgpr = rf.vgprs // _round_up(max(vgprs, 1), rf.granule)
+    f = ARCH_TABLE[arch]
+    by_vgpr = f.simd_vgprs // _round_up(max(vgprs, 1), f.vgpr_granule)
     # GFX9: 800 SGPRs per SIMD; LLVM's getOccupancyWithNumSGPRs table is floor(800 / count).
-    by_sgpr = rf.sgprs // max(sgprs, 1) if rf.sgprs and sgprs else rf.max_waves
-    waves = min(rf.max_waves, by_vgpr, by_sgpr)
-    return waves, "sgprs" if by_sgpr < min(rf.max_waves, by_vgpr) else "registers"
+    by_sgpr = f.simd_sgprs // max(sgprs, 1) if f.simd_sgprs and sgprs else f.max_waves_per_simd
+    waves = min(f.max_waves_per_simd, by_vgpr, by_sgpr)
+    return waves, "sgprs" if by_sgpr < min(f.max_waves_per_simd, by_vgpr) else "registers"
 
 
 def occupancy_amd(arch: str, vgprs: int, agprs: int | None, sgprs: int | None, threads: int,
                   shared_bytes: int) -> Occupancy:
     facts = ARCH_TABLE[arch]
-    rf = AMD_REGISTER_FILES[arch]
     warp = facts.warp_size
-    simds = facts.regs_per_sm // (rf.vgprs * warp)
+    simds = facts.regs_per_sm // (facts.simd_vgprs * warp)
     wpb = -(-threads // warp)
     per_simd, reg_limiter = amd_waves_per_simd(arch, vgprs, agprs, sgprs)
     # A workgroup's waves are spread over the SIMDs: count wave slots per CU (an approximation).
@@ -279,8 +201,7 @@ class Entry:
 
 
 def enrich(row: CompileRow) -> Entry:
-    warp = row.wavefront_size or ARCH_TABLE[row.target].warp_size
-    launch = launch_shape(row.kernel, warp, ARCH_TABLE[row.target].matrix_unit == "mma.sync")
+    launch = plan.launch_of(spec_from_uri(row.kernel), ARCH_TABLE[row.target])
     occ = None
     if launch is not None and row.status == "ok":
         occ = estimate_occupancy(row.target, row.registers, row.agprs, row.sgprs, launch.threads,
@@ -377,11 +298,6 @@ def compile_rows(specs: Sequence[KernelSpec], targets: Sequence[Target], *, hipr
 
 
 # ---- benchmark result files -------------------------------------------------------------------
-# Device name -> target, for files that do not record the arch themselves.
-DEVICE_TARGETS = (("H100", "sm_90"), ("H200", "sm_90"), ("H800", "sm_90"), ("A100", "sm_80"),
-                  ("A800", "sm_80"), ("L40", "sm_89"), ("L4", "sm_89"), ("4090", "sm_89"),
-                  ("MI250", "gfx90a"), ("MI210", "gfx90a"), ("MI300", "gfx942"), ("MI325", "gfx942"),
-                  ("7900", "gfx1100"))
 AREA_KERNELS = {"decode": "attention_decode", "prefill": "attention_prefill", "kvcache": "attention_decode",
                 "w4a16": "w4a16", "e2e": "end to end"}
 HANDWRITTEN_IMPL = "ikport-cuda-only"  # a hand-written CUDA-only variant, once one is benchmarked
@@ -412,8 +328,8 @@ class ResultFile:
 def device_target(data: dict[str, Any]) -> str | None:
     if data.get("arch") in ARCH_TABLE:
         return data["arch"]
-    name = str(data.get("device", ""))
-    return next((t for key, t in DEVICE_TARGETS if key in name), None)
+    facts = device_facts(str(data.get("device", "")))  # files that do not record the arch themselves
+    return facts.arch if facts else None
 
 
 def load_results(folder: Path) -> list[ResultFile]:
@@ -477,9 +393,15 @@ def _n(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _parts(uri: str) -> tuple[str, str, dict[str, Any]]:
+    """(family, kernel, template parameters) of a kernel URI."""
+    s = spec_from_uri(uri)
+    return s.family, s.kernel, dict(s.params)
+
+
 def short_name(uri: str) -> str:
     """attention_decode.split[dtype=fp16,head_dim=64,...] -> split fp16 d64 r4 ..."""
-    _, kernel, p = parse_uri(uri)
+    _, kernel, p = _parts(uri)
     abbrev = {"head_dim": "d", "rows": "r", "threads": "t", "unroll": "u", "stages": "s"}
     bits = []
     for k, v in p.items():
@@ -492,7 +414,7 @@ def short_name(uri: str) -> str:
 
 def kind_of(e: Entry) -> str:
     """A kernel's code path: family.kernel, split by whether it uses the async-copy shim."""
-    family, kernel, _ = parse_uri(e.row.kernel)
+    family, kernel, _ = _parts(e.row.kernel)
     return f"{family}.{kernel}" + (" (cp.async ring)" if e.launch and e.launch.async_copy else "")
 
 
@@ -519,7 +441,7 @@ def compile_section(entries: Sequence[Entry]) -> str:
            "/ cp.async: instructions counted in the PTX (NVIDIA) or ISA (AMD).", ""]
     by_family: dict[str, list[Entry]] = {}
     for e in entries:
-        by_family.setdefault(parse_uri(e.row.kernel)[0], []).append(e)
+        by_family.setdefault(_parts(e.row.kernel)[0], []).append(e)
     header = ["kernel", "target", "compiler", "status", "regs/VGPRs", "AGPRs", "SGPRs", "shared/LDS",
               "spill/scratch", "wave", "threads", "blocks per SM/CU (warps, %, limit)", "mma",
               "ldmatrix", "cp.async"]
@@ -590,7 +512,7 @@ def representatives(entries: Sequence[Entry]) -> dict[str, str]:
     prefer = {"dtype": "fp16", "head_dim": 128, "rows": 4, "paged": False, "b_transposed": False}
 
     def score(uri: str) -> int:
-        return sum(parse_uri(uri)[2].get(k) == v for k, v in prefer.items())
+        return sum(_parts(uri)[2].get(k) == v for k, v in prefer.items())
 
     best: dict[str, str] = {}
     for e in entries:
@@ -818,7 +740,7 @@ def kind_facts(entries: Sequence[Entry], kind: str, uri: str) -> _Facts:
     """Numbers the prose of one kernel kind quotes: sm_90 (nv_*), gfx942 (cdna_*), gfx1100 (rdna_*),
     and the same kernel without the async ring (*0) where there is one."""
     f = _Facts(kind=kind, uri=uri, impl=HANDWRITTEN_IMPL)
-    _, _, p = parse_uri(uri)
+    _, _, p = _parts(uri)
     f.update({k: v for k, v in p.items() if not isinstance(v, bool)})
     sibling = uri.replace(f"stages={p.get('stages')}", "stages=0") if p.get("stages") else None
     for prefix, arch in (("nv", "sm_90"), ("cdna", "gfx942"), ("rdna", "gfx1100")):
@@ -951,10 +873,10 @@ class Meta:
 
 
 def method_section(meta: Meta) -> str:
-    nv = ", ".join(f"{a} {NV_MAX_BLOCKS_PER_SM.get(a, 32)}" for a in meta.targets if ARCH_TABLE[a].vendor == "cuda")
-    amd = "; ".join(f"{a}: {rf.vgprs} VGPRs per SIMD, granule {rf.granule}, {rf.max_waves} waves per SIMD"
-                    + (f", {rf.sgprs} SGPRs" if rf.sgprs else "")
-                    for a, rf in AMD_REGISTER_FILES.items() if a in meta.targets)
+    nv = ", ".join(f"{a} {ARCH_TABLE[a].max_blocks_per_sm}" for a in meta.targets if ARCH_TABLE[a].vendor == "cuda")
+    amd = "; ".join(f"{a}: {f.simd_vgprs} VGPRs per SIMD, granule {f.vgpr_granule}, {f.max_waves_per_simd} "
+                    "waves per SIMD" + (f", {f.simd_sgprs} SGPRs" if f.simd_sgprs else "")
+                    for a in meta.targets if (f := ARCH_TABLE[a]).vendor == "hip")
     return "\n".join([
         "## How the numbers are made", "",
         "- Compiles: `ikport.toolchain.compile_one` for every manifest default instantiation and "
@@ -963,8 +885,8 @@ def method_section(meta: Meta) -> str:
         "instructions from the ISA), and the installed hipRTC for gfx90a where hip-python is present "
         "(resources only). gfx942/gfx1100 numbers are close estimates of what a current ROCm emits "
         "(see `docs/portability.md`).",
-        "- Launch shape: `ikport.report.launch_shape` (threads per block and dynamic shared memory the "
-        "dispatcher launches each kernel with).",
+        "- Launch shape: `ikport.plan.launch_of` (threads per block and dynamic shared memory the "
+        "planners launch each kernel with).",
         "- Occupancy (NVIDIA): min of registers (allocated per warp in units of "
         f"{NV_REG_ALLOC_UNIT}, {ARCH_TABLE['sm_90'].regs_per_sm} per SM), shared memory (+"
         f"{NV_SMEM_RESERVED_PER_BLOCK} bytes reserved per block), threads per SM, blocks per SM ({nv}).",

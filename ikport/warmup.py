@@ -6,12 +6,11 @@ then loads each kernel from the cache instead of compiling it. Without a GPU, `-
 compiles the same set into the cache without loading it (a shared cache can be filled on a build
 machine with the same NVRTC).
 
-The default set is what `ikport.attention` / `ikport.paged_attention` launch with the default
-variant: the split decode kernel for fp16 and bf16, head dims 64, 128 and 256 (`head_dims`),
-every query-row tile (GQA group x query tokens: 1, 2, 4, 8), contiguous and paged, with the
-launch parameters of ikport.configs (the launch rules' 128-thread and one-block-per-SM versions
-included; on targets with block clusters, the contiguous kernels' clustered versions for 2, 4
-and 8 splits, the sizes the split rule picks most). `all_kernels=True` adds every instantiation of
+The default set is what the planner's default plans may launch on the target
+(ikport.plan.decode.default_kernels): the split decode kernels for fp16 and bf16, head dims 64,
+128 and 256 (`head_dims`), every query-row tile, contiguous and paged, in every launch shape the
+launch rules pick (128-thread and one-block-per-SM versions; on targets with block clusters, the
+clustered versions for 2, 4 and 8 splits). `all_kernels=True` adds every instantiation of
 kernels_src/manifest.yaml (naive and combine kernels, the register-load pipeline, mma_tile).
 
 After the cold pass, a warm pass clears the in-process map and loads every kernel again from
@@ -27,97 +26,33 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
-from . import __version__, configs, kernels, knobs
+from . import kernels, knobs
+from ._version import __version__
 from .backends.base import Backend
 from .backends.cache import DiskCache, cache_key
 from .backends.source import kernel_source
 from .backends.target import Target
 from .manifest import KernelSpec, default_instantiations, spec
+from .plan import decode as decode_plan
 
-DTYPES = ("fp16", "bf16")
-WARMUP_CLUSTERS = (2, 4, 8)  # clustered split counts built ahead; others compile on first use
 GOAL_COLD_PER_KERNEL_S = 5.0  # compiling one kernel from scratch
 GOAL_WARM_TOTAL_S = 1.0  # loading every kernel of the default set from the disk cache
 
 
-def _manifest_head_dims() -> list[int]:
-    dims: set[int] = set()
-    for s in default_instantiations("attention_decode"):
-        if s.kernel == "split":
-            dims.add(dict(s.params)["head_dim"])
-    return sorted(dims)
-
-
-def dispatcher_kernels(head_dims: Iterable[int] | None = None, dtypes: Iterable[str] = DTYPES,
-                       async_copy: bool = True, clusters: bool = False, warp_size: int = 32,
-                       max_smem: int = 227 * 1024, c_is_a: bool = True) -> list[KernelSpec]:
-    """The decode kernels the default variant loads, for these head dims: the split kernels, the
-    128-thread version short contiguous caches with many groups take (configs.decode_small_blocks),
-    on targets with async copies the one-block-per-SM versions (the deeper ring for contiguous
-    caches, 512 threads for paged ones of at most ONE_PER_SM_PAGED_MAX_ROWS query rows), on targets
-    with clusters the clustered versions of the contiguous 256-thread and all one-block-per-SM
-    kernels (configs.decode_cluster, WARMUP_CLUSTERS), and the merge kernel every split-K plan
-    loads up front (a graph capture launches it). Row tiles that the default sends to the matrix units
-    (configs.decode_use_mma) get attn_decode_split_mma instead, contiguous and paged, with its
-    clustered versions where the target has clusters (`warp_size`, `max_smem`, `c_is_a`: the
-    target's facts, for its tiles)."""
-    # (paged, one block per SM, threads asked)
-    layouts = [(False, False, configs.DECODE_THREADS), (True, False, configs.DECODE_THREADS),
-               (False, False, configs.SMALL_BLOCK_THREADS)]
-    if async_copy:
-        layouts += [(False, True, configs.DECODE_THREADS), (True, True, configs.DECODE_THREADS)]
-    out = []
-    for dtype in dtypes:
-        for d in head_dims or _manifest_head_dims():
-            for rows_total in configs.DECODE_ROW_TILES:
-                if configs.decode_use_mma(rows_total):
-                    rows, _, threads, _, stages = configs.decode_mma_tiles(
-                        rows_total, 1, head_dim=int(d), warp_size=warp_size, max_smem=max_smem, c_is_a=c_is_a)
-                    for paged in (False, True):
-                        common = dict(dtype=dtype, head_dim=int(d), rows=rows, paged=paged, threads=threads,
-                                      stages=stages)
-                        out.append(spec("attention_decode", "split_mma", **common))
-                        if clusters:
-                            out += [spec("attention_decode", "split_mma_cluster", **common, cluster=c)
-                                    for c in WARMUP_CLUSTERS]
-                    continue
-                for paged, one_per_sm, block in layouts:
-                    if paged and one_per_sm and rows_total > configs.ONE_PER_SM_PAGED_MAX_ROWS:
-                        continue  # two blocks per SM there (configs.decode_one_block_per_sm)
-                    rows, _, threads, unroll, stages = configs.decode_tiles(
-                        rows_total, 1, head_dim=int(d), one_per_sm=one_per_sm, threads=block, paged=paged)
-                    out.append(spec("attention_decode", "split", dtype=dtype, head_dim=int(d),
-                                    rows=rows, paged=paged, threads=threads, unroll=unroll,
-                                    stages=stages))
-                    if clusters and block == configs.DECODE_THREADS and (one_per_sm or not paged):
-                        out += [spec("attention_decode", "split_cluster", dtype=dtype, head_dim=int(d),
-                                     rows=rows, paged=paged, threads=threads, unroll=unroll,
-                                     stages=stages, cluster=c) for c in WARMUP_CLUSTERS]
-            out.append(spec("attention_decode", "combine", dtype=dtype, head_dim=int(d)))
-    return out
-
-
-def kernel_set(all_kernels: bool = False, head_dims: Iterable[int] | None = None,
-               name_filter: str = "", async_copy: bool = True, clusters: bool = False, warp_size: int = 32,
-               max_smem: int = 227 * 1024, c_is_a: bool = True) -> list[KernelSpec]:
-    """The specs warmup builds, without duplicates, in a stable order (`async_copy` to `c_is_a`:
-    the target's facts, as dispatcher_kernels takes them)."""
-    head_dims = list(head_dims) if head_dims else None
-    specs = dispatcher_kernels(head_dims, async_copy=async_copy, clusters=clusters, warp_size=warp_size,
-                               max_smem=max_smem, c_is_a=c_is_a)
+def kernel_set(target: Target, all_kernels: bool = False, head_dims: Iterable[int] | None = None,
+               name_filter: str = "") -> list[KernelSpec]:
+    """The specs warmup builds for `target`, without duplicates, in a stable order: the kernels the
+    planner's default plans may launch there (ikport.plan.decode.default_kernels), and with
+    `all_kernels` every manifest instantiation too (plus the naive and combine kernels of
+    `head_dims`)."""
+    dims = tuple(int(d) for d in head_dims) if head_dims else None
+    specs = decode_plan.default_kernels(target, *((dims,) if dims else ()))
     if all_kernels:
         specs += list(default_instantiations())
-        for dtype in DTYPES:
-            for d in head_dims or []:
-                specs += [spec("attention_decode", k, dtype=dtype, head_dim=int(d))
-                          for k in ("naive", "combine")]
-    seen: set[str] = set()
-    unique = []
-    for s in specs:
-        if s.uri not in seen and name_filter in s.uri:
-            seen.add(s.uri)
-            unique.append(s)
-    return unique
+        for dtype in decode_plan.DTYPES:
+            specs += [spec("attention_decode", k, dtype=dtype, head_dim=d)
+                      for d in dims or () for k in ("naive", "combine")]
+    return [s for s in dict.fromkeys(specs) if name_filter in s.uri]
 
 
 def entry_key(s: KernelSpec, backend: Backend, target: Target) -> str:
@@ -291,9 +226,7 @@ def warmup(
     """
     backend, tgt, dev, desc = _resolve(target, device)
     cache = DiskCache(knobs.cache_dir()) if knobs.disk_cache_enabled() else None
-    f = tgt.facts
-    specs = kernel_set(all_kernels, head_dims, name_filter, async_copy=f.async_copy, clusters=f.clusters,
-                       warp_size=f.warp_size, max_smem=f.max_smem_per_block, c_is_a=f.matrix_unit == "mma.sync")
+    specs = kernel_set(tgt, all_kernels, head_dims, name_filter)
     report = WarmupReport(tgt.arch, backend.name, desc, str(cache.root) if cache else None)
     bar = Progress(len(specs), progress)
     t_start = time.perf_counter()

@@ -5,13 +5,13 @@ so an element the kernel fails to write fails the test. Tolerances (max abs erro
 fp32 reference, outputs are O(1)): fp16 2e-3, bf16 1.6e-2 (a few ulps of each format at 1.0).
 """
 
-import sys
 
 import pytest
 import torch
 
 import ikport
-from ikport import reference
+from ikport import DecodeOptions, reference
+from ikport.impl.attention import plan_of
 
 pytestmark = [
     pytest.mark.gpu,
@@ -62,11 +62,11 @@ SHAPES = [  # B, Hq, Hkv, Tq, L, D
 def test_decode_matches_reference(shape, dtype, variant):
     q, k, v, lens = case(*shape, dtype, seed=hash(shape) % 1000)
     out = poisoned(q)
-    ikport.attention(q, k, v, kv_lens=lens, out=out, variant=variant)
+    ikport.attention(q, k, v, kv_lens=lens, out=out, options=DecodeOptions(variant=variant))
     check(out, reference.attention(q, k, v, kv_lens=lens), dtype)
 
 
-# Shapes the launch rules send to their other kernels on a 132-SM H100 (configs.py): one block per
+# Shapes the launch rules send to their other kernels on a 132-SM H100 (ikport/plan/decode.py): one block per
 # SM with the 4-stage ring (B=16 L=1024: 128 groups, one split of 1024 rows; B=8 L=4096: D1) and
 # 128-thread blocks (B=64 L=512 and L=1000: 512 groups, two waves of 256-thread blocks).
 RULE_SHAPES = {(16, 1024): (256, 4), (8, 4096): (256, 4), (64, 512): (128, 2), (64, 1000): (128, 2)}
@@ -76,23 +76,21 @@ RULE_SHAPES = {(16, 1024): (256, 4), (8, 4096): (256, 4), (64, 512): (128, 2), (
 def test_launch_rule_shapes_match_reference(B, L):
     q, k, v, lens = case(B, 32, 8, 1, L, 128, torch.float16, seed=B + L)
     out = poisoned(q)
-    ikport.attention(q, k, v, kv_lens=lens, out=out, variant="split-vector")
+    ikport.attention(q, k, v, kv_lens=lens, out=out, options=DecodeOptions(variant="split-vector"))
     check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
-    A = sys.modules["ikport.attention"]
-    plan = A._plan(ikport.dispatch.backend_for(q.device), q, k, None, "split-vector")
+    plan = plan_of(q, k, None, DecodeOptions(variant="split-vector"))
     if torch.cuda.get_device_properties(q.device).multi_processor_count == 132:
-        assert (plan.block[0], dict(plan.main.spec.params)["stages"]) == RULE_SHAPES[(B, L)]
+        assert (plan.block[0], dict(plan.kernel.params)["stages"]) == RULE_SHAPES[(B, L)]
 
 
 def test_short_splits_take_one_split_less_where_its_clusters_fit():
     """B=4 x 8 KV heads, L=512: 4 splits' clusters of 4 do not all fit on the H100 at one block
-    per SM, 3 splits' clusters of 3 do (configs.decode_fewer_splits_for_clusters)."""
+    per SM, 3 splits' clusters of 3 do (plan.decode.fewer_splits_for_clusters)."""
     q, k, v, lens = case(4, 32, 8, 1, 512, 128, torch.float16, seed=45)
     out = poisoned(q)
-    ikport.attention(q, k, v, kv_lens=lens, out=out, variant="split-vector")
+    ikport.attention(q, k, v, kv_lens=lens, out=out, options=DecodeOptions(variant="split-vector"))
     check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
-    A = sys.modules["ikport.attention"]
-    plan = A._plan(ikport.dispatch.backend_for(q.device), q, k, None, "split-vector")
+    plan = plan_of(q, k, None, DecodeOptions(variant="split-vector"))
     props = torch.cuda.get_device_properties(q.device)
     if props.multi_processor_count == 132 and (props.major, props.minor) >= (9, 0):
         assert (plan.num_splits, plan.clustered) == (3, True)
@@ -100,15 +98,14 @@ def test_short_splits_take_one_split_less_where_its_clusters_fit():
 
 @pytest.mark.parametrize("group", [4, 8])
 def test_paged_launch_rule_matches_reference(group):
-    """Paged caches whose groups fit the SMs run one 512-thread block per SM (configs.
+    """Paged caches whose groups fit the SMs run one 512-thread block per SM (plan.decode.
     ONE_PER_SM_PAGED_THREADS) at up to 4 query rows; 8 rows keep two 256-thread blocks per SM."""
     q, k, v, lens = case(8, 8 * group, 8, 1, 4096, 128, torch.float16, seed=group)
     kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(group))
     out = poisoned(q)
-    ikport.paged_attention(q, kp, vp, bt, lens, out=out, variant="split-vector")
+    ikport.paged_attention(q, kp, vp, bt, lens, out=out, options=DecodeOptions(variant="split-vector"))
     check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
-    A = sys.modules["ikport.attention"]
-    plan = A._plan(ikport.dispatch.backend_for(q.device), q, kp, bt, "split-vector")
+    plan = plan_of(q, kp, bt, DecodeOptions(variant="split-vector"))
     if torch.cuda.get_device_properties(q.device).multi_processor_count == 132:
         assert plan.block[0] == (512 if group == 4 else 256)
 
@@ -118,7 +115,7 @@ def test_paged_launch_rule_matches_reference(group):
 def test_naive_matches_reference(shape, dtype):
     q, k, v, lens = case(*shape, dtype, seed=7)
     out = poisoned(q)
-    ikport.attention(q, k, v, kv_lens=lens, out=out, variant="naive")
+    ikport.attention(q, k, v, kv_lens=lens, out=out, options=DecodeOptions(variant="naive"))
     check(out, reference.attention(q, k, v, kv_lens=lens), dtype)
 
 
@@ -129,7 +126,7 @@ def test_multi_token_queries(Tq, causal, variant):
     q, k, v, lens = case(3, 8, 2, Tq, 700, 128, torch.float16, seed=Tq)
     lens[1] = Tq  # shortest length that keeps every causal row non-empty
     out = poisoned(q)
-    ikport.attention(q, k, v, kv_lens=lens, causal=causal, out=out, variant=variant)
+    ikport.attention(q, k, v, kv_lens=lens, causal=causal, out=out, options=DecodeOptions(variant=variant))
     check(out, reference.attention(q, k, v, kv_lens=lens, causal=causal), torch.float16)
 
 
@@ -138,7 +135,7 @@ def test_zero_length_sequence_gives_zeros(variant):
     q, k, v, lens = case(3, 8, 2, 1, 600, 128, torch.float16, seed=3)
     lens[1] = 0
     out = poisoned(q)
-    ikport.attention(q, k, v, kv_lens=lens, out=out, variant=variant)
+    ikport.attention(q, k, v, kv_lens=lens, out=out, options=DecodeOptions(variant=variant))
     assert torch.all(out[1] == 0)
     check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
 
@@ -177,9 +174,9 @@ def test_cache_rows_past_kv_len_never_leak(variant, paged, shape):
         unused = page * 16 >= lens.view(-1, 1).long()  # pages wholly past kv_len
         garbage = torch.where(page % 2 == 0, -1, 2**31 - 1).to(torch.int32).expand_as(bt)
         bt = torch.where(unused, garbage, bt)
-        ikport.paged_attention(q, kp, vp, bt, lens, out=out, variant=variant)
+        ikport.paged_attention(q, kp, vp, bt, lens, out=out, options=DecodeOptions(variant=variant))
     else:
-        ikport.attention(q, k, v, kv_lens=lens, out=out, variant=variant)
+        ikport.attention(q, k, v, kv_lens=lens, out=out, options=DecodeOptions(variant=variant))
     check(out, ref, torch.float16)
 
 
@@ -215,7 +212,7 @@ def test_paged_matches_reference(page_size, dtype, variant):
     g = torch.Generator().manual_seed(page_size)
     kp, vp, bt = ikport.paged_kv_from_dense(k, v, page_size, generator=g)
     out = poisoned(q)
-    ikport.paged_attention(q, kp, vp, bt, lens, out=out, variant=variant)
+    ikport.paged_attention(q, kp, vp, bt, lens, out=out, options=DecodeOptions(variant=variant))
     check(out, reference.attention(q, k, v, kv_lens=lens), dtype)
 
 
@@ -268,23 +265,15 @@ def test_matrix_shim_tile_product(dtype, b_transposed):
                                    (2, 8, 2, 3, 2049, 256)], ids=lambda s: "B{}-Hq{}-Hkv{}-T{}-L{}-D{}".format(*s))
 def test_async_copy_pipeline_matches_reference(shape, stages, unroll):
     """The cp.async ring variant (STAGES >= 2), contiguous and paged."""
-    from ikport import configs
-    clear_plans = sys.modules["ikport.attention"].clear_plans
-
     q, k, v, lens = case(*shape, torch.float16, seed=stages * 10 + unroll)
-    configs.decode_overrides.update(stages=stages, unroll=unroll)
-    clear_plans()
-    try:
-        out = poisoned(q)
-        ikport.attention(q, k, v, kv_lens=lens, out=out, causal=True)
-        check(out, reference.attention(q, k, v, kv_lens=lens, causal=True), torch.float16)
-        kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(1))
-        out = poisoned(q)
-        ikport.paged_attention(q, kp, vp, bt, lens, out=out, causal=True)
-        check(out, reference.attention(q, k, v, kv_lens=lens, causal=True), torch.float16)
-    finally:
-        configs.decode_overrides.clear()
-        clear_plans()
+    opts = DecodeOptions(stages=stages, unroll=unroll)
+    out = poisoned(q)
+    ikport.attention(q, k, v, kv_lens=lens, out=out, causal=True, options=opts)
+    check(out, reference.attention(q, k, v, kv_lens=lens, causal=True), torch.float16)
+    kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(1))
+    out = poisoned(q)
+    ikport.paged_attention(q, kp, vp, bt, lens, out=out, causal=True, options=opts)
+    check(out, reference.attention(q, k, v, kv_lens=lens, causal=True), torch.float16)
 
 
 @pytest.mark.parametrize("splits", [2, 3, 4, 5, 8, 16])
@@ -294,52 +283,36 @@ def test_cluster_merge_matches_reference(splits, dtype):
     merge and this checks that): portable cluster sizes and a non-portable one (16 asked: 14
     splits of 80 rows), sequences so short that whole splits are empty (kv_len 130, 1 and 0),
     several query tokens (causal), GQA 3, paged."""
-    from ikport import configs
-    A = sys.modules["ikport.attention"]
     g = torch.Generator(device=DEV).manual_seed(splits)
     q1, k, v, _ = case(2, 12, 4, 1, 1100, 128, dtype, seed=splits)
     q3 = rand(2, 12, 3, 128, dtype=dtype, gen=g)
-    configs.decode_overrides.update(num_splits=splits)
-    A.clear_plans()
-    try:
-        for lens in ([1100, 130], [1, 0]):
-            lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
-            for q in (q1, q3):
-                ref = reference.attention(q, k, v, kv_lens=lens, causal=True)
-                out = poisoned(q)
-                ikport.attention(q, k, v, kv_lens=lens, out=out, causal=True)
-                check(out, ref, dtype)
-                if q is q1 and splits <= 8:  # 8 groups of <= 8 splits: clusters fit on any sm_90 part
-                    plan = next(iter(A._plans.values()))
-                    assert plan.clustered == (torch.cuda.get_device_capability() >= (9, 0))
-                kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(2))
-                out = poisoned(q)
-                ikport.paged_attention(q, kp, vp, bt, lens, out=out, causal=True)
-                check(out, ref, dtype)
-                A.clear_plans()
-    finally:
-        configs.decode_overrides.clear()
-        A.clear_plans()
+    opts = DecodeOptions(num_splits=splits)
+    for lens in ([1100, 130], [1, 0]):
+        lens = torch.tensor(lens, dtype=torch.int32, device=DEV)
+        for q in (q1, q3):
+            ref = reference.attention(q, k, v, kv_lens=lens, causal=True)
+            out = poisoned(q)
+            ikport.attention(q, k, v, kv_lens=lens, out=out, causal=True, options=opts)
+            check(out, ref, dtype)
+            if q is q1 and splits <= 8:  # 8 groups of <= 8 splits: clusters fit on any sm_90 part
+                assert plan_of(q, k, None, opts).clustered == (torch.cuda.get_device_capability() >= (9, 0))
+            kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(2))
+            out = poisoned(q)
+            ikport.paged_attention(q, kp, vp, bt, lens, out=out, causal=True, options=opts)
+            check(out, ref, dtype)
 
 
 def test_non_portable_cluster_of_sixteen_splits_launches():
     """One group in 16 splits: a 16-block cluster (past the portable 8, allowed on the kernel
     before the residency query) fits any sm_90 part once, so it must launch clustered there."""
-    from ikport import configs
-    A = sys.modules["ikport.attention"]
     q, k, v, lens = case(1, 4, 1, 1, 4000, 128, torch.float16, seed=16)
-    configs.decode_overrides.update(num_splits=16)
-    A.clear_plans()
-    try:
-        out = poisoned(q)
-        ikport.attention(q, k, v, kv_lens=lens, out=out)
-        check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
-        plan = next(iter(A._plans.values()))
-        assert plan.num_splits == 16
-        assert plan.clustered == (torch.cuda.get_device_capability() >= (9, 0))
-    finally:
-        configs.decode_overrides.clear()
-        A.clear_plans()
+    opts = DecodeOptions(num_splits=16)
+    out = poisoned(q)
+    ikport.attention(q, k, v, kv_lens=lens, out=out, options=opts)
+    check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
+    plan = plan_of(q, k, None, opts)
+    assert plan.num_splits == 16
+    assert plan.clustered == (torch.cuda.get_device_capability() >= (9, 0))
 
 
 def test_misaligned_pointer_is_caught_after_a_valid_call():

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import ctypes
 import math
-import sys
 
 import pytest
 import torch
 
-import ikport  # noqa: F401  (registers the module)
+from ikport.impl import attention as A
 from ikport.kernels import DecodeParams
-
-A = sys.modules["ikport.attention"]
+from ikport.manifest import spec
+from ikport.plan import decode as P
 
 
 class FakeKernel:
@@ -31,21 +30,26 @@ class FakeKernel:
         return launcher
 
 
-def fake_plan(log, *, splits: int, fused: bool, capacity: int, page_size_log2: int = 0,
-              clustered: bool = False):
-    main, combine = FakeKernel(log), FakeKernel(log) if splits > 1 and not clustered else None
-    return A._DecodePlan(
-        device=0, backend=None, main=main, combine=combine, fused=fused, clustered=clustered,
-        grid=(splits, 2, 3), block=(256, 1, 1), shared_bytes=32768, num_splits=splits,
-        rows_per_split=-(-capacity // splits), kv_capacity=capacity, page_size_log2=page_size_log2,
-    )
+def fake_prepared(log, q, *, splits: int, fused: bool, capacity: int, page_size_log2: int = 0,
+                  clustered: bool = False):
+    """A plan as the planner finishes one (scratch, counters, the merge launch's shape), with
+    fake kernels loaded."""
+    B, Hq, Tq, D = q.shape
+    problem = P.DecodeProblem("fp16", B, Hq, 2, Tq, D, capacity, (1 << page_size_log2) if page_size_log2 else 0)
+    combine = spec("attention_decode", "combine", dtype="fp16", head_dim=D) if splits > 1 and not clustered else None
+    plan = P._finish(problem, spec("attention_decode", "naive", dtype="fp16", head_dim=D), (splits, 2, 3), 256,
+                     32768, P.Split(splits, -(-capacity // splits)), fused, clustered, combine)
+    prepared = object.__new__(A._Prepared)
+    prepared.plan, prepared.backend, prepared.device = plan, None, 0
+    prepared.main, prepared.combine = FakeKernel(log), FakeKernel(log) if combine else None
+    return prepared
 
 
 @pytest.fixture
 def host(monkeypatch):
-    monkeypatch.setattr(A, "_raw_stream", lambda device: 1234)
-    monkeypatch.setattr(A, "_capturing", lambda: False)
-    monkeypatch.setattr(A, "_split_scratch", lambda backend, device, stream, n, in_capture: (0x10000, None))
+    monkeypatch.setattr(A, "raw_stream", lambda device: 1234)
+    monkeypatch.setattr(A, "capturing", lambda: False)
+    monkeypatch.setattr(A, "split_scratch", lambda backend, device, stream, n, in_capture: (0x10000, None))
     counters = {"ptr": 0x20000, "asked": []}
 
     def split_counters(backend, device, stream, n, in_capture):
@@ -53,7 +57,7 @@ def host(monkeypatch):
         counters["asked"].append(n)
         return counters["ptr"]
 
-    monkeypatch.setattr(A, "_split_counters", split_counters)
+    monkeypatch.setattr(A, "split_counters", split_counters)
     return counters
 
 
@@ -69,8 +73,8 @@ def tensors(B=3, Hq=8, Hkv=2, Tq=2, L=40, D=64):
 def test_prepared_call_fills_layout_once_and_pointers_per_call(host):
     log: list = []
     q, k, v, lens = tensors()
-    plan = fake_plan(log, splits=4, fused=True, capacity=k.shape[2])
-    call = A._DecodeCall(plan, q, k, v, None, lens, None)
+    plan = fake_prepared(log, q, splits=4, fused=True, capacity=k.shape[2])
+    call = A._DecodeCall(plan, q, k, v, None, None)
     out = call(q, k, v, None, lens, True, 0.125, None)
     assert out.shape == q.shape and out.dtype == q.dtype
     (kern, grid, block, smem, p, stream), = log
@@ -102,8 +106,8 @@ def test_without_counters_the_merge_kernel_runs_after(host):
     host["ptr"] = 0  # e.g. while a CUDA graph is captured
     log: list = []
     q, k, v, lens = tensors()
-    plan = fake_plan(log, splits=3, fused=True, capacity=k.shape[2])
-    A._DecodeCall(plan, q, k, v, None, lens, None)(q, k, v, None, lens, False, 1.0, None)
+    plan = fake_prepared(log, q, splits=3, fused=True, capacity=k.shape[2])
+    A._DecodeCall(plan, q, k, v, None, None)(q, k, v, None, lens, False, 1.0, None)
     assert [entry[0] for entry in log] == [plan.main, plan.combine]
     _, grid, block, smem, p, _ = log[1]
     assert grid == (3 * 8 * 2, 1, 1) and block == (64, 1, 1) and smem == 0  # a block per row
@@ -111,22 +115,22 @@ def test_without_counters_the_merge_kernel_runs_after(host):
 
 
 def test_one_split_takes_no_scratch(host, monkeypatch):
-    monkeypatch.setattr(A, "_split_scratch", lambda *a: pytest.fail("no scratch without split-K"))
+    monkeypatch.setattr(A, "split_scratch", lambda *a: pytest.fail("no scratch without split-K"))
     log: list = []
     q, k, v, lens = tensors(Tq=1)
-    plan = fake_plan(log, splits=1, fused=True, capacity=k.shape[2])
-    A._DecodeCall(plan, q, k, v, None, lens, None)(q, k, v, None, lens, True, 1.0, None)
+    plan = fake_prepared(log, q, splits=1, fused=True, capacity=k.shape[2])
+    A._DecodeCall(plan, q, k, v, None, None)(q, k, v, None, lens, True, 1.0, None)
     (_, _, _, _, p, _), = log
     assert p.part_out is None and p.split_counters is None and p.causal == 0  # one token: no mask
 
 
 def test_cluster_merge_takes_no_scratch_counters_or_merge_launch(host, monkeypatch):
-    monkeypatch.setattr(A, "_split_scratch", lambda *a, **kw: pytest.fail("the cluster merges in shared memory"))
-    monkeypatch.setattr(A, "_split_counters", lambda *a, **kw: pytest.fail("no counters in a cluster"))
+    monkeypatch.setattr(A, "split_scratch", lambda *a, **kw: pytest.fail("the cluster merges in shared memory"))
+    monkeypatch.setattr(A, "split_counters", lambda *a, **kw: pytest.fail("no counters in a cluster"))
     log: list = []
     q, k, v, lens = tensors()
-    plan = fake_plan(log, splits=4, fused=False, capacity=k.shape[2], clustered=True)
-    A._DecodeCall(plan, q, k, v, None, lens, None)(q, k, v, None, lens, True, 1.0, None)
+    plan = fake_prepared(log, q, splits=4, fused=False, capacity=k.shape[2], clustered=True)
+    A._DecodeCall(plan, q, k, v, None, None)(q, k, v, None, lens, True, 1.0, None)
     (kern, grid, _, _, p, _), = log  # one launch
     assert kern is plan.main and grid == (4, 2, 3) and p.num_splits == 4
     assert p.part_out is None and p.split_counters is None
@@ -138,17 +142,17 @@ def test_paged_layout_passes_the_block_table():
     pages = torch.randn(10, 2, 16, 32, dtype=torch.bfloat16)
     table = torch.arange(6, dtype=torch.int32).view(2, 3)
     lens = torch.tensor([40, 3], dtype=torch.int32)
-    plan = fake_plan(log, splits=1, fused=False, capacity=48, page_size_log2=4)
-    call = A._DecodeCall(plan, q, pages, pages, table, lens, None)
+    plan = fake_prepared(log, q, splits=1, fused=False, capacity=48, page_size_log2=4)
+    call = A._DecodeCall(plan, q, pages, pages, table, None)
     assert call.template.bt_sb == 3 and call.template.page_size_log2 == 4
     assert call.template.k_sb == pages.stride(0)
 
 
 def test_clear_plans_forgets_prepared_calls():
     A._checked[("sentinel",)] = None
-    A._plans[("sentinel",)] = None
+    A._prepared[("sentinel",)] = None
     A.clear_plans()
-    assert not A._checked and not A._plans
+    assert not A._checked and not A._prepared
 
 
 def test_cuda_bound_launcher_passes_the_struct_by_address(monkeypatch):

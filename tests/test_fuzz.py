@@ -404,6 +404,10 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 GPU_VARIANTS = [None, None, "split-unfused", "split1", "naive"]
 
 
+def _opts(variant: str | None) -> ikport.DecodeOptions | None:
+    return None if variant is None else ikport.DecodeOptions(variant=variant)
+
+
 def _gpu_case(rng, gen, paged):
     dev = "cuda"
     B = rng.randint(1, 4)
@@ -454,10 +458,10 @@ def test_fuzz_gpu(paged, seed):
                 f"causal={causal} lens={lens.tolist()} paged={paged} ps={c.get('ps')}")
         if paged:
             ikport.paged_attention(q, c["k_pages"], c["v_pages"], c["table"], lens, causal=causal,
-                                   out=out, variant=variant)
+                                   out=out, options=_opts(variant))
             ref = reference.paged_attention(q, c["k_pages"], c["v_pages"], c["table"], lens, causal=causal)
         else:
-            ikport.attention(q, c["k"], c["v"], kv_lens=lens, causal=causal, out=out, variant=variant)
+            ikport.attention(q, c["k"], c["v"], kv_lens=lens, causal=causal, out=out, options=_opts(variant))
             ref = reference.attention(q, c["k"], c["v"], kv_lens=lens, causal=causal)
         _gpu_check(out, buf, span, ref, dtype, what)
 
@@ -491,7 +495,7 @@ def _gpu_invalid_cases():
         ("device-mix", set_(k=lambda d: d["k"].cpu()), ValueError, "one device"),
         ("lens-on-cpu", set_(kv_lens=lambda d: d["kv_lens"].cpu()), ValueError, "kv_lens is on"),
         ("lens-int64", set_(kv_lens=lambda d: d["kv_lens"].long()), TypeError, "int32"),
-        ("unknown-variant", set_(variant="fastest"), ValueError, "unknown decode variant"),
+        ("options-not-options", set_(options="split"), TypeError, "options must be an ikport.DecodeOptions"),
         ("out-on-cpu", set_(out=lambda d: torch.empty(2, 8, 1, 64, dtype=torch.float16)), ValueError,
          "out must match"),
     ]
@@ -533,7 +537,7 @@ def test_invalid_paged_inputs_gpu():
 def test_nan_inf_propagation_gpu(value, causal, variant):
     d = _base(dtype=torch.float16, device="cuda", B=3, Tq=2, L=700, D=64)
     lens = torch.tensor([700, 4, 513], dtype=torch.int32, device="cuda")
-    run = lambda q, k, v, n: ikport.attention(q, k, v, kv_lens=n, causal=causal, variant=variant)
+    run = lambda q, k, v, n: ikport.attention(q, k, v, kv_lens=n, causal=causal, options=_opts(variant))
     ref = lambda q, k, v, n: reference.attention(q, k, v, kv_lens=n, causal=causal)
     _check_nan_propagation(d["q"], d["k"], d["v"], lens, run, ref, value)
 
@@ -545,10 +549,10 @@ def test_values_past_kv_len_are_never_read_gpu(variant):
     """NaN in K and V beyond each sequence's kv_len (inside the cache) changes nothing."""
     d = _base(dtype=torch.float16, device="cuda", B=3, Tq=1, L=700, D=128)
     lens = torch.tensor([5, 300, 699], dtype=torch.int32, device="cuda")
-    clean = ikport.attention(d["q"], d["k"], d["v"], kv_lens=lens, variant=variant)
+    clean = ikport.attention(d["q"], d["k"], d["v"], kv_lens=lens, options=_opts(variant))
     k, v = d["k"].clone(), d["v"].clone()
     for b, n in enumerate(lens.tolist()):
         k[b, :, n:] = float("nan")
         v[b, :, n:] = float("nan")
-    got = ikport.attention(d["q"], k, v, kv_lens=lens, variant=variant)
+    got = ikport.attention(d["q"], k, v, kv_lens=lens, options=_opts(variant))
     assert torch.equal(got, clean)

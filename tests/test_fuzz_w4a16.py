@@ -115,7 +115,8 @@ INVALID = [  # name, call, exception, message fragment
     ("out shape", lambda x, w: ikport.w4a16_matmul(x, w, out=torch.empty(3, 31, dtype=x.dtype)), ValueError, "out must be"),
     ("out dtype", lambda x, w: ikport.w4a16_matmul(x, w, out=torch.empty(3, 32)), ValueError, "out must be"),
     ("out strided", lambda x, w: ikport.w4a16_matmul(x, w, out=torch.empty(32, 3, dtype=x.dtype).T), ValueError, "contiguous"),
-    ("variant", lambda x, w: ikport.w4a16_matmul(x, w, variant="fastest"), ValueError, "unknown w4a16 variant"),
+    ("options", lambda x, w: ikport.w4a16_matmul(x, w, options="fastest"), TypeError, "options must be"),
+    ("variant", lambda x, w: ikport.W4A16Options(variant="fastest"), ValueError, "unknown variant"),
     ("gpu: dtype mismatch", lambda x, w: checks.w4a16(x.bfloat16(), w, None, gpu=True), TypeError, "scales are"),
     ("gpu: fp32", lambda x, w: checks.w4a16(x.float(), w, None, gpu=True), TypeError, "not supported"),
     ("gpu: misaligned rows", lambda x, w: checks.vector_rows("x", torch.randn(3, 257, dtype=x.dtype)[:, 1:]), ValueError, "16 bytes|aligned"),
@@ -153,7 +154,7 @@ def test_fuzz_w4a16_gpu(seed):
         out = guard[32:32 + numel].view(shape)
         out.fill_(float("nan"))
         variant = rng.choice([None, None, "mma-nosplit", "dequant-gemm"])
-        ikport.w4a16_matmul(x, w, out=out, variant=variant)
+        ikport.w4a16_matmul(x, w, out=out, options=ikport.W4A16Options(variant=variant))
         assert (guard[:32] == GUARD).all() and (guard[32 + numel:] == GUARD).all(), "guard overwritten"
         if numel:
             ref = oracle(x, codes, scales, zeros, group, perm)

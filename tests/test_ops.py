@@ -51,10 +51,10 @@ class OpRecorder(TorchDispatchMode):
 def test_schemas():
     assert str(torch.ops.ikport.attention.default._schema) == (
         "ikport::attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, bool causal, float? scale, "
-        "str? variant) -> Tensor")
+        "str? options) -> Tensor")
     assert str(torch.ops.ikport.paged_attention.default._schema) == (
         "ikport::paged_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, "
-        "Tensor kv_lens, bool causal, float? scale, str? variant) -> Tensor")
+        "Tensor kv_lens, bool causal, float? scale, str? options) -> Tensor")
     assert ops.attention is torch.ops.ikport.attention.default
 
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import ikport
-from ikport import checks, configs, int4, w4a16
+from ikport import W4A16Options, checks, int4
+from ikport.backends.base import DeviceInfo
+from ikport.plan import w4a16 as W
 from ikport.backends.target import ARCH_TABLE, Target
 
 
@@ -43,8 +45,10 @@ def test_checks_name_the_problem():
         ikport.w4a16_matmul(torch.randn(2, 256).to(torch.int32), wq)
     with pytest.raises(ValueError, match="out must be"):
         ikport.w4a16_matmul(torch.randn(2, 256), wq, out=torch.empty(2, 127))
-    with pytest.raises(ValueError, match="unknown w4a16 variant"):
-        ikport.w4a16_matmul(torch.randn(2, 256, dtype=torch.float16), wq, variant="turbo")
+    with pytest.raises(ValueError, match="unknown variant"):
+        ikport.W4A16Options(variant="turbo")
+    with pytest.raises(TypeError, match="options must be an ikport.W4A16Options"):
+        ikport.w4a16_matmul(torch.randn(2, 256, dtype=torch.float16), wq, options=ikport.DecodeOptions())
     # the GPU's own limits, checked without a GPU
     with pytest.raises(TypeError, match="scales are"):
         checks.w4a16(torch.randn(2, 256, dtype=torch.bfloat16), wq, None, gpu=True)
@@ -66,26 +70,26 @@ def test_custom_op_and_compile():
                                    (1, 16, 128), (3, 48, 256), (128, 4096, 4096)])
 def test_grid_fills_the_gpu(shape):
     M, N, K = shape
-    cfg = configs.w4a16_config(m=M, n=N, k=K, chunk_k=64, sm_count=132)
+    cfg = W.tiles(m=M, n=N, k=K, chunk_k=64, sm_count=132)
     chunks = K // 64
     assert cfg.num_splits * cfg.chunks_per_split >= chunks > (cfg.num_splits - 1) * cfg.chunks_per_split
     col_blocks = -(-N // (16 * cfg.n_tiles))
     row_blocks = -(-M // (16 * cfg.m_tiles))
     assert cfg.grid == (col_blocks, cfg.num_splits, row_blocks)
-    assert cfg.warps == configs.W4A16_WARPS
-    target = configs.W4A16_WARPS_PER_SM * 132
+    assert cfg.warps == W.WARPS
+    target = W.WARPS_PER_SM * 132
     warps = col_blocks * row_blocks * cfg.warps
     if cfg.num_splits > 1:  # split K across blocks only as far as the target needs
         assert warps * (cfg.num_splits - 1) < target
-        assert cfg.chunks_per_split >= configs.W4A16_MIN_CHUNKS_PER_WARP * cfg.warps
-    capped = chunks // (configs.W4A16_MIN_CHUNKS_PER_WARP * cfg.warps) <= cfg.num_splits
+        assert cfg.chunks_per_split >= W.MIN_CHUNKS_PER_WARP * cfg.warps
+    capped = chunks // (W.MIN_CHUNKS_PER_WARP * cfg.warps) <= cfg.num_splits
     assert warps * cfg.num_splits >= target or capped
 
 
 def test_llama_shapes_on_an_h100():
-    """The choices the H100 sweep (docs/results/w4a16-tuning-v7d-h100.json) found best or tied:
-    8 warps, no split, at W1-W3 for M = 1..32; a narrow weight still splits K."""
-    pick = lambda m, n, k: configs.w4a16_config(m=m, n=n, k=k, chunk_k=64, sm_count=132)
+    """The choices the H100 sweep found best or tied (docs/results/w4a16.md, v7): 8 warps, no
+    split, at W1-W3 for M = 1..32; a narrow weight still splits K."""
+    pick = lambda m, n, k: W.tiles(m=m, n=n, k=k, chunk_k=64, sm_count=132)
     for m in (1, 16, 32):
         for n, k in ((4096, 4096), (14336, 4096), (4096, 14336)):  # W1, W2, W3
             assert (pick(m, n, k).warps, pick(m, n, k).num_splits) == (8, 1), (m, n, k)
@@ -95,38 +99,59 @@ def test_llama_shapes_on_an_h100():
 def test_ring_stages_stay_within_32_kb():
     """4 slots a lane, fewer where the weight ring (slots x column tiles x block lanes x 16 B) would
     pass 32 KB: CDNA's 8 waves of 64 get 2 (the kernel caps STAGES the same way)."""
-    assert configs.w4a16_stages(256, 2) == 4  # NVIDIA, 8 warps
-    assert configs.w4a16_stages(512, 2) == 2  # CDNA, 8 waves
-    assert configs.w4a16_stages(128, 4) == 4
-    configs.w4a16_overrides["stages"] = 8
-    try:
-        assert configs.w4a16_stages(128, 2) == 8 and configs.w4a16_stages(256, 2) == 4
-    finally:
-        configs.w4a16_overrides.clear()
+    assert W.stages(256, 2) == 4  # NVIDIA, 8 warps
+    assert W.stages(512, 2) == 2  # CDNA, 8 waves
+    assert W.stages(128, 4) == 4
+    pinned = W4A16Options(stages=8)
+    assert W.stages(128, 2, pinned) == 8 and W.stages(256, 2, pinned) == 4
 
 
 @pytest.mark.parametrize("M,m_tiles,row_blocks", [(1, 1, 1), (16, 1, 1), (17, 2, 1), (32, 2, 1),
                                                  (33, 2, 2), (64, 2, 2), (65, 2, 3), (2048, 2, 64)])
 def test_row_tiles(M, m_tiles, row_blocks):
-    cfg = configs.w4a16_config(m=M, n=4096, k=4096, chunk_k=64, sm_count=132)
+    cfg = W.tiles(m=M, n=4096, k=4096, chunk_k=64, sm_count=132)
     assert (cfg.m_tiles, cfg.grid[2]) == (m_tiles, row_blocks)
 
 
-def test_no_split_variant_and_overrides():
-    assert configs.w4a16_config(m=1, n=4096, k=4096, chunk_k=64, sm_count=132, num_splits=1).num_splits == 1
-    configs.w4a16_overrides["num_splits"] = 3
-    try:
-        cfg = configs.w4a16_config(m=1, n=4096, k=4096, chunk_k=64, sm_count=132)
-        assert (cfg.num_splits, cfg.chunks_per_split) == (3, 22)  # 64 chunks of 64
-    finally:
-        configs.w4a16_overrides.clear()
+def test_no_split_variant_and_options():
+    assert W.tiles(m=1, n=4096, k=4096, chunk_k=64, sm_count=132, num_splits=1).num_splits == 1
+    cfg = W.tiles(m=1, n=4096, k=4096, chunk_k=64, sm_count=132, options=W4A16Options(num_splits=3))
+    assert (cfg.num_splits, cfg.chunks_per_split) == (3, 22)  # 64 chunks of 64
     # more splits than chunks never launches empty splits
-    cfg = configs.w4a16_config(m=1, n=16, k=128, chunk_k=128, sm_count=132)
+    cfg = W.tiles(m=1, n=16, k=128, chunk_k=128, sm_count=132)
     assert cfg.num_splits == 1 and cfg.chunks_per_split == 1
 
 
+H100 = DeviceInfo("NVIDIA H100 80GB HBM3", "sm_90", 132, 227 * 1024, 32, 50 << 20)
+GFX942 = DeviceInfo("AMD Instinct MI300X", "gfx942", 304, 64 * 1024, 64, 256 << 20)
+
+
+@pytest.mark.parametrize("M,variant,kernel", [(1, None, "mma"), (16, None, "mma"), (127, None, "mma"),
+                                              (128, None, "dequant"), (1, "naive", "naive"),
+                                              (1, "gemv", "gemv"), (2048, "mma", "mma")])
+def test_plans_pick_the_kernel_by_m_and_variant(M, variant, kernel):
+    problem = W.W4A16Problem("fp16", M, 4096, 4096, "nv_m16n8k16", 128)
+    plan = W.plan(problem, H100, lambda spec: 0, W4A16Options(variant=variant))
+    assert plan.kernel.kernel == kernel and plan.dense == (kernel == "dequant")
+
+
+def test_plans_shrink_the_block_where_shared_memory_is_short():
+    """CDNA's 64 KB of LDS: 8 waves' ring plus x slabs do not fit at 32 rows of x, fewer waves do;
+    where not even one warp fits, the planner says how much was needed."""
+    problem = W.W4A16Problem("fp16", 32, 4096, 4096, "amd_mfma16", 128)
+
+    def ring(spec):  # the kernel's static weight ring: stages x column tiles x lanes x 16 bytes
+        p = dict(spec.params)
+        return p["stages"] * p["n_tiles"] * p["warps"] * 64 * 16
+
+    plan = W.plan(problem, GFX942, ring, W4A16Options())
+    assert plan.block[0] // 64 < W.WARPS and ring(plan.kernel) + plan.shared_bytes <= GFX942.max_smem_per_block
+    with pytest.raises(ValueError, match="shared memory per block"):
+        W.plan(problem, GFX942, lambda spec: 64 * 1024, W4A16Options())
+
+
 def test_variants_are_listed():
-    assert {"naive", "mma", "dequant-gemm"} <= set(w4a16.VARIANTS)
+    assert {"naive", "mma", "dequant-gemm"} <= set(W.VARIANTS)
     assert int4.layout_for_device("cpu") in int4.LAYOUTS
 
 

@@ -201,7 +201,8 @@ def _ikport(variant: str | None) -> Builder:
 
             fns = [paged_call(s) for s in sets]
             return Prepared(fns, note=f"paged_attention, page {w.page_size}, shuffled block table")
-        return Prepared([partial(ikport.attention, s.q, s.k, s.v, variant=variant) for s in sets])
+        options = None if variant is None else ikport.DecodeOptions(variant=variant)
+        return Prepared([partial(ikport.attention, s.q, s.k, s.v, options=options) for s in sets])
 
     return build
 

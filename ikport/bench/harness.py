@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import importlib.metadata
 import json
 import math
 import platform
@@ -27,10 +28,13 @@ from typing import Any
 
 import torch
 
-# The read ceiling of the lent H100 (16-byte vector reads over 1 GB): % of roof is taken against it.
-READ_ROOF_GBPS = 3087.0
-# The H100's L2, used when the device does not report its own.
-DEFAULT_L2_BYTES = 50 * 1024 * 1024
+from ikport.backends.target import device_facts
+
+# The read ceiling of the lent H100 (16-byte vector reads over 1 GB; backends/target.py's table):
+# % of roof is taken against it. Its L2 stands in where a device does not report its own.
+_H100 = device_facts("H100")
+READ_ROOF_GBPS = _H100.read_GBps
+DEFAULT_L2_BYTES = _H100.l2_bytes
 # Keys every result row carries (PROTOCOL "Result files"); other keys may follow.
 ROW_KEYS = ("workload", "impl", "median_us", "min_us", "max_us", "GBps", "eager_us")
 # Top-level keys of a result file that `extra` may not replace.
@@ -403,11 +407,9 @@ def _versions() -> dict[str, str]:
         "cuda": str(torch.version.cuda),
         "hip": str(torch.version.hip),
     }
-    try:
-        import cuda.bindings
-
-        versions["cuda-python"] = cuda.bindings.__version__
-    except ImportError:
+    try:  # the distribution's metadata: only backends/ imports the vendor bindings
+        versions["cuda-python"] = importlib.metadata.version("cuda-bindings")
+    except importlib.metadata.PackageNotFoundError:
         versions["cuda-python"] = "absent"
     if torch.backends.cudnn.is_available():
         versions["cudnn"] = str(torch.backends.cudnn.version())

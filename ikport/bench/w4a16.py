@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import ikport
+from ikport.plan import w4a16 as w4a16_plan
 from ikport.bench import harness
 
 GROUP_SIZE = 128
@@ -38,8 +39,8 @@ TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2}
 M_VALUES = (1, 2, 4, 8, 16, 32, 128, 2048)
 QUICK_M = (1, 16)
 VARIANT_M = (1, 16)  # journey variants are timed at these M only
-DEFAULT_VARIANT = "mma"  # what variant=None runs below DENSE_MIN_M rows: the "ikport" row
-DENSE_MIN_M = 128  # from here variant=None runs "dequant-gemm" (ikport.configs.W4A16_DENSE_MIN_M)
+DEFAULT_VARIANT = "mma"  # what the default plan runs below DENSE_MIN_M rows: the "ikport" row
+DENSE_MIN_M = w4a16_plan.DENSE_MIN_M  # from here the default plan runs "dequant-gemm"
 TFLOPS_FROM_M = 128  # rows from this M on also carry TFLOP/s
 WEIGHT_STD = 0.02
 # tinygemm packs 8 k-tiles of 16 back to back (16-byte loads), as torchao's int4 weight-only does.
@@ -262,14 +263,8 @@ def quantize(w: torch.Tensor) -> Any:
 
 
 def journey_variants() -> tuple[str, ...]:
-    """ikport.w4a16.VARIANTS less the default path's own (timed as "ikport"); () where they are
-    not importable."""
-    try:
-        from ikport import w4a16 as module
-    except ImportError:
-        return ()
-    default = getattr(module, "DEFAULT_VARIANT", DEFAULT_VARIANT)
-    return tuple(v for v in getattr(module, "VARIANTS", ()) if v != default)
+    """The planner's W4A16 variants less the default path's own (timed as "ikport")."""
+    return tuple(v for v in w4a16_plan.VARIANTS if v != DEFAULT_VARIANT)
 
 
 def api_problem() -> str | None:
@@ -390,7 +385,7 @@ def _ikport(dtype: str, variant: str | None) -> Builder:
     def build(data: ShapeData, xs: list[torch.Tensor]) -> list[Callable[[], Any]]:
         matmul = ikport.w4a16_matmul
         return [
-            partial(matmul, x, wq, variant=variant)
+            partial(matmul, x, wq, options=None if variant is None else ikport.W4A16Options(variant=variant))
             for x, wq in zip(xs, data.weights[dtype], strict=True)
         ]
 

@@ -114,6 +114,16 @@ def _into(out: torch.Tensor | None, result: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def plan_of(q: torch.Tensor, k: torch.Tensor, block_table: torch.Tensor | None = None,
+            options: DecodeOptions | None = None) -> DecodePlan:
+    """The launch plan a GPU call with these tensors runs (for tests and benchmarks; k is k_pages
+    when `block_table` is given)."""
+    backend = dispatch.backend_for(q.device)
+    if backend is None:
+        raise ValueError(f"plan_of: {q.device} tensors run the PyTorch reference, not a planned kernel")
+    return _prepare(backend, q, k, block_table, options or decode_plan.DEFAULT_OPTIONS).plan
+
+
 def clear_plans() -> None:
     """Forget every launch plan and prepared call (tests that change the planner's constants)."""
     _prepared.clear()
