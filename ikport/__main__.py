@@ -32,8 +32,11 @@ def _info() -> int:
           "  (python -m ikport warmup fills it)")
     import ikport.ops  # noqa: F401  registers the custom ops
 
-    print("torch ops: " + ", ".join(f"torch.ops.ikport.{n}" for n in ("attention", "paged_attention")
-                                    if hasattr(torch.ops.ikport, n)))
+    # From torch's dispatcher registry ("ikport::name" or "ikport::name.overload"), so a new op
+    # shows up without a list to keep in step.
+    ops = sorted({n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("ikport::")})
+    print("torch ops: " + (", ".join(f"torch.ops.ikport.{n}" for n in ops) or "(none registered)"))
     try:
         from .dispatch import get_backend
 

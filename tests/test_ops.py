@@ -292,3 +292,19 @@ def test_compiled_function_inside_cuda_graph_capture_gpu():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, ikport.paged_attention(q, kp, vp, bt, lens, causal=True)), new
+
+
+def test_info_lists_every_registered_op(capsys):
+    """`python -m ikport info` lists the ops from torch's registry, not from a list of its own:
+    the three of ops.py, and one registered anywhere else under ikport::."""
+    from ikport.__main__ import main
+
+    lib = torch.library.Library("ikport", "FRAGMENT")
+    lib.define("info_probe(Tensor x) -> Tensor")
+    try:
+        assert main(["info"]) == 0
+    finally:
+        lib._destroy()
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("torch ops: "))
+    assert line == ("torch ops: torch.ops.ikport.attention, torch.ops.ikport.info_probe, "
+                    "torch.ops.ikport.paged_attention, torch.ops.ikport.w4a16_matmul")
