@@ -74,6 +74,7 @@ def attention(
 
         return traced_attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, out=out,
                                 variant=variant)
+    scale = checks.scale(scale)  # every call: the scale is not part of the cached layout
     sig = _signature(("attention", variant), q, k, v, kv_lens, out)
     call = _checked_call(sig, q, k, v)
     if call is _UNCHECKED:
@@ -114,12 +115,14 @@ def paged_attention(
 
         return traced_paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal,
                                       scale=scale, out=out, variant=variant)
+    scale = checks.scale(scale)  # every call: the scale is not part of the cached layout
     sig = _signature(("paged", variant), q, k_pages, v_pages, block_table, kv_lens, out)
     call = _checked_call(sig, q, k_pages, v_pages)
     if call is _UNCHECKED:
         checks.paged(q, k_pages, v_pages, block_table, kv_lens)
         checks.out(out, q)
         call = _remember(sig, q, k_pages, v_pages, block_table, kv_lens, out, variant)
+    checks.block_table_ids(block_table, kv_lens, k_pages, gpu=call is not None)  # reads the table
     if call is None:
         scale = _default_scale(q) if scale is None else float(scale)
         ref = reference.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal, scale=scale)
@@ -196,6 +199,7 @@ def paged_kv_from_dense(
     """Copy a dense cache [B, Hkv, L, D] into pages [B * ceil(L / page_size), Hkv, page_size, D]
     and an int32 block table [B, ceil(L / page_size)]; `shuffle` scatters the pages in a random
     (non-monotonic) order, as a long-running server's allocator would. For tests and benchmarks."""
+    checks.paged_kv_from_dense(k, v, page_size)
     B, Hkv, L, D = k.shape
     n = -(-L // page_size)
     pad = n * page_size - L
