@@ -120,6 +120,10 @@ class Backend(abc.ABC):
 
         return launch
 
+    def driver_version(self) -> str | None:
+        """The GPU driver's version as the vendor's runtime reports it, or None where unknown."""
+        return None
+
     def alloc_zeroed(self, device: int, nbytes: int) -> int:
         """A zero-filled device allocation made outside torch's allocator (kept for the process's
         life): state that must survive CUDA-graph pools, such as split-K arrival counters."""

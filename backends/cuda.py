@@ -126,6 +126,15 @@ class CudaBackend(Backend):
                 h.update((inc / f).read_bytes())
         return f"nvrtc {major}.{minor} headers {h.hexdigest()[:12]}"
 
+    def driver_version(self) -> str | None:
+        try:  # needs no context, only the driver library (absent on a machine without a GPU)
+            err, version = self._driver.cuDriverGetVersion()
+        except Exception:  # noqa: BLE001 - any failure means the version is unknown
+            return None
+        if err != self._driver.CUresult.CUDA_SUCCESS:
+            return None
+        return f"CUDA {version // 1000}.{version % 1000 // 10}"
+
     def base_options(self, target: Target) -> list[str]:
         return [
             f"--gpu-architecture={target.arch}",

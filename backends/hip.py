@@ -91,6 +91,10 @@ class HipBackend(Backend):
             self._version = f"hiprtc {major}.{minor} hip {hip} comgr {_comgr_version()}"
         return self._version
 
+    def driver_version(self) -> str | None:
+        err, version = self._hip.hipDriverGetVersion()
+        return f"HIP {version}" if err == self._hip.hipError_t.hipSuccess else None
+
     def base_options(self, target: Target) -> list[str]:
         return [f"--offload-arch={target.arch}", "-O3", "-std=c++17"] + [
             f"-D{k}={v}" for k, v in target.defines().items()

@@ -17,7 +17,8 @@ import os
 import platform
 import sys
 
-from . import __version__, knobs
+from . import knobs
+from ._version import __version__
 
 
 def _info() -> int:
@@ -32,8 +33,11 @@ def _info() -> int:
           "  (python -m ikport warmup fills it)")
     import ikport.ops  # noqa: F401  registers the custom ops
 
-    print("torch ops: " + ", ".join(f"torch.ops.ikport.{n}" for n in ("attention", "paged_attention")
-                                    if hasattr(torch.ops.ikport, n)))
+    # From torch's dispatcher registry ("ikport::name" or "ikport::name.overload"), so a new op
+    # shows up without a list to keep in step.
+    ops = sorted({n.split("::", 1)[1].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+                  if n.startswith("ikport::")})
+    print("torch ops: " + (", ".join(f"torch.ops.ikport.{n}" for n in ops) or "(none registered)"))
     try:
         from .dispatch import get_backend
 
@@ -53,12 +57,11 @@ def _info() -> int:
             arch = getattr(p, "gcnArchName", None) or f"sm_{p.major}{p.minor}"
             print(f"gpu {i}: {p.name} {arch} {p.multi_processor_count} SMs/CUs {p.total_memory >> 20} MiB")
         try:
-            from cuda.bindings import driver
+            from .dispatch import backend_for
 
-            driver.cuInit(0)
-            print(f"driver: CUDA {driver.cuDriverGetVersion()[1]}")
-        except Exception:
-            pass
+            print(f"driver: {backend_for(torch.device('cuda', 0)).driver_version() or 'unknown'}")
+        except Exception as e:  # a report, not a check: say what failed and go on
+            print(f"driver: unknown ({e.__class__.__name__})")
     else:
         print("gpu: none visible to torch")
     return 0

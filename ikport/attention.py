@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ops
+from . import checks, ops
 from .impl import attention as _impl
 from .plan.decode import DecodeOptions
 
@@ -95,6 +95,7 @@ def paged_kv_from_dense(
     """Copy a dense cache [B, Hkv, L, D] into pages [B * ceil(L / page_size), Hkv, page_size, D]
     and an int32 block table [B, ceil(L / page_size)]; `shuffle` scatters the pages in a random
     (non-monotonic) order, as a long-running server's allocator would. For tests and benchmarks."""
+    checks.paged_kv_from_dense(k, v, page_size)
     B, Hkv, L, D = k.shape
     n = -(-L // page_size)
     pad = n * page_size - L

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
+
+from . import knobs
 
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -48,6 +53,8 @@ def common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gpu: bool | None =
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
     D = q.shape[-1]
+    if D == 0:
+        raise ValueError("head_dim (the last dim of q, k and v) is 0")
     if k.shape[-1] != D:
         raise ValueError(f"head_dim of q ({D}) and k/v ({k.shape[-1]}) differ")
     Hq, Hkv = q.shape[1], k.shape[1]
@@ -65,6 +72,35 @@ def common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gpu: bool | None =
             )
         for name, t in (("q", q), ("k", k), ("v", v)):
             _check_vector_layout(name, t)
+
+
+def scale(value: object, traced: bool = False) -> float | None:
+    """The softmax scale as a float: None (the default, 1/sqrt(head_dim)) or a finite real
+    number of any sign. Checked on every call (it is not part of a call's cached layout).
+    `traced`: torch.compile is tracing and the value may be symbolic; only its type is checked
+    (the op's eager run checks the number it gets)."""
+    if value is None:
+        return None
+    real = (numbers.Real, torch.SymFloat, torch.SymInt)  # Sym*: a traced value
+    if isinstance(value, bool) or not isinstance(value, real):
+        hint = " (pass float(t): a tensor would be read back to the host)" if isinstance(
+            value, torch.Tensor) else ""
+        raise TypeError(f"scale must be a float (or None for 1/sqrt(head_dim)), got "
+                        f"{type(value).__name__}{hint}")
+    value = float(value)
+    if not traced and not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number, got {value}")
+    return value
+
+
+def page_size(ps: object, name: str = "page_size") -> int | torch.SymInt:
+    """A page size the paged kernels take: a power of two in [1, 256] (one shared rule for
+    `paged_attention`'s pages and `paged_kv_from_dense`)."""
+    if isinstance(ps, bool) or not isinstance(ps, (int, torch.SymInt)):  # SymInt: traced shapes
+        raise TypeError(f"{name} must be an int, got {type(ps).__name__}")
+    if ps < 1 or ps > 256 or ps & (ps - 1):
+        raise ValueError(f"{name} {ps} is not supported: use a power of two from 1 to 256")
+    return ps
 
 
 def kv_lens(lens: object, batch: int, device: torch.device) -> None:
@@ -112,13 +148,45 @@ def paged(q, k_pages, v_pages, block_table: object, lens: object, gpu: bool | No
         raise ValueError(f"block_table has {bt.shape[0]} rows for a batch of {q.shape[0]}")
     if bt.stride(-1) != 1:
         raise ValueError("block_table's last dim must be contiguous")
-    ps = k_pages.shape[2]
-    if ps < 1 or ps > 256 or ps & (ps - 1):
-        raise ValueError(f"page size {ps} is not supported: use a power of two from 1 to 256")
+    if k_pages.shape[0] == 0:
+        raise ValueError("k_pages and v_pages hold no pages (dim 0 is 0)")
+    ps = page_size(k_pages.shape[2], "k_pages/v_pages page size")
     if lens is None:
         raise ValueError("paged attention needs kv_lens (int32 [B] on the device)")
     kv_lens(lens, q.shape[0], q.device)
     return ps
+
+
+def block_table_ids(block_table: torch.Tensor, lens: torch.Tensor, k_pages: torch.Tensor,
+                    gpu: bool) -> None:
+    """Every page id a sequence reads (those of its pages below kv_len) is a page of the pool;
+    entries past kv_len may hold anything. This reads the table: always on the CPU; on the GPU
+    only with IKPORT_CHECK_TABLES=1, at the cost of a host synchronization per call, and never
+    while a CUDA graph is being captured (a synchronization is not allowed there)."""
+    if gpu and (not knobs.check_tables() or torch.cuda.is_current_stream_capturing()):
+        return
+    num_pages, ps, max_pages = k_pages.shape[0], k_pages.shape[2], block_table.shape[1]
+    used = (lens.to(torch.int64).clamp(0, max_pages * ps) + ps - 1) // ps  # pages read per sequence
+    read = torch.arange(max_pages, device=block_table.device) < used[:, None]
+    bad = read & ((block_table < 0) | (block_table >= num_pages))
+    if bool(bad.any()):
+        b, j = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"block_table[{b}, {j}] = {int(block_table[b, j])} is not a page id: k_pages/v_pages "
+            f"hold {num_pages} pages (ids 0..{num_pages - 1}), and sequence {b} reads its page {j} "
+            f"(kv_lens[{b}] = {int(lens[b])}, page size {ps})"
+        )
+
+
+def paged_kv_from_dense(k: object, v: object, page_size_: object) -> None:
+    """`paged_kv_from_dense`'s inputs: dense k and v of one shape [B, Hkv, L, D], a page size
+    `paged_attention` takes."""
+    for name, t in (("k", k), ("v", v)):
+        _check_tensor(name, t, 4)
+    if k.shape != v.shape or k.device != v.device:
+        raise ValueError(f"k and v must have the same shape and device, got {tuple(k.shape)} on "
+                         f"{k.device} and {tuple(v.shape)} on {v.device}")
+    page_size(page_size_)
 
 
 def w4a16(x: object, weight: object, out_: object, gpu: bool | None = None) -> None:

@@ -65,6 +65,7 @@ __all__ = [
     "layout_info",
     "pack_int4",
     "quantize_weight",
+    "resolve_group_size",
     "unpack_int4",
 ]
 
@@ -249,7 +250,7 @@ def unpack_int4(packed: torch.Tensor, layout: str, n: int, k: int) -> torch.Tens
     return blocks.reshape(n // 16, k // kc, 16, kc).permute(0, 2, 1, 3).reshape(n, k)
 
 
-def _resolve_group(group_size: int | None, k: int) -> int:
+def resolve_group_size(group_size: int | None, k: int) -> int:
     """None or -1 -> per-channel (G = K); else one of GROUP_SIZES or K itself."""
     if group_size is None or group_size == -1 or group_size == k:
         return k
@@ -455,7 +456,7 @@ class Int4Weight:
             raise ValueError(f"codes must be a 2-D tensor [N, K], got {_describe(codes)}")
         n, k = codes.shape
         check_shape(n, k, "codes")
-        g = _resolve_group(group_size, k)
+        g = resolve_group_size(group_size, k)
         dev = codes.device
         layout = layout_for_device(dev) if layout is None else layout
         if not isinstance(scales, torch.Tensor):
@@ -507,13 +508,15 @@ def quantize_weight(
     codes mean. Scales (and zeros) are stored in w's dtype: float16 or bfloat16; float32 input is
     stored as float16. layout: default `layout_for_device(w.device)`.
     """
-    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a 2-D tensor [out_features, in_features], got {_describe(w)}")
+    if w.dim() != 2:
         raise ValueError(f"w must be a 2-D tensor [out_features, in_features], got {_describe(w)}")
     if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"w must be float16, bfloat16 or float32, got {w.dtype}")
     n, k = w.shape
     check_shape(n, k, "w")
-    g = _resolve_group(group_size, k)
+    g = resolve_group_size(group_size, k)
     store = w.dtype if w.dtype in SCALE_DTYPES else torch.float16
     tiny = torch.finfo(store).tiny
     wg = w.detach().to(torch.float32).reshape(n, k // g, g)
@@ -531,5 +534,13 @@ def quantize_weight(
         z = torch.round(-lo / sf).clamp_(0, 15)
         q = (torch.round(wg / sf[..., None]) + z[..., None]).clamp_(0, 15)
         zeros = z.T.to(store)
+    bad = ~torch.isfinite(s)  # a NaN/inf in w, or a float32 w too large for the scales' dtype
+    if bool(bad.any()):
+        row, group = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"w: {int(bad.sum())} group scale(s) are not finite in {store} (first: row {row}, input "
+            f"channels {group * g}..{group * g + g - 1}); w holds inf/NaN, or values too large for "
+            f"{store} scales (|w| above about {torch.finfo(store).max * 7.5:.3g})"
+        )
     codes = q.reshape(n, k).to(torch.uint8)
     return Int4Weight.from_codes(codes, s.T, zeros, g, layout=layout)

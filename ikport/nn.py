@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -39,6 +40,7 @@ from .int4 import (
     layout_info,
     pack_int4,
     quantize_weight,
+    resolve_group_size,
     unpack_int4,
 )
 
@@ -83,9 +85,8 @@ class W4A16Linear(nn.Module):
         check_shape(out_features, in_features, "W4A16Linear")
         if dtype not in SCALE_DTYPES:
             raise TypeError(f"W4A16Linear: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
-        g = in_features if group_size in (None, -1) else group_size
         self.in_features, self.out_features = in_features, out_features
-        self.group_size = int(g)  # type: ignore[arg-type]
+        self.group_size = resolve_group_size(group_size, in_features)
         self.layout = layout_for_device(device) if layout is None else layout
         layout_info(self.layout)
         n, k = out_features, in_features
@@ -277,6 +278,18 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) or p in name for p in patterns)
 
 
+_WARN_NAMES = 5  # layers named in quantize_model's warning (the "ikport" logger lists them all)
+
+
+def _unsupported_reason(linear: nn.Linear) -> str:
+    reasons = []
+    if linear.out_features % N_MULTIPLE:
+        reasons.append(f"out_features {linear.out_features} is not a multiple of {N_MULTIPLE}")
+    if linear.in_features % K_MULTIPLE:
+        reasons.append(f"in_features {linear.in_features} is not a multiple of {K_MULTIPLE}")
+    return " and ".join(reasons)
+
+
 def quantize_model(
     model: nn.Module,
     group_size: int | None = 128,
@@ -289,7 +302,8 @@ def quantize_model(
     a Linear is kept in floating point when a pattern matches it as an fnmatch pattern
     ("*.mlp.down_proj") or occurs in it as a substring ("lm_head" keeps "model.lm_head").
     Linears whose shape the INT4 layouts cannot hold (out_features % 16 or in_features % 128 not 0)
-    are kept too, named in one warning on the "ikport" logger; so are the projections inside an
+    are kept too: one UserWarning gives their number and the first few names with the reason,
+    and one warning on the "ikport" logger names them all; so are the projections inside an
     nn.MultiheadAttention, which reads their .weight directly. Biases are kept. Returns `model`
     (or the new layer when `model` itself is an nn.Linear).
     """
@@ -308,7 +322,7 @@ def quantize_model(
             if _matches(name, patterns):
                 continue
             if child.out_features % N_MULTIPLE or child.in_features % K_MULTIPLE:
-                odd.append(f"{name} ({child.out_features}x{child.in_features})")
+                odd.append((name, child))
                 continue
             targets.append((name, parent, child_name, child))
     done: dict[int, W4A16Linear] = {}  # a Linear shared by two parents is quantized once
@@ -319,6 +333,13 @@ def quantize_model(
     if odd:
         log.warning("quantize_model: kept %d Linear layer(s) in floating point, their shape is not "
                     "out_features %% %d == 0 and in_features %% %d == 0: %s",
-                    len(odd), N_MULTIPLE, K_MULTIPLE, ", ".join(odd))
+                    len(odd), N_MULTIPLE, K_MULTIPLE,
+                    ", ".join(f"{name} ({m.out_features}x{m.in_features})" for name, m in odd))
+        # The logger is silent by default (NullHandler): say it where every user sees it too.
+        shown = "; ".join(f"{name}: {_unsupported_reason(m)}" for name, m in odd[:_WARN_NAMES])
+        more = (f"; and {len(odd) - _WARN_NAMES} more (IKPORT_LOG=warning lists them all)"
+                if len(odd) > _WARN_NAMES else "")
+        warnings.warn(f"quantize_model kept {len(odd)} nn.Linear layer(s) in floating point, their "
+                      f"shape does not fit the INT4 layouts: {shown}{more}", UserWarning,
+                      stacklevel=2)
     return model
-

@@ -127,8 +127,7 @@ def traced_attention(
 ) -> torch.Tensor:
     """`ikport.attention` while torch.compile traces: one custom-op node, then `out` by copy."""
     result = torch.ops.ikport.attention.default(
-        q, k, v, kv_lens, bool(causal), None if scale is None else float(scale),
-        _options_text(options, DecodeOptions))
+        q, k, v, kv_lens, bool(causal), checks.scale(scale, traced=True), _options_text(options, DecodeOptions))
     if out is None:
         return result
     checks.out(out, q)
@@ -143,8 +142,8 @@ def traced_paged_attention(
 ) -> torch.Tensor:
     """`ikport.paged_attention` while torch.compile traces (see `traced_attention`)."""
     result = torch.ops.ikport.paged_attention.default(
-        q, k_pages, v_pages, block_table, kv_lens, bool(causal),
-        None if scale is None else float(scale), _options_text(options, DecodeOptions))
+        q, k_pages, v_pages, block_table, kv_lens, bool(causal), checks.scale(scale, traced=True),
+        _options_text(options, DecodeOptions))
     if out is None:
         return result
     checks.out(out, q)

@@ -55,6 +55,9 @@ def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, length: int) ->
     B, max_pages = block_table.shape
     n = (length + ps - 1) // ps
     idx = block_table[:, :n].to(device=pages.device, dtype=torch.int64)
+    # Entries past a sequence's kv_len may hold anything (-1, stale ids): clamped into the pool as
+    # the kernels' early copies clamp them; the rows they give are masked.
+    idx = idx.clamp(0, max(num_pages - 1, 0))
     g = pages[idx.reshape(-1)].view(B, n, Hkv, ps, D).permute(0, 2, 1, 3, 4)
     return g.reshape(B, Hkv, n * ps, D)[:, :, :length]
 

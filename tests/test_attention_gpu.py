@@ -323,3 +323,33 @@ def test_misaligned_pointer_is_caught_after_a_valid_call():
     k_off.copy_(k)
     with pytest.raises(ValueError, match="16-byte aligned"):
         ikport.attention(q, k_off, v, kv_lens=lens)
+
+
+def test_paged_table_check_with_the_debug_knob(monkeypatch):
+    """By default a bad page id below kv_len is not checked on the GPU (no host sync); with
+    IKPORT_CHECK_TABLES=1 every call checks and raises as the CPU does, and a CUDA graph capture
+    skips the check (a sync is not allowed there) and still captures."""
+    q, k, v, lens = case(2, 8, 2, 1, 64, 64, torch.float16, seed=11, lens="full")
+    kp, vp, bt = ikport.paged_kv_from_dense(k, v, 16, generator=torch.Generator().manual_seed(0))
+    bad = bt.clone()
+    bad[1, 2] = kp.shape[0]  # one past the pool
+    monkeypatch.setenv("IKPORT_CHECK_TABLES", "1")
+    ikport.impl.attention.clear_plans()  # the knob is read when a layout is first seen
+    with pytest.raises(ValueError, match=rf"block_table\[1, 2\] = {kp.shape[0]} is not a page id"):
+        ikport.paged_attention(q, kp, vp, bad, lens)
+    bad[1, 2] = -1
+    with pytest.raises(ValueError, match=r"block_table\[1, 2\] = -1 is not a page id"):
+        ikport.paged_attention(q, kp, vp, bad, lens)
+    out = torch.empty_like(q)
+    ikport.paged_attention(q, kp, vp, bt, lens, out=out)  # a valid table passes (and plans)
+    check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        ikport.paged_attention(q, kp, vp, bt, lens, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    out.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    check(out, reference.attention(q, k, v, kv_lens=lens), torch.float16)

@@ -189,3 +189,27 @@ def test_cuda_launch_failure_names_the_launch(monkeypatch):
         with pytest.raises(RuntimeError, match=r"cuLaunchKernel grid=\(4, 8, 2\) block=\(256, 1, 1\) "
                                                r"smem=32768 failed: CUDA_ERROR_INVALID_VALUE"):
             launch(p, 77)
+
+
+def test_paged_gpu_call_checks_the_table_only_with_the_knob(monkeypatch):
+    """paged_attention's GPU branch (a prepared call, faked here) launches without reading the
+    block table by default; with IKPORT_CHECK_TABLES=1 a bad id raises before the launch."""
+    launched = []
+    monkeypatch.setattr(A, "_remember", lambda *args: lambda *a: launched.append(a) or "launched")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    A.clear_plans()
+    q = torch.randn(2, 4, 1, 32, dtype=torch.float16)
+    pages = torch.randn(4, 2, 16, 32, dtype=torch.float16)
+    table = torch.tensor([[0, 1], [2, -1]], dtype=torch.int32)  # sequence 1 reads both pages
+    lens = torch.tensor([32, 20], dtype=torch.int32)
+    try:
+        monkeypatch.delenv("IKPORT_CHECK_TABLES", raising=False)
+        assert A.paged_attention(q, pages, pages, table, lens) == "launched"
+        monkeypatch.setenv("IKPORT_CHECK_TABLES", "1")
+        with pytest.raises(ValueError, match=r"block_table\[1, 1\] = -1 is not a page id"):
+            A.paged_attention(q, pages, pages, table, lens)
+        assert len(launched) == 1
+        short = torch.tensor([32, 16], dtype=torch.int32)  # sequence 1 reads page 0 only
+        assert A.paged_attention(q, pages, pages, table, short) == "launched"
+    finally:
+        A.clear_plans()

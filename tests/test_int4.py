@@ -248,6 +248,13 @@ def test_validation_errors():
         quantize_weight(torch.randn(32, 256).double())
     with pytest.raises(ValueError, match="2-D"):
         quantize_weight(torch.randn(32, 256, 1).half())
+    with pytest.raises(ValueError, match="w must be a 2-D"):
+        quantize_weight(torch.randn(256).half())
+    with pytest.raises(TypeError, match="w must be a 2-D tensor .* got list"):
+        quantize_weight([[0.0] * 256] * 32)
+    for g in (0, 100, 256, 128.0):  # 256 != K: per-channel is K itself
+        with pytest.raises(ValueError, match="group_size must be one of"):
+            quantize_weight(torch.randn(32, 512).half(), g)
 
     q = quantize_weight(w, 64, symmetric=False)
     rep = dataclasses.replace
@@ -279,6 +286,21 @@ def test_validation_errors():
         rep(q, scales=q.scales.T.contiguous().T)
     with pytest.raises(dataclasses.FrozenInstanceError):
         q.layout = "amd_mfma16"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantize_refuses_weights_whose_scales_are_not_finite(symmetric):
+    """A NaN or inf in w, or a float32 w beyond float16's range for the scales, would give a NaN
+    group in silence: refused, naming w and the first group."""
+    for bad in (float("nan"), float("inf"), 1e6):
+        w = torch.randn(32, 256)
+        w[3, 130] = bad
+        with pytest.raises(ValueError, match=r"w: 1 group scale\(s\) are not finite in torch.float16 "
+                                             r"\(first: row 3, input channels 128..255\)"):
+            quantize_weight(w, 128, symmetric)
+    ok = torch.randn(32, 256, dtype=torch.bfloat16)
+    ok[0, 0] = 1e6  # bfloat16 scales hold it
+    quantize_weight(ok, 128, symmetric)
 
 
 def test_repr_and_nbytes():

@@ -165,8 +165,13 @@ def test_quantize_model(caplog):
     )).half()
     ref_model = {n: m.weight.detach().clone() for n, m in model.named_modules()
                  if isinstance(m, nn.Linear)}
-    with caplog.at_level(logging.WARNING, logger="ikport"):
+    with caplog.at_level(logging.WARNING, logger="ikport"), pytest.warns(UserWarning) as seen:
         out = quantize_model(model, group_size=64)
+    assert [str(w.message) for w in seen] == [(
+        "quantize_model kept 2 nn.Linear layer(s) in floating point, their shape does not fit the "
+        "INT4 layouts: odd: out_features 200 is not a multiple of 16; odd_k: in_features 200 is not "
+        "a multiple of 128")]
+    assert seen[0].filename == __file__  # points at the caller's line
     assert out is model
     assert isinstance(model.block.up, W4A16Linear) and isinstance(model.block.down, W4A16Linear)
     assert model.block.up.bias is not None and model.block.down.bias is None
@@ -184,6 +189,20 @@ def test_quantize_model(caplog):
     h = h.half().float() @ model.block.down.weight_int4.dequantize().T
     torch.testing.assert_close(model.block(x).float(), h, rtol=2e-2, atol=2e-2)
     assert model(x).shape == (2, 64)
+
+
+def test_quantize_model_warning_names_the_first_few():
+    """Many unsupported layers: the warning gives the count and the first five with the reason;
+    the "ikport" logger names them all."""
+    model = nn.Sequential(*[nn.Linear(100 + i, 24) for i in range(7)], nn.Linear(128, 16))
+    with pytest.warns(UserWarning, match="kept 7 nn.Linear") as seen:
+        quantize_model(model, exclude=())
+    msg = str(seen[0].message)
+    assert ("0: out_features 24 is not a multiple of 16 and in_features 100 is not a multiple of "
+            "128") in msg
+    assert "4: out_features 24" in msg and "5: " not in msg
+    assert msg.endswith("; and 2 more (IKPORT_LOG=warning lists them all)")
+    assert isinstance(model[7], W4A16Linear)
 
 
 def test_quantize_model_patterns():
@@ -211,6 +230,9 @@ def test_constructor_validation():
         W4A16Linear(256, 32, group_size=48)
     with pytest.raises(TypeError, match="float16 or torch.bfloat16"):
         W4A16Linear(256, 32, dtype=torch.float32)
+    for bad in (0, "x", 64.0, True, 512):  # (once: 0 divided by zero, "x" failed in int())
+        with pytest.raises(ValueError, match=r"group_size must be one of \(32, 64, 128\)"):
+            W4A16Linear(256, 32, group_size=bad)
     layer = W4A16Linear(256, 32, bias=True, group_size=-1, symmetric=False, act_order=True,
                         dtype=torch.bfloat16)
     assert layer.group_size == 256 and layer.zeros is not None and layer.perm is not None

@@ -164,6 +164,24 @@ def test_compile_aot_eager_dynamic_shapes():
                            ikport.attention(q, k, v, kv_lens=lens, causal=True, scale=0.2))
 
 
+def test_compile_scale_passed_as_an_argument():
+    """torch.compile may trace a float argument as a symbolic float: the traced path checks only
+    its type, the op's eager run the number it gets (a NaN still raises, naming scale)."""
+    q, k, v, lens = inputs()
+    kp, vp, bt = ikport.paged_kv_from_dense(k, v, 4)
+    compiled = torch.compile(lambda q, s: (ikport.attention(q, k, v, kv_lens=lens, scale=s),
+                                           ikport.paged_attention(q, kp, vp, bt, lens, scale=s)),
+                             fullgraph=True, backend="aot_eager")
+    for s in (0.2, 0.7, 3):
+        x, y = compiled(q, s)
+        assert torch.equal(x, ikport.attention(q, k, v, kv_lens=lens, scale=s))
+        assert torch.equal(y, ikport.paged_attention(q, kp, vp, bt, lens, scale=s))
+    with pytest.raises(ValueError, match="scale must be a finite number, got nan"):
+        compiled(q, float("nan"))
+    with pytest.raises(Exception, match="scale must be a float .* got str"):  # wrapped by dynamo
+        compiled(q, "x")
+
+
 def test_compile_out_argument_is_copied_into():
     q, k, v, lens = inputs()
 
@@ -292,3 +310,19 @@ def test_compiled_function_inside_cuda_graph_capture_gpu():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, ikport.paged_attention(q, kp, vp, bt, lens, causal=True)), new
+
+
+def test_info_lists_every_registered_op(capsys):
+    """`python -m ikport info` lists the ops from torch's registry, not from a list of its own:
+    the three of ops.py, and one registered anywhere else under ikport::."""
+    from ikport.__main__ import main
+
+    lib = torch.library.Library("ikport", "FRAGMENT")
+    lib.define("info_probe(Tensor x) -> Tensor")
+    try:
+        assert main(["info"]) == 0
+    finally:
+        lib._destroy()
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("torch ops: "))
+    assert line == ("torch ops: torch.ops.ikport.attention, torch.ops.ikport.info_probe, "
+                    "torch.ops.ikport.paged_attention, torch.ops.ikport.w4a16_matmul")

@@ -1,10 +1,13 @@
 """The built wheel carries what the JIT needs: kernel sources, shim headers and the manifest are
-found from the installed package, run from an unrelated directory (CPU)."""
+found from the installed package, run from an unrelated directory; wheel and sdist carry the
+license (CPU)."""
 
 import json
 import os
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -12,11 +15,34 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_wheel_compiles_kernels_from_another_directory(tmp_path):
-    pytest.importorskip("cuda.bindings", reason="pip install 'ikport[cuda]'")
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    dist = tmp_path_factory.mktemp("dist")
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
-    wheel = next((tmp_path / "dist").glob("ikport-*.whl"))
+                    "-w", str(dist), str(ROOT)], check=True)
+    return next(dist.glob("ikport-*.whl"))
+
+
+def test_wheel_and_sdist_carry_the_license(wheel, tmp_path):
+    """LICENSE (the Apache License 2.0 text, as pyproject's `license` says) is in both."""
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License\n                           Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    with zipfile.ZipFile(wheel) as z:
+        info = next(n.split("/")[0] for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        assert z.read(f"{info}/licenses/LICENSE").decode() == text
+        meta = z.read(f"{info}/METADATA").decode().splitlines()
+    assert "License-Expression: Apache-2.0" in meta and "License-File: LICENSE" in meta
+    sdist = "import sys; from setuptools import build_meta; build_meta.build_sdist(sys.argv[1])"
+    subprocess.run([sys.executable, "-c", sdist, str(tmp_path)], cwd=ROOT, check=True,
+                   capture_output=True)
+    with tarfile.open(next(tmp_path.glob("ikport-*.tar.gz"))) as t:
+        root = t.getnames()[0].split("/")[0]
+        assert t.extractfile(f"{root}/LICENSE").read().decode() == text
+
+
+def test_wheel_compiles_kernels_from_another_directory(wheel, tmp_path):
+    pytest.importorskip("cuda.bindings", reason="pip install 'ikport[cuda]'")
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
                     str(wheel)], check=True)

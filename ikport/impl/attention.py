@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from .. import checks, dispatch, reference
+from .. import checks, dispatch, knobs, reference
 from ..backends.base import Backend
 from ..kernels import DecodeParams, Kernel, get_kernel
 from ..launch import capturing, raw_stream, split_counters, split_scratch
@@ -25,6 +25,7 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None,
               kv_lens: torch.Tensor | None = None, out: torch.Tensor | None = None,
               options: DecodeOptions | None = None) -> torch.Tensor:
     """`ikport.attention`, eager (see its docstring; positional: this is the per-call path)."""
+    scale = checks.scale(scale)  # every call: the scale is not part of the cached layout
     sig = _signature(("attention", options), q, k, v, kv_lens, out)
     call = _checked_call(sig, q, k, v)
     if call is _UNCHECKED:
@@ -42,6 +43,7 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal: bool = Fa
                     scale: float | None = None, out: torch.Tensor | None = None,
                     options: DecodeOptions | None = None) -> torch.Tensor:
     """`ikport.paged_attention`, eager (see its docstring)."""
+    scale = checks.scale(scale)  # every call: the scale is not part of the cached layout
     sig = _signature(("paged", options), q, k_pages, v_pages, block_table, kv_lens, out)
     call = _checked_call(sig, q, k_pages, v_pages)
     if call is _UNCHECKED:
@@ -49,6 +51,8 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal: bool = Fa
         checks.out(out, q)
         checks.options(options, DecodeOptions)
         call = _remember(sig, q, k_pages, v_pages, block_table, kv_lens, out, options)
+    if call is None or call.check_tables:  # the CPU always; the GPU with IKPORT_CHECK_TABLES=1
+        checks.block_table_ids(block_table, kv_lens, k_pages, gpu=call is not None)
     if call is None:
         scale = _default_scale(q) if scale is None else float(scale)
         ref = reference.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal, scale=scale)
@@ -182,6 +186,7 @@ class _DecodeCall:
         self.prepared, self.plan = prepared, plan
         self.default_scale_log2 = _default_scale(q) * _LOG2E
         self.multi_token = Tq > 1  # causal masking matters only with several query tokens
+        self.check_tables = block_table is not None and knobs.check_tables()  # read once a layout
         out_strides = out.stride()[:3] if out is not None else (Hq * Tq * D, Tq * D, D)
         self.template = DecodeParams(
             0, 0, 0, 0, 0, 0, 0, 0, 0,
