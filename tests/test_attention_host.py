@@ -11,6 +11,7 @@ import math
 import pytest
 import torch
 
+import ikport
 from ikport.impl import attention as A
 from ikport.kernels import DecodeParams
 from ikport.manifest import spec
@@ -193,9 +194,23 @@ def test_cuda_launch_failure_names_the_launch(monkeypatch):
 
 def test_paged_gpu_call_checks_the_table_only_with_the_knob(monkeypatch):
     """paged_attention's GPU branch (a prepared call, faked here) launches without reading the
-    block table by default; with IKPORT_CHECK_TABLES=1 a bad id raises before the launch."""
+    block table by default; with IKPORT_CHECK_TABLES=1 (read when the layout is first seen) a bad
+    id raises before the launch."""
     launched = []
-    monkeypatch.setattr(A, "_remember", lambda *args: lambda *a: launched.append(a) or "launched")
+
+    class FakeCall:
+        def __init__(self) -> None:
+            self.check_tables = ikport.knobs.check_tables()  # as _DecodeCall reads it
+
+        def __call__(self, *args):
+            launched.append(args)
+            return "launched"
+
+    def remember(sig, *args):
+        call = A._checked[sig] = FakeCall()
+        return call
+
+    monkeypatch.setattr(A, "_remember", remember)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     A.clear_plans()
     q = torch.randn(2, 4, 1, 32, dtype=torch.float16)
@@ -206,6 +221,7 @@ def test_paged_gpu_call_checks_the_table_only_with_the_knob(monkeypatch):
         monkeypatch.delenv("IKPORT_CHECK_TABLES", raising=False)
         assert A.paged_attention(q, pages, pages, table, lens) == "launched"
         monkeypatch.setenv("IKPORT_CHECK_TABLES", "1")
+        A.clear_plans()
         with pytest.raises(ValueError, match=r"block_table\[1, 1\] = -1 is not a page id"):
             A.paged_attention(q, pages, pages, table, lens)
         assert len(launched) == 1
