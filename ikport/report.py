@@ -13,7 +13,7 @@ Writes, from machine-readable data only (paths relative to the working directory
 
 No GPU is needed: compile rows come from ikport.toolchain (NVRTC for sm_*, clang-19 for gfx*,
 plus hipRTC for gfx90a where hip-python is installed); GPU numbers come from the result files
-the benchmark sessions write (docs/results/*.json, PROTOCOL.md shape). matplotlib is optional:
+the benchmark sessions write (docs/results/*.json, docs/benchmarks.md shape). matplotlib is optional:
 without it the report says so and has no images.
 
 Compile rows are cached under IKPORT_CACHE_DIR/report-rows, keyed by the full kernel source,
@@ -569,7 +569,7 @@ def _span(values: list[int]) -> str:
 
 def performance_section(results: Sequence[ResultFile], targets: Sequence[str]) -> str:
     out = ["## Performance", "",
-           "From the benchmark result files (`docs/results/*.json`, PROTOCOL.md shape). % of roof: "
+           "From the benchmark result files (`docs/results/*.json`, docs/benchmarks.md shape). % of roof: "
            "achieved rate over the file's `ceiling_GBps` (the device's measured read roof; the file's "
            "own `read_measured` reads if they beat it by over 5%, i.e. the ceiling came from another "
            "GPU) or `ceiling_TFLOPs`. Best peer: the fastest non-ikport implementation of that workload in "
@@ -728,7 +728,7 @@ SHIM_COST = """\
 
 There is no hand-written CUDA-only variant of any kernel yet, so this axis is not measured. What
 would be compared, once one exists (benchmarked as `impl: "{impl}"` in the same run, per
-PROTOCOL.md): the split-K decode kernel with each `ik::` call replaced by its CUDA spelling
+docs/benchmarks.md): the split-K decode kernel with each `ik::` call replaced by its CUDA spelling
 (`__shfl_xor_sync`, `ex2.approx` through `exp2f` with fast math, `__ldg`/`ld.global.nc`,
 `cp.async` through `cuda::memcpy_async`), built by NVRTC with the same options; compared on
 registers and SASS instruction count here, and kernel time on D1-D3 in `docs/results/`. The shim

@@ -175,14 +175,14 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_gemv(W4A16Params p
 }
 
 // ---------------------------------------------------------------------------------------------
-// Matrix-unit path (default up to configs.W4A16_DENSE_MIN_M rows). Each warp streams its own
+// Matrix-unit path (default below ikport.plan.w4a16.DENSE_MIN_M rows). Each warp streams its own
 // contiguous K range of the block's NT 16-column tiles (the chunks a warp has in flight are
 // neighbours in memory: giving warps alternate chunks instead was 1.4x slower on the H100,
-// w4a16-tuning-v7b-h100.json) with no block-wide barrier in the loop: a per-lane cp.async ring
+// w4a16.md v7) with no block-wide barrier in the loop: a per-lane cp.async ring
 // keeps STAGES chunks of weights, of the matching scale rows (zero points likewise) and of the
 // warp's slab of x in flight. Codes become B fragments in registers as exact q - z
 // (int4_pair_unscaled); x becomes A fragments from its slab in the ring (loaded straight from
-// global memory, every tile waited on an L2 round trip: w4a16-ncu-w2-v7-h100.txt); the matrix
+// global memory, every tile waited on an L2 round trip: w4a16.md v7's profile); the matrix
 // unit sums (q - z) * x over a "scale period" in fp32, and the period's scales multiply that sum
 // once per output element. A period is the whole chunk when a group spans it (GT tiles of 16 k
 // per group, capped at the chunk), else one group. The loop body has no data-dependent branch
@@ -194,14 +194,14 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_gemv(W4A16Params p
 // output and resets its counter for the next call or graph replay.
 // grid (N / (16 NT), num_splits, ceil(M / (16 MT))), block WARPS warps, dynamic shared memory
 // for the x slabs: STAGES * WARPS * min(M, 16 MT) * w4::kLdX elements (ikport/w4a16.py).
-// GT = min(G / 16, 8): 16-k tiles per group as far as the kernel cares (configs.w4a16_group_tiles).
+// GT = min(G / 16, 8): 16-k tiles per group as far as the kernel cares (ikport.plan.w4a16.group_tiles).
 template <class T, int MT, int NT, int WARPS, int GT, int STAGES>
 __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p) {
   using L = w4::L;
   constexpr int kRows = 16 * MT, kCols = 16 * NT;
   constexpr int kThreads = WARPS * IK_WARP_SIZE;
   // Ring slots per lane: STAGES, fewer where the weight ring would pass 32 KB (CDNA's 64-lane
-  // waves double a block's lanes); configs.w4a16_stages applies the same rule.
+  // waves double a block's lanes); ikport.plan.w4a16.stages applies the same rule.
   constexpr int kDepth = STAGES * NT * kThreads * 16 <= 32768 ? STAGES : 32768 / (NT * kThreads * 16);
   static_assert(kDepth >= 2, "the ring needs two slots: fewer column tiles or warps");
   constexpr int kTiles = w4::kTilesPerChunk;

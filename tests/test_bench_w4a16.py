@@ -57,7 +57,7 @@ def test_workload_table() -> None:
     by_id = {s.id: s for s in bench.SHAPES}
     assert [(s.k, s.n) for s in bench.SHAPES] == [(4096, 4096), (4096, 14336), (14336, 4096)]
     assert by_id["W1"].weight_bytes == 4096 * 4096 // 2 + 32 * 4096 * 2 == 8_650_752
-    assert by_id["W2"].weight_bytes == by_id["W3"].weight_bytes == 30_277_632  # PROTOCOL: 30.3 MB
+    assert by_id["W2"].weight_bytes == by_id["W3"].weight_bytes == 30_277_632  # docs/benchmarks.md: 30.3 MB
     w = bench.Workload(by_id["W2"], 1)
     assert w.id == "W2" and w.bytes == 30_277_632 + 2 * (4096 + 14336)
     w16 = bench.Workload(by_id["W2"], 16)

@@ -35,7 +35,7 @@ from ikport.backends.target import device_facts
 _H100 = device_facts("H100")
 READ_ROOF_GBPS = _H100.read_GBps
 DEFAULT_L2_BYTES = _H100.l2_bytes
-# Keys every result row carries (PROTOCOL "Result files"); other keys may follow.
+# Keys every result row carries (docs/benchmarks.md, "Result files"); other keys may follow.
 ROW_KEYS = ("workload", "impl", "median_us", "min_us", "max_us", "GBps", "eager_us")
 # Top-level keys of a result file that `extra` may not replace.
 FILE_KEYS = ("device", "driver", "commit", "date", "versions", "command", "ceiling_GBps", "results")
