@@ -30,7 +30,6 @@ import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
 NV_TARGETS = ("sm_80", "sm_89", "sm_90")
 AMD_TARGETS = ("gfx90a", "gfx942", "gfx1100")
 
@@ -150,10 +149,13 @@ def cmd_fingerprint(ns) -> int:
                 print(f"FAILED {arch} {uri}: {fp['error']}", file=sys.stderr)
             if (i + 1) % 50 == 0:
                 print(f"{i + 1}/{len(jobs)}", file=sys.stderr, flush=True)
+    from ikport.backends.source import KERNELS_DIR
+
+    tree = KERNELS_DIR.parent  # the tree whose kernels were compiled (PYTHONPATH may pick another)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=ROOT).stdout.strip()
-    dirty = bool(subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip())
+                            cwd=tree).stdout.strip()
+    dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "kernels_src", "portability"],
+                                capture_output=True, text=True, cwd=tree).stdout.strip())
     Path(ns.out).write_text(json.dumps({"commit": commit, "dirty": dirty, "kernels": result}, indent=1))
     print(f"{len(jobs)} kernels fingerprinted -> {ns.out}")
     return 0
