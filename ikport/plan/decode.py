@@ -1,11 +1,11 @@
 """The decode-attention planner: problem shape, the device's facts, an occupancy answer and frozen
 options in; a launch plan out (kernels, grid, block, shared memory, split-K, scratch).
 
-Pure: no torch, no backend. The call path (ikport/impl/attention.py) asks it with occupancy
-answers from the loaded kernels; warmup asks `default_kernels` which kernels plans may name; the
-portability report asks `launch_of` how a kernel is launched. Nothing else computes a launch.
-Every tuning choice below was measured on the H100; docs/results/decode.md has the numbers
-(the journey section each comment names).
+Pure functions: no tensors, no driver calls. The call path (ikport/impl/attention.py) asks it
+with occupancy answers from the loaded kernels; warmup asks `default_kernels` which kernels plans
+may name; the portability report asks `launch_of` how a kernel is launched. Nothing else computes
+a launch. Every tuning choice below was measured on the H100; docs/results/decode.md has the
+numbers (the journey section each comment names).
 """
 
 from __future__ import annotations

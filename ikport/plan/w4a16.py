@@ -1,8 +1,9 @@
 """The W4A16 planner: problem shape, the device's facts, the kernels' static shared memory and
 frozen options in; a launch plan out (kernel, grid, block, shared memory, split-K).
 
-Pure: no torch, no backend. The call path (ikport/impl/w4a16.py) asks it; the portability report
-asks `launch_of`. Tuning choices were measured on the H100 (docs/results/w4a16.md).
+Pure functions: no tensors, no driver calls. The call path (ikport/impl/w4a16.py) asks it; the
+portability report asks `launch_of`. Tuning choices were measured on the H100
+(docs/results/w4a16.md).
 """
 
 from __future__ import annotations

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The session's device call, from the repository root on the device machine:
+#   bash tools/device_run.sh tests    the GPU suite (pytest -m gpu) on this tree
+#   bash tools/device_run.sh hostab   the eager host path against the tree in .ab/base (A B B A)
+#   bash tools/device_run.sh bench    nox -s bench-cuda's decode and w4a16 benchmarks
+#   bash tools/device_run.sh all      all three, in that order (about 20 minutes on an H100)
+# Files go to $OUT (the device tool brings them back, 8 at most); COMMIT=<sha> names the commit the
+# benchmark files record (the device's copy may carry no git metadata).
+# The device has torch, cuda-bindings and NVRTC but no install of ikport: the package imports from
+# the tree through PYTHONPATH and three links.
+set -u
+export PYTHONUNBUFFERED=1
+ln -sfn ../backends ikport/backends; ln -sfn ../portability ikport/portability; ln -sfn ../kernels_src ikport/kernels_src
+export PYTHONPATH=$PWD IKPORT_CACHE_DIR=$PWD/.ab/cache-new
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader
+GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[0-9]*' | head -1 | tr 'H' 'h')
+clean() { tr '\000' ' ' | grep -v '^ *$'; }
+what=${1:-all}
+
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  XDIST=""
+  python -c "import xdist" 2>/dev/null && XDIST="-n 4"
+  timeout 480 python -m pytest -m gpu -q -p no:cacheprovider -rs $XDIST tests 2>&1 | clean > "$OUT/tests-gpu-${GPU}.log"
+  tail -n 25 "$OUT/tests-gpu-${GPU}.log"
+fi
+if [ "$what" = hostab ] || [ "$what" = all ]; then
+  timeout 300 python tools/host_ab.py "$OUT/structure-host-ab-${GPU}.json" base=.ab/base new=. 2>&1 | clean | tail -n 30
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  timeout 420 python -m ikport.bench decode --out "$OUT/decode-${GPU}.json" ${COMMIT:+--commit $COMMIT} 2>&1 | clean > "$OUT/bench-decode-${GPU}.log"
+  tail -n 30 "$OUT/bench-decode-${GPU}.log"
+  timeout 300 python -m ikport.bench w4a16 --out "$OUT/w4a16-${GPU}.json" ${COMMIT:+--commit $COMMIT} 2>&1 | clean > "$OUT/bench-w4a16-${GPU}.log"
+  tail -n 20 "$OUT/bench-w4a16-${GPU}.log"
+fi
+ls -la "$OUT"
