@@ -2,7 +2,7 @@
 
 Both take torch-SDPA-style [batch, heads, seq, head_dim] tensors; fewer KV heads than query
 heads means grouped-query attention. GPU tensors run the decode kernels of
-kernels_src/attention_decode.cuh; CPU tensors run ikport.reference.
+kernels_src/attention/decode.cuh; CPU tensors run ikport.reference.
 """
 
 from __future__ import annotations

@@ -57,8 +57,8 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
   T* s_q = reinterpret_cast<T*>(smem) + C::ring_bytes() / sizeof(T);  // after the rings
   T* scratch = s_q + 16 * LD + warp * mm::kCToAScratch;
   typename C::Loader kv(p, blk, warp, lane, smem, tile_row0);
-  // (The kernel's lambdas wrap the loader's address work: inlined after their own optimization,
-  // as the code was written before the loaders, they keep the generated code unchanged.)
+  // The loader's address work goes through lambdas, as this code did before the loaders: clang
+  // optimizes a lambda before inlining it, and calling the loader directly changed AMD's code.
   auto tile = [&](int i, int tensor) { return kv.tile(i % STAGES, tensor); };
   typename C::Loader::Located located;  // the next step to copy, located a step ahead
   auto locate = [&](int i, int end) { kv.locate(p, located, tile_row0, i, end); };

@@ -68,6 +68,7 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
   const int n_steps = range.t_end > range.t_begin ? (range.t_end - range.t_begin + kStep - 1) / kStep : 0;
   auto step_row = [&](int i) { return range.t_begin + i * kStep + g; };  // this row group's row in step i
   typename C::Loader::Located next;  // the next step to copy, located a step ahead
+  // (Lambdas around the loader, as in decode_mma.cuh: the generated code stays as it was.)
   auto locate = [&](int i) { kv.locate(p, next, step_row(i), range.t_end); };
   // Copies step i's K/V rows of this thread into ring stage i % STAGES (zeros past `end`); a
   // step's addresses must have been located.

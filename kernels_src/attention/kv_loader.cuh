@@ -1,29 +1,27 @@
-// kv_loader.cuh -- KV loaders: the one place the decode kernels read the K/V cache. A split kernel
-// keeps the stream's schedule (which rows a step holds, how far the ring runs ahead, when copies
-// are committed and waited for); the loader its LOADER parameter names (the manifest's `loader`,
-// mapped by its cpp_names) does the rest: addressing (strides, pages), the copies into the ring
-// or straight into registers, the early copy's bounds, and the values the math reads.
+// kv_loader.cuh -- KV loaders: the code that knows the K/V cache's format. A split kernel keeps the
+// stream's schedule (which rows a step holds, how far the ring runs ahead, when copies are issued,
+// committed and waited for); the loader its LOADER parameter names (the manifest's `loader`,
+// mapped by cpp_names) does the addressing (strides, pages), the copies, the early copy's bounds
+// and the values the math reads.
 //
-// A new cache format (INT8, KIVI INT4) is a new loader type, not a new kernel: a struct like
-// DenseLoader with two member templates, each providing what DenseLoader's do.
-//   Vector<T, HEAD_DIM, PAGED, THREADS, UNROLL, STAGES> (decode_vector.cuh; lanes: VectorLanes):
-//     kSlotBytes (a lane's ring bytes per row and tensor: SplitConfig::smem_bytes), Keys, Values
-//     (a step's rows in registers), Located (a step's address work done a step ahead: page ids),
-//     locate / clamp_early / copy (ring stage) / read (+ zero V past the end of the early copy) /
-//     load (STAGES == 0), key / value (dims d0..d0+7 of row u as floats: dequantized here).
-//   Matrix<T, HEAD_DIM, PAGED, THREADS, STAGES> (decode_mma.cuh; tiles: MatrixTiles):
-//     kSlotBytes (a warp's ring slot: MmaConfig::smem_bytes), Located, locate / clamp_early, the
-//     16-byte copies of a tile (kCopies, copy_in_tile, copy_row, dest, key_source, value_source,
-//     whole, advance), copy_side (after a step's copies), landed (after they land, before the
-//     warp reads the tiles: zeroes V past the early copy's end), tile (the 16 x kLd T tiles the
-//     fragment loads read).
-// INT8 (codes, one scale per token and head): Vector copies 8 bytes of codes a row (kSlotBytes 8)
-// and the row's scale (into its slot, or loaded in read), key/value scale the codes; Matrix
-// copies code tiles in 16-byte chunks and the scales in copy_side into its slot, and turns codes
-// into the T tile in landed (kSlotBytes covers codes, scales and the T tiles). KIVI INT4: K codes
-// with a per-channel scale and zero per group of G tokens (copied once per group), the newest < G
-// tokens read from the full-precision residual (located per row), V with a per-token scale and
-// zero per channel group; the same members.
+// A new format (INT8, KIVI INT4) is a new loader type, not a new kernel: a struct with the two
+// member templates DenseLoader has, each with DenseLoader's members:
+//   Vector (decode_vector.cuh; lanes: VectorLanes): kSlotBytes, a lane's ring bytes per row and
+//     tensor (SplitConfig::smem_bytes, mirrored by ikport/configs.py); Keys and Values, a step's
+//     rows in registers; Located, what locate finds a step ahead (page ids); locate, clamp_early,
+//     copy (into a ring stage), read (from it; zeroes V past the early copy's end), load
+//     (STAGES == 0), key and value (a row's 8 dims as floats: where codes are dequantized).
+//   Matrix (decode_mma.cuh; tiles: MatrixTiles): kSlotBytes, a warp's ring slot (MmaConfig);
+//     Located, locate, clamp_early; a tile's 16-byte copies (kCopies, copy_in_tile, copy_row,
+//     dest, key_source, value_source, kbase/vbase for the zero-byte ones, whole, advance);
+//     copy_side, after a step's copies (scales); landed, once they land (before the warp reads
+//     the tiles): where codes become the T tiles `tile` returns for the fragment loads.
+// INT8 (codes, a scale per token and head): Vector copies a row's 8 codes (kSlotBytes 8) and the
+// row's scale, key/value multiply; Matrix copies code tiles and scales into its slot (kSlotBytes
+// covers codes, scales and the T tiles) and dequantizes in landed. KIVI INT4: K codes with a
+// per-channel scale and zero per group of G tokens (copied once per group), the newest < G tokens
+// from the full-precision residual (located per row), V with a per-token scale and zero per
+// channel group.
 #pragma once
 #include "common.cuh"
 
@@ -78,7 +76,8 @@ struct DenseLoader {
     IK_DEVICE Vector(const DecodeParams& params, const SplitBlock& blk, int d0, bool active, float* smem)
         : b(blk.b), hk(blk.hk), lane_active(active),
           kbase(static_cast<const T*>(params.k) + d0), vbase(static_cast<const T*>(params.v) + d0),
-          bt_row(PAGED ? params.block_table + blk.b * params.bt_sb : nullptr), ring(reinterpret_cast<uint4*>(smem)) {}
+          bt_row(PAGED ? params.block_table + blk.b * params.bt_sb : nullptr),
+          ring(reinterpret_cast<uint4*>(smem)) {}
 
     // Ring stage `stage`, row u of the step, K (kv 0) or V (1): this thread's own 16-byte slot.
     IK_DEVICE uint4* slot(int stage, int u, int kv) const {
@@ -161,14 +160,18 @@ struct DenseLoader {
     const T* k_next;  // the cursor (kTileCursor): the warp's next tile
     const T* v_next;
 
-    // tile_row0(i): the first row of the warp's step i.
+    // tile_row0(i): the first row of the warp's step i. (The cursor's start is row_offset<false>
+    // written out: calling it changed gfx942's code.)
     template <class TileRow0>
-    IK_DEVICE Matrix(const DecodeParams& params, const SplitBlock& blk, int warp_, int lane_, float* smem, TileRow0 tile_row0)
+    IK_DEVICE Matrix(const DecodeParams& params, const SplitBlock& blk, int warp_, int lane_, float* smem,
+                     TileRow0 tile_row0)
         : b(blk.b), hk(blk.hk), warp(warp_), lane(lane_), ring(reinterpret_cast<T*>(smem)),
           kbase(static_cast<const T*>(params.k)), vbase(static_cast<const T*>(params.v)),
           bt_row(PAGED ? params.block_table + blk.b * params.bt_sb : nullptr),
-          k_next(kbase + (PAGED ? 0 : b * params.k_sb + hk * params.k_sh + static_cast<long long>(tile_row0(0)) * params.k_st)),
-          v_next(vbase + (PAGED ? 0 : b * params.v_sb + hk * params.v_sh + static_cast<long long>(tile_row0(0)) * params.v_st)) {}
+          k_next(kbase + (PAGED ? 0 : b * params.k_sb + hk * params.k_sh +
+                                          static_cast<long long>(tile_row0(0)) * params.k_st)),
+          v_next(vbase + (PAGED ? 0 : b * params.v_sb + hk * params.v_sh +
+                                          static_cast<long long>(tile_row0(0)) * params.v_st)) {}
 
     // Slot `stage` of the warp's ring: the K (tensor 0) or V (1) tile, 16 rows of kLd.
     IK_DEVICE T* tile(int stage, int tensor) const {

@@ -145,11 +145,11 @@ struct WarpStates {
 };
 
 // The end of a split block, shared by both split kernels. `states` holds each warp's online
-// softmax state (WarpStates), and every thread has passed a barrier since it was written. Merges the warps,
-// then the splits: fused (the last block), clustered (into block 0's `c_out`, past the kernel's
-// own shared memory), or later by attn_decode_combine.
-// (The block's coordinates other than b, hk, row0 are recomputed here, not kept in registers
-// through the stream.)
+// softmax state (WarpStates), and every thread has passed a barrier since it was written. Merges
+// the warps, then the splits: fused (the last block), clustered (into block 0's `c_out`, past the
+// kernel's own shared memory), or later by attn_decode_combine. The block's other coordinates
+// are recomputed here, not kept in registers through the stream (passing its SplitBlock changed
+// the generated code).
 template <class T, int HEAD_DIM, int ROWS, int THREADS, int WARPS, int CLUSTER>
 IK_DEVICE void finish_split(const DecodeParams& p, float* states, float* c_out, int b, int hk, int row0) {
   using S = WarpStates<WARPS, ROWS, HEAD_DIM>;
