@@ -2,8 +2,9 @@
 
 Both take torch-SDPA-style [batch, heads, seq, head_dim] tensors; fewer KV heads than query
 heads means grouped-query attention. GPU tensors run the decode kernels of
-kernels_src/attention/; CPU tensors run ikport.reference. Eager calls go to ikport.impl.attention;
-while torch.compile traces, each call becomes one custom-op node (ikport.ops).
+kernels_src/attention/decode.cuh; CPU tensors run ikport.reference. Eager calls go to
+ikport.impl.attention; while torch.compile traces, each call becomes one custom-op node
+(ikport.ops).
 """
 
 from __future__ import annotations

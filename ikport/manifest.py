@@ -2,7 +2,8 @@
 
 A KernelSpec names one instantiation: family, kernel and template parameter values. Its `uri`
 is the one name of that specialization (cache entries, logs, the compile table); its
-`name_expr` is the C++ expression the compilers instantiate and look up.
+`name_expr` is the C++ expression the compilers instantiate and look up (string values through
+the manifest's `cpp_names`). A family's `defaults` fill the parameters a caller leaves out.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ from typing import Any, Iterator
 import yaml
 
 from .backends.source import KERNELS_DIR
-
-_CPP_DTYPE = {"fp16": "ik::half_t", "bf16": "ik::bf16_t"}
 
 
 @dataclass(frozen=True)
@@ -46,11 +45,11 @@ class KernelSpec:
     @property
     def name_expr(self) -> str:
         args = []
-        for _, v in self.params:
+        for name, v in self.params:
             if isinstance(v, bool):
                 args.append("true" if v else "false")
             elif isinstance(v, str):
-                args.append(_CPP_DTYPE[v])
+                args.append(cpp_name(self.family, name, v))
             else:
                 args.append(str(int(v)))
         return f"{self.entry}<{', '.join(args)}>"
@@ -70,6 +69,15 @@ def load(path: Path | None = None) -> dict[str, Any]:
         return yaml.safe_load(f)
 
 
+def cpp_name(family: str, param: str, value: str) -> str:
+    """The C++ name of a string template value: the family's `cpp_names`, else the manifest's."""
+    doc = load()
+    for names in (doc["families"][family].get("cpp_names", {}), doc.get("cpp_names", {})):
+        if value in names.get(param, {}):
+            return names[param][value]
+    raise ValueError(f"{family}: no C++ name for {param}={value!r} in the manifest's cpp_names")
+
+
 def _admits(rule: Any, value: Any) -> bool:
     if isinstance(rule, list):
         return value in rule and type(value) is type(rule[rule.index(value)])
@@ -84,12 +92,15 @@ def _admits(rule: Any, value: Any) -> bool:
 
 
 def spec(family: str, kernel: str, **values: Any) -> KernelSpec:
-    """The instantiation `family.kernel` with these template values; ValueError if the manifest
-    does not allow it (the message says which parameter and what is allowed)."""
+    """The instantiation `family.kernel` with these template values, the family's `defaults`
+    filling the parameters left out; ValueError if the manifest does not allow it (the message
+    says which parameter and what is allowed)."""
     fams = load()["families"]
     if family not in fams or kernel not in fams[family]["kernels"]:
         raise ValueError(f"no kernel {family}.{kernel} in the manifest")
     order = fams[family]["kernels"][kernel]["template"]
+    defaults = fams[family].get("defaults", {})
+    values = {**{n: defaults[n] for n in order if n in defaults}, **values}
     if set(values) != set(order):
         raise ValueError(f"{family}.{kernel} takes template parameters {order}, got {sorted(values)}")
     allowed = fams[family]["allowed"]
@@ -108,7 +119,7 @@ def default_instantiations(family: str | None = None) -> Iterator[KernelSpec]:
             continue
         for line in info["instantiations"]:
             kernel = line["kernel"]
-            names = info["kernels"][kernel]["template"]
+            names = [n for n in info["kernels"][kernel]["template"] if n in line]  # the rest: defaults
             lists = [line[n] if isinstance(line[n], list) else [line[n]] for n in names]
             for combo in itertools.product(*lists):
                 yield spec(fam, kernel, **dict(zip(names, combo)))

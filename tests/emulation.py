@@ -11,6 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = Path(__file__).resolve().parent / "emu"
+KERNELS = ROOT / "kernels_src"
 GXX = next((c for c in ("g++", "clang++", "clang++-19") if shutil.which(c)), None)
 CLANG = next((c for c in ("clang++-19", "clang++") if shutil.which(c)), None)  # ext_vector_type
 _ALIGNED = r"(?:__attribute__\(\(aligned\(\d+\)\)\)\s+)?"
@@ -28,12 +29,13 @@ def emulated_source(text: str) -> str:
 
 
 def build(kernels: list[Path], main: str, defines: dict[str, object], out: Path, cxx: str) -> ctypes.CDLL:
-    """tests/emu/`main` with the kernel files `kernels` (rewritten by emulated_source) as a shared
-    library."""
+    """tests/emu/`main` with the kernel files `kernels` (rewritten by emulated_source, at their
+    paths under kernels_src/, so `main` includes e.g. "attention/decode.cuh") as a shared library."""
     src = out.parent / f"{out.stem}-src"
-    src.mkdir(exist_ok=True)
     for kernel in kernels:
-        (src / kernel.name).write_text(emulated_source(kernel.read_text()))
+        dest = src / kernel.relative_to(KERNELS)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_text(emulated_source(kernel.read_text()))
     # (-fno-gnu-unique: each build keeps its own emulator state, though several share the process)
     args = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Werror", "-Wno-unknown-pragmas",
             "-Wno-unused-variable", "-Wno-unused-but-set-variable", "-Wno-psabi",

@@ -25,15 +25,15 @@ pytestmark = pytest.mark.amd_offline
 
 DECODE = [
     ("attn_decode_naive<ik::half_t, 128>", "DecodeParams"),
-    ("attn_decode_split<ik::half_t, 128, 4, false, 128, 4, 3>", "DecodeParams"),
-    ("attn_decode_split<ik::bf16_t, 64, 8, true, 128, 2, 0>", "DecodeParams"),
+    ("attn_decode_split<ik::half_t, 128, 4, false, 128, 4, 3, decode::DenseLoader>", "DecodeParams"),
+    ("attn_decode_split<ik::bf16_t, 64, 8, true, 128, 2, 0, decode::DenseLoader>", "DecodeParams"),
     ("attn_decode_combine<ik::bf16_t, 128>", "DecodeParams"),
 ]
 MMA = [
     ("mma_tile<ik::half_t, false>", "MmaTileParams"),
     ("mma_tile<ik::bf16_t, true>", "MmaTileParams"),
 ]
-FAMILIES = {"attention_decode.cuh": DECODE, "mma_tile.cuh": MMA}
+FAMILIES = {"attention/decode.cuh": DECODE, "mma_tile.cuh": MMA}
 
 WAVEFRONT = {"gfx90a": 64, "gfx942": 64, "gfx1100": 32}
 MATRIX_INSTRUCTION = {  # prefix of the mnemonic; CDNA2 spells `16x16x16f16`, CDNA3 `16x16x16_f16`
@@ -94,7 +94,7 @@ def test_offline_kernels_compile_with_resources(offline):
 
 def test_offline_decode_kernels_use_no_scratch(offline):
     arch, modules = offline
-    spills = {n: r.spill_bytes for n, r in modules["attention_decode.cuh"].resources.items()}
+    spills = {n: r.spill_bytes for n, r in modules["attention/decode.cuh"].resources.items()}
     assert all(s == 0 for s in spills.values()), f"{arch}: scratch bytes per kernel {spills}"
 
 

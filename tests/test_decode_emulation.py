@@ -1,7 +1,7 @@
 """The decode kernel's own source, executed on the CPU, checked against the fp32 reference.
 
-tests/emu/decode_main.cpp includes kernels_src/attention_decode.cuh after
-tests/emu/block_emu.hpp, a host stand-in for the ik::vendor layer that runs every thread of a
+tests/emu/decode_main.cpp includes the attention_decode family (kernels_src/attention/decode.cuh)
+after tests/emu/block_emu.hpp, a host stand-in for the ik::vendor layer that runs every thread of a
 block as a coroutine. The kernel text is unchanged but for its shared-memory declarations, which
 `emulation.emulated_source` rewrites into calls that give each block its own. Each configuration below is
 one build: a warp/wave size and what a class of targets has (cp.async on NVIDIA sm_80+, block
@@ -25,18 +25,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from ikport import configs, reference
+from ikport import configs, manifest, reference
 from ikport.attention import paged_kv_from_dense
 from ikport.kernels import DecodeParams
 
 import emulation
 
-KERNEL = emulation.ROOT / "kernels_src" / "attention_decode.cuh"
+KERNELS = sorted((emulation.KERNELS / "attention").glob("*.cuh"))  # the family's files
 CXX = emulation.GXX
 pytestmark = pytest.mark.skipif(CXX is None, reason="no host C++ compiler (g++ or clang++)")
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # max abs error, as the GPU suite
-DTYPES = {"fp16": (torch.float16, "ik::half_t"), "bf16": (torch.bfloat16, "ik::bf16_t")}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 CUDA = dict(wave=32, mask="unsigned int", async_copy=1, cluster=0)  # sm_80-sm_89
@@ -44,7 +44,8 @@ SM90 = dict(CUDA, cluster=2)  # + block clusters (the clustered entry built for 
 CDNA = dict(wave=64, mask="unsigned long long", async_copy=0, cluster=0)  # gfx90a, gfx942
 RDNA3 = dict(CDNA, wave=32)  # gfx1100: 32-lane waves, 64-bit ballots
 # name: target facts, then the kernel's template values (head_dim, query rows, threads, rows per
-# row group a step, ring stages: 0 reads K/V straight into registers)
+# row group a step, ring stages: 0 reads K/V straight into registers; `loader`, the KV loader,
+# dense unless named)
 CONFIGS = {
     "cuda-ring4-d128-r4-t128-fp16": dict(CUDA, dtype="fp16", head_dim=128, rows=4, threads=128, unroll=2, stages=4),
     # head_dim 96 leaves 4 of 16 lanes of a row group idle
@@ -92,9 +93,10 @@ def build(name: str, tmp: Path) -> ctypes.CDLL:
     defines = {
         "IK_WARP_SIZE": c["wave"], "EMU_LANE_MASK_T": c["mask"], "EMU_ASYNC_COPY": c["async_copy"],
         "EMU_CLUSTERS": int(c["cluster"] > 0),
-        "EMU_CLUSTER": max(c["cluster"], 1), "EMU_T": DTYPES[c["dtype"]][1], "EMU_HEAD_DIM": c["head_dim"],
-        "EMU_ROWS": c["rows"], "EMU_THREADS": c["threads"], "EMU_UNROLL": c["unroll"], "EMU_STAGES": c["stages"],
-        "EMU_MMA": int("mma" in c),
+        "EMU_CLUSTER": max(c["cluster"], 1), "EMU_T": manifest.cpp_name("attention_decode", "dtype", c["dtype"]),
+        "EMU_HEAD_DIM": c["head_dim"], "EMU_ROWS": c["rows"], "EMU_THREADS": c["threads"], "EMU_UNROLL": c["unroll"],
+        "EMU_STAGES": c["stages"], "EMU_MMA": int("mma" in c),
+        "EMU_LOADER": manifest.cpp_name("attention_decode", "loader", c.get("loader", "dense")),
     }
     cxx = CXX
     if c.get("mma"):
@@ -102,7 +104,7 @@ def build(name: str, tmp: Path) -> ctypes.CDLL:
             pytest.skip("the emulated matrix units need host clang++ (ext_vector_type)")
         defines[MATRIX_LAYOUT[c["mma"]]] = 1
         cxx = emulation.CLANG
-    lib = emulation.build([KERNEL], "decode_main.cpp", defines, tmp / f"{name}.so", cxx)
+    lib = emulation.build(KERNELS, "decode_main.cpp", defines, tmp / f"{name}.so", cxx)
     for fn in (lib.emu_decode_split, lib.emu_decode_combine, lib.emu_decode_naive):
         fn.restype = ctypes.c_char_p
     lib.emu_decode_split.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -129,7 +131,7 @@ def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1
     """(kernel output, fp32 reference) for one case on fresh random inputs; `clustered`: the
     split merge in a block cluster of `splits` blocks; `naive`: v0 instead of the split kernel."""
     c = CONFIGS[name]
-    dtype, D, rows = DTYPES[c["dtype"]][0], c["head_dim"], c["rows"]
+    dtype, D, rows = DTYPES[c["dtype"]], c["head_dim"], c["rows"]
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hq, Tq, D, generator=g).to(dtype)
     if strided:  # a [B, L, Hkv, D] cache read as [B, Hkv, L, D]: sequence stride Hkv * D

@@ -56,3 +56,8 @@ def test_wheel_compiles_kernels_from_another_directory(wheel, tmp_path):
                           "--filter", "mma_tile"], cwd=tmp_path, env=env, check=True,
                          capture_output=True, text=True).stdout
     assert [r["status"] for r in json.loads(out)] == ["ok"] * 4
+    # a family file in a sub-directory whose includes sit beside it (kernels_src/attention/)
+    out = subprocess.run([sys.executable, "-m", "ikport", "compile", "--target", "sm_90", "--json",
+                          "--filter", "attention_decode.combine[dtype=fp16,head_dim=64]"], cwd=tmp_path, env=env,
+                         check=True, capture_output=True, text=True).stdout
+    assert [r["status"] for r in json.loads(out)] == ["ok"]

@@ -1,31 +1,32 @@
-// decode_main.cpp -- kernels_src/attention_decode.cuh run on the CPU by the block emulator, as a
-// shared library the test loads with ctypes. One build per kernel configuration (-D EMU_*).
+// decode_main.cpp -- the attention_decode family (kernels_src/attention/decode.cuh) run on the CPU
+// by the block emulator, as a shared library the test loads with ctypes. One build per kernel
+// configuration (-D EMU_*; EMU_LOADER: the KV loader's C++ name, from the manifest's cpp_names).
 #include "block_emu.hpp"
-#include "attention_decode.cuh"
+#include "attention/decode.cuh"
 
 #if !defined(EMU_T) || !defined(EMU_HEAD_DIM) || !defined(EMU_ROWS) || !defined(EMU_THREADS) || \
-    !defined(EMU_UNROLL) || !defined(EMU_STAGES) || !defined(EMU_CLUSTER) || !defined(EMU_MMA)
-#error "define EMU_T, EMU_HEAD_DIM, EMU_ROWS, EMU_THREADS, EMU_UNROLL, EMU_STAGES, EMU_CLUSTER and EMU_MMA"
+    !defined(EMU_UNROLL) || !defined(EMU_STAGES) || !defined(EMU_CLUSTER) || !defined(EMU_MMA) || !defined(EMU_LOADER)
+#error "define EMU_T, EMU_HEAD_DIM, EMU_ROWS, EMU_THREADS, EMU_UNROLL, EMU_STAGES, EMU_CLUSTER, EMU_MMA and EMU_LOADER"
 #endif
 
 namespace {
 DecodeParams params;
 #if EMU_MMA  // v11, the matrix units (a build with an emulated AMD or NVIDIA layout: matrix_emu.hpp)
 template <bool PAGED>
-void split_body() { attn_decode_split_mma<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_STAGES>(params); }
+void split_body() { attn_decode_split_mma<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_STAGES, EMU_LOADER>(params); }
 #if EMU_CLUSTER > 1
 template <bool PAGED>
 void cluster_body() {
-  attn_decode_split_mma_cluster<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_STAGES, EMU_CLUSTER>(params);
+  attn_decode_split_mma_cluster<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_STAGES, EMU_CLUSTER, EMU_LOADER>(params);
 }
 #endif
 #else
 template <bool PAGED>
-void split_body() { attn_decode_split<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_UNROLL, EMU_STAGES>(params); }
+void split_body() { attn_decode_split<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_UNROLL, EMU_STAGES, EMU_LOADER>(params); }
 #if EMU_CLUSTER > 1
 template <bool PAGED>
 void cluster_body() {
-  attn_decode_split_cluster<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_UNROLL, EMU_STAGES, EMU_CLUSTER>(params);
+  attn_decode_split_cluster<EMU_T, EMU_HEAD_DIM, EMU_ROWS, PAGED, EMU_THREADS, EMU_UNROLL, EMU_STAGES, EMU_CLUSTER, EMU_LOADER>(params);
 }
 #endif
 #endif
