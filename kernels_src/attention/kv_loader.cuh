@@ -7,7 +7,7 @@
 // A new format (INT8, KIVI INT4) is a new loader type, not a new kernel: a struct with the two
 // member templates DenseLoader has, each with DenseLoader's members:
 //   Vector (decode_vector.cuh; lanes: VectorLanes): kSlotBytes, a lane's ring bytes per row and
-//     tensor (SplitConfig::smem_bytes, mirrored by ikport/configs.py); Keys and Values, a step's
+//     tensor (SplitConfig::smem_bytes, mirrored by ikport/plan/decode.py); Keys and Values, a step's
 //     rows in registers; Located, what locate finds a step ahead (page ids); locate, clamp_early,
 //     copy (into a ring stage), read (from it; zeroes V past the early copy's end), load
 //     (STAGES == 0), key and value (a row's 8 dims as floats: where codes are dequantized).
@@ -144,7 +144,7 @@ struct DenseLoader {
     // Where copies are asynchronous an issue is nothing but address work: a warp keeps its next
     // tile's start in a contiguous cache and moves it on by its tile stride (issue takes the steps
     // in order), and whole tiles skip the row checks (sm_90, D1: 592 -> 378 loop instructions a
-    // whole tile, decode-sass.json). Synchronous copies (AMD, NVIDIA before sm_80) and paged
+    // whole tile, decode.md v11). Synchronous copies (AMD, NVIDIA before sm_80) and paged
     // caches recompute each source from (b, hk, t) or the page: with synchronous copies the
     // hoisted offsets stay in registers (gfx1100 spilled).
     static constexpr bool kTileCursor = IK_HAS_ASYNC_COPY && !PAGED;
