@@ -103,7 +103,8 @@ def fingerprint_one(uri: str, arch: str) -> dict:
     except Exception as e:  # noqa: BLE001 - a failed row, reported
         return {"status": "failed", "error": str(e).splitlines()[0][:200] if str(e) else repr(e)}
     res = module.resources.get(s.name_expr)
-    text = "\n".join(re.sub(r"\.L\w+", ".L", ln) for ln in lines)  # label names: per-function numbering
+    # label names (per-function numbering) and mangled symbols (a renamed template) left out
+    text = "\n".join(re.sub(r"_Z\w+", "_Z", re.sub(r"\.L\w+", ".L", ln)) for ln in lines)
     return {"status": "ok", "instructions": len(lines), "sha": hashlib.sha256(text.encode()).hexdigest()[:16],
             "registers": getattr(res, "registers", None), "spill_bytes": getattr(res, "spill_bytes", None),
             "shared_bytes": getattr(res, "shared_bytes", None)}
