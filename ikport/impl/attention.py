@@ -26,7 +26,8 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None,
               options: DecodeOptions | None = None) -> torch.Tensor:
     """`ikport.attention`, eager (see its docstring; positional: this is the per-call path)."""
     scale = checks.scale(scale)  # every call: the scale is not part of the cached layout
-    sig = _signature(("attention", options), q, k, v, kv_lens, out)
+    kind = ("attention", options) if options is None or type(options) is DecodeOptions else None
+    sig = _signature(kind, q, k, v, kv_lens, out)
     call = _checked_call(sig, q, k, v)
     if call is _UNCHECKED:
         checks.attention(q, k, v, kv_lens)
@@ -44,7 +45,8 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal: bool = Fa
                     options: DecodeOptions | None = None) -> torch.Tensor:
     """`ikport.paged_attention`, eager (see its docstring)."""
     scale = checks.scale(scale)  # every call: the scale is not part of the cached layout
-    sig = _signature(("paged", options), q, k_pages, v_pages, block_table, kv_lens, out)
+    kind = ("paged", options) if options is None or type(options) is DecodeOptions else None
+    sig = _signature(kind, q, k_pages, v_pages, block_table, kv_lens, out)
     call = _checked_call(sig, q, k_pages, v_pages)
     if call is _UNCHECKED:
         checks.paged(q, k_pages, v_pages, block_table, kv_lens)
@@ -68,10 +70,11 @@ _UNCHECKED = object()
 _checked: dict[tuple, _DecodeCall | None] = {}
 
 
-def _signature(kind: tuple, q: object, k: object, v: object, *more: object) -> tuple | None:
+def _signature(kind: tuple | None, q: object, k: object, v: object, *more: object) -> tuple | None:
     # Spelled out for q, k and v: this runs on every call (~0.3 us less than a loop over all).
+    # kind None: unusual options, which the full checks name.
     T = torch.Tensor
-    if type(q) is not T or type(k) is not T or type(v) is not T:
+    if kind is None or type(q) is not T or type(k) is not T or type(v) is not T:
         return None  # anything unusual takes the full checks (which name the problem)
     sig = (kind, q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device,
            v.shape, v.stride(), v.dtype, v.device)

@@ -65,6 +65,8 @@ _checked: dict[tuple, Backend] = {}
 def _signature(x: object, weight: object, out: object, options: object) -> tuple | None:
     if type(x) is not torch.Tensor or type(weight) is not Int4Weight:
         return None
+    if options is not None and type(options) is not W4A16Options:
+        return None  # the full checks name it
     if out is not None and type(out) is not torch.Tensor:
         return None
     o = None if out is None else (out.shape, out.stride(), out.dtype, out.device)
