@@ -8,12 +8,11 @@ HIP 5.2 needs). ci/setup-amd.sh installs both toolchains.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import os
 import re
 
 import pytest
+from ikport import manifest
 from ikport.backends.amd_metadata import unpackb
 from ikport.backends.amd_offline import AmdOfflineCompiler, isa_version
 from ikport.backends.base import CompiledModule, CompileError
@@ -74,15 +73,12 @@ def check_module(m: CompiledModule, family: str, arch: str) -> None:
 
 # ---- clang-19: every AMD target ---------------------------------------------------------------
 @pytest.fixture(scope="module", params=sorted(WAVEFRONT))
-def offline(request, tmp_path_factory) -> tuple[str, dict[str, CompiledModule]]:
+def offline(request) -> tuple[str, dict[str, CompiledModule]]:
     """Both kernel families for one target, compiled once for the tests below."""
     if not AmdOfflineCompiler.available():
         pytest.skip(NO_CLANG)
     arch, compiler = request.param, AmdOfflineCompiler()
-    with pytest.MonkeyPatch.context() as mp:  # conftest's per-session cache, for a module fixture
-        if "IKPORT_CACHE_DIR" not in os.environ:
-            mp.setenv("IKPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ikport-cache"))
-        return arch, build_all(lambda src, names: compiler.compile(src, names, [], Target(arch)))
+    return arch, build_all(lambda src, names: compiler.compile(src, names, [], Target(arch)))
 
 
 def test_offline_kernels_compile_with_resources(offline):
@@ -161,63 +157,7 @@ def test_isa_version_numbers():
 
 
 # ---- every manifest kernel, every AMD target: what the NVIDIA build has, the AMD build has ------
-@pytest.fixture(scope="module")
-def manifest_builds(tmp_path_factory) -> tuple[list, dict[str, dict[str, CompiledModule]]]:
-    """Every manifest instantiation, one program per family, for sm_90 (NVRTC) and each AMD target
-    (clang-19, the targets in parallel)."""
-    if not AmdOfflineCompiler.available():
-        pytest.skip(NO_CLANG)
-    pytest.importorskip("cuda.bindings", reason="the NVIDIA side needs NVRTC: ikport[cuda]")
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ikport import manifest
-    from ikport.dispatch import get_backend
-
-    specs = list(manifest.default_instantiations())
-    families: dict[str, list] = {}
-    for s in specs:
-        families.setdefault(s.source_file, []).append(s)
-
-    def build(compile_fn) -> dict[str, CompiledModule]:
-        return {f: compile_fn(kernel_source(f, [(s.name_expr, s.params_type) for s in ss]),
-                              [s.name_expr for s in ss]) for f, ss in families.items()}
-
-    def amd(arch: str) -> dict[str, CompiledModule]:
-        return build(lambda src, names: AmdOfflineCompiler().compile(src, names, [], Target(arch)))
-
-    with pytest.MonkeyPatch.context() as mp:
-        if "IKPORT_CACHE_DIR" not in os.environ:
-            mp.setenv("IKPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ikport-cache"))
-        AmdOfflineCompiler().device_lib_dir()  # made once, before the threads
-        with ThreadPoolExecutor(max_workers=len(WAVEFRONT)) as pool:
-            modules = dict(zip(WAVEFRONT, pool.map(amd, WAVEFRONT)))
-        cuda = get_backend("cuda")
-        modules["sm_90"] = build(lambda src, names: cuda.compile(src, names, [], Target("sm_90")))
-    return specs, modules
-
-
-@functools.cache
-def kernel_bodies(assembly: str) -> dict[str, str]:
-    """Kernel symbol -> its instructions: PTX from `.entry sym(` to the next .entry; AMD ISA from
-    the `sym:` label to the next .Lfunc_end label."""
-    bodies = {}
-    entries = list(re.finditer(r"\.entry\s+(\w+)\s*\(", assembly))
-    for m, after in zip(entries, [*entries[1:], None]):
-        bodies[m.group(1)] = assembly[m.end():after.start() if after else len(assembly)]
-    for m in re.finditer(r"^(\w+):", assembly, re.MULTILINE):
-        end = assembly.find(".Lfunc_end", m.end())
-        if end > 0:
-            bodies.setdefault(m.group(1), assembly[m.end():end])
-    return bodies
-
-
-def kernel_assembly(module: CompiledModule, name_expr: str) -> str:
-    sym = module.lowered_names[name_expr]
-    body = kernel_bodies(module.assembly).get(sym)
-    assert body is not None, f"{name_expr} ({sym}) not found in the {module.target} assembly"
-    return body
-
-
+# (the rows of conftest's session compile-all: nvidia_rows, amd_rows)
 def dynamic_lds_bytes(spec, arch: str) -> int:
     """The dynamic shared memory ikport/attention.py launches the kernel with (0: static only)."""
     from ikport import configs
@@ -234,40 +174,40 @@ def dynamic_lds_bytes(spec, arch: str) -> int:
     )
 
 
-def test_matrix_unit_on_amd_wherever_nvidia_has_mma(manifest_builds):
+@pytest.mark.slow
+def test_matrix_unit_on_amd_wherever_nvidia_has_mma(nvidia_rows, amd_rows):
     """Per manifest kernel: mma.sync in the sm_90 PTX <=> v_mfma (gfx90a, gfx942) / v_wmma (gfx1100)
     in that target's ISA. A kernel that loses its matrix instructions on one AMD target (a silent
     scalar fallback), or gains them, fails here."""
-    from ikport.toolchain import INSTRUCTION_PATTERNS
-
-    specs, modules = manifest_builds
-    mismatches, with_mma = [], 0
-    for s in specs:
-        ptx = kernel_assembly(modules["sm_90"][s.source_file], s.name_expr)
-        nv = len(re.findall(INSTRUCTION_PATTERNS["mma"], ptx))
-        with_mma += nv > 0
-        for arch, matrix in MATRIX_INSTRUCTION.items():
-            asm = kernel_assembly(modules[arch][s.source_file], s.name_expr)
-            amd = len(re.findall(rf"\b{matrix}\w*", asm))
-            if (amd > 0) != (nv > 0):
-                mismatches.append(f"{s.uri} on {arch}: {nv} mma.sync on sm_90, {amd} {matrix}*")
-    assert with_mma >= 1, "no manifest kernel uses mma on NVIDIA: the cross-check checked nothing"
+    nvidia = {r.kernel: r.instructions["mma"] for r in nvidia_rows if r.target == "sm_90"}
+    mismatches = []
+    for r in amd_rows:
+        if r.compiler != "clang-19":
+            continue  # hipRTC gives no ISA text
+        if (r.instructions["mma"] > 0) != (nvidia[r.kernel] > 0):
+            mismatches.append(f"{r.kernel} on {r.target}: {nvidia[r.kernel]} mma.sync on sm_90, "
+                              f"{r.instructions['mma']} {MATRIX_INSTRUCTION[r.target]}*")
+    assert sum(n > 0 for n in nvidia.values()) >= 1, (
+        "no manifest kernel uses mma on NVIDIA: the cross-check checked nothing")
+    assert len({r.kernel for r in amd_rows}) == len(nvidia)
     assert not mismatches, "\n".join(mismatches)
 
 
-def test_every_manifest_kernel_fits_each_amd_target(manifest_builds):
+@pytest.mark.slow
+def test_every_manifest_kernel_fits_each_amd_target(amd_rows):
     """Static LDS plus the dynamic LDS the launcher asks for within the target's limit; the
-    wavefront size the shim assumed; no scratch."""
-    specs, modules = manifest_builds
+    wavefront size the shim assumed (clang-19 and hipRTC); no scratch with clang-19 (HIP 5.2's
+    hipRTC gives some decode kernels 16 bytes)."""
+    specs = {s.uri: s for s in manifest.default_instantiations()}
     bad = []
-    for arch, wave in WAVEFRONT.items():
-        limit = ARCH_TABLE[arch].max_smem_per_block
-        for s in specs:
-            r = modules[arch][s.source_file].resources[s.name_expr]
-            lds = r.shared_bytes + dynamic_lds_bytes(s, arch)
-            if lds > limit or r.wavefront_size != wave or r.spill_bytes != 0:
-                bad.append(f"{s.uri} on {arch}: LDS {lds} (limit {limit}), "
-                           f"wave {r.wavefront_size}, scratch {r.spill_bytes}")
+    for r in amd_rows:
+        limit = ARCH_TABLE[r.target].max_smem_per_block
+        lds = r.shared_bytes + dynamic_lds_bytes(specs[r.kernel], r.target)
+        scratch = r.spill_bytes if r.compiler == "clang-19" else 0
+        if lds > limit or r.wavefront_size != WAVEFRONT[r.target] or scratch != 0:
+            bad.append(f"{r.kernel} on {r.target} ({r.compiler}): LDS {lds} (limit {limit}), "
+                       f"wave {r.wavefront_size}, scratch {r.spill_bytes}")
+    assert {r.target for r in amd_rows} == set(WAVEFRONT)
     assert not bad, "\n".join(bad)
 
 
