@@ -49,16 +49,21 @@ def _require_gpu(session: nox.Session, vendor: str) -> None:
         session.error(f"{session.name} needs {build}; none is visible here. Run `nox -s tests` on a CPU machine.")
 
 
+# One pytest-xdist worker per core, each test file whole on one worker: a file's module fixtures
+# (the emulator builds) are made once; the compile-all fixtures once per run (tests/conftest.py).
+PARALLEL = ["-n", "auto", "--dist", "loadfile"]
+
+
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
     """The CPU suite: GPU tests are skipped, AMD/NVIDIA compile-all runs."""
-    session.run("python", "-m", "pytest", "-m", "not gpu", *session.posargs)
+    session.run("python", "-m", "pytest", "-m", "not gpu", *PARALLEL, *session.posargs)
 
 
 @nox.session(python=False)
 def quick(session: nox.Session) -> None:
     """The CPU suite without the tests marked `slow` (compile-all, the emulator builds)."""
-    session.run("python", "-m", "pytest", "-m", "not gpu and not slow", *session.posargs)
+    session.run("python", "-m", "pytest", "-m", "not gpu and not slow", *PARALLEL, *session.posargs)
 
 
 @nox.session(python=False)

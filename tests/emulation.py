@@ -7,7 +7,10 @@ import ctypes
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from ikport.toolchain import default_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = Path(__file__).resolve().parent / "emu"
@@ -27,9 +30,10 @@ def emulated_source(text: str) -> str:
     return text
 
 
-def build(kernels: list[Path], main: str, defines: dict[str, object], out: Path, cxx: str) -> ctypes.CDLL:
-    """tests/emu/`main` with the kernel files `kernels` (rewritten by emulated_source) as a shared
-    library."""
+def compile_library(kernels: list[Path], main: str, defines: dict[str, object], out: Path,
+                    cxx: str) -> Path:
+    """tests/emu/`main` with the kernel files `kernels` (rewritten by emulated_source) as the shared
+    library `out`."""
     src = out.parent / f"{out.stem}-src"
     src.mkdir(exist_ok=True)
     for kernel in kernels:
@@ -42,4 +46,21 @@ def build(kernels: list[Path], main: str, defines: dict[str, object], out: Path,
             f"-I{src}", f"-I{EMU}", f"-I{ROOT / 'portability'}", EMU / main, "-o", out]
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr[-4000:]
-    return ctypes.CDLL(str(out))
+    return out
+
+
+def build(kernels: list[Path], main: str, defines: dict[str, object], out: Path, cxx: str) -> ctypes.CDLL:
+    return ctypes.CDLL(str(compile_library(kernels, main, defines, out, cxx)))
+
+
+def compile_libraries(builds: list[tuple]) -> list[Path]:
+    """compile_library(*b) for each of `builds`, several at once (the compiler is a child process)."""
+    with ThreadPoolExecutor(max_workers=default_jobs()) as pool:
+        return list(pool.map(lambda b: compile_library(*b), builds))
+
+
+def selected_params(request, name: str) -> set:
+    """The values of parameter `name` in the tests of the requesting fixture's module that this
+    run selected (what a module fixture must build)."""
+    return {item.callspec.params[name] for item in request.session.items
+            if item.module is request.module and name in getattr(getattr(item, "callspec", None), "params", {})}

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ikport
+from ikport.bench import __main__ as bench_main
 from ikport.bench import decode, harness
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,31 +275,26 @@ def test_bench_workload_records_ikport_error(
     assert "T4" not in results.speedups
 
 
-def test_cli_help() -> None:
-    for args in (["--help"], ["decode", "--help"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "ikport.bench", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "decode" in done.stdout
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit path")
-def test_cli_decode_without_gpu() -> None:
+def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m ikport.bench --help` as a process (the entry point); the area's help in process."""
     done = subprocess.run(
-        [sys.executable, "-m", "ikport.bench", "decode", "--quick"],
+        [sys.executable, "-m", "ikport.bench", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    assert done.returncode == 2
+    assert done.returncode == 0, done.stderr
+    assert "decode" in done.stdout
+    with pytest.raises(SystemExit) as exit_:
+        bench_main.main(["decode", "--help"])
+    assert exit_.value.code == 0 and "decode" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit path")
+def test_cli_decode_without_gpu() -> None:
+    assert bench_main.main(["decode", "--quick"]) == 2
 
 
 def _fake_results() -> decode.Results:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +14,6 @@ import ikport
 from ikport.bench import __main__ as bench_main
 from ikport.bench import harness
 from ikport.bench import w4a16 as bench
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 class FakeInt4Weight:
@@ -402,27 +398,14 @@ def test_run_writes_json_and_plot(
         assert out.with_suffix(".png").stat().st_size > 0
 
 
-def test_cli() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "ikport.bench", "w4a16", "--help"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert "--only" in done.stdout and "tinygemm" in done.stdout
+def test_cli(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        bench_main.main(["w4a16", "--help"])
+    out = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--only" in out and "tinygemm" in out
     if not torch.cuda.is_available():
-        done = subprocess.run(
-            [sys.executable, "-m", "ikport.bench", "w4a16", "--quick", "--only", "W1"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 2 and "no CUDA" in done.stdout
+        assert bench_main.main(["w4a16", "--quick", "--only", "W1"]) == 2
+        assert "no CUDA" in capsys.readouterr().out
 
 
 def test_harness_run_counts_budget() -> None:

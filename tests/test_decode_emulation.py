@@ -18,7 +18,6 @@ the GPU suite (tests/test_attention_gpu.py) does.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 from pathlib import Path
 
@@ -87,7 +86,8 @@ CONFIGS = {
 MATRIX_LAYOUT = {"mfma": "IK_MMA_AMD_MFMA_16X16X16", "wmma": "IK_MMA_AMD_WMMA_W32", "nv": "IK_MMA_EMULATED_NV"}
 
 
-def build(name: str, tmp: Path) -> ctypes.CDLL:
+def build_args(name: str, tmp: Path) -> tuple:
+    """emulation.compile_library's arguments for configuration `name`."""
     c = CONFIGS[name]
     defines = {
         "IK_WARP_SIZE": c["wave"], "EMU_LANE_MASK_T": c["mask"], "EMU_ASYNC_COPY": c["async_copy"],
@@ -98,11 +98,13 @@ def build(name: str, tmp: Path) -> ctypes.CDLL:
     }
     cxx = CXX
     if c.get("mma"):
-        if emulation.CLANG is None:
-            pytest.skip("the emulated matrix units need host clang++ (ext_vector_type)")
         defines[MATRIX_LAYOUT[c["mma"]]] = 1
         cxx = emulation.CLANG
-    lib = emulation.build([KERNEL], "decode_main.cpp", defines, tmp / f"{name}.so", cxx)
+    return [KERNEL], "decode_main.cpp", defines, tmp / f"{name}.so", cxx
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     for fn in (lib.emu_decode_split, lib.emu_decode_combine, lib.emu_decode_naive):
         fn.restype = ctypes.c_char_p
     lib.emu_decode_split.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -113,12 +115,22 @@ def build(name: str, tmp: Path) -> ctypes.CDLL:
 
 
 @pytest.fixture(scope="module")
-def libs(tmp_path_factory):
-    cache: dict[str, ctypes.CDLL] = {}
+def libs(request, tmp_path_factory):
+    """lib(config): every configuration this run's tests here use, built together up front (the
+    compilers run in parallel), each loaded on first use. The matrix-unit configurations need host
+    clang (ext_vector_type): their tests skip without it."""
+    used = emulation.selected_params(request, "config")
+    buildable = sorted(c for c in used if emulation.CLANG is not None or "mma" not in CONFIGS[c])
+    tmp = tmp_path_factory.mktemp("decode-emu")
+    paths = dict(zip(buildable, emulation.compile_libraries([build_args(c, tmp) for c in buildable])))
+    loaded: dict[str, ctypes.CDLL] = {}
+
     def get(name: str) -> ctypes.CDLL:
-        if name not in cache:
-            cache[name] = build(name, tmp_path_factory.mktemp(hashlib.sha1(name.encode()).hexdigest()[:8]))
-        return cache[name]
+        if name not in paths:
+            pytest.skip("the emulated matrix units need host clang++ (ext_vector_type)")
+        if name not in loaded:
+            loaded[name] = load(paths[name])
+        return loaded[name]
     return get
 
 

@@ -5,7 +5,6 @@ checks over the real manifest for the NVIDIA targets (the AMD ones: tests/test_c
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -254,13 +253,12 @@ def test_row_cache_compiles_once_and_never_keeps_failures(monkeypatch):
 
 # ---- the real manifest, NVIDIA targets: what CI asserts --------------------------------------
 @pytest.fixture(scope="module")
-def nvidia_entries():
-    pytest.importorskip("cuda.bindings", reason="pip install 'ikport[cuda]'")
-    specs = list(manifest.default_instantiations())
-    rows = report.compile_rows(specs, [Target(t) for t in NVIDIA_TARGETS], jobs=os.cpu_count())
-    return [report.enrich(r) for r in rows]
+def nvidia_entries(nvidia_rows):
+    """The session's NVIDIA compile-all (conftest), as the report enriches it."""
+    return [report.enrich(r) for r in nvidia_rows]
 
 
+@pytest.mark.slow
 def test_every_nvidia_instruction_check_passes(nvidia_entries):
     assert all(e.row.status == "ok" for e in nvidia_entries), [e.row.error for e in nvidia_entries]
     failed = [(e.row.kernel, e.row.target, c) for e in nvidia_entries for c in e.checks if not c.ok]
@@ -268,6 +266,7 @@ def test_every_nvidia_instruction_check_passes(nvidia_entries):
     assert all(len(e.checks) == 3 for e in nvidia_entries)
 
 
+@pytest.mark.slow
 def test_matrix_shim_is_mma_sync_on_every_nvidia_target(nvidia_entries):
     tile = [e for e in nvidia_entries if e.launch.matrix and e.row.kernel.startswith("mma_tile.")]
     assert {e.row.target for e in tile} == set(NVIDIA_TARGETS)
@@ -278,6 +277,7 @@ def test_matrix_shim_is_mma_sync_on_every_nvidia_target(nvidia_entries):
     assert all(e.row.instructions["mma"] > 0 and e.row.instructions["ldmatrix"] > 0 for e in w4)
 
 
+@pytest.mark.slow
 def test_cp_async_exactly_where_the_async_shim_is_used(nvidia_entries):
     """Consistency, not presence: the manifest may or may not list async-copy instantiations."""
     uses = {(e.row.kernel, e.row.target) for e in nvidia_entries if e.launch.async_copy}
@@ -285,6 +285,7 @@ def test_cp_async_exactly_where_the_async_shim_is_used(nvidia_entries):
     assert uses == emits
 
 
+@pytest.mark.slow
 def test_nvidia_occupancy_is_estimated_for_every_row(nvidia_entries):
     for e in nvidia_entries:
         assert e.occupancy is not None and 1 <= e.occupancy.blocks <= 32, e.row

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ikport import configs, kernels, manifest, warmup
+from ikport.__main__ import main as ikport_main
 from ikport.backends.cache import DiskCache
 from ikport.backends.target import Target
 
@@ -22,6 +23,10 @@ FEW = dict(head_dims=[64], name_filter="rows=1,")
 # fp16 + bf16 x (contiguous, paged, contiguous at 128 threads, one block per SM contiguous and
 # paged; sm_90: + the clustered versions of contiguous and both one block per SM for 2, 4 and 8 splits)
 N_FEW = 2 * (5 + 3 * len(warmup.WARMUP_CLUSTERS))
+# What the compiling tests build (the same path per kernel, so a few): fp16 + bf16 x (paged, paged
+# one block per SM, and sm_90's clustered versions of the latter for 2, 4 and 8 splits)
+SOME = dict(head_dims=[64], name_filter="rows=1,paged=true")
+N_SOME = 2 * (2 + len(warmup.WARMUP_CLUSTERS))
 
 
 @pytest.fixture
@@ -111,42 +116,43 @@ def test_filter_and_head_dims():
     specs = warmup.kernel_set(**FEW, clusters=True)
     assert len(specs) == N_FEW
     assert all("head_dim=64" in s.uri and "rows=1," in s.uri for s in specs)
+    assert len(warmup.kernel_set(**SOME, clusters=True)) == N_SOME
 
 
 def test_cold_then_cached_then_forced(cache, nvrtc):
-    r = warmup.warmup(target="sm_90", **FEW)
+    r = warmup.warmup(target="sm_90", **SOME)
     assert r.target == "sm_90" and not r.failed
     if not torch.cuda.is_available():
         assert r.device is None  # compiled only; on an sm_90 GPU the kernels are loaded too
-    assert [x.status for x in r.rows] == ["compiled"] * N_FEW
+    assert [x.status for x in r.rows] == ["compiled"] * N_SOME
     assert all(x.compile_s > 0 for x in r.rows) and r.cold_s > 0
     assert r.warm_s is not None and all(x.warm_s is not None for x in r.rows)
     # One valid entry per kernel, at the key compile_spec uses.
     from ikport.dispatch import get_backend
 
     be = get_backend("cuda")
-    for s in warmup.kernel_set(**FEW, clusters=True):
+    for s in warmup.kernel_set(**SOME, clusters=True):
         assert cache.get(warmup.entry_key(s, be, Target("sm_90"))) is not None
-    assert len(list(cache.root.glob("*/*.bin"))) == N_FEW
+    assert len(list(cache.root.glob("*/*.bin"))) == N_SOME
     kernels._compiled.clear()
-    again = warmup.warmup(target="sm_90", **FEW)
-    assert [x.status for x in again.rows] == ["cached"] * N_FEW
-    again = warmup.warmup(target="sm_90", warm_pass=False, **FEW)
-    assert [x.status for x in again.rows] == ["memory"] * N_FEW and again.warm_s is None
-    forced = warmup.warmup(target="sm_90", force=True, **FEW)
-    assert [x.status for x in forced.rows] == ["compiled"] * N_FEW
-    assert len(list(cache.root.glob("*/*.bin"))) == N_FEW
+    again = warmup.warmup(target="sm_90", **SOME)
+    assert [x.status for x in again.rows] == ["cached"] * N_SOME
+    again = warmup.warmup(target="sm_90", warm_pass=False, **SOME)
+    assert [x.status for x in again.rows] == ["memory"] * N_SOME and again.warm_s is None
+    forced = warmup.warmup(target="sm_90", force=True, **SOME)
+    assert [x.status for x in forced.rows] == ["compiled"] * N_SOME
+    assert len(list(cache.root.glob("*/*.bin"))) == N_SOME
 
 
 def test_summary(cache, nvrtc):
-    r = warmup.warmup(target="sm_90", **FEW)
+    r = warmup.warmup(target="sm_90", **SOME)
     text = r.summary(verbose=True)
-    assert f"{N_FEW} kernels for sm_90" in text and f"{N_FEW} compiled" in text
-    assert f"cache dir: {cache.root} ({N_FEW} entries" in text
+    assert f"{N_SOME} kernels for sm_90" in text and f"{N_SOME} compiled" in text
+    assert f"cache dir: {cache.root} ({N_SOME} entries" in text
     assert "cold compile of one kernel < 5 s: " in text and "warm start of all kernels < 1 s: " in text
     assert text.count("attention_decode.split[") >= 4
     d = r.as_dict()
-    assert d["summary"]["compiled"] == N_FEW and d["summary"]["max_compile_s"] == max(r.compile_times())
+    assert d["summary"]["compiled"] == N_SOME and d["summary"]["max_compile_s"] == max(r.compile_times())
     json.dumps(d)
 
 
@@ -181,8 +187,8 @@ def test_failed_kernel_is_a_row_not_an_exception(cache, monkeypatch):
 
     pytest.importorskip("cuda.bindings")
     monkeypatch.setattr(kernels, "compile_spec", flaky)
-    r = warmup.warmup(target="sm_90", warm_pass=False, **FEW)
-    assert [x.status for x in r.rows].count("failed") == N_FEW // 2
+    r = warmup.warmup(target="sm_90", warm_pass=False, **SOME)
+    assert [x.status for x in r.rows].count("failed") == N_SOME // 2
     assert all(x.error == "RuntimeError: NVRTC compile failed: boom" for x in r.failed)
     assert "FAILED attention_decode.split[dtype=bf16" in r.summary()
 
@@ -229,27 +235,27 @@ def _cli(*args, env_extra=None):
 
 
 def test_cli_json_and_text(cache, nvrtc):
-    done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", "rows=1,", "--json")
+    done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", SOME["name_filter"], "--json")
     assert done.returncode == 0, done.stderr
     d = json.loads(done.stdout)
-    assert d["summary"]["kernels"] == N_FEW and d["target"] == "sm_90" and d["summary"]["failed"] == 0
+    assert d["summary"]["kernels"] == N_SOME and d["target"] == "sm_90" and d["summary"]["failed"] == 0
     assert d["cache_dir"] == str(cache.root)
-    done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", "rows=1,")
+    done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", SOME["name_filter"])
     assert done.returncode == 0, done.stderr
-    assert f"0 compiled, {N_FEW} from the disk cache" in done.stdout and f"warm: {N_FEW} kernels" in done.stdout
-    assert done.stderr.count("cached") == N_FEW  # progress lines (stderr is not a terminal here)
+    assert f"0 compiled, {N_SOME} from the disk cache" in done.stdout and f"warm: {N_SOME} kernels" in done.stdout
+    assert done.stderr.count("cached") == N_SOME  # progress lines (stderr is not a terminal here)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
-def test_cli_without_gpu_or_target_says_what_to_do(cache):
-    done = _cli()
-    assert done.returncode == 2
-    assert "no GPU is visible" in done.stderr and "--target" in done.stderr
+def test_cli_without_gpu_or_target_says_what_to_do(cache, capsys):
+    assert ikport_main(["warmup"]) == 2
+    err = capsys.readouterr().err
+    assert "no GPU is visible" in err and "--target" in err
 
 
-def test_cli_unknown_target(cache):
-    done = _cli("--target", "sm_12")
-    assert done.returncode == 2 and "unknown target 'sm_12'" in done.stderr
+def test_cli_unknown_target(cache, capsys):
+    assert ikport_main(["warmup", "--target", "sm_12"]) == 2
+    assert "unknown target 'sm_12'" in capsys.readouterr().err
 
 
 @pytest.mark.gpu
