@@ -49,12 +49,13 @@ def compile_library(kernels: list[Path], main: str, defines: dict[str, object], 
     return out
 
 
-def build(kernels: list[Path], main: str, defines: dict[str, object], out: Path, cxx: str) -> ctypes.CDLL:
+def build(kernels: list[Path], main: str, defines: dict[str, object], out: Path,
+          cxx: str) -> ctypes.CDLL:
     return ctypes.CDLL(str(compile_library(kernels, main, defines, out, cxx)))
 
 
 def compile_libraries(builds: list[tuple]) -> list[Path]:
-    """compile_library(*b) for each of `builds`, several at once (the compiler is a child process)."""
+    """compile_library(*b) for each of `builds`, several at once (compilers are child processes)."""
     with ThreadPoolExecutor(max_workers=default_jobs()) as pool:
         return list(pool.map(lambda b: compile_library(*b), builds))
 
@@ -62,5 +63,9 @@ def compile_libraries(builds: list[tuple]) -> list[Path]:
 def selected_params(request, name: str) -> set:
     """The values of parameter `name` in the tests of the requesting fixture's module that this
     run selected (what a module fixture must build)."""
-    return {item.callspec.params[name] for item in request.session.items
-            if item.module is request.module and name in getattr(getattr(item, "callspec", None), "params", {})}
+    values = set()
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.module is request.module and name in params:
+            values.add(params[name])
+    return values

@@ -81,6 +81,7 @@ def offline(request) -> tuple[str, dict[str, CompiledModule]]:
     return arch, build_all(lambda src, names: compiler.compile(src, names, [], Target(arch)))
 
 
+@pytest.mark.slow
 def test_offline_kernels_compile_with_resources(offline):
     arch, modules = offline
     for family, m in modules.items():
@@ -88,12 +89,14 @@ def test_offline_kernels_compile_with_resources(offline):
         assert "clang version 19" in m.compiler
 
 
+@pytest.mark.slow
 def test_offline_decode_kernels_use_no_scratch(offline):
     arch, modules = offline
     spills = {n: r.spill_bytes for n, r in modules["attention_decode.cuh"].resources.items()}
     assert all(s == 0 for s in spills.values()), f"{arch}: scratch bytes per kernel {spills}"
 
 
+@pytest.mark.slow
 def test_offline_mma_tile_uses_the_matrix_unit(offline):
     arch, modules = offline
     asm = modules["mma_tile.cuh"].assembly
@@ -112,6 +115,7 @@ def test_offline_compile_error_names_target_and_log():
 
 
 # ---- hipRTC (hip-python) in a child process: gfx90a --------------------------------------------
+@pytest.mark.slow
 @needs_hiprtc
 def test_hiprtc_subprocess_compiles_gfx90a():
     modules = build_all(lambda src, names: compile_in_subprocess(src, names, [], "gfx90a"))
@@ -211,6 +215,7 @@ def test_every_manifest_kernel_fits_each_amd_target(amd_rows):
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 @needs_clang
 @pytest.mark.parametrize("arch,layout,M", [("gfx90a", "amd_mfma16", 1), ("gfx90a", "amd_mfma16", 16),
                                            ("gfx942", "amd_mfma16", 32), ("gfx1100", "amd_wmma16_w32", 16),

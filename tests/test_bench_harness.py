@@ -276,7 +276,7 @@ def test_bench_workload_records_ikport_error(
 
 
 def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
-    """`python -m ikport.bench --help` as a process (the entry point); the area's help in process."""
+    """`python -m ikport.bench --help` as a process (the entry point), an area's help in process."""
     done = subprocess.run(
         [sys.executable, "-m", "ikport.bench", "--help"],
         cwd=REPO,

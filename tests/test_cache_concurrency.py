@@ -54,7 +54,8 @@ CHILD = textwrap.dedent("""
         def launch(self, *a): pass
         def device_info(self, device): raise NotImplementedError
 
-    backend_name, gate, specs, n_procs = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+    backend_name, gate, n_procs = sys.argv[1], sys.argv[2], int(sys.argv[4])
+    specs = json.loads(sys.argv[3])
     if backend_name == "slow":
         backend = SlowBackend()
     else:
@@ -81,9 +82,9 @@ def _run_at_once(backend: str, specs, cache_dir: Path):
     env.pop("IKPORT_NO_DISK_CACHE", None)
     gate = cache_dir.parent / "gate"
     gate.mkdir()
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, backend, str(gate), json.dumps(specs), str(N)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-             for _ in range(N)]
+    args = [sys.executable, "-c", CHILD, backend, str(gate), json.dumps(specs), str(N)]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env) for _ in range(N)]
     deadline = time.time() + 120
     while len(list(gate.glob("ready-*"))) < N:
         assert time.time() < deadline and all(p.poll() is None for p in procs), "a child did not start"

@@ -122,7 +122,8 @@ def libs(request, tmp_path_factory):
     used = emulation.selected_params(request, "config")
     buildable = sorted(c for c in used if emulation.CLANG is not None or "mma" not in CONFIGS[c])
     tmp = tmp_path_factory.mktemp("decode-emu")
-    paths = dict(zip(buildable, emulation.compile_libraries([build_args(c, tmp) for c in buildable])))
+    built = emulation.compile_libraries([build_args(c, tmp) for c in buildable])
+    paths = dict(zip(buildable, built))
     loaded: dict[str, ctypes.CDLL] = {}
 
     def get(name: str) -> ctypes.CDLL:
@@ -227,6 +228,7 @@ CLUSTER_CASES = {
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_emulated_decode_matches_reference(libs, config, case):
@@ -235,6 +237,7 @@ def test_emulated_decode_matches_reference(libs, config, case):
     check(out, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CLUSTER_CASES))
 @pytest.mark.parametrize("config", [c for c in CONFIGS if CONFIGS[c]["cluster"]])
 def test_emulated_cluster_merge_matches_reference(libs, config, case):
@@ -244,6 +247,7 @@ def test_emulated_cluster_merge_matches_reference(libs, config, case):
     check(out, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gqa4-one-split", "causal-three-tokens", "strided-cache", "paged-16-shuffled"])
 @pytest.mark.parametrize("config", ["cuda-ring4-d128-r4-t128-fp16", "cdna-ring2-d128-r4-t256-bf16"])
 def test_emulated_naive_decode_matches_reference(libs, config, case):

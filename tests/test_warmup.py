@@ -149,10 +149,12 @@ def test_summary(cache, nvrtc):
     text = r.summary(verbose=True)
     assert f"{N_SOME} kernels for sm_90" in text and f"{N_SOME} compiled" in text
     assert f"cache dir: {cache.root} ({N_SOME} entries" in text
-    assert "cold compile of one kernel < 5 s: " in text and "warm start of all kernels < 1 s: " in text
+    assert "cold compile of one kernel < 5 s: " in text
+    assert "warm start of all kernels < 1 s: " in text
     assert text.count("attention_decode.split[") >= 4
     d = r.as_dict()
-    assert d["summary"]["compiled"] == N_SOME and d["summary"]["max_compile_s"] == max(r.compile_times())
+    assert d["summary"]["compiled"] == N_SOME
+    assert d["summary"]["max_compile_s"] == max(r.compile_times())
     json.dumps(d)
 
 
@@ -165,8 +167,9 @@ def test_summary_says_whether_the_goals_were_met(compile_s, warm_s, cold_goal, w
     """From the times in the report, whatever this host's speed: the slowest compile against
     GOAL_COLD_PER_KERNEL_S, the warm pass against GOAL_WARM_TOTAL_S."""
     assert (warmup.GOAL_COLD_PER_KERNEL_S, warmup.GOAL_WARM_TOTAL_S) == (5.0, 1.0)
-    rows = [warmup.KernelRow(f"k{i}", "compiled", compile_s=t, warm_s=0.01) for i, t in enumerate(compile_s)]
-    rows.append(warmup.KernelRow("cached-one", "cached", compile_s=9.0))  # a cache read, not a compile
+    rows = [warmup.KernelRow(f"k{i}", "compiled", compile_s=t, warm_s=0.01)
+            for i, t in enumerate(compile_s)]
+    rows.append(warmup.KernelRow("cached-one", "cached", compile_s=9.0))  # a read, not a compile
     r = warmup.WarmupReport("sm_90", "cuda", None, None, rows, cold_s=sum(compile_s), warm_s=warm_s)
     text = r.summary()
     assert f"cold compile of one kernel < 5 s: {cold_goal}" in text
@@ -238,11 +241,13 @@ def test_cli_json_and_text(cache, nvrtc):
     done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", SOME["name_filter"], "--json")
     assert done.returncode == 0, done.stderr
     d = json.loads(done.stdout)
-    assert d["summary"]["kernels"] == N_SOME and d["target"] == "sm_90" and d["summary"]["failed"] == 0
+    assert d["summary"]["kernels"] == N_SOME and d["summary"]["failed"] == 0
+    assert d["target"] == "sm_90"
     assert d["cache_dir"] == str(cache.root)
     done = _cli("--target", "sm_90", "--head-dims", "64", "--filter", SOME["name_filter"])
     assert done.returncode == 0, done.stderr
-    assert f"0 compiled, {N_SOME} from the disk cache" in done.stdout and f"warm: {N_SOME} kernels" in done.stdout
+    assert f"0 compiled, {N_SOME} from the disk cache" in done.stdout
+    assert f"warm: {N_SOME} kernels" in done.stdout
     assert done.stderr.count("cached") == N_SOME  # progress lines (stderr is not a terminal here)
 
 
