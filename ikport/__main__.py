@@ -80,7 +80,7 @@ def _compile(args: argparse.Namespace) -> int:
     bar = Progress(len(compile_plan(specs, targets, extra_hiprtc=args.hiprtc)), sys.stderr)
 
     def progress(done: int, total: int, r) -> None:
-        bar.update(done, f"{r.kernel} {r.target} {r.compiler}", r.status, r.seconds)
+        bar.update(done, f"{r.target} {r.compiler} {r.kernel}", r.status, r.seconds)
 
     rows = compile_all(specs, targets, extra_hiprtc=args.hiprtc, jobs=args.jobs, progress=progress)
     if args.json:

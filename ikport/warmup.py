@@ -21,6 +21,7 @@ the disk cache (and onto the device when there is one): the time a fresh process
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -229,7 +230,9 @@ class Progress:
         if self.tty:
             filled = self.width * done // max(self.total, 1)
             bar = "#" * filled + "-" * (self.width - filled)
-            self.stream.write(f"\r[{bar}] {done}/{self.total} {times}  {kernel[:60]:<60}")
+            columns = shutil.get_terminal_size().columns - 1  # one line, rewritten in place
+            line = f"[{bar}] {done}/{self.total} {times}  {kernel}"[:columns]
+            self.stream.write(f"\r{line:<{columns}}")
             if done == self.total:
                 self.stream.write("\n")
         else:

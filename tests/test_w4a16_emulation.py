@@ -30,8 +30,8 @@ from ikport.w4a16 import _group_log2
 import emulation
 
 KERNEL = emulation.ROOT / "kernels_src" / "w4a16.cuh"
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(emulation.CLANG is None, reason="no host clang++ (ext_vector_type)")]
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(emulation.CLANG is None,
+                                                    reason="no host clang++ (ext_vector_type)")]
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |reference|, as the GPU suite
 DTYPES = {"fp16": (torch.float16, "ik::half_t"), "bf16": (torch.bfloat16, "ik::bf16_t")}

@@ -204,23 +204,26 @@ def test_disk_cache_off(cache, nvrtc, monkeypatch):
     assert not cache.root.exists()
 
 
-def test_progress_bar_tty_and_lines():
-    """A bar on a terminal, a line per kernel elsewhere; both with the time elapsed and the time
-    left at the rate so far (a stand-in clock: 30 s a kernel)."""
+def test_progress_bar_tty_and_lines(monkeypatch):
+    """A bar on a terminal (one line of the terminal's width, rewritten), a line per kernel
+    elsewhere; both with the time elapsed and the time left at the rate so far (a stand-in clock:
+    30 s a kernel)."""
     class Tty(io.StringIO):
         def isatty(self):
             return True
 
+    monkeypatch.setenv("COLUMNS", "81")
     now = [100.0]
     tty = Tty()
     bar = warmup.Progress(4, tty, width=8, clock=lambda: now[0])
     now[0] += 60
     bar.update(2, "attention_decode.split[x]", "compiled", 0.5)
     now[0] += 65
-    bar.update(4, "attention_decode.split[y]", "compiled", 0.5)
-    assert "\r[####----] 2/4 1:00 elapsed, ~1:00 left  attention_decode.split[x]" in tty.getvalue()
-    assert "\r[########] 4/4 2:05 elapsed, ~0:00 left  attention_decode.split[y]" in tty.getvalue()
-    assert tty.getvalue().endswith("\n")
+    bar.update(4, "attention_decode.split[" + "y" * 50 + "]", "compiled", 0.5)
+    first, second = tty.getvalue().split("\r")[1:]
+    assert first == f"{'[####----] 2/4 1:00 elapsed, ~1:00 left  attention_decode.split[x]':<80}"
+    assert second == ("[########] 4/4 2:05 elapsed, ~0:00 left  attention_decode.split["
+                      + "y" * 16 + "\n")  # cut at 80 columns
     log = io.StringIO()
     now[0] = 0.0
     bar = warmup.Progress(12, log, clock=lambda: now[0])
