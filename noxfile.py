@@ -4,6 +4,9 @@ another one.
 
   nox -s tests          CPU: references, checks, dispatcher, cache, compile every kernel for every
                         NVIDIA and AMD target (needs ci/setup-tests.sh's toolchain for AMD)
+  nox -s quick          the same without compile-all and the emulator builds (`slow`): the
+                        edit-test loop; CI runs `tests`
+  nox -s lint           ruff check . (rules and line length in pyproject.toml)
   nox -s compile-cuda   compile table for sm_80, sm_89, sm_90
   nox -s compile-hip    compile table for gfx90a, gfx942, gfx1100 (+ hipRTC for gfx90a)
   nox -s test-cuda      the correctness suite on the NVIDIA GPU present
@@ -46,10 +49,26 @@ def _require_gpu(session: nox.Session, vendor: str) -> None:
         session.error(f"{session.name} needs {build}; none is visible here. Run `nox -s tests` on a CPU machine.")
 
 
+# One pytest-xdist worker per core, each test file whole on one worker: a file's module fixtures
+# (the emulator builds) are made once; the compile-all fixtures once per run (tests/conftest.py).
+PARALLEL = ["-n", "auto", "--dist", "loadfile"]
+
+
 @nox.session(python=False)
 def tests(session: nox.Session) -> None:
     """The CPU suite: GPU tests are skipped, AMD/NVIDIA compile-all runs."""
-    session.run("python", "-m", "pytest", "-m", "not gpu", *session.posargs)
+    session.run("python", "-m", "pytest", "-m", "not gpu", *PARALLEL, *session.posargs)
+
+
+@nox.session(python=False)
+def quick(session: nox.Session) -> None:
+    """The CPU suite without the tests marked `slow` (compile-all, the emulator builds)."""
+    session.run("python", "-m", "pytest", "-m", "not gpu and not slow", *PARALLEL, *session.posargs)
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    session.run("python", "-m", "ruff", "check", ".", *session.posargs)
 
 
 @nox.session(name="compile-cuda", python=False)

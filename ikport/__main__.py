@@ -7,6 +7,7 @@
   python -m ikport compile --target all         every manifest kernel for sm_80, sm_89, sm_90,
                                                 gfx90a, gfx942, gfx1100 (no GPU needed)
   python -m ikport compile --target sm_90 --json --filter decode
+  python -m ikport compile --target native --jobs 8   the local GPU's target, 8 compiles at once
 """
 
 from __future__ import annotations
@@ -69,10 +70,22 @@ def _info() -> int:
 
 def _compile(args: argparse.Namespace) -> int:
     from .manifest import default_instantiations
-    from .toolchain import compile_all, parse_targets
+    from .toolchain import compile_all, compile_plan, parse_targets
+    from .warmup import Progress
 
+    try:
+        targets = parse_targets(args.target)
+    except ValueError as e:
+        print(f"ikport compile: --target {args.target}: {e}", file=sys.stderr)
+        return 2
     specs = [s for s in default_instantiations() if args.filter in s.uri]
-    rows = compile_all(specs, parse_targets(args.target), extra_hiprtc=args.hiprtc)
+    # On stderr: a bar on a terminal, one line per compile otherwise; stdout keeps the table/JSON.
+    bar = Progress(len(compile_plan(specs, targets, extra_hiprtc=args.hiprtc)), sys.stderr)
+
+    def progress(done: int, total: int, r) -> None:
+        bar.update(done, f"{r.target} {r.compiler} {r.kernel}", r.status, r.seconds)
+
+    rows = compile_all(specs, targets, extra_hiprtc=args.hiprtc, jobs=args.jobs, progress=progress)
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
     else:
@@ -90,17 +103,28 @@ def _compile(args: argparse.Namespace) -> int:
     return 1 if any(r.status != "ok" for r in rows) else 0
 
 
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ikport", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info", help="print the environment")
     c = sub.add_parser("compile", help="compile manifest kernels for targets (no GPU needed)")
-    c.add_argument("--target", default="all", help="'all' or a comma list: sm_80,sm_90,gfx942,...")
+    c.add_argument("--target", default="all",
+                   help="'all', 'native' (the local GPU's target) or a comma list: "
+                        "sm_80,sm_90,gfx942,...")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--filter", default="", help="only kernels whose URI contains this text")
     c.add_argument("--hiprtc", action="store_true",
                    help="also compile gfx90a with the installed hipRTC (subprocess)")
+    c.add_argument("--jobs", type=_positive_int, default=None,
+                   help="compiles at once (default: the cores this process may use)")
     w = sub.add_parser("warmup", help="compile and load every kernel configuration this GPU will use")
     w.add_argument("--all", action="store_true",
                    help="every manifest instantiation too (naive, combine, stages=0, mma_tile)")

@@ -20,9 +20,10 @@ the disk cache (and onto the device when there is one): the time a fresh process
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import TextIO
 
@@ -145,28 +146,40 @@ class WarmupReport:
 
 
 class Progress:
-    """A text progress bar on a terminal; one line per kernel otherwise (logs, CI)."""
+    """A text progress bar on a terminal, one line per kernel otherwise (logs, CI); both with the
+    time elapsed and an estimate of the time left (at the rate so far). `clock`: for tests."""
 
-    def __init__(self, total: int, stream: TextIO | None, width: int = 30):
-        self.total, self.stream, self.width = total, stream, width
+    def __init__(self, total: int, stream: TextIO | None, width: int = 30,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.total, self.stream, self.width, self.clock = total, stream, width, clock
         self.tty = bool(stream is not None and getattr(stream, "isatty", lambda: False)())
-        self.t0 = time.perf_counter()
+        self.t0 = clock()
 
-    def update(self, done: int, row: KernelRow) -> None:
+    def update(self, done: int, kernel: str, status: str, seconds: float) -> None:
+        """`done` of `total` finished, the last one `kernel` (its status and seconds)."""
         if self.stream is None:
             return
-        elapsed = time.perf_counter() - self.t0
+        elapsed = self.clock() - self.t0
+        left = elapsed / max(done, 1) * (self.total - done)
+        times = f"{_clock(elapsed)} elapsed, ~{_clock(left)} left"
         if self.tty:
             filled = self.width * done // max(self.total, 1)
             bar = "#" * filled + "-" * (self.width - filled)
-            text = f"\r[{bar}] {done}/{self.total} {elapsed:6.1f} s  {row.kernel[:60]:<60}"
-            self.stream.write(text)
+            columns = shutil.get_terminal_size().columns - 1  # one line, rewritten in place
+            line = f"[{bar}] {done}/{self.total} {times}  {kernel}"[:columns]
+            self.stream.write(f"\r{line:<{columns}}")
             if done == self.total:
                 self.stream.write("\n")
         else:
-            self.stream.write(f"[{done:>{len(str(self.total))}}/{self.total}] {row.status:<8} "
-                              f"{row.compile_s:6.2f} s  {row.kernel}\n")
+            self.stream.write(f"[{done:>{len(str(self.total))}}/{self.total}] {status:<8} "
+                              f"{seconds:6.2f} s  {kernel}  ({times})\n")
         self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    """m:ss"""
+    m, s = divmod(round(seconds), 60)
+    return f"{m}:{s:02d}"
 
 
 def _resolve(target: str | None, device: int | None) -> tuple[Backend, Target, int | None, str | None]:
@@ -255,7 +268,7 @@ def warmup(
             lines = str(e).strip().splitlines() or [repr(e)]
             row.error = f"{type(e).__name__}: {lines[0][:300]}"
         report.rows.append(row)
-        bar.update(i + 1, row)
+        bar.update(i + 1, row.kernel, row.status, row.compile_s)
     report.cold_s = time.perf_counter() - t_start
     if warm_pass and cache is not None:
         ok = [(s, r) for s, r in zip(specs, report.rows) if r.status != "failed"]

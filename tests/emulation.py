@@ -7,7 +7,10 @@ import ctypes
 import re
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from ikport.toolchain import default_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
 EMU = Path(__file__).resolve().parent / "emu"
@@ -28,9 +31,11 @@ def emulated_source(text: str) -> str:
     return text
 
 
-def build(kernels: list[Path], main: str, defines: dict[str, object], out: Path, cxx: str) -> ctypes.CDLL:
+def compile_library(kernels: list[Path], main: str, defines: dict[str, object], out: Path,
+                    cxx: str) -> Path:
     """tests/emu/`main` with the kernel files `kernels` (rewritten by emulated_source, at their
-    paths under kernels_src/, so `main` includes e.g. "attention/decode.cuh") as a shared library."""
+    paths under kernels_src/, so `main` includes e.g. "attention/decode.cuh") as the shared
+    library `out`."""
     src = out.parent / f"{out.stem}-src"
     for kernel in kernels:
         dest = src / kernel.relative_to(KERNELS)
@@ -44,4 +49,26 @@ def build(kernels: list[Path], main: str, defines: dict[str, object], out: Path,
             f"-I{src}", f"-I{EMU}", f"-I{ROOT / 'portability'}", EMU / main, "-o", out]
     p = subprocess.run([str(a) for a in args], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr[-4000:]
-    return ctypes.CDLL(str(out))
+    return out
+
+
+def build(kernels: list[Path], main: str, defines: dict[str, object], out: Path,
+          cxx: str) -> ctypes.CDLL:
+    return ctypes.CDLL(str(compile_library(kernels, main, defines, out, cxx)))
+
+
+def compile_libraries(builds: list[tuple]) -> list[Path]:
+    """compile_library(*b) for each of `builds`, several at once (compilers are child processes)."""
+    with ThreadPoolExecutor(max_workers=default_jobs()) as pool:
+        return list(pool.map(lambda b: compile_library(*b), builds))
+
+
+def selected_params(request, name: str) -> set:
+    """The values of parameter `name` in the tests of the requesting fixture's module that this
+    run selected (what a module fixture must build)."""
+    values = set()
+    for item in request.session.items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if item.module is request.module and name in params:
+            values.add(params[name])
+    return values

@@ -8,12 +8,11 @@ HIP 5.2 needs). ci/setup-amd.sh installs both toolchains.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
-import os
 import re
 
 import pytest
+from ikport import manifest
 from ikport.backends.amd_metadata import unpackb
 from ikport.backends.amd_offline import AmdOfflineCompiler, isa_version
 from ikport.backends.base import CompiledModule, CompileError
@@ -74,17 +73,15 @@ def check_module(m: CompiledModule, family: str, arch: str) -> None:
 
 # ---- clang-19: every AMD target ---------------------------------------------------------------
 @pytest.fixture(scope="module", params=sorted(WAVEFRONT))
-def offline(request, tmp_path_factory) -> tuple[str, dict[str, CompiledModule]]:
+def offline(request) -> tuple[str, dict[str, CompiledModule]]:
     """Both kernel families for one target, compiled once for the tests below."""
     if not AmdOfflineCompiler.available():
         pytest.skip(NO_CLANG)
     arch, compiler = request.param, AmdOfflineCompiler()
-    with pytest.MonkeyPatch.context() as mp:  # conftest's per-session cache, for a module fixture
-        if "IKPORT_CACHE_DIR" not in os.environ:
-            mp.setenv("IKPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ikport-cache"))
-        return arch, build_all(lambda src, names: compiler.compile(src, names, [], Target(arch)))
+    return arch, build_all(lambda src, names: compiler.compile(src, names, [], Target(arch)))
 
 
+@pytest.mark.slow
 def test_offline_kernels_compile_with_resources(offline):
     arch, modules = offline
     for family, m in modules.items():
@@ -92,12 +89,14 @@ def test_offline_kernels_compile_with_resources(offline):
         assert "clang version 19" in m.compiler
 
 
+@pytest.mark.slow
 def test_offline_decode_kernels_use_no_scratch(offline):
     arch, modules = offline
     spills = {n: r.spill_bytes for n, r in modules["attention/decode.cuh"].resources.items()}
     assert all(s == 0 for s in spills.values()), f"{arch}: scratch bytes per kernel {spills}"
 
 
+@pytest.mark.slow
 def test_offline_mma_tile_uses_the_matrix_unit(offline):
     arch, modules = offline
     asm = modules["mma_tile.cuh"].assembly
@@ -116,6 +115,7 @@ def test_offline_compile_error_names_target_and_log():
 
 
 # ---- hipRTC (hip-python) in a child process: gfx90a --------------------------------------------
+@pytest.mark.slow
 @needs_hiprtc
 def test_hiprtc_subprocess_compiles_gfx90a():
     modules = build_all(lambda src, names: compile_in_subprocess(src, names, [], "gfx90a"))
@@ -161,154 +161,84 @@ def test_isa_version_numbers():
 
 
 # ---- every manifest kernel, every AMD target: what the NVIDIA build has, the AMD build has ------
-@pytest.fixture(scope="module")
-def manifest_builds(tmp_path_factory) -> tuple[list, dict[str, dict[str, CompiledModule]]]:
-    """Every manifest instantiation, one program per family, for sm_90 (NVRTC) and each AMD target
-    (clang-19, the targets in parallel)."""
-    if not AmdOfflineCompiler.available():
-        pytest.skip(NO_CLANG)
-    pytest.importorskip("cuda.bindings", reason="the NVIDIA side needs NVRTC: ikport[cuda]")
-    from concurrent.futures import ThreadPoolExecutor
-
-    from ikport import manifest
-    from ikport.dispatch import get_backend
-
-    specs = list(manifest.default_instantiations())
-    families: dict[str, list] = {}
-    for s in specs:
-        families.setdefault(s.source_file, []).append(s)
-
-    def build(compile_fn) -> dict[str, CompiledModule]:
-        return {f: compile_fn(kernel_source(f, [(s.name_expr, s.params_type) for s in ss]),
-                              [s.name_expr for s in ss]) for f, ss in families.items()}
-
-    def amd(arch: str) -> dict[str, CompiledModule]:
-        return build(lambda src, names: AmdOfflineCompiler().compile(src, names, [], Target(arch)))
-
-    with pytest.MonkeyPatch.context() as mp:
-        if "IKPORT_CACHE_DIR" not in os.environ:
-            mp.setenv("IKPORT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "ikport-cache"))
-        AmdOfflineCompiler().device_lib_dir()  # made once, before the threads
-        with ThreadPoolExecutor(max_workers=len(WAVEFRONT)) as pool:
-            modules = dict(zip(WAVEFRONT, pool.map(amd, WAVEFRONT)))
-        cuda = get_backend("cuda")
-        modules["sm_90"] = build(lambda src, names: cuda.compile(src, names, [], Target("sm_90")))
-    return specs, modules
-
-
-@functools.cache
-def kernel_bodies(assembly: str) -> dict[str, str]:
-    """Kernel symbol -> its instructions: PTX from `.entry sym(` to the next .entry; AMD ISA from
-    the `sym:` label to the next .Lfunc_end label."""
-    bodies = {}
-    entries = list(re.finditer(r"\.entry\s+(\w+)\s*\(", assembly))
-    for m, after in zip(entries, [*entries[1:], None]):
-        bodies[m.group(1)] = assembly[m.end():after.start() if after else len(assembly)]
-    for m in re.finditer(r"^(\w+):", assembly, re.MULTILINE):
-        end = assembly.find(".Lfunc_end", m.end())
-        if end > 0:
-            bodies.setdefault(m.group(1), assembly[m.end():end])
-    return bodies
-
-
-def kernel_assembly(module: CompiledModule, name_expr: str) -> str:
-    sym = module.lowered_names[name_expr]
-    body = kernel_bodies(module.assembly).get(sym)
-    assert body is not None, f"{name_expr} ({sym}) not found in the {module.target} assembly"
-    return body
-
-
+# (the rows of conftest's session compile-all: nvidia_rows, amd_rows)
 def dynamic_lds_bytes(spec, arch: str) -> int:
-    """The dynamic shared memory ikport/attention.py launches the kernel with (0: static only)."""
-    from ikport import configs
+    """The dynamic shared memory the planners launch the kernel with (0: static only)."""
+    from ikport import plan
 
-    p = dict(spec.params)
-    if (spec.family, spec.kernel) == ("attention_decode", "split_mma"):
-        return configs.decode_mma_smem_bytes(threads=p["threads"], warp_size=WAVEFRONT[arch], rows=p["rows"],
-                                             head_dim=p["head_dim"], stages=p["stages"], c_is_a=False)
-    if (spec.family, spec.kernel) != ("attention_decode", "split"):
-        return 0
-    return configs.decode_smem_bytes(
-        threads=p["threads"], warp_size=WAVEFRONT[arch], rows=p["rows"], head_dim=p["head_dim"],
-        unroll=p["unroll"], stages=p.get("stages", 0),
-    )
+    launch = plan.launch_of(spec, ARCH_TABLE[arch])
+    return launch.dynamic_shared_bytes if launch is not None and spec.family == "attention_decode" else 0
 
 
-def test_matrix_unit_on_amd_wherever_nvidia_has_mma(manifest_builds):
+@pytest.mark.slow
+def test_matrix_unit_on_amd_wherever_nvidia_has_mma(nvidia_rows, amd_rows):
     """Per manifest kernel: mma.sync in the sm_90 PTX <=> v_mfma (gfx90a, gfx942) / v_wmma (gfx1100)
     in that target's ISA. A kernel that loses its matrix instructions on one AMD target (a silent
     scalar fallback), or gains them, fails here."""
-    from ikport.toolchain import INSTRUCTION_PATTERNS
-
-    specs, modules = manifest_builds
-    mismatches, with_mma = [], 0
-    for s in specs:
-        ptx = kernel_assembly(modules["sm_90"][s.source_file], s.name_expr)
-        nv = len(re.findall(INSTRUCTION_PATTERNS["mma"], ptx))
-        with_mma += nv > 0
-        for arch, matrix in MATRIX_INSTRUCTION.items():
-            asm = kernel_assembly(modules[arch][s.source_file], s.name_expr)
-            amd = len(re.findall(rf"\b{matrix}\w*", asm))
-            if (amd > 0) != (nv > 0):
-                mismatches.append(f"{s.uri} on {arch}: {nv} mma.sync on sm_90, {amd} {matrix}*")
-    assert with_mma >= 1, "no manifest kernel uses mma on NVIDIA: the cross-check checked nothing"
+    nvidia = {r.kernel: r.instructions["mma"] for r in nvidia_rows if r.target == "sm_90"}
+    mismatches = []
+    for r in amd_rows:
+        if r.compiler != "clang-19":
+            continue  # hipRTC gives no ISA text
+        if (r.instructions["mma"] > 0) != (nvidia[r.kernel] > 0):
+            mismatches.append(f"{r.kernel} on {r.target}: {nvidia[r.kernel]} mma.sync on sm_90, "
+                              f"{r.instructions['mma']} {MATRIX_INSTRUCTION[r.target]}*")
+    assert sum(n > 0 for n in nvidia.values()) >= 1, (
+        "no manifest kernel uses mma on NVIDIA: the cross-check checked nothing")
+    assert len({r.kernel for r in amd_rows}) == len(nvidia)
     assert not mismatches, "\n".join(mismatches)
 
 
-def test_every_manifest_kernel_fits_each_amd_target(manifest_builds):
+@pytest.mark.slow
+def test_every_manifest_kernel_fits_each_amd_target(amd_rows):
     """Static LDS plus the dynamic LDS the launcher asks for within the target's limit; the
-    wavefront size the shim assumed; no scratch."""
-    specs, modules = manifest_builds
+    wavefront size the shim assumed (clang-19 and hipRTC); no scratch with clang-19 (HIP 5.2's
+    hipRTC gives some decode kernels 16 bytes)."""
+    specs = {s.uri: s for s in manifest.default_instantiations()}
     bad = []
-    for arch, wave in WAVEFRONT.items():
-        limit = ARCH_TABLE[arch].max_smem_per_block
-        for s in specs:
-            r = modules[arch][s.source_file].resources[s.name_expr]
-            lds = r.shared_bytes + dynamic_lds_bytes(s, arch)
-            if lds > limit or r.wavefront_size != wave or r.spill_bytes != 0:
-                bad.append(f"{s.uri} on {arch}: LDS {lds} (limit {limit}), "
-                           f"wave {r.wavefront_size}, scratch {r.spill_bytes}")
+    for r in amd_rows:
+        limit = ARCH_TABLE[r.target].max_smem_per_block
+        lds = r.shared_bytes + dynamic_lds_bytes(specs[r.kernel], r.target)
+        scratch = r.spill_bytes if r.compiler == "clang-19" else 0
+        if lds > limit or r.wavefront_size != WAVEFRONT[r.target] or scratch != 0:
+            bad.append(f"{r.kernel} on {r.target} ({r.compiler}): LDS {lds} (limit {limit}), "
+                       f"wave {r.wavefront_size}, scratch {r.spill_bytes}")
+    assert {r.target for r in amd_rows} == set(WAVEFRONT)
     assert not bad, "\n".join(bad)
 
 
+@pytest.mark.slow
 @needs_clang
 @pytest.mark.parametrize("arch,layout,M", [("gfx90a", "amd_mfma16", 1), ("gfx90a", "amd_mfma16", 16),
                                            ("gfx942", "amd_mfma16", 32), ("gfx1100", "amd_wmma16_w32", 16),
                                            ("gfx1100", "amd_wmma16_w32", 32)])
-def test_w4a16_plan_fits_the_lds(arch, layout, M, monkeypatch):
-    """The W4A16 plan for an AMD GPU, without one: a stand-in backend with the target's limits,
+def test_w4a16_plan_fits_the_lds(arch, layout, M):
+    """The W4A16 plan for an AMD GPU, without one: the planner with the target's facts, the
     kernels compiled offline for their real static LDS. Where the weight ring (static) plus the x
     slabs (dynamic) would pass the workgroup's LDS, the plan takes fewer waves; it never plans a
     launch that cannot fit."""
-    import torch
-    from ikport import kernels, w4a16
     from ikport.backends.base import DeviceInfo
+    from ikport.manifest import spec as make_spec
+    from ikport.plan import w4a16 as W
 
     facts = ARCH_TABLE[arch]
     compiler = AmdOfflineCompiler()
+    device = DeviceInfo(arch, arch, 104, facts.max_smem_per_block, facts.warp_size, 8 << 20)
 
-    class StandIn:
-        name = "hip"
-
-        def device_info(self, device: int) -> DeviceInfo:
-            return DeviceInfo(arch, arch, 104, facts.max_smem_per_block, facts.warp_size, 8 << 20)
-
-    def get_kernel(spec, backend, device):
+    def static_shared(spec):  # the compiled kernel's own static LDS
         module = compiler.compile(kernel_source(spec.source_file, [(spec.name_expr, spec.params_type)]),
                                   [spec.name_expr], [], Target(arch))
-        return kernels.Kernel(spec, backend, None, module.resources[spec.name_expr].shared_bytes)
+        return module.resources[spec.name_expr].shared_bytes
 
-    monkeypatch.setattr(w4a16, "get_kernel", get_kernel)
-    monkeypatch.setattr(w4a16, "_plans", {})
-    plan = w4a16._plan(StandIn(), 0, torch.float16, M, 4096, 4096, layout, 128, None)
-    assert plan.kernel.static_shared > 0
-    assert plan.kernel.static_shared + plan.shared_bytes <= facts.max_smem_per_block
+    plan = W.plan(W.W4A16Problem("fp16", M, 4096, 4096, layout, 128), device, static_shared)
+    ring = static_shared(plan.kernel)
+    assert ring > 0 and ring + plan.shared_bytes <= facts.max_smem_per_block
     waves = plan.block[0] // facts.warp_size
-    if waves < w4a16.configs.W4A16_WARPS:  # fewer only because twice as many would not have fit
-        params = dict(plan.kernel.spec.params)
+    if waves < W.WARPS:  # fewer only because twice as many would not have fit
+        params = dict(plan.kernel.params)
         params["warps"] = 2 * waves
-        params["stages"] = w4a16.configs.w4a16_stages(2 * waves * facts.warp_size, params["n_tiles"])
-        wider = get_kernel(w4a16.spec("w4a16", "mma", **params), None, 0)
-        chunk_k = w4a16.layout_info(layout).chunk_k
-        x_bytes = params["stages"] * 2 * waves * min(M, 16 * params["m_tiles"]) * (chunk_k + 8) * 2
-        assert wider.static_shared + x_bytes > facts.max_smem_per_block
+        params["stages"] = W.stages(2 * waves * facts.warp_size, params["n_tiles"])
+        wider = make_spec("w4a16", "mma", **params)
+        chunk_k = W.layout_info(layout).chunk_k
+        x_bytes = W.mma_x_smem(params["stages"], 2 * waves, M, params["m_tiles"], chunk_k)
+        assert static_shared(wider) + x_bytes > facts.max_smem_per_block

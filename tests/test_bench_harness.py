@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import ikport
+from ikport.bench import __main__ as bench_main
 from ikport.bench import decode, harness
 
 REPO = Path(__file__).resolve().parents[1]
@@ -274,31 +275,26 @@ def test_bench_workload_records_ikport_error(
     assert "T4" not in results.speedups
 
 
-def test_cli_help() -> None:
-    for args in (["--help"], ["decode", "--help"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "ikport.bench", *args],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr
-        assert "decode" in done.stdout
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit path")
-def test_cli_decode_without_gpu() -> None:
+def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m ikport.bench --help` as a process (the entry point), an area's help in process."""
     done = subprocess.run(
-        [sys.executable, "-m", "ikport.bench", "decode", "--quick"],
+        [sys.executable, "-m", "ikport.bench", "--help"],
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    assert done.returncode == 2
+    assert done.returncode == 0, done.stderr
+    assert "decode" in done.stdout
+    with pytest.raises(SystemExit) as exit_:
+        bench_main.main(["decode", "--help"])
+    assert exit_.value.code == 0 and "decode" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit path")
+def test_cli_decode_without_gpu() -> None:
+    assert bench_main.main(["decode", "--quick"]) == 2
 
 
 def _fake_results() -> decode.Results:
@@ -381,11 +377,30 @@ def test_eager_time_counts_host_time(host_cuda: None) -> None:
 
 
 def test_warm_up_keeps_the_gpu_busy_for_a_minimum_time(host_cuda: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole rounds until WARMUP_MIN_S has passed; the host times of the first round only. A
+    stand-in clock, on which each call takes 4 ms: 20 ms take two rounds of three calls."""
+
+    class Clock:
+        ns = 0
+
+        def perf_counter(self) -> float:
+            return self.ns / 1e9
+
+        def perf_counter_ns(self) -> int:
+            return self.ns
+
+    clock = Clock()
+    monkeypatch.setattr(harness, "time", clock)
     monkeypatch.setattr(harness, "WARMUP_MIN_S", 0.02)
     calls = []
-    t0 = time.perf_counter()
-    host = harness._warm_up([lambda: calls.append(time.sleep(1e-3))], 3)
-    # A busy host sleeps longer than asked, so count rounds, not an exact number of calls:
-    # whole rounds only, and more than one (a round of three 1 ms sleeps is under 20 ms).
-    assert time.perf_counter() - t0 >= 0.02 and len(calls) % 3 == 0 and len(calls) >= 6
-    assert len(host) == 3  # host times of the first round only (they size the sleep)
+
+    def call() -> None:
+        calls.append(1)
+        clock.ns += 4_000_000
+
+    host = harness._warm_up([call], 3)
+    assert len(calls) == 6 and clock.ns == 24_000_000
+    assert host == [4000.0, 4000.0, 4000.0]  # us, the first round's
+    monkeypatch.setattr(harness, "WARMUP_MIN_S", 0.0)
+    calls.clear()
+    assert len(harness._warm_up([call], 3)) == 3 and len(calls) == 3  # the count, no minimum

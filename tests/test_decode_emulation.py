@@ -18,14 +18,14 @@ the GPU suite (tests/test_attention_gpu.py) does.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from ikport import configs, manifest, reference
+from ikport import manifest, reference
+from ikport.plan import decode as decode_plan
 from ikport.attention import paged_kv_from_dense
 from ikport.kernels import DecodeParams
 
@@ -53,7 +53,7 @@ CONFIGS = {
     "cuda-regs-d64-r8-t128-fp16": dict(CUDA, dtype="fp16", head_dim=64, rows=8, threads=128, unroll=2, stages=0),
     "sm90-cluster4-ring4-d128-r4-t128-bf16": dict(SM90, cluster=4, dtype="bf16", head_dim=128, rows=4,
                                                   threads=128, unroll=2, stages=4),
-    # the H100's own launches at GQA 4 (configs.decode_tiles): one block per SM with the 4-stage
+    # the H100's own launches at GQA 4 (plan.decode.vector_tiles): one block per SM with the 4-stage
     # ring (D1, 2 splits in a cluster), and paged caches at 512 threads with 2 stages
     "sm90-one-per-sm-d128-r4-t256-fp16": dict(SM90, dtype="fp16", head_dim=128, rows=4, threads=256,
                                               unroll=2, stages=4),
@@ -88,7 +88,8 @@ CONFIGS = {
 MATRIX_LAYOUT = {"mfma": "IK_MMA_AMD_MFMA_16X16X16", "wmma": "IK_MMA_AMD_WMMA_W32", "nv": "IK_MMA_EMULATED_NV"}
 
 
-def build(name: str, tmp: Path) -> ctypes.CDLL:
+def build_args(name: str, tmp: Path) -> tuple:
+    """emulation.compile_library's arguments for configuration `name`."""
     c = CONFIGS[name]
     defines = {
         "IK_WARP_SIZE": c["wave"], "EMU_LANE_MASK_T": c["mask"], "EMU_ASYNC_COPY": c["async_copy"],
@@ -100,11 +101,13 @@ def build(name: str, tmp: Path) -> ctypes.CDLL:
     }
     cxx = CXX
     if c.get("mma"):
-        if emulation.CLANG is None:
-            pytest.skip("the emulated matrix units need host clang++ (ext_vector_type)")
         defines[MATRIX_LAYOUT[c["mma"]]] = 1
         cxx = emulation.CLANG
-    lib = emulation.build(KERNELS, "decode_main.cpp", defines, tmp / f"{name}.so", cxx)
+    return KERNELS, "decode_main.cpp", defines, tmp / f"{name}.so", cxx
+
+
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
     for fn in (lib.emu_decode_split, lib.emu_decode_combine, lib.emu_decode_naive):
         fn.restype = ctypes.c_char_p
     lib.emu_decode_split.argtypes = [ctypes.POINTER(DecodeParams), ctypes.c_int, ctypes.c_int, ctypes.c_int,
@@ -115,12 +118,23 @@ def build(name: str, tmp: Path) -> ctypes.CDLL:
 
 
 @pytest.fixture(scope="module")
-def libs(tmp_path_factory):
-    cache: dict[str, ctypes.CDLL] = {}
+def libs(request, tmp_path_factory):
+    """lib(config): every configuration this run's tests here use, built together up front (the
+    compilers run in parallel), each loaded on first use. The matrix-unit configurations need host
+    clang (ext_vector_type): their tests skip without it."""
+    used = emulation.selected_params(request, "config")
+    buildable = sorted(c for c in used if emulation.CLANG is not None or "mma" not in CONFIGS[c])
+    tmp = tmp_path_factory.mktemp("decode-emu")
+    built = emulation.compile_libraries([build_args(c, tmp) for c in buildable])
+    paths = dict(zip(buildable, built))
+    loaded: dict[str, ctypes.CDLL] = {}
+
     def get(name: str) -> ctypes.CDLL:
-        if name not in cache:
-            cache[name] = build(name, tmp_path_factory.mktemp(hashlib.sha1(name.encode()).hexdigest()[:8]))
-        return cache[name]
+        if name not in paths:
+            pytest.skip("the emulated matrix units need host clang++ (ext_vector_type)")
+        if name not in loaded:
+            loaded[name] = load(paths[name])
+        return loaded[name]
     return get
 
 
@@ -150,7 +164,7 @@ def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1
         for b, n in enumerate(lens.tolist()):
             table[b, -(-n // page):] = -1 if b % 2 else 2**31 - 1
     capacity = table.shape[1] * page if page else L
-    rows_per_split = -(-(-(-capacity // splits)) // 16) * 16  # as configs.decode_config rounds
+    rows_per_split = -(-(-(-capacity // splits)) // 16) * 16  # as plan.decode.split rounds
     splits = -(-capacity // rows_per_split)
     part_out = torch.full((B, Hq, Tq, splits, D), float("nan"))
     part_lse = torch.full((B, Hq, Tq, splits), float("nan"))
@@ -179,7 +193,7 @@ def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1
     err = lib.emu_decode_split(ctypes.byref(p), int(bool(page)), int(clustered), splits, Hkv * row_tiles, B, seed)
     assert err is None, err.decode()
     if splits > 1 and not fused and not clustered:
-        err = lib.emu_decode_combine(ctypes.byref(p), B * Hq * Tq, configs.decode_combine_threads(D), seed)
+        err = lib.emu_decode_combine(ctypes.byref(p), B * Hq * Tq, decode_plan.combine_threads(D), seed)
         assert err is None, err.decode()
     if fused and splits > 1:
         assert not counters.any(), "split counters not back at zero"
@@ -217,6 +231,7 @@ CLUSTER_CASES = {
 
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_emulated_decode_matches_reference(libs, config, case):
@@ -225,6 +240,7 @@ def test_emulated_decode_matches_reference(libs, config, case):
     check(out, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CLUSTER_CASES))
 @pytest.mark.parametrize("config", [c for c in CONFIGS if CONFIGS[c]["cluster"]])
 def test_emulated_cluster_merge_matches_reference(libs, config, case):
@@ -234,6 +250,7 @@ def test_emulated_cluster_merge_matches_reference(libs, config, case):
     check(out, ref)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["gqa4-one-split", "causal-three-tokens", "strided-cache", "paged-16-shuffled"])
 @pytest.mark.parametrize("config", ["cuda-ring4-d128-r4-t128-fp16", "cdna-ring2-d128-r4-t256-bf16"])
 def test_emulated_naive_decode_matches_reference(libs, config, case):
@@ -247,6 +264,7 @@ def test_emulated_configs_include_the_h100_launches(paged):
     """The two sm_90 configurations above are the planner's own choice at GQA 4 (if the planner
     changes, this names the configuration to update)."""
     name = "sm90-one-per-sm-paged-d128-r4-t512-fp16" if paged else "sm90-one-per-sm-d128-r4-t256-fp16"
-    rows, _, threads, unroll, stages = configs.decode_tiles(4, 1, one_per_sm=True, paged=paged)
+    t = decode_plan.vector_tiles(4, 1, one_per_sm=True, paged=paged)
+    rows, threads, unroll, stages = t.rows, t.threads, t.unroll, t.stages
     c = CONFIGS[name]
     assert (c["rows"], c["threads"], c["unroll"], c["stages"]) == (rows, threads, unroll, stages)

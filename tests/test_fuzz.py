@@ -225,7 +225,10 @@ def test_fuzz_paged_attention_cpu():
 # ---- invalid inputs ----------------------------------------------------------------------------
 def _base(dtype=torch.float32, device="cpu", B=2, Hq=8, Hkv=4, Tq=1, L=10, D=32):
     g = torch.Generator().manual_seed(0)
-    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+
+    def mk(*s):
+        return torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+
     return dict(q=mk(B, Hq, Tq, D), k=mk(B, Hkv, L, D), v=mk(B, Hkv, L, D),
                 kv_lens=torch.tensor([L, 3][:B] + [1] * (B - 2), dtype=torch.int32, device=device))
 
@@ -395,7 +398,10 @@ def _check_nan_propagation(q, k, v, lens, run, ref_fn, value):
 def test_nan_inf_propagation_cpu(value, causal):
     d = _base(dtype=torch.float32, B=3, Tq=2, L=10)
     lens = torch.tensor([10, 4, 7], dtype=torch.int32)
-    run = lambda q, k, v, n: ikport.attention(q, k, v, kv_lens=n, causal=causal)
+
+    def run(q, k, v, n):
+        return ikport.attention(q, k, v, kv_lens=n, causal=causal)
+
     _check_nan_propagation(d["q"], d["k"], d["v"], lens, run, run, value)
 
 
@@ -537,8 +543,13 @@ def test_invalid_paged_inputs_gpu():
 def test_nan_inf_propagation_gpu(value, causal, variant):
     d = _base(dtype=torch.float16, device="cuda", B=3, Tq=2, L=700, D=64)
     lens = torch.tensor([700, 4, 513], dtype=torch.int32, device="cuda")
-    run = lambda q, k, v, n: ikport.attention(q, k, v, kv_lens=n, causal=causal, options=_opts(variant))
-    ref = lambda q, k, v, n: reference.attention(q, k, v, kv_lens=n, causal=causal)
+
+    def run(q, k, v, n):
+        return ikport.attention(q, k, v, kv_lens=n, causal=causal, options=_opts(variant))
+
+    def ref(q, k, v, n):
+        return reference.attention(q, k, v, kv_lens=n, causal=causal)
+
     _check_nan_propagation(d["q"], d["k"], d["v"], lens, run, ref, value)
 
 

@@ -18,10 +18,10 @@ from ikport.int4 import Int4Weight, layout_for_device, pack_int4, quantize_weigh
 
 # layout -> (kB, unique lanes, b_row(l, s), b_col(l, s)); mma_layout.cuh's B maps.
 LAYOUTS = {
-    "nv_m16n8k16": (8, 32, lambda l, s: (l % 4) * 2 + 8 * ((s // 2) % 2) + s % 2,
-                    lambda l, s: 8 * (s // 4) + l // 4),
-    "amd_mfma16": (4, 64, lambda l, s: 4 * (l // 16) + s, lambda l, s: l % 16),
-    "amd_wmma16_w32": (16, 16, lambda l, s: s, lambda l, s: l % 16),
+    "nv_m16n8k16": (8, 32, lambda lane, s: (lane % 4) * 2 + 8 * ((s // 2) % 2) + s % 2,
+                    lambda lane, s: 8 * (s // 4) + lane // 4),
+    "amd_mfma16": (4, 64, lambda lane, s: 4 * (lane // 16) + s, lambda lane, s: lane % 16),
+    "amd_wmma16_w32": (16, 16, lambda lane, s: s, lambda lane, s: lane % 16),
 }
 SHAPES = [(16, 128), (48, 384), (32, 256), (64, 128)]
 

@@ -23,7 +23,10 @@ requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a
 
 def inputs(B=2, Hq=8, Hkv=4, Tq=2, L=24, D=32, dtype=torch.float32, device="cpu", seed=0):
     g = torch.Generator(device=device).manual_seed(seed)
-    mk = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    def mk(*s):
+        return torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dtype)
+
     q, k, v = mk(B, Hq, Tq, D), mk(B, Hkv, L, D), mk(B, Hkv, L, D)
     lens = torch.tensor([L, 5, 1, 17][:B], dtype=torch.int32, device=device)
     return q, k, v, lens

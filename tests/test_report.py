@@ -5,13 +5,13 @@ checks over the real manifest for the NVIDIA targets (the AMD ones: tests/test_c
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
 
-from ikport import configs, manifest, report
-from ikport.backends.target import ALL_TARGETS, Target
+from ikport import manifest, plan, report
+from ikport.backends.target import ALL_TARGETS, ARCH_TABLE, Target
+from ikport.manifest import spec_from_uri
 from ikport.toolchain import CompileRow
 
 NVIDIA_TARGETS = ["sm_80", "sm_89", "sm_90"]
@@ -77,33 +77,28 @@ def test_no_register_count_no_estimate():
     assert report.estimate_occupancy("sm_90", None, None, None, 128, 0) is None
 
 
-# ---- launch shapes ----------------------------------------------------------------------------
-def test_parse_uri_round_trips_manifest_specs():
-    for s in manifest.default_instantiations():
-        family, kernel, params = report.parse_uri(s.uri)
-        assert (family, kernel, tuple(params.items())) == (s.family, s.kernel, s.params)
-
-
+# ---- launch shapes (the planners') ------------------------------------------------------------
 def test_every_manifest_kernel_has_a_launch_shape():
-    """A new kernel needs its launch shape in report.launch_shape, or its occupancy goes blank."""
-    missing = {s.uri for s in manifest.default_instantiations() if report.launch_shape(s.uri, 32) is None}
-    assert not missing
+    """A new kernel needs a launch shape from its planner (ikport.plan.launch_of), or its occupancy
+    goes blank in the report."""
+    for arch in ("sm_90", "gfx942"):
+        missing = {s.uri for s in manifest.default_instantiations() if plan.launch_of(s, ARCH_TABLE[arch]) is None}
+        assert not missing, arch
 
 
 def test_split_shared_memory_follows_warp_size_and_ring():
-    merge32 = report.launch_shape(SPLIT.format(s=0), 32)
-    merge64 = report.launch_shape(SPLIT.format(s=0), 64)
+    merge32 = plan.launch_of(spec_from_uri(SPLIT.format(s=0)), ARCH_TABLE["sm_90"])
+    merge64 = plan.launch_of(spec_from_uri(SPLIT.format(s=0)), ARCH_TABLE["gfx942"])
     assert merge32.dynamic_shared_bytes == 4 * 4 * 130 * 4 and merge64.dynamic_shared_bytes == 2 * 4 * 130 * 4
-    ring = report.launch_shape(SPLIT.format(s=3), 32)
+    ring = plan.launch_of(spec_from_uri(SPLIT.format(s=3)), ARCH_TABLE["sm_90"])
     assert ring.dynamic_shared_bytes == 3 * 4 * 2 * 128 * 16 and ring.async_copy
-    assert report.launch_shape(MMA, 64).threads == 64 and report.launch_shape(MMA, 64).matrix
+    mma = plan.launch_of(spec_from_uri(MMA), ARCH_TABLE["gfx942"])
+    assert mma.threads == 64 and mma.matrix
 
 
-def test_split_shared_memory_matches_the_dispatcher():
-    for s in (0, 3):
-        for warp in (32, 64):
-            want = configs.decode_smem_bytes(threads=128, warp_size=warp, rows=4, head_dim=128, unroll=4, stages=s)
-            assert report.launch_shape(SPLIT.format(s=s), warp).dynamic_shared_bytes == want
+def test_report_rows_take_the_planners_launch():
+    entry = report.enrich(row(SPLIT.format(s=3), "sm_90"))
+    assert entry.launch == plan.launch_of(spec_from_uri(SPLIT.format(s=3)), ARCH_TABLE["sm_90"])
 
 
 # ---- instruction checks on fake rows ----------------------------------------------------------
@@ -254,13 +249,12 @@ def test_row_cache_compiles_once_and_never_keeps_failures(monkeypatch):
 
 # ---- the real manifest, NVIDIA targets: what CI asserts --------------------------------------
 @pytest.fixture(scope="module")
-def nvidia_entries():
-    pytest.importorskip("cuda.bindings", reason="pip install 'ikport[cuda]'")
-    specs = list(manifest.default_instantiations())
-    rows = report.compile_rows(specs, [Target(t) for t in NVIDIA_TARGETS], jobs=os.cpu_count())
-    return [report.enrich(r) for r in rows]
+def nvidia_entries(nvidia_rows):
+    """The session's NVIDIA compile-all (conftest), as the report enriches it."""
+    return [report.enrich(r) for r in nvidia_rows]
 
 
+@pytest.mark.slow
 def test_every_nvidia_instruction_check_passes(nvidia_entries):
     assert all(e.row.status == "ok" for e in nvidia_entries), [e.row.error for e in nvidia_entries]
     failed = [(e.row.kernel, e.row.target, c) for e in nvidia_entries for c in e.checks if not c.ok]
@@ -268,6 +262,7 @@ def test_every_nvidia_instruction_check_passes(nvidia_entries):
     assert all(len(e.checks) == 3 for e in nvidia_entries)
 
 
+@pytest.mark.slow
 def test_matrix_shim_is_mma_sync_on_every_nvidia_target(nvidia_entries):
     tile = [e for e in nvidia_entries if e.launch.matrix and e.row.kernel.startswith("mma_tile.")]
     assert {e.row.target for e in tile} == set(NVIDIA_TARGETS)
@@ -278,6 +273,7 @@ def test_matrix_shim_is_mma_sync_on_every_nvidia_target(nvidia_entries):
     assert all(e.row.instructions["mma"] > 0 and e.row.instructions["ldmatrix"] > 0 for e in w4)
 
 
+@pytest.mark.slow
 def test_cp_async_exactly_where_the_async_shim_is_used(nvidia_entries):
     """Consistency, not presence: the manifest may or may not list async-copy instantiations."""
     uses = {(e.row.kernel, e.row.target) for e in nvidia_entries if e.launch.async_copy}
@@ -285,6 +281,7 @@ def test_cp_async_exactly_where_the_async_shim_is_used(nvidia_entries):
     assert uses == emits
 
 
+@pytest.mark.slow
 def test_nvidia_occupancy_is_estimated_for_every_row(nvidia_entries):
     for e in nvidia_entries:
         assert e.occupancy is not None and 1 <= e.occupancy.blocks <= 32, e.row

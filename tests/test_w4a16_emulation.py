@@ -23,14 +23,16 @@ import pytest
 import torch
 
 import ikport
-from ikport import configs, int4, reference
+from ikport import int4, reference
+from ikport.plan import w4a16 as W
 from ikport.kernels import MmaTileParams, W4A16Params
 from ikport.w4a16 import _group_log2
 
 import emulation
 
 KERNEL = emulation.ROOT / "kernels_src" / "w4a16.cuh"
-pytestmark = pytest.mark.skipif(emulation.CLANG is None, reason="no host clang++ (ext_vector_type)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(emulation.CLANG is None,
+                                                    reason="no host clang++ (ext_vector_type)")]
 
 TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}  # relative to max |reference|, as the GPU suite
 DTYPES = {"fp16": (torch.float16, "ik::half_t"), "bf16": (torch.bfloat16, "ik::bf16_t")}
@@ -44,12 +46,12 @@ SM_COUNT = 4  # a small device: the planner splits K across blocks for few outpu
 
 
 def mma_plan(target: str, M: int, N: int, K: int, group_size: int) -> dict[str, int]:
-    """The matrix-unit kernel's template values and launch, as ikport/w4a16.py plans them."""
+    """The matrix-unit kernel's template values and launch, as ikport/plan/w4a16.py plans them."""
     wave, _, layout = TARGETS[target]
     chunk_k = int4.layout_info(layout).chunk_k
-    cfg = configs.w4a16_config(m=M, n=N, k=K, chunk_k=chunk_k, sm_count=SM_COUNT)
-    stages = configs.w4a16_stages(cfg.warps * wave, cfg.n_tiles)
-    return dict(mt=cfg.m_tiles, nt=cfg.n_tiles, warps=cfg.warps, gt=configs.w4a16_group_tiles(group_size),
+    cfg = W.tiles(m=M, n=N, k=K, chunk_k=chunk_k, sm_count=SM_COUNT)
+    stages = W.stages(cfg.warps * wave, cfg.n_tiles)
+    return dict(mt=cfg.m_tiles, nt=cfg.n_tiles, warps=cfg.warps, gt=W.group_tiles(group_size),
                 stages=stages, grid=cfg.grid, splits=cfg.num_splits, per_split=cfg.chunks_per_split)
 
 
@@ -65,7 +67,7 @@ def libs(tmp_path_factory):
                 "IK_WARP_SIZE": wave, "EMU_LANE_MASK_T": "unsigned long long", "EMU_ASYNC_COPY": 0,
                 "EMU_CLUSTERS": 0, macro: 1, "EMU_T": DTYPES[dt][1],
                 "EMU_MT": plan["mt"], "EMU_NT": plan["nt"], "EMU_WARPS": plan["warps"], "EMU_GT": plan["gt"],
-                "EMU_STAGES": plan["stages"], "EMU_GEMV_WARPS": configs.W4A16_GEMV_WARPS,
+                "EMU_STAGES": plan["stages"], "EMU_GEMV_WARPS": W.GEMV_WARPS,
             }
             name = "-".join(map(str, key))
             tmp = tmp_path_factory.mktemp(hashlib.sha1(name.encode()).hexdigest()[:8])
@@ -108,7 +110,7 @@ def run_w4a16(libs, target: str, dt: str, variant: str, M: int, N: int, K: int, 
     if variant == "mma":
         splits, per_split, grid, threads = plan["splits"], plan["per_split"], plan["grid"], plan["warps"] * wave
     elif variant.startswith("gemv"):
-        threads = configs.W4A16_GEMV_WARPS * wave
+        threads = W.GEMV_WARPS * wave
     partials = torch.full((splits, M, N), float("nan"))
     counters = torch.zeros(grid[0] * grid[2], dtype=torch.int32)
     p = W4A16Params(x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(), zeros, out.data_ptr(),

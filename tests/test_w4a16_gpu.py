@@ -12,7 +12,9 @@ import pytest
 import torch
 
 import ikport
-from ikport import int4, reference, w4a16
+from ikport import int4, reference
+from ikport.impl.w4a16 import plan_of
+from ikport.plan import w4a16 as W
 
 pytestmark = [
     pytest.mark.gpu,
@@ -28,9 +30,10 @@ def make_weight(n, k, dtype, gen, *, group_size=128, symmetric=True):
     return ikport.quantize_weight(w, group_size=group_size, symmetric=symmetric)
 
 
-def run(x, weight, variant=None):
+def run(x, weight, variant=None, options=None):
     out = torch.full((*x.shape[:-1], weight.out_features), float("nan"), dtype=x.dtype, device=DEV)
-    res = ikport.w4a16_matmul(x, weight, out=out, variant=variant)
+    options = options or (None if variant is None else ikport.W4A16Options(variant=variant))
+    res = ikport.w4a16_matmul(x, weight, out=out, options=options)
     assert res is out
     return out
 
@@ -60,7 +63,7 @@ def test_default_matches_reference(shape, dtype):
     check(run(x, wq), x, wq)
 
 
-@pytest.mark.parametrize("variant", w4a16.VARIANTS)
+@pytest.mark.parametrize("variant", W.VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
 @pytest.mark.parametrize("shape", [(1, 48, 384), (3, 272, 256), (17, 128, 1024)],
                          ids=lambda s: "M{}-N{}-K{}".format(*s))
@@ -88,41 +91,31 @@ def test_split_k_is_deterministic_and_counters_reset():
     g = torch.Generator(device=DEV).manual_seed(3)
     wq = make_weight(1024, 4096, torch.float16, g)  # narrow: split K across blocks
     x = torch.randn(1, 4096, generator=g, device=DEV, dtype=torch.float16)
-    plan = w4a16._plan(ikport.dispatch.backend_for(x.device), x.device.index or 0, x.dtype, 1,
-                       1024, 4096, wq.layout, wq.group_size, None)
-    assert plan.num_splits > 1
+    assert plan_of(x, wq).num_splits > 1
     first = run(x, wq)
     for _ in range(5):  # a counter left non-zero would make a later call skip or double its merge
         assert torch.equal(run(x, wq), first)
     check(first, x, wq)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"warps": 4}, {"warps": 8}, {"warps": 4, "num_splits": 3}],
+@pytest.mark.parametrize("pinned", [{}, {"warps": 4}, {"warps": 8}, {"warps": 4, "num_splits": 3}],
                          ids=["default", "warps4", "warps8", "warps4-split3"])
 @pytest.mark.parametrize("group_size,symmetric", [(32, False), (128, True), (None, False)],
                          ids=["g32-asym", "g128-sym", "perchannel-asym"])
-def test_split_k_row_blocks_and_block_sizes(overrides, group_size, symmetric):
+def test_split_k_row_blocks_and_block_sizes(pinned, group_size, symmetric):
     """Split-K with zero points and several row blocks (the counter index), and both block sizes
     (the 4-warp kernel is the H100 default only for wide N, e.g. W2)."""
-    from ikport import configs
-
     g = torch.Generator(device=DEV).manual_seed(29)
     wq = make_weight(256, 4096, torch.float16, g, group_size=group_size, symmetric=symmetric)
     x = torch.randn(64, 4096, generator=g, device=DEV, dtype=torch.float32).half()
-    configs.w4a16_overrides.update(overrides)
-    w4a16._plans.clear()
-    try:
-        plan = w4a16._plan(ikport.dispatch.backend_for(x.device), x.device.index or 0, x.dtype, 64,
-                           256, 4096, wq.layout, wq.group_size, None)
-        assert plan.grid[2] == 2  # two row blocks
-        if not overrides:
-            assert plan.num_splits > 1
-        first = run(x, wq)
-        check(first, x, wq)
-        assert torch.equal(run(x, wq), first)  # counters reset, deterministic merge
-    finally:
-        configs.w4a16_overrides.clear()
-        w4a16._plans.clear()
+    options = ikport.W4A16Options(**pinned)
+    plan = plan_of(x, wq, options)
+    assert plan.grid[2] == 2  # two row blocks
+    if not pinned:
+        assert plan.num_splits > 1
+    first = run(x, wq, options=options)
+    check(first, x, wq)
+    assert torch.equal(run(x, wq, options=options), first)  # counters reset, deterministic merge
 
 
 def test_graph_captured_on_a_stream_with_counters():
@@ -223,8 +216,8 @@ def test_bad_inputs_raise_before_launch():
     other = "amd_mfma16" if wq.layout != "amd_mfma16" else "nv_m16n8k16"
     with pytest.raises(ValueError, match="packed as"):
         ikport.w4a16_matmul(x, wq.with_layout(other))
-    with pytest.raises(ValueError, match="unknown w4a16 variant"):
-        ikport.w4a16_matmul(x, wq, variant="fast")
+    with pytest.raises(TypeError, match="options must be an ikport.W4A16Options"):
+        ikport.w4a16_matmul(x, wq, options="fast")
     ikport.w4a16_matmul(x, wq)  # now cached as a checked signature: alignment is still checked
     flat = torch.empty(wq.scales.numel() + 1, dtype=wq.scales.dtype, device=DEV)
     shifted = flat[1:].view(wq.scales.shape)  # contiguous, 2 bytes off

@@ -184,6 +184,7 @@ def test_every_wave_size_is_covered():
     assert {"cuda", "hip"} == {v for v, _ in CONFIGS.values()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_warp_shim_on_emulated_wave(builds, config):
     vendor, wave = CONFIGS[config]
@@ -192,6 +193,7 @@ def test_warp_shim_on_emulated_wave(builds, config):
     assert not bad, f"{config}: {len(bad)} wrong results, e.g.\n" + "\n".join(bad[:10])
 
 
+@pytest.mark.slow
 def test_a_reduction_that_stops_at_32_lanes_is_caught(tmp_path):
     """Mutation: warp.cuh's butterflies start at 16 when WIDTH is 64 (code written for 32
     lanes). The wave64 emulation must fail group_sum<64>, group_max<64>, warp_sum and warp_max;

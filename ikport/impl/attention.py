@@ -170,8 +170,9 @@ def _prepare(backend: Backend, q, k, block_table, options: DecodeOptions) -> _Pr
 
     plan = decode_plan.plan(problem, backend.device_info(dev), occupancy, clusters_resident, options)
     logging.getLogger("ikport").debug(
-        "plan %s %s%s -> %s%s grid=%s block=%s smem=%d splits=%d rows/split=%d", backend.name, problem,
-        f" {options.pinned()}" if options.pinned() else "", plan.kernel.uri,
+        "plan %s %s B=%d Hq=%d Hkv=%d Tq=%d D=%d capacity=%d page_size=%d%s -> %s%s grid=%s block=%s smem=%d "
+        "splits=%d rows/split=%d", backend.name, problem.dtype, B, Hq, problem.kv_heads, Tq, D, capacity,
+        page_size, f" {options.pinned()}" if options.pinned() else "", plan.kernel.uri,
         f" + {plan.combine.uri}" if plan.combine else "", plan.grid, plan.block, plan.shared_bytes,
         plan.num_splits, plan.rows_per_split)
     prepared = _prepared[key] = _Prepared(plan, backend, dev)

@@ -82,6 +82,17 @@ def _misaligned(x: torch.Tensor, weight: Int4Weight) -> bool:
     return bool(ptrs & 15)
 
 
+def plan_of(x: torch.Tensor, weight: Int4Weight, options: W4A16Options | None = None) -> W4A16Plan:
+    """The launch plan a GPU call with x (2-D) and this weight runs (for tests and benchmarks)."""
+    backend = dispatch.backend_for(x.device)
+    if backend is None:
+        raise ValueError(f"plan_of: {x.device} tensors run the PyTorch reference, not a planned kernel")
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    problem = W4A16Problem(_DTYPE_NAME[x.dtype], x.shape[0], weight.out_features, weight.in_features,
+                           weight.layout, weight.group_size)
+    return _plan(backend, dev, problem, options or w4a16_plan.DEFAULT_OPTIONS)[0]
+
+
 def clear_plans() -> None:
     """Forget every launch plan (tests that change the planner's constants)."""
     _plans.clear()
