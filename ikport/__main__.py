@@ -27,8 +27,10 @@ def _info() -> int:
 
     print(f"ikport {__version__}  python {platform.python_version()}  torch {torch.__version__}")
     print(f"torch build: cuda={torch.version.cuda} hip={getattr(torch.version, 'hip', None)}")
-    print(f"cache dir: {knobs.cache_dir()}  (IKPORT_CACHE_DIR; disk cache {'on' if knobs.disk_cache_enabled() else 'off'})")
-    print(f"IKPORT_BACKEND: {knobs.forced_backend() or '(auto)'}  IKPORT_LOG: {os.environ.get('IKPORT_LOG') or '(unset)'}")
+    disk = "on" if knobs.disk_cache_enabled() else "off"
+    print(f"cache dir: {knobs.cache_dir()}  (IKPORT_CACHE_DIR; disk cache {disk})")
+    log = os.environ.get("IKPORT_LOG") or "(unset)"
+    print(f"IKPORT_BACKEND: {knobs.forced_backend() or '(auto)'}  IKPORT_LOG: {log}")
     entries = list(knobs.cache_dir().glob("*/*.bin"))
     print(f"cache entries: {len(entries)} ({sum(p.stat().st_size for p in entries) / 2**20:.1f} MiB)"
           "  (python -m ikport warmup fills it)")
@@ -89,7 +91,8 @@ def _compile(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.as_dict() for r in rows], indent=1))
     else:
-        hdr = f"{'kernel':<78} {'target':<8} {'compiler':<9} {'status':<6} {'regs':>5} {'agpr':>5} {'sgpr':>5} {'smem/LDS':>8} {'spill':>6} {'mma':>4}"
+        hdr = (f"{'kernel':<78} {'target':<8} {'compiler':<9} {'status':<6} {'regs':>5} {'agpr':>5} {'sgpr':>5} "
+               f"{'smem/LDS':>8} {'spill':>6} {'mma':>4}")
         print(hdr)
         for r in rows:
             f = lambda v: "-" if v is None else str(v)  # noqa: E731

@@ -196,10 +196,12 @@ def w4a16(x: object, weight: object, out_: object, gpu: bool | None = None) -> N
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if not isinstance(weight, Int4Weight):
-        raise TypeError(f"weight must be an ikport.int4.Int4Weight (ikport.quantize_weight), got {type(weight).__name__}")
+        raise TypeError("weight must be an ikport.int4.Int4Weight (ikport.quantize_weight), got "
+                        f"{type(weight).__name__}")
     gpu = x.is_cuda if gpu is None else gpu
     if x.dim() < 1 or x.shape[-1] != weight.in_features:
-        raise ValueError(f"x's last dim must be the weight's in_features {weight.in_features}, got shape {tuple(x.shape)}")
+        raise ValueError(f"x's last dim must be the weight's in_features {weight.in_features}, got shape "
+                         f"{tuple(x.shape)}")
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but the weight is on {weight.device}; use weight.to(x.device)")
     allowed = GPU_DTYPES if gpu else CPU_DTYPES

@@ -109,18 +109,18 @@ class LayoutInfo:
 _LAYOUTS: dict[str, LayoutInfo] = {
     "nv_m16n8k16": LayoutInfo(
         "nv_m16n8k16", 32, 8,
-        lambda l, s: (l % 4) * 2 + 8 * ((s // 2) % 2) + s % 2,
-        lambda l, s: 8 * (s // 4) + l // 4,
+        lambda lane, s: (lane % 4) * 2 + 8 * ((s // 2) % 2) + s % 2,
+        lambda lane, s: 8 * (s // 4) + lane // 4,
     ),
     "amd_mfma16": LayoutInfo(
         "amd_mfma16", 64, 4,
-        lambda l, s: 4 * (l // 16) + s,
-        lambda l, s: l % 16,
+        lambda lane, s: 4 * (lane // 16) + s,
+        lambda lane, s: lane % 16,
     ),
     "amd_wmma16_w32": LayoutInfo(
         "amd_wmma16_w32", 32, 16,
-        lambda l, s: s,
-        lambda l, s: l % 16,
+        lambda lane, s: s,
+        lambda lane, s: lane % 16,
     ),
 }
 LAYOUTS: tuple[str, ...] = tuple(_LAYOUTS)

@@ -148,8 +148,8 @@ class Check:
 def instruction_checks(row: CompileRow, launch: Launch | None) -> list[Check]:
     """Did each shim become the vendor's instruction exactly where the kernel uses it?
     mma: mma.sync (PTX) / v_mfma (CDNA) / v_wmma (RDNA3) > 0 in kernels that use ik::mma, 0 elsewhere.
-    ldmatrix: NVIDIA only, with the mma shim loading fragments from shared memory. cp_async: cp.async.cg > 0 where the kernel uses the
-    async-copy shim and the arch has cp.async (ArchFacts.async_copy), 0 elsewhere (AMD: a plain
+    ldmatrix: NVIDIA only, with the mma shim loading fragments from shared memory. cp_async:
+    cp.async.cg > 0 where the kernel uses the async-copy shim and the arch has cp.async (ArchFacts.async_copy), 0 elsewhere (AMD: a plain
     load + LDS store). Rows that failed, or whose route gives no ISA text (hipRTC), are not checked."""
     if row.status != "ok" or row.compiler in NO_ASSEMBLY_ROUTES or launch is None:
         return []
@@ -643,8 +643,8 @@ through shared memory only (no shuffles), so nothing in it depends on the warp s
 control: {nv_regs} registers on sm_90 against {cdna_regs} VGPRs on gfx942 and {rdna_regs} on
 gfx1100 is the compilers' difference alone. The block is {nv_warps} warps on NVIDIA and
 {cdna_warps} waves on CDNA; shared memory is sized in elements, not per warp ({nv_smem} bytes on
-sm_90, {cdna_smem} on gfx942 as the code object reports it). Estimated residency: {nv_blocks} blocks per SM on sm_90, {cdna_blocks}
-per CU on gfx942, {rdna_blocks} per WGP on gfx1100.""",
+sm_90, {cdna_smem} on gfx942 as the code object reports it). Estimated residency: {nv_blocks}
+blocks per SM on sm_90, {cdna_blocks} per CU on gfx942, {rdna_blocks} per WGP on gfx1100.""",
     "attention_decode.split": """\
 Split-K decode, K/V loads straight to registers. Each lane keeps {rows} query rows x 8 fp32
 accumulators plus its query slice; the compilers need {nv_regs} registers (sm_90), {cdna_regs}
@@ -663,8 +663,8 @@ gfx1100; the dispatcher asks the driver for the real figure at run time.""",
     "attention_decode.split (cp.async ring)": """\
 The same kernel with a {stages}-stage `cp.async` ring in shared memory: stages x unroll x 2 x
 threads x 16 = {ring_bytes} bytes, aliasing the merge buffer ({merge_nv} bytes on NVIDIA,
-{merge_cdna} on CDNA); a block takes the larger, {nv_smem} bytes in all on sm_90. On NVIDIA the shim is real: {nv_cp} `cp.async.cg` instructions in the sm_90 PTX, so
-the K/V rows of later steps are in flight while the current one is computed. AMD has no
+{merge_cdna} on CDNA); a block takes the larger, {nv_smem} bytes in all on sm_90. On NVIDIA
+the shim is real: {nv_cp} `cp.async.cg` instructions in the sm_90 PTX, so the K/V rows of later steps are in flight while the current one is computed. AMD has no
 `cp.async`: the shim is a plain 16-byte load and an LDS store ({cdna_cp} async copies on gfx942),
 so the ring costs LDS ({cdna_smem} bytes) and changes VGPRs from {cdna_regs0} (no ring) to
 {cdna_regs} while overlapping nothing: on AMD the register path (stages = 0) is the one to use.
@@ -825,8 +825,8 @@ def plot_roof(results: Sequence[ResultFile], targets: Sequence[str], path: Path)
     ax.set_xticks(list(xs), [s[0] for s in series], rotation=90, fontsize=7)
     ax.set_ylabel("% of the device's measured roof")
     missing = [t for t in targets if not any(f.target == t for f in results)]
-    ax.set_title("ikport and the best peer as % of roof, locked workloads" + (f"\nnot measured: {', '.join(missing)}" if missing else ""),
-                 fontsize=9)
+    title = "ikport and the best peer as % of roof, locked workloads"
+    ax.set_title(title + (f"\nnot measured: {', '.join(missing)}" if missing else ""), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -142,7 +142,6 @@ def test_paged_layout_passes_the_block_table():
     q = torch.randn(2, 4, 1, 32, dtype=torch.bfloat16)
     pages = torch.randn(10, 2, 16, 32, dtype=torch.bfloat16)
     table = torch.arange(6, dtype=torch.int32).view(2, 3)
-    lens = torch.tensor([40, 3], dtype=torch.int32)
     plan = fake_prepared(log, q, splits=1, fused=False, capacity=48, page_size_log2=4)
     call = A._DecodeCall(plan, q, pages, pages, table, None)
     assert call.template.bt_sb == 3 and call.template.page_size_log2 == 4

@@ -29,7 +29,8 @@ def test_valid_inputs_pass_gpu_checks():
     (lambda: (qkv()[0], qkv()[1], qkv(L=9)[2]), ValueError, "same shape"),
     (lambda: (qkv()[0], qkv(D=32)[1], qkv(D=32)[2]), ValueError, "head_dim of q"),
     (lambda: (qkv()[0], torch.randn(2, 2, 64, 8, dtype=torch.float16).transpose(2, 3),
-              torch.randn(2, 2, 64, 8, dtype=torch.float16).transpose(2, 3)), ValueError, "last dim must be contiguous"),
+              torch.randn(2, 2, 64, 8, dtype=torch.float16).transpose(2, 3)), ValueError,
+     "last dim must be contiguous"),
     (lambda: (qkv()[0], torch.randn(2, 2, 8, 68, dtype=torch.float16)[..., :64],
               torch.randn(2, 2, 8, 68, dtype=torch.float16)[..., :64]), ValueError, "multiples of 8"),
 ])

@@ -89,7 +89,9 @@ def test_grid_fills_the_gpu(shape):
 def test_llama_shapes_on_an_h100():
     """The choices the H100 sweep found best or tied (docs/results/w4a16.md, v7): 8 warps, no
     split, at W1-W3 for M = 1..32; a narrow weight still splits K."""
-    pick = lambda m, n, k: W.tiles(m=m, n=n, k=k, chunk_k=64, sm_count=132)
+    def pick(m, n, k):
+        return W.tiles(m=m, n=n, k=k, chunk_k=64, sm_count=132)
+
     for m in (1, 16, 32):
         for n, k in ((4096, 4096), (14336, 4096), (4096, 14336)):  # W1, W2, W3
             assert (pick(m, n, k).warps, pick(m, n, k).num_splits) == (8, 1), (m, n, k)

@@ -71,7 +71,8 @@ def libs(tmp_path_factory):
             }
             name = "-".join(map(str, key))
             tmp = tmp_path_factory.mktemp(hashlib.sha1(name.encode()).hexdigest()[:8])
-            lib = emulation.build([KERNEL, KERNEL.with_name("mma_tile.cuh")], "w4a16_main.cpp", defines, tmp / "w4a16.so", emulation.CLANG)
+            lib = emulation.build([KERNEL, KERNEL.with_name("mma_tile.cuh")], "w4a16_main.cpp", defines,
+                                  tmp / "w4a16.so", emulation.CLANG)
             lib.emu_w4a16.restype = ctypes.c_char_p
             lib.emu_w4a16.argtypes = [ctypes.POINTER(W4A16Params)] + [ctypes.c_int] * 5 + [ctypes.c_ulonglong]
             lib.emu_mma_tile.restype = ctypes.c_char_p

@@ -67,8 +67,9 @@ def test_default_set_is_what_the_planner_launches():
                                       paged=paged, threads=t.threads, stages=t.stages)
                     assert s.uri in uris
                 continue
-            for paged, one_per_sm, block in ((False, False, 256), (True, False, 256), (False, False, P.SMALL_BLOCK_THREADS),
-                                             (False, True, 256), (True, True, 256)):
+            for paged, one_per_sm, block in ((False, False, 256), (True, False, 256),
+                                             (False, False, P.SMALL_BLOCK_THREADS), (False, True, 256),
+                                             (True, True, 256)):
                 if paged and one_per_sm and rows > P.ONE_PER_SM_PAGED_MAX_ROWS:
                     continue
                 t = P.vector_tiles(group, q_len, one_per_sm=one_per_sm, threads=block, paged=paged)
@@ -353,7 +354,8 @@ def test_matrix_unit_row_tiles_take_the_mma_kernels_once_default(monkeypatch):
     specs = warmup.kernel_set(GFX942, head_dims=[128])
     mma = [s for s in specs if s.kernel == "split_mma"]
     t = P.mma_tiles(4, 1, head_dim=128, warp_size=64, max_smem=64 * 1024, c_is_a=False)
-    assert {(dict(s.params)["rows"], dict(s.params)["paged"]) for s in mma} == {(4, False), (4, True), (8, False), (8, True)}
+    assert {(dict(s.params)["rows"], dict(s.params)["paged"]) for s in mma} == {
+        (4, False), (4, True), (8, False), (8, True)}
     assert all((dict(s.params)["threads"], dict(s.params)["stages"]) == (t.threads, t.stages) for s in mma)
     assert {dict(s.params)["rows"] for s in specs if s.kernel == "split"} == {1, 2}
     clustered = warmup.kernel_set(SM90, head_dims=[128])

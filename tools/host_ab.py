@@ -65,7 +65,8 @@ print(json.dumps(out))
 
 
 def run(tree: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), IKPORT_CACHE_DIR=os.path.abspath(f".ab/cache-{os.path.basename(os.path.abspath(tree))}"))
+    root = os.path.abspath(tree)
+    env = dict(os.environ, PYTHONPATH=root, IKPORT_CACHE_DIR=os.path.abspath(f".ab/cache-{os.path.basename(root)}"))
     res = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
     if res.returncode:
         raise RuntimeError(f"{tree}: {res.stderr[-2000:]}")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TypeVar
 
-O = TypeVar("O", bound="Options")
+OptionsT = TypeVar("OptionsT", bound="Options")
 
 
 class Options:
@@ -22,7 +22,7 @@ class Options:
         return ",".join(f"{k}={v}" for k, v in self.pinned().items())
 
     @classmethod
-    def from_text(cls: type[O], text: str) -> O:
+    def from_text(cls: type[OptionsT], text: str) -> OptionsT:
         """The inverse of as_text."""
         types = {f.name: f.type for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
         values: dict[str, object] = {}
