@@ -146,11 +146,12 @@ class Check:
 
 
 def instruction_checks(row: CompileRow, launch: Launch | None) -> list[Check]:
-    """Did each shim become the vendor's instruction exactly where the kernel uses it?
-    mma: mma.sync (PTX) / v_mfma (CDNA) / v_wmma (RDNA3) > 0 in kernels that use ik::mma, 0 elsewhere.
-    ldmatrix: NVIDIA only, with the mma shim loading fragments from shared memory. cp_async:
-    cp.async.cg > 0 where the kernel uses the async-copy shim and the arch has cp.async (ArchFacts.async_copy), 0 elsewhere (AMD: a plain
-    load + LDS store). Rows that failed, or whose route gives no ISA text (hipRTC), are not checked."""
+    """Did each shim become the vendor's instruction exactly where the kernel uses it? mma: mma.sync
+    (PTX) / v_mfma (CDNA) / v_wmma (RDNA3) > 0 in kernels that use ik::mma, 0 elsewhere. ldmatrix:
+    NVIDIA only, with the mma shim loading fragments from shared memory. cp_async: cp.async.cg > 0
+    where the kernel uses the async-copy shim and the arch has cp.async (ArchFacts.async_copy), 0
+    elsewhere (AMD: a plain load + LDS store). Rows that failed, or whose route gives no ISA text
+    (hipRTC), are not checked."""
     if row.status != "ok" or row.compiler in NO_ASSEMBLY_ROUTES or launch is None:
         return []
     facts = ARCH_TABLE[row.target]
@@ -663,13 +664,13 @@ gfx1100; the dispatcher asks the driver for the real figure at run time.""",
     "attention_decode.split (cp.async ring)": """\
 The same kernel with a {stages}-stage `cp.async` ring in shared memory: stages x unroll x 2 x
 threads x 16 = {ring_bytes} bytes, aliasing the merge buffer ({merge_nv} bytes on NVIDIA,
-{merge_cdna} on CDNA); a block takes the larger, {nv_smem} bytes in all on sm_90. On NVIDIA
-the shim is real: {nv_cp} `cp.async.cg` instructions in the sm_90 PTX, so the K/V rows of later steps are in flight while the current one is computed. AMD has no
-`cp.async`: the shim is a plain 16-byte load and an LDS store ({cdna_cp} async copies on gfx942),
-so the ring costs LDS ({cdna_smem} bytes) and changes VGPRs from {cdna_regs0} (no ring) to
-{cdna_regs} while overlapping nothing: on AMD the register path (stages = 0) is the one to use.
-On NVIDIA registers go from {nv_regs0} (no ring) to {nv_regs}; whether the ring pays is a
-measurement (`docs/results/`), not a compile-time fact.""",
+{merge_cdna} on CDNA); a block takes the larger, {nv_smem} bytes in all on sm_90. On NVIDIA the shim
+is real: {nv_cp} `cp.async.cg` instructions in the sm_90 PTX, so the K/V rows of later steps are in
+flight while the current one is computed. AMD has no `cp.async`: the shim is a plain 16-byte load
+and an LDS store ({cdna_cp} async copies on gfx942), so the ring costs LDS ({cdna_smem} bytes) and
+changes VGPRs from {cdna_regs0} (no ring) to {cdna_regs} while overlapping nothing: on AMD the
+register path (stages = 0) is the one to use. On NVIDIA registers go from {nv_regs0} (no ring) to
+{nv_regs}; whether the ring pays is a measurement (`docs/results/`), not a compile-time fact.""",
     "attention_decode.combine": """\
 Merges the split-K partial results: two lanes per 4 output dimensions ({threads} threads for
 head_dim {head_dim}, those past its dims idle), each lane folding every other split with 16-byte
