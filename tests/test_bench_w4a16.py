@@ -43,8 +43,8 @@ class FakeInt4Weight:
         return self.qweight.numel() + self.scales.numel() * self.scales.element_size()
 
 
-def fake_matmul(x: torch.Tensor, weight: Any, *, variant: str | None = None) -> torch.Tensor:
-    if variant == "gemv" and x.shape[0] > 1:
+def fake_matmul(x: torch.Tensor, weight: Any, *, options: Any = None) -> torch.Tensor:
+    if options is not None and options.variant == "gemv" and x.shape[0] > 1:
         raise ValueError("the gemv variant takes M=1 only")
     return (x.float() @ weight.dequantize().T).to(x.dtype)
 
@@ -271,7 +271,7 @@ def test_variant_refusing_an_m_is_unsupported(cpu_bench: None) -> None:
 
 
 def test_wrong_ikport_result_aborts(cpu_bench: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    def off(x: torch.Tensor, weight: Any, *, variant: str | None = None) -> torch.Tensor:
+    def off(x: torch.Tensor, weight: Any, *, options: Any = None) -> torch.Tensor:
         return fake_matmul(x, weight) * 1.01
 
     monkeypatch.setattr(ikport, "w4a16_matmul", off, raising=False)

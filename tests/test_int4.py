@@ -218,14 +218,16 @@ def test_layout_for_device(monkeypatch):
     assert layout_for_device(torch.device("meta")) == "nv_m16n8k16"
     with pytest.raises(ValueError, match="mps"):
         layout_for_device("mps")
-    monkeypatch.setattr(torch.version, "hip", None, raising=False)
-    assert layout_for_device("cuda:0") == "nv_m16n8k16"
+    class Props:  # a device's properties as torch reports them
+        major, minor, gcnArchName = 9, 0, ""
 
-    class Props:
-        gcnArchName = ""
-
-    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: Props)
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    assert layout_for_device("cuda:0") == "nv_m16n8k16"  # sm_90
+    Props.major = 7  # sm_70: not a target ikport builds for
+    with pytest.raises(ValueError, match="sm_70"):
+        layout_for_device("cuda:0")
+    monkeypatch.setattr(torch.version, "hip", "6.2", raising=False)
     for arch, want in (("gfx90a:sramecc+:xnack-", "amd_mfma16"), ("gfx942", "amd_mfma16"),
                        ("gfx1100", "amd_wmma16_w32")):
         Props.gcnArchName = arch

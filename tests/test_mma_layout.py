@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from ikport.backends.target import Target
+
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = ROOT / "portability"
 TABLES = Path(__file__).resolve().parent / "data" / "amd-matrix-layouts.json"
@@ -169,7 +171,8 @@ def layout_struct_for(target: str, stub_dir: Path) -> str:
     """The ik::layout struct mma.cuh uses on `target`: the IK_MMA_* macro the vendor header
     defines for it, then mma.cuh's `using Layout = ...` under that macro."""
     if target.startswith("gfx"):  # hipRTC mode: vendor_hip.cuh includes nothing
-        hiprtc = ["-D__HIPCC_RTC__", f"-D__{target}__"]
+        hiprtc = ["-D__HIPCC_RTC__", f"-D__{target}__"]  # + the backend's -D facts, as it compiles
+        hiprtc += [f"-D{k}={v}" for k, v in Target(target).defines().items()]
         macros = preprocess(SHIM / "vendor_hip.cuh", hiprtc, [], True)
     else:  # the CUDA headers are not needed to see the macros: empty stand-ins
         macros = preprocess(SHIM / "vendor_cuda.cuh", [], [stub_dir], True)

@@ -26,7 +26,7 @@ import ikport
 from ikport import int4, reference
 from ikport.plan import w4a16 as W
 from ikport.kernels import MmaTileParams, W4A16Params
-from ikport.w4a16 import _group_log2
+from ikport.impl.w4a16 import _group_log2
 
 import emulation
 
