@@ -124,7 +124,7 @@ IK_DEVICE void decode_split(const DecodeParams& p) {
       issue(i + STAGES - 1, range.t_end);
       locate(i + STAGES);  // for the next iteration's issue: in flight during this step's math
       ik::cp_async_wait<STAGES - 1>();  // this thread's copies of step i have landed
-      kv.read(kr, vr, i % STAGES, t0, range.t_end, kEarlyCopy && i == 0);
+      kv.read(kr, vr, i, t0, range.t_end);
     } else {
       kv.load(p, kr, vr, t0, range.t_end);
     }

@@ -9,8 +9,9 @@
 //   Vector (decode_vector.cuh; lanes: VectorLanes): kSlotBytes, a lane's ring bytes per row and
 //     tensor (SplitConfig::smem_bytes, mirrored by ikport/plan/decode.py); Keys and Values, a step's
 //     rows in registers; Located, what locate finds a step ahead (page ids); locate, clamp_early,
-//     copy (into a ring stage), read (from it; zeroes V past the early copy's end), load
-//     (STAGES == 0), key and value (a row's 8 dims as floats: where codes are dequantized).
+//     copy (into a ring stage), read (step i from its stage; zeroes V past the early copy's
+//     end), load (STAGES == 0), key and value (a row's 8 dims as floats: where codes are
+//     dequantized).
 //   Matrix (decode_mma.cuh; tiles: MatrixTiles): kSlotBytes, a warp's ring slot (MmaConfig);
 //     Located, locate, clamp_early; a tile's 16-byte copies (kCopies, copy_in_tile, copy_row,
 //     dest, key_source, value_source, kbase/vbase for the zero-byte ones, whole, advance);
@@ -93,6 +94,7 @@ struct DenseLoader {
         for (int u = 0; u < UNROLL; ++u) at.page[u] = clamp_page(p, at.page[u]);
       }
     }
+    // Copies this lane's chunks of a step's rows into ring stage `stage` (zeros past `end`).
     IK_DEVICE void copy(const DecodeParams& p, const Located& at, int stage, int t0, int end) const {
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
@@ -110,15 +112,19 @@ struct DenseLoader {
         ik::cp_async16_zfill(slot(stage, u, 1), vbase + vo, valid);
       }
     }
-    IK_DEVICE void read(Keys& kr, Values& vr, int stage, int t0, int end, bool early) const {
+    // Step i's rows from ring stage i % STAGES, once this thread's copies have landed. Step 0 is
+    // the early copy: its V rows past `end` (kv_len) are zeroed, as a zero weight times stale V
+    // could still be NaN. (Stage and condition computed here, per row: computed by the caller,
+    // they changed gfx1100's code.)
+    IK_DEVICE void read(Keys& kr, Values& vr, int i, int t0, int end) const {
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {
-        kr.raw[u] = *slot(stage, u, 0);
-        vr.raw[u] = *slot(stage, u, 1);
-        // the early copy's rows past kv_len: a zero weight times stale V could still be NaN
-        if (early && t0 + u * kGroups >= end) vr.raw[u] = make_uint4(0, 0, 0, 0);
+        kr.raw[u] = *slot(i % STAGES, u, 0);
+        vr.raw[u] = *slot(i % STAGES, u, 1);
+        if (STAGES > 0 && i == 0 && t0 + u * kGroups >= end) vr.raw[u] = make_uint4(0, 0, 0, 0);
       }
     }
+    // STAGES == 0: a step's rows straight from memory into registers.
     IK_DEVICE void load(const DecodeParams& p, Keys& kr, Values& vr, int t0, int end) const {
 #pragma unroll
       for (int u = 0; u < UNROLL; ++u) {  // issue every load of the step before using any
