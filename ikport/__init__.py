@@ -16,10 +16,10 @@ _log.setup()  # the "ikport" logger: IKPORT_LOG level and handler, once
 
 from .attention import attention, paged_attention, paged_kv_from_dense  # noqa: E402
 from .int4 import Int4Weight, quantize_weight  # noqa: E402
-from .plan import DecodeOptions, W4A16Options  # noqa: E402
+from .plan import DecodeOptions, PrefillOptions, W4A16Options  # noqa: E402
 from .w4a16 import w4a16_matmul  # noqa: E402
 from . import formats, nn  # noqa: E402,F401  (ikport.formats.from_gptq, ikport.nn.W4A16Linear)
 from . import ops as _ops  # noqa: E402,F401  (registers torch.ops.ikport.*, once)
 
-__all__ = ["attention", "paged_attention", "paged_kv_from_dense", "DecodeOptions", "Int4Weight",
+__all__ = ["attention", "paged_attention", "paged_kv_from_dense", "DecodeOptions", "PrefillOptions", "Int4Weight",
            "quantize_weight", "w4a16_matmul", "W4A16Options", "formats", "nn", "__version__"]

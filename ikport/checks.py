@@ -65,11 +65,6 @@ def common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gpu: bool | None =
     if gpu:
         if D % 16 or not 16 <= D <= 256:
             raise ValueError(f"head_dim {D} is not supported on the GPU: it must be a multiple of 16 in [16, 256]")
-        if q.shape[2] > MAX_DECODE_QUERY_TOKENS:
-            raise NotImplementedError(
-                f"{q.shape[2]} query tokens: the GPU decode kernel takes at most "
-                f"{MAX_DECODE_QUERY_TOKENS}; prefill attention is not implemented yet"
-            )
         for name, t in (("q", q), ("k", k), ("v", v)):
             _check_vector_layout(name, t)
 
@@ -113,6 +108,12 @@ def kv_lens(lens: object, batch: int, device: torch.device) -> None:
         raise ValueError(f"kv_lens has {t.shape[0]} entries for a batch of {batch}")
     if t.device != device:
         raise ValueError(f"kv_lens is on {t.device} but q is on {device}")
+
+
+def q_lens(lens: object, batch: int, device: torch.device) -> None:
+    """`q_lens`, when given, as `kv_lens` (placeholder until the prefill checks land)."""
+    if lens is not None:
+        kv_lens(lens, batch, device)
 
 
 def out(o: object, q: torch.Tensor) -> None:

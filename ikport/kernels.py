@@ -45,6 +45,24 @@ class DecodeParams(ctypes.Structure):
     ]
 
 
+class PrefillParams(ctypes.Structure):
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("cu_q", ctypes.c_void_p),
+        ("cu_k", ctypes.c_void_p), ("q_lens", ctypes.c_void_p), ("kv_lens", ctypes.c_void_p),
+        ("block_table", ctypes.c_void_p),
+        ("q_sb", ctypes.c_int64), ("q_sh", ctypes.c_int64), ("q_st", ctypes.c_int64),
+        ("k_sb", ctypes.c_int64), ("k_sh", ctypes.c_int64), ("k_st", ctypes.c_int64),
+        ("v_sb", ctypes.c_int64), ("v_sh", ctypes.c_int64), ("v_st", ctypes.c_int64),
+        ("o_sb", ctypes.c_int64), ("o_sh", ctypes.c_int64), ("o_st", ctypes.c_int64),
+        ("lse_sb", ctypes.c_int64), ("lse_sh", ctypes.c_int64),
+        ("bt_sb", ctypes.c_int64),
+        ("batch", ctypes.c_int32), ("num_q_heads", ctypes.c_int32), ("num_kv_heads", ctypes.c_int32),
+        ("q_capacity", ctypes.c_int32), ("kv_capacity", ctypes.c_int32), ("page_size_log2", ctypes.c_int32),
+        ("causal", ctypes.c_int32), ("longest_first", ctypes.c_int32), ("scale_log2", ctypes.c_float),
+    ]
+
+
 class MmaTileParams(ctypes.Structure):
     _fields_ = [
         ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("c", ctypes.c_void_p),
@@ -66,6 +84,7 @@ class W4A16Params(ctypes.Structure):
 
 PARAMS_TYPES: dict[str, type[ctypes.Structure]] = {
     "DecodeParams": DecodeParams,
+    "PrefillParams": PrefillParams,
     "MmaTileParams": MmaTileParams,
     "W4A16Params": W4A16Params,
 }

@@ -33,6 +33,7 @@ def c_struct_fields(source: str, name: str) -> list[tuple[str, type]]:
 
 
 @pytest.mark.parametrize("struct,source", [("DecodeParams", "attention/common.cuh"),
+                                           ("PrefillParams", "attention/prefill.cuh"),
                                            ("W4A16Params", "w4a16.cuh"), ("MmaTileParams", "mma_tile.cuh")])
 def test_params_structs_mirror_the_kernels(struct, source):
     c_fields = c_struct_fields((KERNELS_DIR / source).read_text(), struct)

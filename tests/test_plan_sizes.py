@@ -16,6 +16,7 @@ from ikport.backends.source import kernel_source
 from ikport.backends.target import Target
 from ikport.int4 import layout_info
 from ikport.plan import decode as P
+from ikport.plan import prefill as PF
 
 DTYPE = "ik::half_t"
 LOADER = "decode::DenseLoader"  # the manifest's cpp_names for loader=dense
@@ -43,6 +44,18 @@ def decode_asserts(target: Target, wrong_by: int = 0) -> list[str]:
     return out + ["#ifdef IK_HAS_MMA", *mma, "#endif"]
 
 
+def prefill_asserts(target: Target) -> list[str]:
+    """PrefillConfig::smem_bytes against plan.prefill.smem_bytes, over tiles the planner may ask for."""
+    out = []
+    for d, (tm, tn, warps), stages, pad in itertools.product((64, 96, 128, 256), ((128, 64, 8), (64, 32, 4), (32, 16, 2)),
+                                                             (1, 2, 3), (False, True)):
+        want = PF.smem_bytes(head_dim=d, tile_m=tm, tile_n=tn, warps=warps, stages=stages, pad=pad,
+                             c_is_a=target.facts.c_is_a)
+        cfg = f"prefill::PrefillConfig<{DTYPE}, {d}, {tm}, {tn}, {warps}, {stages}, {str(pad).lower()}>"
+        out.append(f'static_assert({cfg}::smem_bytes() == {want}, "{cfg} smem_bytes");')
+    return ["#ifdef IK_HAS_MMA", *out, "#endif"]
+
+
 def w4a16_asserts(target: Target) -> list[str]:
     chunk = layout_info(target.facts.matrix_layout).chunk_k
     return [f'static_assert(w4::kChunk == {chunk}, "chunk_k of {target.facts.matrix_layout}");',
@@ -61,7 +74,8 @@ def compile_checks(target: Target, family_file: str, asserts: list[str]):
 
 
 @pytest.mark.parametrize("family_file,asserts", [("attention/decode.cuh", decode_asserts),
-                                                  ("w4a16.cuh", w4a16_asserts)], ids=["decode", "w4a16"])
+                                                  ("attention/prefill.cuh", prefill_asserts),
+                                                  ("w4a16.cuh", w4a16_asserts)], ids=["decode", "prefill", "w4a16"])
 def test_planner_sizes_match_the_nvidia_kernels(family_file, asserts):
     pytest.importorskip("cuda.bindings")
     compile_checks(Target("sm_90"), family_file, asserts(Target("sm_90")))
@@ -71,7 +85,8 @@ def test_planner_sizes_match_the_nvidia_kernels(family_file, asserts):
 @pytest.mark.amd_offline
 @pytest.mark.parametrize("arch", ["gfx942", "gfx1100"])
 @pytest.mark.parametrize("family_file,asserts", [("attention/decode.cuh", decode_asserts),
-                                                  ("w4a16.cuh", w4a16_asserts)], ids=["decode", "w4a16"])
+                                                  ("attention/prefill.cuh", prefill_asserts),
+                                                  ("w4a16.cuh", w4a16_asserts)], ids=["decode", "prefill", "w4a16"])
 def test_planner_sizes_match_the_amd_kernels(arch, family_file, asserts):
     compile_checks(Target(arch), family_file, asserts(Target(arch)))
 

@@ -16,6 +16,8 @@ from ..kernels import DecodeParams, Kernel, get_kernel
 from ..launch import capturing, raw_stream, split_counters, split_scratch
 from ..plan import decode as decode_plan
 from ..plan.decode import DecodeOptions, DecodePlan, DecodeProblem
+from ..plan.prefill import PrefillOptions
+from . import prefill as _prefill_impl
 
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _LOG2E = 1.4426950408889634
@@ -23,8 +25,11 @@ _LOG2E = 1.4426950408889634
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None,
               kv_lens: torch.Tensor | None = None, out: torch.Tensor | None = None,
-              options: DecodeOptions | None = None) -> torch.Tensor:
+              options: DecodeOptions | PrefillOptions | None = None,
+              q_lens: torch.Tensor | None = None) -> torch.Tensor:
     """`ikport.attention`, eager (see its docstring; positional: this is the per-call path)."""
+    if _is_prefill(q, q_lens, options):
+        return _prefill(q, k, v, None, q_lens, kv_lens, causal, scale, out, options)
     scale = checks.scale(scale)  # every call: the scale is not part of the cached layout
     kind = ("attention", options) if options is None or type(options) is DecodeOptions else None
     sig = _signature(kind, q, k, v, kv_lens, out)
@@ -42,8 +47,11 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None,
 
 def paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal: bool = False,
                     scale: float | None = None, out: torch.Tensor | None = None,
-                    options: DecodeOptions | None = None) -> torch.Tensor:
+                    options: DecodeOptions | PrefillOptions | None = None,
+                    q_lens: torch.Tensor | None = None) -> torch.Tensor:
     """`ikport.paged_attention`, eager (see its docstring)."""
+    if _is_prefill(q, q_lens, options):
+        return _prefill(q, k_pages, v_pages, block_table, q_lens, kv_lens, causal, scale, out, options)
     scale = checks.scale(scale)  # every call: the scale is not part of the cached layout
     kind = ("paged", options) if options is None or type(options) is DecodeOptions else None
     sig = _signature(kind, q, k_pages, v_pages, block_table, kv_lens, out)
@@ -60,6 +68,72 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal: bool = Fa
         ref = reference.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal, scale=scale)
         return _into(out, ref)
     return call(q, k_pages, v_pages, block_table, kv_lens, causal, scale, out)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                     causal: bool = False, scale: float | None = None, out: torch.Tensor | None = None,
+                     return_lse: bool = False, options: PrefillOptions | None = None):
+    """`ikport.attention_varlen`, eager (see its docstring)."""
+    scale = checks.scale(scale)
+    checks.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out)
+    checks.options(options, PrefillOptions)
+    backend = dispatch.backend_for(q.device)
+    if backend is None or knobs.check_tables():  # the CPU always; the GPU with IKPORT_CHECK_TABLES=1
+        checks.varlen_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0])
+    options = options or PrefillOptions()
+    if backend is None:
+        res = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
+                                         scale=_default_scale(q) if scale is None else float(scale),
+                                         return_lse=return_lse)
+        if not return_lse:
+            return _into(out, res)
+        return _into(out, res[0]), res[1]
+    if options.variant != "fa2":
+        raise ValueError(f"attention_varlen: options.variant {options.variant!r}: packed batches run the fa2 kernel")
+    return _prefill_impl.varlen(backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                scale, out, return_lse, options)
+
+
+def _is_prefill(q: object, q_lens: object, options: object) -> bool:
+    """Whether a call runs the prefill kernel: more query tokens than decode takes, per-sequence
+    query lengths, or prefill options."""
+    if type(options) is DecodeOptions:  # pins a decode kernel (the naive one takes any length)
+        return False
+    return (q_lens is not None or type(options) is PrefillOptions
+            or (type(q) is torch.Tensor and q.dim() == 4 and q.shape[2] > checks.MAX_DECODE_QUERY_TOKENS))
+
+
+def _prefill(q, k, v, block_table, q_lens, kv_lens, causal, scale, out, options) -> torch.Tensor:
+    """Prefill through `attention` / `paged_attention`: the checks, then the reference (CPU), the
+    journey's naive kernel (options.variant "naive") or the prefill kernel."""
+    scale = checks.scale(scale)
+    if block_table is None:
+        checks.attention(q, k, v, kv_lens)
+    else:
+        checks.paged(q, k, v, block_table, kv_lens)
+    checks.q_lens(q_lens, q.shape[0], q.device)
+    checks.out(out, q)
+    checks.options(options, PrefillOptions)
+    options = options or PrefillOptions()
+    backend = dispatch.backend_for(q.device)
+    if block_table is not None and (backend is None or knobs.check_tables()):
+        checks.block_table_ids(block_table, kv_lens, k, gpu=backend is not None)
+    if backend is None:
+        s = _default_scale(q) if scale is None else float(scale)
+        more = {} if q_lens is None else {"q_lens": q_lens}
+        if block_table is None:
+            ref = reference.attention(q, k, v, causal=causal, scale=s, kv_lens=kv_lens, **more)
+        else:
+            ref = reference.paged_attention(q, k, v, block_table, kv_lens, causal=causal, scale=s, **more)
+        return _into(out, ref)
+    if options.variant == "naive":  # v0: the decode family's naive kernel, one block per query row
+        if q_lens is not None:
+            raise ValueError("PrefillOptions(variant='naive') takes no q_lens (the journey's baseline)")
+        naive = DecodeOptions(variant="naive")
+        if block_table is None:
+            return attention(q, k, v, causal, scale, kv_lens, out, naive)
+        return paged_attention(q, k, v, block_table, kv_lens, causal, scale, out, naive)
+    return _prefill_impl.attention(backend, q, k, v, block_table, q_lens, kv_lens, causal, scale, out, options)
 
 
 # Input layouts that passed every check, with what runs them: a _DecodeCall (GPU) or None (the
@@ -135,6 +209,7 @@ def clear_plans() -> None:
     """Forget every launch plan and prepared call (tests that change the planner's constants)."""
     _prepared.clear()
     _checked.clear()
+    _prefill_impl.clear_plans()
 
 
 # ---- GPU path ------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ frozen options to a launch plan. The call path, warmup, the report and the bench
 nothing else computes a launch.
 
     decode   ikport.attention / paged_attention (DecodeOptions, DecodeProblem -> DecodePlan)
+    prefill  ikport.attention / paged_attention / attention_varlen past decode's query lengths
+             (PrefillOptions, PrefillProblem -> PrefillPlan)
     w4a16    ikport.w4a16_matmul (W4A16Options, W4A16Problem -> W4A16Plan)
 """
 
@@ -10,12 +12,13 @@ from __future__ import annotations
 
 from ..backends.target import ArchFacts
 from ..manifest import KernelSpec
-from . import decode, w4a16
+from . import decode, prefill, w4a16
 from .decode import DecodeOptions
 from .launch import Launch
+from .prefill import PrefillOptions
 from .w4a16 import W4A16Options
 
-__all__ = ["DecodeOptions", "Launch", "W4A16Options", "decode", "launch_of", "w4a16"]
+__all__ = ["DecodeOptions", "Launch", "PrefillOptions", "W4A16Options", "decode", "launch_of", "prefill", "w4a16"]
 
 
 def launch_of(s: KernelSpec, facts: ArchFacts) -> Launch | None:
@@ -23,4 +26,4 @@ def launch_of(s: KernelSpec, facts: ArchFacts) -> Launch | None:
     of `facts`; None for a kernel no planner launches yet."""
     if s.family == "mma_tile":
         return Launch(facts.warp_size, 0, False, True)  # one warp/wave per 16x16 tile (tests)
-    return decode.launch_of(s, facts) or w4a16.launch_of(s, facts)
+    return decode.launch_of(s, facts) or prefill.launch_of(s, facts) or w4a16.launch_of(s, facts)

@@ -1,0 +1,187 @@
+"""The prefill-attention planner: problem shape, the device's facts and frozen options in; a launch
+plan out (the kernel of kernels_src/attention/prefill.cuh, grid, block, shared memory).
+
+Pure functions: no tensors, no driver calls. The call path (ikport/impl/prefill.py) asks `plan`;
+warmup asks `default_kernels`; the portability report asks `launch_of`. Tile choices and their
+measurements: docs/results/prefill.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..backends.base import DeviceInfo
+from ..backends.target import ArchFacts, Target
+from ..manifest import KernelSpec, spec
+from .decode import C_TO_A_LD
+from .launch import Launch
+from .options import Options
+
+# Journey variants (PrefillOptions.variant):
+#   naive   v0: attention_decode's naive kernel, one block per query row and head, scalar math
+#   fa2     the matrix-unit kernel; its journey steps are the other options (stages 1: no
+#           pipelining, pad False: bank conflicts, longest_first False: tiles in order)
+VARIANTS = ("naive", "fa2")
+
+
+@dataclass(frozen=True)
+class PrefillOptions(Options):
+    """Tuning and journey knobs for benchmarks and A/B runs; the default plans need none.
+
+    variant: one of VARIANTS. `tile_m` (query rows per block), `tile_n` (K/V rows per step),
+    `warps` (per block), `stages` (K/V ring slots; 1: copy, wait, compute) pin the tiles; `pad`
+    (padded shared-memory rows) and `longest_first` (causal: the query tiles with the most keys
+    start first) pin those choices. The manifest checks the values at plan time.
+    """
+
+    variant: str = "fa2"
+    tile_m: int | None = None
+    tile_n: int | None = None
+    warps: int | None = None
+    stages: int | None = None
+    pad: bool | None = None
+    longest_first: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"PrefillOptions: unknown variant {self.variant!r}; choose from {VARIANTS}")
+        for f in ("tile_m", "tile_n", "warps", "stages"):
+            value = getattr(self, f)
+            if value is not None and (type(value) is not int or value < 1):
+                raise ValueError(f"PrefillOptions: {f} must be a positive int (or None), got {value!r}")
+        for f in ("pad", "longest_first"):
+            value = getattr(self, f)
+            if value is not None and type(value) is not bool:
+                raise ValueError(f"PrefillOptions: {f} must be True, False or None, got {value!r}")
+
+
+DEFAULT_OPTIONS = PrefillOptions()
+
+
+@dataclass(frozen=True)
+class PrefillProblem:
+    """One prefill call's shape: `q_capacity` is Tq (or max_seqlen_q), `kv_capacity` L, max_seqlen_k
+    or max_pages * page_size."""
+
+    dtype: str  # "fp16" | "bf16"
+    batch: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    q_capacity: int
+    kv_capacity: int
+    page_size: int = 0  # 0: a contiguous (or packed) cache
+
+    @property
+    def paged(self) -> bool:
+        return self.page_size > 0
+
+    @property
+    def page_size_log2(self) -> int:
+        return self.page_size.bit_length() - 1 if self.paged else 0
+
+
+@dataclass(frozen=True)
+class Tiles:
+    tile_m: int
+    tile_n: int
+    warps: int
+    stages: int
+    pad: bool
+
+
+@dataclass(frozen=True)
+class PrefillPlan:
+    kernel: KernelSpec
+    grid: tuple[int, int, int]  # (Hq, B, query tiles)
+    block: tuple[int, int, int]
+    shared_bytes: int
+    tiles: Tiles
+    longest_first: bool
+
+
+def smem_bytes(*, head_dim: int, tile_m: int, tile_n: int, warps: int, stages: int, pad: bool,
+               c_is_a: bool) -> int:
+    """Dynamic shared memory of attn_prefill (PrefillConfig::smem_bytes): the K/V ring, the query
+    tile, and where C is not A's layout (AMD) each warp's scratch for P."""
+    ld = head_dim + (8 if pad else 0)
+    return stages * 2 * tile_n * ld * 2 + tile_m * ld * 2 + (0 if c_is_a else warps * 16 * C_TO_A_LD * 2)
+
+
+# Tile candidates, best first, per (async copies, head_dim bound): the first that fits the
+# target's shared memory per block is the default. NVIDIA (async copies, 227 KB): 8 warps of one
+# 16-row tile each on 128 query rows (K/V tiles shared by 8 warps); AMD (64 KB of LDS, copies
+# through registers): 64 query rows, short K/V tiles. Measured: docs/results/prefill.md.
+_CANDIDATES: dict[bool, tuple[tuple[int, tuple[Tiles, ...]], ...]] = {
+    True: (
+        (128, (Tiles(128, 64, 8, 2, True), Tiles(64, 32, 4, 2, True))),
+        (256, (Tiles(64, 32, 4, 2, True), Tiles(32, 16, 2, 2, True))),
+    ),
+    False: (
+        (128, (Tiles(64, 32, 4, 2, True), Tiles(32, 16, 2, 2, True))),
+        (256, (Tiles(32, 16, 2, 2, True), Tiles(16, 16, 1, 2, True))),
+    ),
+}
+
+
+def tiles(head_dim: int, facts: ArchFacts, options: PrefillOptions = DEFAULT_OPTIONS) -> Tiles:
+    """The default tiles for `head_dim` on a target of `facts`, with the options' pins applied."""
+    fits = None
+    for bound, candidates in _CANDIDATES[facts.async_copy]:
+        if head_dim <= bound:
+            for t in candidates:
+                if smem_bytes(head_dim=head_dim, tile_m=t.tile_m, tile_n=t.tile_n, warps=t.warps,
+                              stages=t.stages, pad=t.pad, c_is_a=facts.c_is_a) <= facts.max_smem_per_block:
+                    fits = t
+                    break
+            break
+    fits = fits or Tiles(16, 16, 1, 1, True)
+    tile_m = options.tile_m or fits.tile_m
+    return Tiles(tile_m=tile_m, tile_n=options.tile_n or fits.tile_n,
+                 warps=options.warps or min(fits.warps, max(1, tile_m // 16)),
+                 stages=options.stages or fits.stages, pad=fits.pad if options.pad is None else options.pad)
+
+
+def kernel_spec(dtype: str, head_dim: int, t: Tiles, paged: bool) -> KernelSpec:
+    return spec("attention_prefill", "fa2", dtype=dtype, head_dim=head_dim, tile_m=t.tile_m, tile_n=t.tile_n,
+                warps=t.warps, stages=t.stages, paged=paged, pad=t.pad)
+
+
+def plan(problem: PrefillProblem, device: DeviceInfo, options: PrefillOptions = DEFAULT_OPTIONS) -> PrefillPlan:
+    """The launch of `problem` on `device` (ValueError where the manifest or the device refuses)."""
+    if options.variant != "fa2":
+        raise ValueError(f"plan.prefill.plan: variant {options.variant!r} runs the decode family's kernel")
+    facts = Target(device.arch).facts
+    t = tiles(problem.head_dim, facts, options)
+    if t.tile_m % (16 * t.warps):
+        raise ValueError(f"PrefillOptions: tile_m {t.tile_m} must be a multiple of 16 x warps ({t.warps})")
+    kernel = kernel_spec(problem.dtype, problem.head_dim, t, problem.paged)
+    smem = smem_bytes(head_dim=problem.head_dim, tile_m=t.tile_m, tile_n=t.tile_n, warps=t.warps, stages=t.stages,
+                      pad=t.pad, c_is_a=facts.c_is_a)
+    if smem > device.max_smem_per_block:
+        raise ValueError(f"prefill tiles {t} need {smem} bytes of shared memory; {device.name} gives a block "
+                         f"{device.max_smem_per_block}")
+    q_tiles = max(1, -(-problem.q_capacity // t.tile_m))
+    return PrefillPlan(kernel=kernel, grid=(problem.q_heads, problem.batch, q_tiles),
+                       block=(t.warps * device.warp_size, 1, 1), shared_bytes=smem, tiles=t,
+                       longest_first=True if options.longest_first is None else options.longest_first)
+
+
+DTYPES = ("fp16", "bf16")
+
+
+def default_kernels(target: Target, head_dims: tuple[int, ...] = (64, 128),
+                    dtypes: tuple[str, ...] = DTYPES) -> list[KernelSpec]:
+    """The kernels default plans may launch on `target` for these head dims, contiguous and paged."""
+    return [kernel_spec(dtype, d, tiles(d, target.facts), paged)
+            for dtype in dtypes for d in head_dims for paged in (False, True)]
+
+
+def launch_of(s: KernelSpec, facts: ArchFacts) -> Launch | None:
+    """Block size and dynamic shared memory a plan launches `s` with; None for another family."""
+    if s.family != "attention_prefill":
+        return None
+    p = dict(s.params)
+    smem = smem_bytes(head_dim=p["head_dim"], tile_m=p["tile_m"], tile_n=p["tile_n"], warps=p["warps"],
+                      stages=p["stages"], pad=p["pad"], c_is_a=facts.c_is_a)
+    return Launch(p["warps"] * facts.warp_size, smem, True, True)

@@ -1,0 +1,336 @@
+// prefill.cuh -- the attention_prefill family (kernels_src/manifest.yaml): attention of many query
+// tokens (a prompt, or a chunk of one over a cached prefix), a FlashAttention-2 style forward on
+// the matrix units, written once over ik::mma (mma.sync on NVIDIA, MFMA on CDNA, WMMA on RDNA3).
+//
+// Shapes (strides in elements; the last dim of every tensor is contiguous):
+//   q, out  [B, Hq, Tq, D], or packed [total_q, Hq, D] with cu_q (varlen: sequence b is rows
+//           cu_q[b] .. cu_q[b + 1])
+//   K, V    [B, Hkv, L, D], packed [total_k, Hkv, D] with cu_k, or paged [num_pages, Hkv,
+//           page_size, D] with block_table [B, max_pages]
+//   lse     optional fp32 natural-log log-sum-exp of each query row's scaled scores: [B, Hq, Tq]
+//           or (varlen) [Hq, total_q]
+// Query row i of a sequence with q_len rows and kv_len keys sees keys t < kv_len, and with causal
+// t <= kv_len - q_len + i (aligned bottom-right: a chunk attends to the whole cached prefix and
+// causally to itself). A row that sees no key gives zeros (lse -inf). Rows past q_len are not
+// written.
+//
+// One block: TILE_M query rows of one query head (WARPS warps of TILE_M / WARPS rows each, the
+// warp's rows in 16-row matrix tiles). K/V tiles of TILE_N rows stream through a ring of STAGES
+// slots in shared memory (async copies STAGES - 1 tiles ahead; STAGES 1: copy, wait, compute),
+// shared by the block's warps. Per tile each warp computes S = Q K^T on the matrix units, masks
+// (only tiles crossing the diagonal or the end), updates its online softmax in fp32 and adds P V.
+// Tiles wholly above a warp's diagonal are skipped. PAD: 16 bytes after each shared-memory row,
+// so the 8 rows of a fragment load fall on different banks (without it: 8-way conflicts).
+// grid (Hq, B, q_tiles); with longest_first, blockIdx.z counts q tiles from the last (the one
+// with the most keys under causal) so the longest blocks start first. Block WARPS * warp size;
+// dynamic shared memory PrefillConfig::smem_bytes() (ikport/plan/prefill.py mirrors it).
+#pragma once
+#include "ik.cuh"
+
+// Must match ikport/kernels.py PrefillParams field for field (ctypes mirrors C layout).
+struct PrefillParams {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  float* lse;              // null: not written
+  const int* cu_q;         // [B + 1] packed query offsets (varlen), or null
+  const int* cu_k;         // [B + 1] packed key offsets (varlen), or null
+  const int* q_lens;       // [B] query rows per sequence (clamped to [0, q_capacity]), or null: q_capacity
+  const int* kv_lens;      // [B] keys per sequence (clamped to [0, kv_capacity]), or null: kv_capacity
+  const int* block_table;  // [B, bt_sb] page ids when paged, else null
+  long long q_sb, q_sh, q_st;  // varlen: q_sb unused (a sequence starts at row cu_q[b])
+  long long k_sb, k_sh, k_st;  // paged: k_sb is the page stride
+  long long v_sb, v_sh, v_st;
+  long long o_sb, o_sh, o_st;
+  long long lse_sb, lse_sh;  // token stride 1
+  long long bt_sb;
+  int batch, num_q_heads, num_kv_heads;
+  int q_capacity;   // Tq, or max_seqlen_q (varlen)
+  int kv_capacity;  // L, max_seqlen_k (varlen), or max_pages * page_size (paged)
+  int page_size_log2;
+  int causal;
+  int longest_first;
+  float scale_log2;  // softmax scale * log2(e): scores are kept in the log2 domain
+};
+
+namespace prefill {
+
+// "No score yet": finite, so exp2(m_old - m_new) never sees (-inf) - (-inf).
+constexpr float kNoScore = -1.0e30f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Where sequence b lives and how long it is.
+struct Sequence {
+  int q_len, kv_len;
+  long long q_off, o_off, lse_off, k_off, v_off;  // element offsets of its first row (k/v: unpaged)
+};
+
+IK_DEVICE int clamp_len(int n, int capacity) { return n < 0 ? 0 : (n > capacity ? capacity : n); }
+
+IK_DEVICE Sequence sequence(const PrefillParams& p, int b) {
+  Sequence s;
+  if (p.cu_q) {
+    const int first = p.cu_q[b];
+    s.q_len = clamp_len(p.cu_q[b + 1] - first, p.q_capacity);
+    s.q_off = first * p.q_st;
+    s.o_off = first * p.o_st;
+    s.lse_off = first;
+  } else {
+    s.q_len = p.q_lens ? clamp_len(p.q_lens[b], p.q_capacity) : p.q_capacity;
+    s.q_off = b * p.q_sb;
+    s.o_off = b * p.o_sb;
+    s.lse_off = b * p.lse_sb;
+  }
+  if (p.cu_k) {
+    const int first = p.cu_k[b];
+    s.kv_len = clamp_len(p.cu_k[b + 1] - first, p.kv_capacity);
+    s.k_off = first * p.k_st;
+    s.v_off = first * p.v_st;
+  } else {
+    s.kv_len = p.kv_lens ? clamp_len(p.kv_lens[b], p.kv_capacity) : p.kv_capacity;
+    s.k_off = b * p.k_sb;
+    s.v_off = b * p.v_sb;
+  }
+  return s;
+}
+
+template <class T, int HEAD_DIM, int TILE_M, int TILE_N, int WARPS, int STAGES, bool PAD>
+struct PrefillConfig {
+  static constexpr int kThreads = WARPS * ik::kWarpSize;
+  static constexpr int kWarpRows = TILE_M / WARPS;  // query rows of a warp
+  static constexpr int kMt = kWarpRows / 16;        // its 16-row matrix tiles
+  static constexpr int kNt = TILE_N / 16;           // 16-key column tiles of S
+  static constexpr int kDt = HEAD_DIM / 16;         // 16-dim tiles of Q K^T's k and of the output
+  static constexpr int kLd = HEAD_DIM + (PAD ? 8 : 0);  // shared-memory row stride (elements)
+  static constexpr int kChunks = HEAD_DIM / 8;          // 16-byte chunks of a row
+  static_assert(HEAD_DIM % 16 == 0 && HEAD_DIM <= 256, "head_dim must be a multiple of 16, <= 256");
+  static_assert(TILE_M % (16 * WARPS) == 0, "each warp takes whole 16-row tiles of the query tile");
+  static_assert(TILE_N % 16 == 0, "K/V tiles of whole 16-row matrix tiles");
+  static_assert(STAGES >= 1, "at least one K/V slot");
+  static constexpr int q_elems() { return TILE_M * kLd; }
+  static constexpr int slot_elems() { return 2 * TILE_N * kLd; }  // one K tile and one V tile
+  static constexpr int ring_bytes() { return STAGES * slot_elems() * 2; }
+  static constexpr int q_bytes() { return q_elems() * 2; }
+  static constexpr int scratch_bytes() { return WARPS * ik::mma::kCToAScratch * 2; }
+  static constexpr int smem_bytes() { return ring_bytes() + q_bytes() + scratch_bytes(); }
+};
+
+}  // namespace prefill
+
+#ifdef IK_HAS_MMA
+template <class T, int HEAD_DIM, int TILE_M, int TILE_N, int WARPS, int STAGES, bool PAGED, bool PAD>
+__global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillParams p) {
+  using C = prefill::PrefillConfig<T, HEAD_DIM, TILE_M, TILE_N, WARPS, STAGES, PAD>;
+  namespace mm = ik::mma;
+  constexpr int LD = C::kLd, MT = C::kMt, NT = C::kNt, DT = C::kDt, CH = C::kChunks;
+  // Q's fragments stay in registers where they are few (NVIDIA: 4 registers each); else each tile
+  // reloads them from shared memory.
+  constexpr bool kQInRegisters = MT * DT * sizeof(mm::FragA<T>) <= 128;
+  extern __shared__ __attribute__((aligned(16))) float smem[];
+
+  const int hq = blockIdx.x, b = blockIdx.y;
+  const int q_tile = p.longest_first ? static_cast<int>(gridDim.z - 1 - blockIdx.z) : static_cast<int>(blockIdx.z);
+  const prefill::Sequence seq = prefill::sequence(p, b);
+  const int m0 = q_tile * TILE_M;
+  if (m0 >= seq.q_len) return;  // the whole block: before any barrier
+  const int hk = hq / (p.num_q_heads / p.num_kv_heads);
+  const int warp = ik::warp_id();
+  const int diag = seq.kv_len - seq.q_len;  // causal: row i sees keys t <= i + diag
+  const int last_row = min(m0 + TILE_M, seq.q_len) - 1;
+  const int kv_end = p.causal ? min(seq.kv_len, last_row + diag + 1) : seq.kv_len;  // keys any row sees
+  const int n_tiles = kv_end > 0 ? (kv_end + TILE_N - 1) / TILE_N : 0;
+
+  T* s_ring = reinterpret_cast<T*>(smem);
+  T* s_q = s_ring + STAGES * C::slot_elems();
+  T* scratch = s_q + C::q_elems() + warp * mm::kCToAScratch;
+  const T* qg = static_cast<const T*>(p.q) + seq.q_off + hq * p.q_sh;
+  const T* kg = static_cast<const T*>(p.k) + (PAGED ? 0 : seq.k_off) + hk * p.k_sh;
+  const T* vg = static_cast<const T*>(p.v) + (PAGED ? 0 : seq.v_off) + hk * p.v_sh;
+  const int* bt_row = PAGED ? p.block_table + b * p.bt_sb : nullptr;
+  const int page_mask = (1 << p.page_size_log2) - 1;
+
+  // The query tile into shared memory (rows past q_len zero), in the first copy group.
+  for (int idx = threadIdx.x; idx < TILE_M * CH; idx += C::kThreads) {
+    const int r = idx / CH, ch = idx % CH, row = m0 + r;
+    const bool valid = row < seq.q_len;
+    ik::cp_async16_zfill(s_q + r * LD + ch * 8, valid ? qg + row * p.q_st + ch * 8 : qg, valid);
+  }
+  // K/V tile j into ring slot j % STAGES (rows past kv_end zero: P V then adds nothing there);
+  // one commit group per call, empty past the last tile, so the wait counts stay uniform.
+  auto issue = [&](int j) {
+    if (j < n_tiles) {
+      T* kd = s_ring + (j % STAGES) * C::slot_elems();
+      T* vd = kd + TILE_N * LD;
+#pragma unroll
+      for (int i = 0; i < (TILE_N * CH + C::kThreads - 1) / C::kThreads; ++i) {
+        const int idx = threadIdx.x + i * C::kThreads;
+        if (TILE_N * CH % C::kThreads == 0 || idx < TILE_N * CH) {
+          const int r = idx / CH, ch = idx % CH, t = j * TILE_N + r;
+          const bool valid = t < kv_end;
+          long long ko = 0, vo = 0;
+          if (valid) {
+            if (PAGED) {
+              const long long page = bt_row[t >> p.page_size_log2], off = t & page_mask;
+              ko = page * p.k_sb + off * p.k_st;
+              vo = page * p.v_sb + off * p.v_st;
+            } else {
+              ko = t * p.k_st;
+              vo = t * p.v_st;
+            }
+          }
+          ik::cp_async16_zfill(kd + r * LD + ch * 8, kg + ko + ch * 8, valid);
+          ik::cp_async16_zfill(vd + r * LD + ch * 8, vg + vo + ch * 8, valid);
+        }
+      }
+    }
+    ik::cp_async_commit();
+  };
+
+  // Per warp: its rows [w_row0, w_row0 + 16 * MT); per accumulator slot the online softmax
+  // state (m equal across a row's slots and lanes; l this slot's part of the row sum until the
+  // row_reduce after the loop) and the P V outputs.
+  const int w_row0 = m0 + warp * C::kWarpRows;
+  const T* s_qw = s_q + warp * C::kWarpRows * LD;
+  float m[MT][mm::kCSlots], l[MT][mm::kCSlots];
+  mm::FragC o[MT][DT];
+  mm::FragA<T> qa[kQInRegisters ? MT : 1][kQInRegisters ? DT : 1];  // (one unused one otherwise)
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+    for (int s = 0; s < mm::kCSlots; ++s) {
+      m[mt][s] = prefill::kNoScore;
+      l[mt][s] = 0.f;
+    }
+#pragma unroll
+    for (int n = 0; n < DT; ++n) mm::zero(o[mt][n]);
+  }
+
+  if (STAGES == 1) ik::cp_async_commit();  // the query tile alone; each tile then copies and waits
+#pragma unroll
+  for (int j = 0; j < STAGES - 1; ++j) issue(j);  // the first group also holds the query tile
+
+  for (int j = 0; j < n_tiles; ++j) {
+    if (STAGES == 1) {
+      issue(j);
+      ik::cp_async_wait<0>();
+    } else {
+      ik::cp_async_wait<(STAGES > 1 ? STAGES - 2 : 0)>();  // this thread's copies of tile j landed
+    }
+    ik::block_sync();  // everyone's copies of tile j landed; everyone is done with tile j - 1
+    if (STAGES > 1) issue(j + STAGES - 1);  // into tile j - 1's slot
+    if constexpr (kQInRegisters) {
+      if (j == 0) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int kc = 0; kc < DT; ++kc) mm::load_a(qa[mt][kc], s_qw + mt * 16 * LD + kc * 16, LD);
+      }
+    }
+    const int n0 = j * TILE_N;
+    // Warp-uniform: skip a warp whose rows are all padding or whose rows see none of these keys.
+    const bool active = w_row0 < seq.q_len && !(p.causal && n0 > w_row0 + C::kWarpRows - 1 + diag);
+    if (active) {
+      const T* kt = s_ring + (j % STAGES) * C::slot_elems();
+      const T* vt = kt + TILE_N * LD;
+      mm::FragC s[MT][NT];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) mm::zero(s[mt][nt]);
+#pragma unroll
+      for (int kc = 0; kc < DT; ++kc) {
+        mm::FragA<T> a[MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          if constexpr (kQInRegisters) {
+            a[mt] = qa[mt][kc];
+          } else {
+            mm::load_a(a[mt], s_qw + mt * 16 * LD + kc * 16, LD);
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+          mm::FragB<T> bk;
+          mm::load_bt(bk, kt + nt * 16 * LD + kc * 16, LD);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt)
+            mm::mma(s[mt][nt], a[mt], bk);
+        }
+      }
+      // Masks only where a key of the tile is past the end or past this warp's first row's diagonal.
+      const bool masked = n0 + TILE_N > seq.kv_len || (p.causal && n0 + TILE_N - 1 > w_row0 + diag);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        float mx[mm::kCSlots];
+#pragma unroll
+        for (int js = 0; js < mm::kCSlots; ++js) mx[js] = -IK_INFINITY;
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int js = 0; js < mm::kCSlots; ++js) {
+            float x = s[mt][nt].x[js] * p.scale_log2;
+            if (masked) {
+              const int t = n0 + nt * 16 + mm::c_col(js), row = w_row0 + mt * 16 + mm::c_row(js);
+              if (t >= seq.kv_len || (p.causal && t > row + diag)) x = -IK_INFINITY;
+            }
+            s[mt][nt].x[js] = x;
+            mx[js] = fmaxf(mx[js], x);
+          }
+        }
+        mm::row_reduce(mx, [](float x, float y) { return fmaxf(x, y); });
+#pragma unroll
+        for (int js = 0; js < mm::kCSlots; ++js) {
+          const float m_new = fmaxf(m[mt][js], mx[js]);
+          const float alpha = ik::exp2_fast(m[mt][js] - m_new);
+          m[mt][js] = m_new;
+          float sum = 0.f;
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) {
+            s[mt][nt].x[js] = ik::exp2_fast(s[mt][nt].x[js] - m_new);
+            sum += s[mt][nt].x[js];
+          }
+          l[mt][js] = l[mt][js] * alpha + sum;
+#pragma unroll
+          for (int n = 0; n < DT; ++n) o[mt][n].x[js] *= alpha;
+        }
+      }
+      // O += P V: P's 16-key column tiles become A fragments (in registers on NVIDIA).
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        mm::FragA<T> pa[MT];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) mm::c_to_a(pa[mt], s[mt][nt], scratch);
+#pragma unroll
+        for (int n = 0; n < DT; ++n) {
+          mm::FragB<T> bv;
+          mm::load_b(bv, vt + nt * 16 * LD + n * 16, LD);
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) mm::mma(o[mt][n], pa[mt], bv);
+        }
+      }
+    }
+    if (STAGES == 1) ik::block_sync();  // everyone is done with the one slot before the next copy
+  }
+  ik::cp_async_wait<0>();  // no copy outlives the block (a block with no tiles issued the query's)
+
+  // The rows' sums, then out = O / l and the log-sum-exp (natural log) of rows below q_len.
+  T* og = static_cast<T*>(p.out) + seq.o_off + hq * p.o_sh;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    mm::row_reduce(l[mt], [](float x, float y) { return x + y; });
+#pragma unroll
+    for (int js = 0; js < mm::kCSlots; ++js) {
+      const int row = w_row0 + mt * 16 + mm::c_row(js), col = mm::c_col(js);
+      if (row < seq.q_len) {
+        const float inv = l[mt][js] > 0.f ? 1.f / l[mt][js] : 0.f;
+#pragma unroll
+        for (int n = 0; n < DT; ++n) og[row * p.o_st + n * 16 + col] = ik::dtype<T>::from_float(o[mt][n].x[js] * inv);
+        if (p.lse && col == 0)
+          p.lse[seq.lse_off + hq * p.lse_sh + row] =
+              l[mt][js] > 0.f ? (m[mt][js] + log2f(l[mt][js])) * prefill::kLn2 : -IK_INFINITY;
+      }
+    }
+  }
+}
+#endif  // IK_HAS_MMA

@@ -1,0 +1,106 @@
+"""The prefill planner (ikport/plan/prefill.py): pure functions, checked without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from ikport import manifest
+from ikport.backends.base import DeviceInfo
+from ikport.backends.target import ALL_TARGETS, Target
+from ikport.plan import launch_of
+from ikport.plan import prefill as P
+
+H100 = DeviceInfo("NVIDIA H100 80GB HBM3", "sm_90", 132, 227 * 1024, 32, 50 << 20)
+MI300X = DeviceInfo("AMD Instinct MI300X", "gfx942", 304, 64 * 1024, 64, 256 << 20)
+P1 = P.PrefillProblem("fp16", 4, 32, 8, 128, 4096, 4096)
+
+
+@pytest.mark.parametrize("arch", ALL_TARGETS)
+@pytest.mark.parametrize("head_dim", range(16, 257, 16))
+def test_default_tiles_fit_every_target(arch, head_dim):
+    facts = Target(arch).facts
+    t = P.tiles(head_dim, facts)
+    assert t.tile_m % (16 * t.warps) == 0 and t.tile_n % 16 == 0
+    smem = P.smem_bytes(head_dim=head_dim, tile_m=t.tile_m, tile_n=t.tile_n, warps=t.warps, stages=t.stages,
+                        pad=t.pad, c_is_a=facts.c_is_a)
+    assert smem <= facts.max_smem_per_block
+    P.kernel_spec("bf16", head_dim, t, paged=True)  # the manifest admits it
+
+
+def test_p1_plan_on_the_h100():
+    plan = P.plan(P1, H100)
+    t = plan.tiles
+    assert plan.grid == (32, 4, -(-4096 // t.tile_m))
+    assert plan.block == (32 * t.warps, 1, 1)
+    assert plan.longest_first
+    assert plan.kernel.family == "attention_prefill" and dict(plan.kernel.params)["paged"] is False
+    assert plan.shared_bytes == launch_of(plan.kernel, Target("sm_90").facts).dynamic_shared_bytes
+
+
+def test_amd_plans_keep_to_64_kb_of_lds():
+    plan = P.plan(P1, MI300X)
+    assert plan.shared_bytes <= 64 * 1024
+    assert plan.block[0] == 64 * plan.tiles.warps
+
+
+def test_options_pin_the_tiles_and_journey_choices():
+    opts = P.PrefillOptions(tile_m=64, tile_n=32, warps=2, stages=1, pad=False, longest_first=False)
+    plan = P.plan(P1, H100, opts)
+    assert plan.tiles == P.Tiles(64, 32, 2, 1, False)
+    assert not plan.longest_first
+    assert dict(plan.kernel.params)["pad"] is False
+    # pinning tile_m alone keeps whole 16-row tiles per warp
+    assert P.plan(P1, H100, P.PrefillOptions(tile_m=32)).tiles.warps <= 2
+
+
+def test_paged_problem_names_the_paged_kernel():
+    plan = P.plan(P.PrefillProblem("fp16", 4, 32, 8, 128, 512, 8704, 16), H100)
+    assert dict(plan.kernel.params)["paged"] is True
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(variant="flash"), "unknown variant"),
+    (dict(tile_m=0), "tile_m must be a positive int"),
+    (dict(stages=2.0), "stages must be a positive int"),
+    (dict(pad=1), "pad must be True, False or None"),
+])
+def test_bad_options_are_named(bad, match):
+    with pytest.raises(ValueError, match=match):
+        P.PrefillOptions(**bad)
+
+
+def test_refusals_name_the_problem():
+    with pytest.raises(ValueError, match="multiple of 16 x warps"):
+        P.plan(P1, H100, P.PrefillOptions(tile_m=32, warps=4))
+    with pytest.raises(ValueError, match="shared memory"):
+        P.plan(P1, MI300X, P.PrefillOptions(tile_m=128, tile_n=128, stages=4))
+    with pytest.raises(ValueError, match="naive"):
+        P.plan(P1, H100, P.PrefillOptions(variant="naive"))
+    with pytest.raises(ValueError):  # the manifest's allowed values
+        P.plan(P1, H100, P.PrefillOptions(tile_n=48))
+
+
+def test_options_round_trip_through_text():
+    opts = P.PrefillOptions(tile_m=64, pad=False)
+    assert P.PrefillOptions.from_text(opts.as_text()) == opts
+
+
+@pytest.mark.parametrize("arch", ALL_TARGETS)
+def test_default_kernels_are_what_plans_launch(arch):
+    target = Target(arch)
+    kernels = P.default_kernels(target)
+    assert kernels and all(k.family == "attention_prefill" for k in kernels)
+    device = DeviceInfo("x", arch, 100, target.facts.max_smem_per_block, target.facts.warp_size, 1 << 20)
+    for d in (64, 128):
+        for page in (0, 16):
+            plan = P.plan(P.PrefillProblem("fp16", 1, 8, 8, d, 1000, 1000, page), device)
+            assert plan.kernel in kernels
+
+
+def test_the_manifest_default_set_is_launchable_everywhere():
+    """The manifest's instantiations compile on every target (test_compile); they must also fit
+    every target's shared memory as the planner launches them."""
+    for s in manifest.default_instantiations("attention_prefill"):
+        for arch in ALL_TARGETS:
+            facts = Target(arch).facts
+            assert launch_of(s, facts).dynamic_shared_bytes <= facts.max_smem_per_block
