@@ -11,8 +11,8 @@ another one.
   nox -s compile-hip    compile table for gfx90a, gfx942, gfx1100 (+ hipRTC for gfx90a)
   nox -s test-cuda      the correctness suite on the NVIDIA GPU present
   nox -s test-hip       the same suite on the AMD GPU present (ROCm torch + hip-python)
-  nox -s bench-cuda -- decode|w4a16 [--quick]    benchmarks (docs/benchmarks.md) -> docs/results/*.json
-  nox -s bench-hip  -- decode|w4a16 [--quick]
+  nox -s bench-cuda -- decode|prefill|w4a16 [--quick]    benchmarks (docs/benchmarks.md) -> docs/results/*.json
+  nox -s bench-hip  -- decode|prefill|w4a16 [--quick]
   nox -s report         CPU: docs/portability/REPORT.md (compile table for all six targets,
                         instruction checks, docs/results/*.json numbers, plots if matplotlib)
   nox -s sanitize-cuda  a fast subset of the GPU suite under compute-sanitizer memcheck, racecheck

@@ -86,12 +86,15 @@ class DeviceFacts:
     arch: str
     read_GBps: float | None = None  # measured streaming-read ceiling (16-byte reads over 1 GB)
     l2_bytes: int | None = None
+    fp16_TFLOPs: float | None = None  # dense fp16/bf16 matrix-unit rate, datasheet (no sparsity)
 
 
 # Device-name fragment -> facts, first match wins (so "H100" must not shadow a longer name).
 # read_GBps: the lent H100 80GB HBM3 measured 3087 GB/s (docs/benchmarks.md); others unmeasured.
+# fp16_TFLOPs: the H100 SXM5 datasheet's 1979 TFLOP/s fp16 tensor rate is with 2:4 sparsity; dense
+# is half (the PCIe card's is lower; "H100" covers both, as it does for the read ceiling).
 KNOWN_DEVICES: tuple[tuple[str, DeviceFacts], ...] = (
-    ("H100", DeviceFacts("sm_90", 3087.0, 50 * 1024 * 1024)),
+    ("H100", DeviceFacts("sm_90", 3087.0, 50 * 1024 * 1024, 989.0)),
     ("H200", DeviceFacts("sm_90", None, 60 * 1024 * 1024)),
     ("H800", DeviceFacts("sm_90")), ("A100", DeviceFacts("sm_80")), ("A800", DeviceFacts("sm_80")),
     ("L40", DeviceFacts("sm_89")), ("L4", DeviceFacts("sm_89")), ("4090", DeviceFacts("sm_89")),

@@ -1,7 +1,7 @@
 """`python -m ikport.bench AREA [options]`: run one benchmark area and write its result JSON.
 
 Each area is a module with `add_arguments(parser)` and `run(args) -> exit code`; add an area by
-listing its module in AREAS (planned: prefill).
+listing its module in AREAS.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from pathlib import Path
 
 AREAS = {
     "decode": "ikport.bench.decode",
+    "prefill": "ikport.bench.prefill",
     "w4a16": "ikport.bench.w4a16",
 }
 
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--quick",
         action="store_true",
-        help="smoke run (decode: locked workloads only, no sweep; w4a16: M=1 and 16, 20 runs)",
+        help="smoke run (decode: locked workloads only, no sweep; prefill: P1 and chunked prefill; "
+        "w4a16: M=1 and 16, 20 runs)",
     )
     areas = parser.add_subparsers(dest="area", required=True, metavar="AREA")
     for area, module_name in AREAS.items():

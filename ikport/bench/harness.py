@@ -35,6 +35,8 @@ from ikport.backends.target import device_facts
 _H100 = device_facts("H100")
 READ_ROOF_GBPS = _H100.read_GBps
 DEFAULT_L2_BYTES = _H100.l2_bytes
+# Its dense fp16/bf16 matrix rate (datasheet): the roof of compute-bound areas (prefill's TFLOP/s).
+MATRIX_ROOF_TFLOPS = _H100.fp16_TFLOPs
 # Keys every result row carries (docs/benchmarks.md, "Result files"); other keys may follow.
 ROW_KEYS = ("workload", "impl", "median_us", "min_us", "max_us", "GBps", "eager_us")
 # Top-level keys of a result file that `extra` may not replace.
