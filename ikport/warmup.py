@@ -6,11 +6,12 @@ then loads each kernel from the cache instead of compiling it. Without a GPU, `-
 compiles the same set into the cache without loading it (a shared cache can be filled on a build
 machine with the same NVRTC).
 
-The default set is what the planner's default plans may launch on the target
+The default set is what the planners' default plans may launch on the target
 (ikport.plan.decode.default_kernels): the split decode kernels for fp16 and bf16, head dims 64,
 128 and 256 (`head_dims`), every query-row tile, contiguous and paged, in every launch shape the
 launch rules pick (128-thread and one-block-per-SM versions; on targets with block clusters, the
-clustered versions for 2, 4 and 8 splits). `all_kernels=True` adds every instantiation of
+clustered versions for 2, 4 and 8 splits); and the prefill kernels of those head dims, contiguous
+and paged (ikport.plan.prefill.default_kernels). `all_kernels=True` adds every instantiation of
 kernels_src/manifest.yaml (naive and combine kernels, the register-load pipeline, mma_tile).
 
 After the cold pass, a warm pass clears the in-process map and loads every kernel again from
@@ -35,6 +36,7 @@ from .backends.source import kernel_source
 from .backends.target import Target
 from .manifest import KernelSpec, default_instantiations, spec
 from .plan import decode as decode_plan
+from .plan import prefill as prefill_plan
 
 GOAL_COLD_PER_KERNEL_S = 5.0  # compiling one kernel from scratch
 GOAL_WARM_TOTAL_S = 1.0  # loading every kernel of the default set from the disk cache
@@ -43,11 +45,12 @@ GOAL_WARM_TOTAL_S = 1.0  # loading every kernel of the default set from the disk
 def kernel_set(target: Target, all_kernels: bool = False, head_dims: Iterable[int] | None = None,
                name_filter: str = "") -> list[KernelSpec]:
     """The specs warmup builds for `target`, without duplicates, in a stable order: the kernels the
-    planner's default plans may launch there (ikport.plan.decode.default_kernels), and with
+    planners' default plans may launch there (plan.decode and plan.prefill's default_kernels), and with
     `all_kernels` every manifest instantiation too (plus the naive and combine kernels of
     `head_dims`)."""
     dims = tuple(int(d) for d in head_dims) if head_dims else None
     specs = decode_plan.default_kernels(target, *((dims,) if dims else ()))
+    specs += prefill_plan.default_kernels(target, *((dims,) if dims else ()))
     if all_kernels:
         specs += list(default_instantiations())
         for dtype in decode_plan.DTYPES:

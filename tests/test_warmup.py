@@ -16,6 +16,7 @@ import torch
 
 from ikport import kernels, manifest, warmup
 from ikport.plan import decode as P
+from ikport.plan import prefill as prefill_plan
 from ikport.__main__ import main as ikport_main
 from ikport.backends.cache import DiskCache
 from ikport.backends.target import Target
@@ -49,8 +50,18 @@ VECTOR_ROWS = [r for r in P.ROW_TILES if not P.use_mma(r)]
 SM80, SM90, GFX942 = Target("sm_80"), Target("sm_90"), Target("gfx942")  # async; + clusters; neither
 
 
+def decode_set(target: Target, **kw) -> list:
+    return [s for s in warmup.kernel_set(target, **kw) if s.family == "attention_decode"]
+
+
+def test_default_set_has_the_prefill_kernels():
+    for target in (SM80, SM90, GFX942):
+        prefill = [s for s in warmup.kernel_set(target) if s.family == "attention_prefill"]
+        assert prefill == prefill_plan.default_kernels(target)
+
+
 def test_default_set_is_what_the_planner_launches():
-    specs = warmup.kernel_set(SM80)
+    specs = decode_set(SM80)
     uris = {s.uri for s in specs}
     # vector row tiles: contiguous, paged, contiguous at 128 threads, contiguous one block per SM,
     # paged one block per SM (up to 4 rows); matrix-unit row tiles: contiguous, paged; + the merge
@@ -79,7 +90,7 @@ def test_default_set_is_what_the_planner_launches():
 
 
 def test_targets_with_clusters_add_the_clustered_kernels():
-    plain, clustered = warmup.kernel_set(SM80), warmup.kernel_set(SM90)
+    plain, clustered = decode_set(SM80), decode_set(SM90)
     extra = [s for s in clustered if s.kernel in ("split_cluster", "split_mma_cluster")]
     # dtypes x head dims x cluster sizes x (vector row tiles x (contiguous, contiguous one block
     # per SM) + paged one block per SM at up to 4 rows + matrix-unit row tiles x (contiguous, paged))
@@ -96,7 +107,7 @@ def test_targets_with_clusters_add_the_clustered_kernels():
 
 
 def test_targets_without_async_copies_skip_the_one_block_per_sm_ring():
-    amd = warmup.kernel_set(GFX942)
+    amd = decode_set(GFX942)
     assert len(amd) == 2 * 3 * (len(VECTOR_ROWS) * 3 + len(MMA_ROWS) * 2 + 1)
     one_per_sm_ring = [s for s in amd if dict(s.params).get("stages") == P.ONE_PER_SM_STAGES]
     assert not one_per_sm_ring

@@ -170,7 +170,7 @@ def plan(problem: PrefillProblem, device: DeviceInfo, options: PrefillOptions = 
 DTYPES = ("fp16", "bf16")
 
 
-def default_kernels(target: Target, head_dims: tuple[int, ...] = (64, 128),
+def default_kernels(target: Target, head_dims: tuple[int, ...] = (64, 128, 256),
                     dtypes: tuple[str, ...] = DTYPES) -> list[KernelSpec]:
     """The kernels default plans may launch on `target` for these head dims, contiguous and paged."""
     return [kernel_spec(dtype, d, tiles(d, target.facts), paged)
