@@ -23,43 +23,85 @@ _LOG2E = 1.4426950408889634
 
 def attention(q, k, v, causal: bool = False, scale: float | None = None,
               kv_lens: torch.Tensor | None = None, out: torch.Tensor | None = None,
-              options: DecodeOptions | None = None) -> torch.Tensor:
+              options: DecodeOptions | None = None, q_lens: torch.Tensor | None = None) -> torch.Tensor:
     """`ikport.attention`, eager (see its docstring; positional: this is the per-call path)."""
     scale = checks.scale(scale)  # every call: the scale is not part of the cached layout
     kind = ("attention", options) if options is None or type(options) is DecodeOptions else None
-    sig = _signature(kind, q, k, v, kv_lens, out)
+    sig = _signature(kind, q, k, v, kv_lens, out, q_lens)
     call = _checked_call(sig, q, k, v)
     if call is _UNCHECKED:
-        checks.attention(q, k, v, kv_lens)
+        checks.attention(q, k, v, kv_lens, q_lens_=q_lens)
         checks.out(out, q)
         checks.options(options, DecodeOptions)
+        _prefill_pending(q, q_lens)
         call = _remember(sig, q, k, v, None, kv_lens, out, options)
     if call is None:
         scale = _default_scale(q) if scale is None else float(scale)
-        return _into(out, reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens))
+        ref = reference.attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, q_lens=q_lens)
+        return _into(out, ref)
     return call(q, k, v, None, kv_lens, causal, scale, out)
 
 
 def paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal: bool = False,
                     scale: float | None = None, out: torch.Tensor | None = None,
-                    options: DecodeOptions | None = None) -> torch.Tensor:
+                    options: DecodeOptions | None = None, q_lens: torch.Tensor | None = None) -> torch.Tensor:
     """`ikport.paged_attention`, eager (see its docstring)."""
     scale = checks.scale(scale)  # every call: the scale is not part of the cached layout
     kind = ("paged", options) if options is None or type(options) is DecodeOptions else None
-    sig = _signature(kind, q, k_pages, v_pages, block_table, kv_lens, out)
+    sig = _signature(kind, q, k_pages, v_pages, block_table, kv_lens, out, q_lens)
     call = _checked_call(sig, q, k_pages, v_pages)
     if call is _UNCHECKED:
-        checks.paged(q, k_pages, v_pages, block_table, kv_lens)
+        checks.paged(q, k_pages, v_pages, block_table, kv_lens, q_lens_=q_lens)
         checks.out(out, q)
         checks.options(options, DecodeOptions)
+        _prefill_pending(q, q_lens)
         call = _remember(sig, q, k_pages, v_pages, block_table, kv_lens, out, options)
     if call is None or call.check_tables:  # the CPU always; the GPU with IKPORT_CHECK_TABLES=1
         checks.block_table_ids(block_table, kv_lens, k_pages, gpu=call is not None)
     if call is None:
         scale = _default_scale(q) if scale is None else float(scale)
-        ref = reference.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal, scale=scale)
+        ref = reference.paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal=causal, scale=scale,
+                                        q_lens=q_lens)
         return _into(out, ref)
     return call(q, k_pages, v_pages, block_table, kv_lens, causal, scale, out)
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal: bool = False,
+                     scale: float | None = None, out: torch.Tensor | None = None, return_lse: bool = False,
+                     options=None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`ikport.attention_varlen`, eager (see its docstring): out, or (out, lse) with `return_lse`."""
+    scale = checks.scale(scale)
+    checks.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, return_lse)
+    if options is not None:
+        checks.options(options, prefill_options_type())
+    gpu = dispatch.backend_for(q.device) is not None
+    checks.cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, gpu=gpu)
+    if gpu:
+        _prefill_pending(q, None, varlen=True)
+    scale = _default_scale(q) if scale is None else float(scale)
+    ref = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal, scale=scale,
+                                     return_lse=return_lse)
+    if not return_lse:
+        return _into(out, ref)
+    return _into(out, ref[0]), ref[1]
+
+
+def prefill_options_type() -> type:
+    """ikport.PrefillOptions, the prefill planner's options (ikport/plan/prefill.py), imported at
+    use: only calls that pass options other than a DecodeOptions need it."""
+    from ..plan.prefill import PrefillOptions
+
+    return PrefillOptions
+
+
+def _prefill_pending(q: torch.Tensor, q_lens: torch.Tensor | None, varlen: bool = False) -> None:
+    """GPU calls the decode kernels cannot run (prefill lengths, q_lens, the varlen layout) until
+    the prefill kernel's launch path lands; the CPU reference runs them all."""
+    if q.device.type == "cpu" or not (varlen or q_lens is not None or q.shape[2] > checks.MAX_DECODE_QUERY_TOKENS):
+        return
+    raise NotImplementedError("prefill attention on the GPU (more than "
+                              f"{checks.MAX_DECODE_QUERY_TOKENS} query tokens, q_lens, attention_varlen) "
+                              "is not wired yet; CPU tensors run the reference")
 
 
 # Input layouts that passed every check, with what runs them: a _DecodeCall (GPU) or None (the
