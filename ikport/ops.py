@@ -159,10 +159,9 @@ def _options_text(options, kind: type) -> Optional[str]:
 
 def _attention_options_text(options) -> Optional[str]:
     """The attention ops' `options` text: a DecodeOptions' as is, a PrefillOptions' after "prefill:"."""
+    checks.options(options, _attention.option_kinds(options))
     if options is None or isinstance(options, DecodeOptions):
-        return _options_text(options, DecodeOptions)
-    prefill = _attention.prefill_options_type()
-    checks.options(options, (DecodeOptions, prefill))
+        return None if options is None else options.as_text()
     return _PREFILL_TEXT + options.as_text()
 
 

@@ -16,6 +16,7 @@ from ..kernels import DecodeParams, Kernel, get_kernel
 from ..launch import capturing, raw_stream, split_counters, split_scratch
 from ..plan import decode as decode_plan
 from ..plan.decode import DecodeOptions, DecodePlan, DecodeProblem
+from ..plan.options import Options
 
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 _LOG2E = 1.4426950408889634
@@ -32,7 +33,7 @@ def attention(q, k, v, causal: bool = False, scale: float | None = None,
     if call is _UNCHECKED:
         checks.attention(q, k, v, kv_lens, q_lens_=q_lens)
         checks.out(out, q)
-        checks.options(options, DecodeOptions)
+        checks.options(options, option_kinds(options))
         _prefill_pending(q, q_lens)
         call = _remember(sig, q, k, v, None, kv_lens, out, options)
     if call is None:
@@ -53,7 +54,7 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal: bool = Fa
     if call is _UNCHECKED:
         checks.paged(q, k_pages, v_pages, block_table, kv_lens, q_lens_=q_lens)
         checks.out(out, q)
-        checks.options(options, DecodeOptions)
+        checks.options(options, option_kinds(options))
         _prefill_pending(q, q_lens)
         call = _remember(sig, q, k_pages, v_pages, block_table, kv_lens, out, options)
     if call is None or call.check_tables:  # the CPU always; the GPU with IKPORT_CHECK_TABLES=1
@@ -92,6 +93,14 @@ def prefill_options_type() -> type:
     from ..plan.prefill import PrefillOptions
 
     return PrefillOptions
+
+
+def option_kinds(options: object) -> type | tuple[type, ...]:
+    """What `options` of attention / paged_attention may be: a DecodeOptions, or for prefill a
+    PrefillOptions (imported only when a planner's options other than DecodeOptions come)."""
+    if options is None or isinstance(options, DecodeOptions) or not isinstance(options, Options):
+        return DecodeOptions
+    return (DecodeOptions, prefill_options_type())
 
 
 def _prefill_pending(q: torch.Tensor, q_lens: torch.Tensor | None, varlen: bool = False) -> None:
