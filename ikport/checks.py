@@ -189,11 +189,11 @@ def _max_seqlen(name: str, value: object, total: int | torch.SymInt, holds: str)
 
 
 def varlen(q, k, v, cu_seqlens_q: object, cu_seqlens_k: object, max_seqlen_q: object,
-           max_seqlen_k: object, out_: object, return_lse: object, gpu: bool | None = None) -> None:
+           max_seqlen_k: object, out_: object, return_lse: object = False, gpu: bool | None = None) -> None:
     """`attention_varlen`'s inputs, without reading any data: q [total_q, Hq, D], k/v
     [total_k, Hkv, D]; cu_seqlens_q/k int32 [B + 1] (B >= 1) on q's device, contiguous;
     max_seqlen_q/k ints >= 0 (>= 1 when there are tokens); `out_` q's shape, dtype and device,
-    contiguous; return_lse a bool. The offsets' values: `cu_seqlens`."""
+    contiguous; return_lse a bool. The offsets' values: `varlen_offsets`."""
     gpu = _qkv(q, k, v, 3, gpu)
     if gpu:
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -221,12 +221,13 @@ def varlen(q, k, v, cu_seqlens_q: object, cu_seqlens_k: object, max_seqlen_q: ob
     out(out_, q)
 
 
-def cu_seqlens(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, total_q: int, total_k: int,
-               max_seqlen_q: int, max_seqlen_k: int, gpu: bool) -> None:
+def varlen_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                   total_q: int, total_k: int, gpu: bool = False) -> None:
     """The offsets' values: each of cu_seqlens_q/k starts at 0, never decreases, ends at the total
-    (q's and k's dim 0), and no sequence is longer than max_seqlen_q/k. This reads the offsets:
-    always on the CPU; on the GPU only with IKPORT_CHECK_TABLES=1 (a host synchronization per
-    call) and never while a CUDA graph is being captured, as `block_table_ids`."""
+    (q's and k's dim 0), and no sequence is longer than max_seqlen_q/k. This reads the offsets
+    back to the host: pass gpu=True for GPU tensors, then it checks only with
+    IKPORT_CHECK_TABLES=1 (a host synchronization per call) and never while a CUDA graph is being
+    captured, as `block_table_ids`; the CPU always checks."""
     if gpu and (not knobs.check_tables() or torch.cuda.is_current_stream_capturing()):
         return
     for name, cu, total, most, side in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "q"),

@@ -178,8 +178,7 @@ def test_bad_offsets_are_named_on_the_cpu(which, values, match):
     with pytest.raises(ValueError, match=match):
         call_api(d)
     with pytest.raises(ValueError, match=match):
-        checks.cu_seqlens(d["cu_seqlens_q"], d["cu_seqlens_k"], 8, 11, d["max_seqlen_q"], d["max_seqlen_k"],
-                          gpu=False)
+        checks.varlen_offsets(d["cu_seqlens_q"], d["cu_seqlens_k"], d["max_seqlen_q"], d["max_seqlen_k"], 8, 11)
 
 
 def test_gpu_offsets_check_only_with_the_knob_and_never_while_capturing(monkeypatch):
@@ -187,16 +186,16 @@ def test_gpu_offsets_check_only_with_the_knob_and_never_while_capturing(monkeypa
     not during a CUDA graph capture (CPU tensors standing for GPU ones, gpu=True)."""
     d = varlen_args()
     bad = i32([0, 3, 2, 8])
-    args = (bad, d["cu_seqlens_k"], 8, 11, d["max_seqlen_q"], d["max_seqlen_k"])
+    args = (bad, d["cu_seqlens_k"], d["max_seqlen_q"], d["max_seqlen_k"], 8, 11)
     monkeypatch.delenv("IKPORT_CHECK_TABLES", raising=False)
-    checks.cu_seqlens(*args, gpu=True)  # unchecked: no error, no sync
+    checks.varlen_offsets(*args, gpu=True)  # unchecked: no error, no sync
     monkeypatch.setenv("IKPORT_CHECK_TABLES", "1")
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
     with pytest.raises(ValueError, match="the offsets must not decrease"):
-        checks.cu_seqlens(*args, gpu=True)
-    checks.cu_seqlens(d["cu_seqlens_q"], *args[1:], gpu=True)  # valid offsets pass
+        checks.varlen_offsets(*args, gpu=True)
+    checks.varlen_offsets(d["cu_seqlens_q"], *args[1:], gpu=True)  # valid offsets pass
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    checks.cu_seqlens(*args, gpu=True)
+    checks.varlen_offsets(*args, gpu=True)
 
 
 def test_options_kinds_are_named():

@@ -184,20 +184,22 @@ class StandInPrefillOptions(Options):
 
 def test_prefill_options_travel_as_text_through_the_ops(monkeypatch):
     """A PrefillOptions reaches the eager path intact from a traced call: as is for varlen, after
-    "prefill:" on the attention ops (which also take a DecodeOptions)."""
+    "prefill:" on the attention ops (which also take a DecodeOptions). The eager path is spied on
+    (it records the options it gets and runs with none: the stand-in is no real PrefillOptions)."""
+    from ikport import ops
     from ikport.impl import attention as impl
 
-    monkeypatch.setattr(impl, "prefill_options_type", lambda: StandInPrefillOptions)
+    monkeypatch.setattr(ops, "_prefill_options_type", lambda: StandInPrefillOptions)
     seen = []
     real_varlen, real_attention = impl.attention_varlen, impl.attention
 
     def spy_varlen(*args):
-        seen.append(args[-1])
-        return real_varlen(*args)
+        seen.append(args[11])
+        return real_varlen(*args[:11], None)
 
-    def spy_attention(*args, **kw):
-        seen.append(args[7])
-        return real_attention(*args, **kw)
+    def spy_attention(q, k, v, causal, scale, kv_lens, out, options, q_lens=None):
+        seen.append(options)
+        return real_attention(q, k, v, causal, scale, kv_lens, out, None, q_lens=q_lens)
 
     monkeypatch.setattr(impl, "attention_varlen", spy_varlen)
     monkeypatch.setattr(impl, "attention", spy_attention)
@@ -210,8 +212,8 @@ def test_prefill_options_travel_as_text_through_the_ops(monkeypatch):
                       fullgraph=True, backend="aot_eager")
     a, b, c = f()
     assert seen == [opts, opts, ikport.DecodeOptions(variant="split1")]
-    assert torch.equal(a, ikport.attention_varlen(q, k, v, cu_q, cu_k, mq, mk))
-    assert torch.equal(b, ikport.attention(qd, kd, vd, q_lens=ql))
+    assert torch.equal(a, real_varlen(q, k, v, cu_q, cu_k, mq, mk))
+    assert torch.equal(b, real_attention(qd, kd, vd, q_lens=ql))
     with pytest.raises(Exception, match="options must be an ikport.DecodeOptions or None, got str"):
         torch.compile(lambda: ikport.attention(qd, kd, vd, options="fa2"), fullgraph=True, backend="aot_eager")()
     with pytest.raises(Exception, match="options must be an ikport.StandInPrefillOptions or None"):

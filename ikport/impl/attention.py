@@ -76,7 +76,7 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if options is not None:
         checks.options(options, prefill_options_type())
     gpu = dispatch.backend_for(q.device) is not None
-    checks.cu_seqlens(cu_seqlens_q, cu_seqlens_k, q.shape[0], k.shape[0], max_seqlen_q, max_seqlen_k, gpu=gpu)
+    checks.varlen_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0], gpu=gpu)
     if gpu:
         _prefill_pending(q, None, varlen=True)
     scale = _default_scale(q) if scale is None else float(scale)
