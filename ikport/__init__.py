@@ -3,6 +3,7 @@
     import ikport
     out = ikport.attention(q, k, v, kv_lens=lens)          # decode over a contiguous KV cache
     out = ikport.paged_attention(q, k_pages, v_pages, block_table, lens)
+    out = ikport.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal=True)  # packed
     w = ikport.quantize_weight(linear.weight)                # INT4, group 128
     y = ikport.w4a16_matmul(x, w)                            # x @ W^T, weights read as INT4
 
@@ -14,12 +15,13 @@ from . import log as _log
 
 _log.setup()  # the "ikport" logger: IKPORT_LOG level and handler, once
 
-from .attention import attention, paged_attention, paged_kv_from_dense  # noqa: E402
+from .attention import attention, attention_varlen, paged_attention, paged_kv_from_dense  # noqa: E402
 from .int4 import Int4Weight, quantize_weight  # noqa: E402
 from .plan import DecodeOptions, PrefillOptions, W4A16Options  # noqa: E402
 from .w4a16 import w4a16_matmul  # noqa: E402
 from . import formats, nn  # noqa: E402,F401  (ikport.formats.from_gptq, ikport.nn.W4A16Linear)
 from . import ops as _ops  # noqa: E402,F401  (registers torch.ops.ikport.*, once)
 
-__all__ = ["attention", "paged_attention", "paged_kv_from_dense", "DecodeOptions", "PrefillOptions", "Int4Weight",
+__all__ = ["attention", "attention_varlen", "paged_attention", "paged_kv_from_dense", "DecodeOptions",
+           "PrefillOptions", "Int4Weight",
            "quantize_weight", "w4a16_matmul", "W4A16Options", "formats", "nn", "__version__"]

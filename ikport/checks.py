@@ -11,7 +11,7 @@ from . import knobs
 
 GPU_DTYPES = (torch.float16, torch.bfloat16)
 CPU_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_DECODE_QUERY_TOKENS = 128  # longer queries are prefill: its own kernel and issue
+MAX_DECODE_QUERY_TOKENS = 128  # where decode ends: longer queries run the prefill kernel (the planners' boundary)
 VECTOR_ELEMS = 8  # kernels read 16-byte vectors: 8 fp16/bf16 elements
 
 
@@ -37,11 +37,11 @@ def _check_vector_layout(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name}: data pointer is not 16-byte aligned (a sliced view?); pass .clone()")
 
 
-def common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gpu: bool | None = None) -> None:
-    """Checks shared by every attention entry point. `gpu` (default: q.is_cuda) adds the
-    kernels' own limits; tests pass it to check those limits without a GPU."""
+def _qkv(q: object, k: object, v: object, ndim: int, gpu: bool | None) -> bool:
+    """Ranks, device, dtype, shapes, head_dim and head counts of q, k, v (heads at dim 1 in both
+    layouts: [B, H, T, D] and varlen [T, H, D]); returns whether the GPU's limits apply."""
     for name, t in (("q", q), ("k", k), ("v", v)):
-        _check_tensor(name, t, 4)
+        _check_tensor(name, t, ndim)
     gpu = q.is_cuda if gpu is None else gpu
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
@@ -60,11 +60,20 @@ def common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gpu: bool | None =
     Hq, Hkv = q.shape[1], k.shape[1]
     if Hkv == 0 or Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
+    if gpu and (D % 16 or not 16 <= D <= 256):
+        raise ValueError(f"head_dim {D} is not supported on the GPU: it must be a multiple of 16 in [16, 256]")
+    return gpu
+
+
+def common(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gpu: bool | None = None) -> None:
+    """Checks shared by every [B, H, T, D] attention entry point. `gpu` (default: q.is_cuda) adds
+    the kernels' own limits; tests pass it to check those limits without a GPU. Any number of
+    query tokens: up to MAX_DECODE_QUERY_TOKENS the decode kernels run, past it the prefill
+    kernel (the planners choose; nothing here refuses a length)."""
+    gpu = _qkv(q, k, v, 4, gpu)
     if q.shape[2] == 0:
         raise ValueError("q has no query tokens (dim 2 is 0)")
     if gpu:
-        if D % 16 or not 16 <= D <= 256:
-            raise ValueError(f"head_dim {D} is not supported on the GPU: it must be a multiple of 16 in [16, 256]")
         for name, t in (("q", q), ("k", k), ("v", v)):
             _check_vector_layout(name, t)
 
@@ -98,29 +107,38 @@ def page_size(ps: object, name: str = "page_size") -> int | torch.SymInt:
     return ps
 
 
+def _lens(name: str, lens: object, batch: int, device: torch.device) -> torch.Tensor:
+    t = _check_tensor(name, lens, 1)
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if t.shape[0] != batch:
+        raise ValueError(f"{name} has {t.shape[0]} entries for a batch of {batch}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but q is on {device}")
+    return t
+
+
 def kv_lens(lens: object, batch: int, device: torch.device) -> None:
     if lens is None:
         return
-    t = _check_tensor("kv_lens", lens, 1)
-    if t.dtype != torch.int32:
-        raise TypeError(f"kv_lens must be int32, got {t.dtype}")
-    if t.shape[0] != batch:
-        raise ValueError(f"kv_lens has {t.shape[0]} entries for a batch of {batch}")
-    if t.device != device:
-        raise ValueError(f"kv_lens is on {t.device} but q is on {device}")
+    _lens("kv_lens", lens, batch, device)
 
 
 def q_lens(lens: object, batch: int, device: torch.device) -> None:
-    """`q_lens`, when given, as `kv_lens` (placeholder until the prefill checks land)."""
-    if lens is not None:
-        kv_lens(lens, batch, device)
+    """Valid query tokens per sequence: int32 [B] on q's device, contiguous (the kernels read it
+    as a plain array). Values are clamped to [0, Tq] on the device, as kv_lens to [0, L]."""
+    if lens is None:
+        return
+    t = _lens("q_lens", lens, batch, device)
+    if not t.is_contiguous():
+        raise ValueError(f"q_lens must be contiguous, got stride {t.stride(0)}")
 
 
 def out(o: object, q: torch.Tensor) -> None:
     """A caller-provided output: q's shape, dtype and device, contiguous."""
     if o is None:
         return
-    t = _check_tensor("out", o, 4)
+    t = _check_tensor("out", o, q.dim())
     if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
         raise ValueError(
             f"out must match q: shape {tuple(q.shape)}, {q.dtype} on {q.device}; "
@@ -130,14 +148,16 @@ def out(o: object, q: torch.Tensor) -> None:
         raise ValueError("out must be contiguous")
 
 
-def attention(q, k, v, kv_lens_: object, gpu: bool | None = None) -> None:
+def attention(q, k, v, kv_lens_: object, gpu: bool | None = None, q_lens_: object = None) -> None:
     common(q, k, v, gpu)
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"batch of q ({q.shape[0]}) and k/v ({k.shape[0]}) differ")
     kv_lens(kv_lens_, q.shape[0], q.device)
+    q_lens(q_lens_, q.shape[0], q.device)
 
 
-def paged(q, k_pages, v_pages, block_table: object, lens: object, gpu: bool | None = None) -> int:
+def paged(q, k_pages, v_pages, block_table: object, lens: object, gpu: bool | None = None,
+          q_lens_: object = None) -> int:
     """Checks the paged layout; returns the page size."""
     common(q, k_pages, v_pages, gpu)
     bt = _check_tensor("block_table", block_table, 2)
@@ -155,7 +175,77 @@ def paged(q, k_pages, v_pages, block_table: object, lens: object, gpu: bool | No
     if lens is None:
         raise ValueError("paged attention needs kv_lens (int32 [B] on the device)")
     kv_lens(lens, q.shape[0], q.device)
+    q_lens(q_lens_, q.shape[0], q.device)
     return ps
+
+
+def _max_seqlen(name: str, value: object, total: int | torch.SymInt, holds: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):  # SymInt: traced
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    if value == 0 and total > 0:
+        raise ValueError(f"{name} is 0 but {holds} holds {total} tokens")
+
+
+def varlen(q, k, v, cu_seqlens_q: object, cu_seqlens_k: object, max_seqlen_q: object,
+           max_seqlen_k: object, out_: object, return_lse: object = False, gpu: bool | None = None) -> None:
+    """`attention_varlen`'s inputs, without reading any data: q [total_q, Hq, D], k/v
+    [total_k, Hkv, D]; cu_seqlens_q/k int32 [B + 1] (B >= 1) on q's device, contiguous;
+    max_seqlen_q/k ints >= 0 (>= 1 when there are tokens); `out_` q's shape, dtype and device,
+    contiguous; return_lse a bool. The offsets' values: `varlen_offsets`."""
+    gpu = _qkv(q, k, v, 3, gpu)
+    if gpu:
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            _check_vector_layout(name, t)
+    lengths = []
+    for name in ("cu_seqlens_q", "cu_seqlens_k"):
+        t = _check_tensor(name, cu_seqlens_q if name == "cu_seqlens_q" else cu_seqlens_k, 1)
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name} must be int32, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+        if t.shape[0] < 2:
+            raise ValueError(f"{name} has {t.shape[0]} entries; it needs B + 1 >= 2 (offsets of B >= 1 "
+                             f"sequences, starting at 0)")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous, got stride {t.stride(0)}")
+        lengths.append(t.shape[0])
+    if lengths[0] != lengths[1]:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (B + 1), got "
+                         f"{lengths[0]} and {lengths[1]}")
+    _max_seqlen("max_seqlen_q", max_seqlen_q, q.shape[0], "q")
+    _max_seqlen("max_seqlen_k", max_seqlen_k, k.shape[0], "k")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    out(out_, q)
+
+
+def varlen_offsets(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+                   total_q: int, total_k: int, gpu: bool = False) -> None:
+    """The offsets' values: each of cu_seqlens_q/k starts at 0, never decreases, ends at the total
+    (q's and k's dim 0), and no sequence is longer than max_seqlen_q/k. This reads the offsets
+    back to the host: pass gpu=True for GPU tensors, then it checks only with
+    IKPORT_CHECK_TABLES=1 (a host synchronization per call) and never while a CUDA graph is being
+    captured, as `block_table_ids`; the CPU always checks."""
+    if gpu and (not knobs.check_tables() or torch.cuda.is_current_stream_capturing()):
+        return
+    for name, cu, total, most, side in (("cu_seqlens_q", cu_seqlens_q, total_q, max_seqlen_q, "q"),
+                                        ("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "k")):
+        c = cu.tolist()
+        if c[0] != 0:
+            raise ValueError(f"{name}[0] = {c[0]}: the offsets must start at 0")
+        for b in range(len(c) - 1):
+            n = c[b + 1] - c[b]
+            if n < 0:
+                raise ValueError(f"{name}[{b + 1}] = {c[b + 1]} < {name}[{b}] = {c[b]}: the offsets must "
+                                 f"not decrease")
+            if n > most:
+                raise ValueError(f"sequence {b} has {n} tokens ({name}[{b + 1}] - {name}[{b}]), more than "
+                                 f"max_seqlen_{side} = {most}")
+        if c[-1] != total:
+            raise ValueError(f"{name}[-1] = {c[-1]} but {side} holds {total} tokens: the last offset must "
+                             f"be the total")
 
 
 def block_table_ids(block_table: torch.Tensor, lens: torch.Tensor, k_pages: torch.Tensor,
@@ -236,7 +326,10 @@ def vector_rows(name: str, t: torch.Tensor) -> None:
     _check_vector_layout(name, t)
 
 
-def options(value: object, kind: type) -> None:
-    """`options` is None or a `kind` (DecodeOptions, W4A16Options)."""
-    if value is not None and not isinstance(value, kind):
-        raise TypeError(f"options must be an ikport.{kind.__name__} or None, got {type(value).__name__}")
+def options(value: object, kind: type | tuple[type, ...]) -> None:
+    """`options` is None or a `kind` (DecodeOptions, W4A16Options, PrefillOptions; a tuple: any of
+    them)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if value is not None and not isinstance(value, kinds):
+        names = " or ".join(f"ikport.{k.__name__}" for k in kinds)
+        raise TypeError(f"options must be an {names} or None, got {type(value).__name__}")

@@ -4,10 +4,11 @@ IKPORT_CACHE_DIR   where compiled kernels are kept (default: ~/.cache/ikport, or
 IKPORT_BACKEND     force a backend for GPU tensors: "cuda" or "hip" (default: from torch's build)
 IKPORT_LOG         logging level of the "ikport" logger: debug, info, warning (default: warning)
 IKPORT_NO_DISK_CACHE  set to 1 to compile in memory only
-IKPORT_CHECK_TABLES   set to 1 to range-check paged_attention's block table on the GPU too, on
-                      every call (a debugging aid: each check synchronizes with the host; the CPU
-                      path always checks; skipped while a CUDA graph is being captured). Read when
-                      an input layout is first seen, so set it before the calls it should check.
+IKPORT_CHECK_TABLES   set to 1 to range-check paged_attention's block table (and attention_varlen's
+                      cu_seqlens offsets) on the GPU too, on every call (a debugging aid: each
+                      check synchronizes with the host; the CPU path always checks; skipped while
+                      a CUDA graph is being captured). Read when an input layout is first seen, so
+                      set it before the calls it should check.
 """
 
 from __future__ import annotations

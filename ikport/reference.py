@@ -1,6 +1,9 @@
 """Plain-PyTorch attention: the correctness oracle of every kernel, and the CPU path.
 
-Computed in fp32 (or fp64 when asked) whatever the input dtype; the result is cast back.
+Computed in fp32 (or fp64 when asked) whatever the input dtype; the result is cast back (the
+log-sum-exp stays in the computing dtype). Scores are formed in blocks of sequences and query rows
+of at most SCORE_BLOCK elements, so the GPU suites can use it as the oracle of long prefills
+(4097 x 4097 tokens x 32 heads) without holding the whole score tensor.
 """
 
 from __future__ import annotations
@@ -8,6 +11,59 @@ from __future__ import annotations
 import math
 
 import torch
+
+SCORE_BLOCK = 2**26  # most scores held at once (256 MiB in fp32; the softmax keeps a few copies)
+
+
+def _lengths(lens: torch.Tensor | None, batch: int, cap: int, device: torch.device) -> torch.Tensor:
+    """int64 [batch]: `lens` clamped to [0, cap], or cap everywhere when None."""
+    if lens is None:
+        return torch.full((batch,), cap, dtype=torch.int64, device=device)
+    return lens.to(device=device, dtype=torch.int64).clamp(0, cap)
+
+
+def _attention_lse(q, k, v, causal: bool, scale: float | None, kv_lens, q_lens, upcast: torch.dtype,
+                   want_lse: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Out [B, Hq, Tq, D] and, if `want_lse`, the log-sum-exp [B, Hq, Tq] of the visible scaled
+    scores (-inf for a row that sees no key), both in `upcast`. One block when the scores fit in
+    SCORE_BLOCK elements (every small call: the same operations as a single batched softmax);
+    else per block of sequences, then of query rows."""
+    B, Hq, Tq, D = q.shape
+    Hkv, L = k.shape[1], k.shape[2]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    group = Hq // Hkv
+    kv = _lengths(kv_lens, B, L, q.device).view(B, 1, 1, 1)
+    ql = _lengths(q_lens, B, Tq, q.device).view(B, 1, 1, 1)
+    out = torch.empty((B, Hq, Tq, v.shape[-1]), dtype=upcast, device=q.device)
+    lse = torch.empty((B, Hq, Tq), dtype=upcast, device=q.device) if want_lse else None
+    per_row = max(Hq * L, 1)  # scores of one query row of one sequence
+    rows = max(1, min(Tq, SCORE_BLOCK // per_row))
+    seqs = max(1, min(B, SCORE_BLOCK // (per_row * Tq))) if rows == Tq else 1
+    j = torch.arange(L, device=q.device).view(1, 1, 1, L)
+    for b0 in range(0, B, seqs):
+        b1 = min(B, b0 + seqs)
+        kf = k[b0:b1].to(upcast).repeat_interleave(group, dim=1)
+        vf = v[b0:b1].to(upcast).repeat_interleave(group, dim=1)
+        for r0 in range(0, Tq, rows):
+            r1 = min(Tq, r0 + rows)
+            scores = torch.matmul(q[b0:b1, :, r0:r1].to(upcast), kf.transpose(-1, -2)) * scale
+            i = torch.arange(r0, r1, device=q.device).view(1, 1, r1 - r0, 1)
+            limit = kv[b0:b1] - 1  # last visible key per row
+            if causal:  # bottom-right: the sequence's last query token sees its last key
+                limit = limit - (ql[b0:b1] - 1) + i
+            visible = j <= limit
+            if q_lens is not None:
+                visible = visible & (i < ql[b0:b1])
+            scores = scores.masked_fill(~visible, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key: all -inf -> zeros
+            o = torch.matmul(probs, vf)
+            if q_lens is not None:  # rows past q_len: zeros, even where v holds NaN
+                o = o.masked_fill(i >= ql[b0:b1], 0.0)
+            out[b0:b1, :, r0:r1] = o
+            if lse is not None:
+                lse[b0:b1, :, r0:r1] = torch.logsumexp(scores, dim=-1)
+    return out, lse
 
 
 def attention(
@@ -18,35 +74,55 @@ def attention(
     causal: bool = False,
     scale: float | None = None,
     kv_lens: torch.Tensor | None = None,
+    q_lens: torch.Tensor | None = None,
     upcast: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """q [B, Hq, Tq, D], k/v [B, Hkv, L, D] (Hq a multiple of Hkv), kv_lens [B] or None (= L).
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """q [B, Hq, Tq, D], k/v [B, Hkv, L, D] (Hq a multiple of Hkv), kv_lens [B] or None (= L),
+    q_lens [B] or None (= Tq); both clamped to [0, L] and [0, Tq].
 
-    Query token i of sequence b sees keys j < kv_lens[b], and, when causal, j <= kv_lens[b] - Tq + i
-    (bottom-right alignment). A query row that sees no key returns zeros.
+    Query token i < q_lens[b] of sequence b sees keys j < kv_lens[b], and, when causal,
+    j <= kv_lens[b] - q_lens[b] + i (bottom-right alignment). A query row that sees no key, and
+    every row i >= q_lens[b], returns zeros. With `return_lse` also the log-sum-exp of each row's
+    visible scaled scores, [B, Hq, Tq] in `upcast` (-inf where a row sees no key).
     """
-    B, Hq, Tq, D = q.shape
-    Hkv, L = k.shape[1], k.shape[2]
-    scale = 1.0 / math.sqrt(D) if scale is None else scale
-    group = Hq // Hkv
-    qf = q.to(upcast)
-    kf = k.to(upcast).repeat_interleave(group, dim=1)
-    vf = v.to(upcast).repeat_interleave(group, dim=1)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hq, Tq, L]
-    lens = (
-        torch.full((B,), L, dtype=torch.int64, device=q.device)
-        if kv_lens is None
-        else kv_lens.to(device=q.device, dtype=torch.int64).clamp(0, L)
-    )
-    j = torch.arange(L, device=q.device).view(1, 1, 1, L)
-    limit = lens.view(B, 1, 1, 1) - 1  # last visible key per row
-    if causal:
-        limit = limit - (Tq - 1) + torch.arange(Tq, device=q.device).view(1, 1, Tq, 1)
-    visible = j <= limit
-    scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key: all -inf -> zeros
-    return torch.matmul(probs, vf).to(q.dtype)
+    out, lse = _attention_lse(q, k, v, causal, scale, kv_lens, q_lens, upcast, return_lse)
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    upcast: torch.dtype = torch.float32,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention's varlen layout: q [total_q, Hq, D], k/v [total_k, Hkv, D], sequence b
+    holding query tokens cu_seqlens_q[b]:cu_seqlens_q[b + 1] and keys cu_seqlens_k[b]:cu_seqlens_k[b + 1].
+    Each sequence is `attention` of its own tokens (causal: bottom-right within the sequence).
+    Returns out [total_q, Hq, D] in q's dtype and, with `return_lse`, the log-sum-exp [Hq, total_q]
+    in `upcast` (-inf for rows that see no key). Reads the offsets back to the host (a GPU
+    synchronization): an oracle, not a fast path."""
+    total_q, Hq, D = q.shape
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    out = torch.zeros((total_q, Hq, v.shape[-1]), dtype=q.dtype, device=q.device)
+    lse = torch.full((Hq, total_q), float("-inf"), dtype=upcast, device=q.device) if return_lse else None
+    for b in range(len(cq) - 1):
+        q0, q1, k0, k1 = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if q1 <= q0:
+            continue
+        o, s = _attention_lse(q[q0:q1].transpose(0, 1)[None], k[k0:k1].transpose(0, 1)[None],
+                              v[k0:k1].transpose(0, 1)[None], causal, scale, None, None, upcast, return_lse)
+        out[q0:q1] = o[0].transpose(0, 1).to(q.dtype)
+        if lse is not None:
+            lse[:, q0:q1] = s[0]
+    return (out, lse) if return_lse else out
 
 
 def gather_pages(pages: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
@@ -71,13 +147,17 @@ def paged_attention(
     *,
     causal: bool = False,
     scale: float | None = None,
+    q_lens: torch.Tensor | None = None,
     upcast: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """The paged layout's reference: gather the pages, then `attention`."""
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The paged layout's reference: gather the pages, then `attention` (chunked prefill: the
+    chunk's own K/V already written to the pages, q_lens its query tokens per sequence)."""
     length = block_table.shape[1] * k_pages.shape[2]
     k = gather_pages(k_pages, block_table, length)
     v = gather_pages(v_pages, block_table, length)
-    return attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, upcast=upcast)
+    return attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, q_lens=q_lens, upcast=upcast,
+                     return_lse=return_lse)
 
 
 def mma_tile(a: torch.Tensor, b: torch.Tensor, b_transposed: bool) -> torch.Tensor:

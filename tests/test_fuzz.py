@@ -314,7 +314,6 @@ INVALID_GPU_RULES = [
     ("fp32", dict(dtype=torch.float32), None, TypeError, "not supported on"),
     ("head-dim-72", dict(D=72), None, ValueError, "multiple of 16"),
     ("head-dim-272", dict(D=272), None, ValueError, "multiple of 16"),
-    ("prefill-129", dict(Tq=129), None, NotImplementedError, "prefill"),
     ("last-dim-strided", {}, lambda d: d.update(k=torch.randn(2, 4, 10, 64).half()[..., ::2]), ValueError,
      "k: the last dim must be contiguous"),
     ("stride-not-8", {}, lambda d: d.update(v=torch.randn(2, 4, 10, 36).half()[..., :32]), ValueError,
@@ -490,8 +489,6 @@ def _gpu_invalid_cases():
     return [
         ("fp32", set_(**{n: (lambda d, n=n: d[n].float()) for n in "qkv"}), TypeError, "not supported on cuda"),
         ("head-dim-72", lambda: _base(dtype=torch.float16, device="cuda", D=72), ValueError, "multiple of 16"),
-        ("prefill-129", lambda: _base(dtype=torch.float16, device="cuda", D=64, Tq=129), NotImplementedError,
-         "prefill"),
         ("last-dim-strided", set_(k=lambda d: torch.randn(2, 4, 40, 128, device="cuda").half()[..., ::2]),
          ValueError, "last dim must be contiguous"),
         ("stride-not-8", set_(v=lambda d: torch.randn(2, 4, 40, 68, device="cuda").half()[..., :64]),
@@ -509,7 +506,7 @@ def _gpu_invalid_cases():
 
 @pytest.mark.gpu
 @requires_gpu
-@pytest.mark.parametrize("case", range(11))
+@pytest.mark.parametrize("case", range(10))
 def test_invalid_inputs_gpu(case):
     name, make, exc, msg = _gpu_invalid_cases()[case]
     with pytest.raises(exc, match=msg):

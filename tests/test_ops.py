@@ -54,10 +54,14 @@ class OpRecorder(TorchDispatchMode):
 def test_schemas():
     assert str(torch.ops.ikport.attention.default._schema) == (
         "ikport::attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens, bool causal, float? scale, "
-        "str? options) -> Tensor")
+        "str? options, Tensor? q_lens=None) -> Tensor")
     assert str(torch.ops.ikport.paged_attention.default._schema) == (
         "ikport::paged_attention(Tensor q, Tensor k_pages, Tensor v_pages, Tensor block_table, "
-        "Tensor kv_lens, bool causal, float? scale, str? options) -> Tensor")
+        "Tensor kv_lens, bool causal, float? scale, str? options, Tensor? q_lens=None) -> Tensor")
+    assert str(torch.ops.ikport.attention_varlen.default._schema) == (
+        "ikport::attention_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, "
+        "SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal, float? scale, bool return_lse, str? options) "
+        "-> (Tensor, Tensor)")
     assert ops.attention is torch.ops.ikport.attention.default
 
 
@@ -317,7 +321,7 @@ def test_compiled_function_inside_cuda_graph_capture_gpu():
 
 def test_info_lists_every_registered_op(capsys):
     """`python -m ikport info` lists the ops from torch's registry, not from a list of its own:
-    the three of ops.py, and one registered anywhere else under ikport::."""
+    the four of ops.py, and one registered anywhere else under ikport::."""
     from ikport.__main__ import main
 
     lib = torch.library.Library("ikport", "FRAGMENT")
@@ -327,5 +331,5 @@ def test_info_lists_every_registered_op(capsys):
     finally:
         lib._destroy()
     line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("torch ops: "))
-    assert line == ("torch ops: torch.ops.ikport.attention, torch.ops.ikport.info_probe, "
-                    "torch.ops.ikport.paged_attention, torch.ops.ikport.w4a16_matmul")
+    assert line == ("torch ops: torch.ops.ikport.attention, torch.ops.ikport.attention_varlen, "
+                    "torch.ops.ikport.info_probe, torch.ops.ikport.paged_attention, torch.ops.ikport.w4a16_matmul")

@@ -75,11 +75,12 @@ def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
                      return_lse: bool = False, options: PrefillOptions | None = None):
     """`ikport.attention_varlen`, eager (see its docstring)."""
     scale = checks.scale(scale)
-    checks.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out)
+    checks.varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, out, return_lse)
     checks.options(options, PrefillOptions)
     backend = dispatch.backend_for(q.device)
-    if backend is None or knobs.check_tables():  # the CPU always; the GPU with IKPORT_CHECK_TABLES=1
-        checks.varlen_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0])
+    # the CPU always; the GPU with IKPORT_CHECK_TABLES=1, outside graph capture
+    checks.varlen_offsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q.shape[0], k.shape[0],
+                          gpu=backend is not None)
     options = options or PrefillOptions()
     if backend is None:
         res = reference.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=causal,
@@ -108,10 +109,9 @@ def _prefill(q, k, v, block_table, q_lens, kv_lens, causal, scale, out, options)
     journey's naive kernel (options.variant "naive") or the prefill kernel."""
     scale = checks.scale(scale)
     if block_table is None:
-        checks.attention(q, k, v, kv_lens)
+        checks.attention(q, k, v, kv_lens, q_lens_=q_lens)
     else:
-        checks.paged(q, k, v, block_table, kv_lens)
-    checks.q_lens(q_lens, q.shape[0], q.device)
+        checks.paged(q, k, v, block_table, kv_lens, q_lens_=q_lens)
     checks.out(out, q)
     checks.options(options, PrefillOptions)
     options = options or PrefillOptions()
@@ -120,11 +120,10 @@ def _prefill(q, k, v, block_table, q_lens, kv_lens, causal, scale, out, options)
         checks.block_table_ids(block_table, kv_lens, k, gpu=backend is not None)
     if backend is None:
         s = _default_scale(q) if scale is None else float(scale)
-        more = {} if q_lens is None else {"q_lens": q_lens}
         if block_table is None:
-            ref = reference.attention(q, k, v, causal=causal, scale=s, kv_lens=kv_lens, **more)
+            ref = reference.attention(q, k, v, causal=causal, scale=s, kv_lens=kv_lens, q_lens=q_lens)
         else:
-            ref = reference.paged_attention(q, k, v, block_table, kv_lens, causal=causal, scale=s, **more)
+            ref = reference.paged_attention(q, k, v, block_table, kv_lens, causal=causal, scale=s, q_lens=q_lens)
         return _into(out, ref)
     if options.variant == "naive":  # v0: the decode family's naive kernel, one block per query row
         if q_lens is not None:
