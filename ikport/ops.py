@@ -40,7 +40,7 @@ from . import checks
 from .impl import attention as _attention
 from .impl import w4a16 as _w4a16
 from .int4 import Int4Weight
-from .plan import DecodeOptions, W4A16Options
+from .plan import DecodeOptions, PrefillOptions, W4A16Options
 from .plan.options import Options
 
 OPS = ("attention", "paged_attention", "attention_varlen", "w4a16_matmul")  # torch.ops.ikport.<name>
@@ -55,20 +55,12 @@ def _new_output(q: torch.Tensor) -> torch.Tensor:
     return q.new_empty(q.shape)
 
 
-def _prefill_options_type() -> type:
-    """ikport.PrefillOptions (ikport/plan/prefill.py), imported when options other than a
-    DecodeOptions come."""
-    from .plan.prefill import PrefillOptions
-
-    return PrefillOptions
-
-
 def _attention_options(text: Optional[str]):
     """DecodeOptions or PrefillOptions (or None) from the attention ops' `options` text."""
     if not text:
         return None
     if text.startswith(_PREFILL_TEXT):
-        return _prefill_options_type().from_text(text[len(_PREFILL_TEXT):])
+        return PrefillOptions.from_text(text[len(_PREFILL_TEXT):])
     return DecodeOptions.from_text(text)
 
 
@@ -108,7 +100,7 @@ def _varlen_impl(
     max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: Optional[float], return_lse: bool,
     options: Optional[str],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    opts = _prefill_options_type().from_text(options) if options else None
+    opts = PrefillOptions.from_text(options) if options else None
     result = _attention.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                          scale, None, return_lse, opts)
     return result if return_lse else (result, _no_lse(q))
@@ -170,7 +162,7 @@ def _attention_options_text(options) -> Optional[str]:
     """The attention ops' `options` text: a DecodeOptions' as is, a PrefillOptions' after "prefill:"."""
     if options is None or isinstance(options, DecodeOptions):
         return None if options is None else options.as_text()
-    checks.options(options, (DecodeOptions, _prefill_options_type()) if isinstance(options, Options)
+    checks.options(options, (DecodeOptions, PrefillOptions) if isinstance(options, Options)
                    else DecodeOptions)
     return _PREFILL_TEXT + options.as_text()
 
@@ -215,7 +207,7 @@ def traced_attention_varlen(
     """`ikport.attention_varlen` while torch.compile traces (see `traced_attention`)."""
     if not isinstance(return_lse, bool):  # it decides what is returned: a Python bool while tracing too
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    text = None if options is None else _options_text(options, _prefill_options_type())
+    text = None if options is None else _options_text(options, PrefillOptions)
     result, lse = torch.ops.ikport.attention_varlen.default(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
         checks.scale(scale, traced=True), return_lse, text)

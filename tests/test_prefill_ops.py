@@ -2,7 +2,6 @@
 torch.library.opcheck, torch.compile(fullgraph=True), torch.export, eager calls that never
 dispatch the op, and the options' text through the op."""
 
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -10,7 +9,6 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import ikport
 from ikport import reference
-from ikport.plan.options import Options
 
 
 def i32(values, device="cpu"):
@@ -175,35 +173,26 @@ def test_export_holds_the_varlen_op():
         assert torch.equal(a, b)
 
 
-# ---- options through the op (a stand-in for ikport.PrefillOptions) ---------------------------
-@dataclass(frozen=True)
-class StandInPrefillOptions(Options):
-    tile_q: int | None = None
-    variant: str = "fa2"
-
-
+# ---- options through the op ----------------------------------------------------------------
 def test_prefill_options_travel_as_text_through_the_ops(monkeypatch):
     """A PrefillOptions reaches the eager path intact from a traced call: as is for varlen, after
-    "prefill:" on the attention ops (which also take a DecodeOptions). The eager path is spied on
-    (it records the options it gets and runs with none: the stand-in is no real PrefillOptions)."""
-    from ikport import ops
+    "prefill:" on the attention ops (which also take a DecodeOptions). The eager path is spied on."""
     from ikport.impl import attention as impl
 
-    monkeypatch.setattr(ops, "_prefill_options_type", lambda: StandInPrefillOptions)
     seen = []
     real_varlen, real_attention = impl.attention_varlen, impl.attention
 
     def spy_varlen(*args):
         seen.append(args[11])
-        return real_varlen(*args[:11], None)
+        return real_varlen(*args)
 
     def spy_attention(q, k, v, causal, scale, kv_lens, out, options, q_lens=None):
         seen.append(options)
-        return real_attention(q, k, v, causal, scale, kv_lens, out, None, q_lens=q_lens)
+        return real_attention(q, k, v, causal, scale, kv_lens, out, options, q_lens=q_lens)
 
     monkeypatch.setattr(impl, "attention_varlen", spy_varlen)
     monkeypatch.setattr(impl, "attention", spy_attention)
-    opts = StandInPrefillOptions(tile_q=64)
+    opts = ikport.PrefillOptions(tile_m=64, pad=False)
     q, k, v, cu_q, cu_k, mq, mk = varlen_inputs()
     qd, kd, vd, kv, ql = dense_inputs()
     f = torch.compile(lambda: (ikport.attention_varlen(q, k, v, cu_q, cu_k, mq, mk, options=opts),
@@ -216,7 +205,7 @@ def test_prefill_options_travel_as_text_through_the_ops(monkeypatch):
     assert torch.equal(b, real_attention(qd, kd, vd, q_lens=ql))
     with pytest.raises(Exception, match="options must be an ikport.DecodeOptions or None, got str"):
         torch.compile(lambda: ikport.attention(qd, kd, vd, options="fa2"), fullgraph=True, backend="aot_eager")()
-    with pytest.raises(Exception, match="options must be an ikport.StandInPrefillOptions or None"):
+    with pytest.raises(Exception, match="options must be an ikport.PrefillOptions or None"):
         torch.compile(lambda: ikport.attention_varlen(q, k, v, cu_q, cu_k, mq, mk,
                                                       options=ikport.DecodeOptions()),
                       fullgraph=True, backend="aot_eager")()
