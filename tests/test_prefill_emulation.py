@@ -37,12 +37,14 @@ RDNA3 = dict(CDNA, wave=32, mma="wmma")
 MATRIX_LAYOUT = {"mfma": "IK_MMA_AMD_MFMA_16X16X16", "wmma": "IK_MMA_AMD_WMMA_W32", "nv": "IK_MMA_EMULATED_NV"}
 # name: target facts, then the kernel's template values
 CONFIGS = {
-    # the tiles every target builds (manifest instantiations), on each layout
+    # the planner's AMD tiles and the tiles every target builds (manifest instantiations)
     "nv-d64-m64-n32-w4-st2-fp16": dict(CUDA, dtype="fp16", head_dim=64, tile_m=64, tile_n=32, warps=4, stages=2, pad=1),
     "cdna-d128-m64-n32-w4-st2-bf16": dict(CDNA, dtype="bf16", head_dim=128, tile_m=64, tile_n=32, warps=4, stages=2,
                                           pad=1),
     "rdna3-d64-m64-n32-w4-st2-fp16": dict(RDNA3, dtype="fp16", head_dim=64, tile_m=64, tile_n=32, warps=4, stages=2,
                                           pad=1),
+    "rdna3-d128-m64-n16-w4-st2-bf16": dict(RDNA3, dtype="bf16", head_dim=128, tile_m=64, tile_n=16, warps=4, stages=2,
+                                           pad=1),
     # two 16-row tiles a warp (Q reloaded from shared memory), 64-key tiles, a 3-slot ring
     "nv-d128-m128-n64-w4-st3-bf16": dict(CUDA, dtype="bf16", head_dim=128, tile_m=128, tile_n=64, warps=4, stages=3,
                                          pad=1),

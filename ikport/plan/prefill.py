@@ -108,17 +108,25 @@ def smem_bytes(*, head_dim: int, tile_m: int, tile_n: int, warps: int, stages: i
     return stages * 2 * tile_n * ld * 2 + tile_m * ld * 2 + (0 if c_is_a else warps * 16 * C_TO_A_LD * 2)
 
 
-# Tile candidates, best first, per (async copies, head_dim bound): the first that fits the
+# Tile candidates, best first, per matrix unit and head_dim bound: the first that fits the
 # target's shared memory per block is the default. NVIDIA (async copies, 227 KB): 8 warps of one
-# 16-row tile each on 128 query rows (K/V tiles shared by 8 warps); AMD (64 KB of LDS, copies
-# through registers): 64 query rows, short K/V tiles. Measured: docs/results/prefill.md.
-_CANDIDATES: dict[bool, tuple[tuple[int, tuple[Tiles, ...]], ...]] = {
-    True: (
+# 16-row tile each on 128 query rows, the K/V tiles shared by 8 warps. AMD (64 KB of LDS, copies
+# through registers): 64 query rows and short K/V tiles; RDNA3's WMMA fragments hold 16 halves a
+# lane, so its K/V tiles are shorter still at head_dim 128 (64-key ones spill on gfx1100). At
+# head_dim 256 gfx1100 spills whatever the tiles (its 128 accumulator registers of O alone).
+# Measured: docs/results/prefill.md.
+_CANDIDATES: dict[str, tuple[tuple[int, tuple[Tiles, ...]], ...]] = {
+    "mma.sync": (
         (128, (Tiles(128, 64, 8, 2, True), Tiles(64, 32, 4, 2, True))),
         (256, (Tiles(64, 32, 4, 2, True), Tiles(32, 16, 2, 2, True))),
     ),
-    False: (
+    "mfma": (
         (128, (Tiles(64, 32, 4, 2, True), Tiles(32, 16, 2, 2, True))),
+        (256, (Tiles(32, 16, 2, 2, True), Tiles(16, 16, 1, 2, True))),
+    ),
+    "wmma": (
+        (64, (Tiles(64, 32, 4, 2, True),)),
+        (128, (Tiles(64, 16, 4, 2, True), Tiles(32, 16, 2, 2, True))),
         (256, (Tiles(32, 16, 2, 2, True), Tiles(16, 16, 1, 2, True))),
     ),
 }
@@ -127,7 +135,7 @@ _CANDIDATES: dict[bool, tuple[tuple[int, tuple[Tiles, ...]], ...]] = {
 def tiles(head_dim: int, facts: ArchFacts, options: PrefillOptions = DEFAULT_OPTIONS) -> Tiles:
     """The default tiles for `head_dim` on a target of `facts`, with the options' pins applied."""
     fits = None
-    for bound, candidates in _CANDIDATES[facts.async_copy]:
+    for bound, candidates in _CANDIDATES[facts.matrix_unit]:
         if head_dim <= bound:
             for t in candidates:
                 if smem_bytes(head_dim=head_dim, tile_m=t.tile_m, tile_n=t.tile_n, warps=t.warps,
