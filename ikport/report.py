@@ -359,8 +359,11 @@ def load_results(folder: Path) -> list[ResultFile]:
 
 
 def rate(f: ResultFile, r: dict[str, Any]) -> tuple[float | None, str, float | None]:
-    """(achieved rate, unit, % of the file's measured ceiling) of one result row."""
-    if r.get("GBps") is not None:
+    """(achieved rate, unit, % of the file's measured ceiling) of one result row: TFLOP/s where the
+    file has a compute ceiling (compute-bound areas such as prefill), else GB/s."""
+    if f.ceiling_TFLOPs and r.get("TFLOPs") is not None:
+        value, unit, ceiling = r["TFLOPs"], "TFLOP/s", f.ceiling_TFLOPs
+    elif r.get("GBps") is not None:
         value, unit, ceiling = r["GBps"], "GB/s", f.roof_GBps
     else:
         value, unit, ceiling = r.get("TFLOPs"), "TFLOP/s", f.ceiling_TFLOPs

@@ -224,6 +224,18 @@ def test_amd_result_file_fills_its_row_and_uses_its_own_roof(tmp_path):
     assert "| gfx942 | AMD Instinct MI300X |" in text and "| gfx90a | not measured: no AMD GPU | - |" in text
 
 
+def test_compute_bound_files_report_tflops(tmp_path):
+    """A prefill file (a compute ceiling; every row also carries an informational GB/s) is rated in
+    TFLOP/s against its ceiling, not against the read roof."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    (folder / "prefill-h100.json").write_text(json.dumps({
+        "device": "NVIDIA H100 80GB HBM3", "ceiling_GBps": 3087.0, "ceiling_TFLOPs": 989.0,
+        "results": [{"workload": "P1", "impl": "ikport", "median_us": 1000.0, "GBps": 100.0, "TFLOPs": 494.5}]}))
+    (f,) = report.load_results(folder)
+    assert report.rate(f, f.rows[0]) == (494.5, "TFLOP/s", 50.0)
+
+
 def test_main_exit_status_with_check(tmp_path, monkeypatch):
     monkeypatch.setattr(report, "compile_rows", lambda *a, **k: fake_rows())
     args = ["--out", str(tmp_path / "out"), "--results", str(tmp_path / "none"), "--no-hiprtc"]
