@@ -40,7 +40,7 @@ cases = {
     "D1-paged16": lambda: ikport.paged_attention(q, kp, vp, bt, lens),
     "W1-M1": lambda: ikport.w4a16_matmul(x, w),
 }
-out = {"ikport_file": ikport.__file__}
+out = {"ikport_file": ikport.__file__}  # which tree this child imported (checked by the parent)
 for name, fn in cases.items():
     for _ in range(20):
         fn()
@@ -67,10 +67,16 @@ print(json.dumps(out))
 def run(tree: str) -> dict:
     root = os.path.abspath(tree)
     env = dict(os.environ, PYTHONPATH=root, IKPORT_CACHE_DIR=os.path.abspath(f".ab/cache-{os.path.basename(root)}"))
-    res = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300)
+    # cwd=root: `python -c` puts the working directory first on sys.path, ahead of PYTHONPATH, so a
+    # child started in the repository root would import the new tree whatever PYTHONPATH says
+    res = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=root)
     if res.returncode:
         raise RuntimeError(f"{tree}: {res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if not out["ikport_file"].startswith(root + os.sep):
+        raise RuntimeError(f"{tree}: the child imported {out['ikport_file']}, not the tree's ikport")
+    return out
 
 
 def main() -> int:

@@ -109,15 +109,17 @@ def smem_bytes(*, head_dim: int, tile_m: int, tile_n: int, warps: int, stages: i
 
 
 # Tile candidates, best first, per matrix unit and head_dim bound: the first that fits the
-# target's shared memory per block is the default. NVIDIA (async copies, 227 KB): 8 warps of one
-# 16-row tile each on 128 query rows, the K/V tiles shared by 8 warps. AMD (64 KB of LDS, copies
-# through registers): 64 query rows and short K/V tiles; RDNA3's WMMA fragments hold 16 halves a
-# lane, so its K/V tiles are shorter still at head_dim 128 (64-key ones spill on gfx1100). At
-# head_dim 256 gfx1100 spills whatever the tiles (its 128 accumulator registers of O alone).
-# Measured: docs/results/prefill.md.
+# target's shared memory per block is the default. NVIDIA (async copies, 227 KB): 64 query rows
+# of 4 warps, 64-key tiles at head_dim 128 (the fastest of eight tilings at P1 and chunked
+# prefill, 2nd at P2; 253 registers, no spills), 32-key tiles at 64 and 256 (fastest there;
+# docs/results/prefill.md, session 15's probe). AMD (64 KB of LDS, copies through registers): 64
+# query rows and short K/V tiles; RDNA3's WMMA fragments hold 16 halves a lane, so its K/V tiles
+# are shorter still at head_dim 128 (64-key ones spill on gfx1100). At head_dim 256 gfx1100
+# spills whatever the tiles (its 128 accumulator registers of O alone).
 _CANDIDATES: dict[str, tuple[tuple[int, tuple[Tiles, ...]], ...]] = {
     "mma.sync": (
-        (128, (Tiles(128, 64, 8, 2, True), Tiles(64, 32, 4, 2, True))),
+        (64, (Tiles(64, 32, 4, 2, True),)),
+        (128, (Tiles(64, 64, 4, 2, True), Tiles(64, 32, 4, 2, True))),
         (256, (Tiles(64, 32, 4, 2, True), Tiles(32, 16, 2, 2, True))),
     ),
     "mfma": (
