@@ -1,7 +1,7 @@
 """First GPU contact of the prefill kernel: correctness against an fp32 reference and kernel time of
 candidate tiles and journey steps beside SDPA's backends, one run, one JSON.
 
-    python tools/prefill_probe.py OUT.json [--quick]
+    python tools/prefill_probe.py OUT.json [--quick] [--workloads P1,chunk512-8k,...] [--tilings default,...]
 
 An A/B tool for choosing the planner's tiles (docs/results/prefill.md cites its files); the
 benchmark proper is `python -m ikport.bench prefill`.
@@ -80,6 +80,13 @@ def main() -> int:
         "journey-pipe-nopad-inorder": ikport.PrefillOptions(pad=False, longest_first=False),
         "journey-pipe-pad-inorder": ikport.PrefillOptions(longest_first=False),
     }
+    def pick(flag: str) -> set[str] | None:
+        return set(sys.argv[sys.argv.index(flag) + 1].split(",")) if flag in sys.argv else None
+    only_workloads, only_tilings = pick("--workloads"), pick("--tilings")
+    if only_workloads:
+        workloads = [w for w in workloads if w[0] in only_workloads]
+    if only_tilings:
+        tile_variants = {k: v for k, v in tile_variants.items() if k in only_tilings}
     for name, B, Hq, Hkv, D, Tq, L, page in workloads:
         dtype = torch.float16
         sets = []

@@ -156,6 +156,19 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
     const bool valid = row < seq.q_len;
     ik::cp_async16_zfill(s_q + r * LD + ch * 8, valid ? qg + row * p.q_st + ch * 8 : qg, valid);
   }
+  // Paged: the page ids of the next tile to copy, loaded a tile ahead (right after the previous
+  // copies are issued) so that no copy waits on its block-table read.
+  constexpr int kCopies = (TILE_N * CH + C::kThreads - 1) / C::kThreads;  // 16-byte copies a thread per tensor
+  int pages[PAGED ? kCopies : 1];
+  auto locate = [&](int j) {
+    if constexpr (PAGED) {
+#pragma unroll
+      for (int i = 0; i < kCopies; ++i) {
+        const int t = j * TILE_N + (threadIdx.x + i * C::kThreads) / CH;
+        pages[i] = j < n_tiles && t < kv_end ? bt_row[t >> p.page_size_log2] : 0;
+      }
+    }
+  };
   // K/V tile j into ring slot j % STAGES (rows past kv_end zero: P V then adds nothing there);
   // one commit group per call, empty past the last tile, so the wait counts stay uniform.
   auto issue = [&](int j) {
@@ -163,17 +176,17 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
       T* kd = s_ring + (j % STAGES) * C::slot_elems();
       T* vd = kd + TILE_N * LD;
 #pragma unroll
-      for (int i = 0; i < (TILE_N * CH + C::kThreads - 1) / C::kThreads; ++i) {
+      for (int i = 0; i < kCopies; ++i) {
         const int idx = threadIdx.x + i * C::kThreads;
         if (TILE_N * CH % C::kThreads == 0 || idx < TILE_N * CH) {
           const int r = idx / CH, ch = idx % CH, t = j * TILE_N + r;
           const bool valid = t < kv_end;
           long long ko = 0, vo = 0;
           if (valid) {
-            if (PAGED) {
-              const long long page = bt_row[t >> p.page_size_log2], off = t & page_mask;
-              ko = page * p.k_sb + off * p.k_st;
-              vo = page * p.v_sb + off * p.v_st;
+            if constexpr (PAGED) {
+              const long long off = t & page_mask;
+              ko = pages[i] * p.k_sb + off * p.k_st;
+              vo = pages[i] * p.v_sb + off * p.v_st;
             } else {
               ko = t * p.k_st;
               vo = t * p.v_st;
@@ -185,6 +198,7 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
       }
     }
     ik::cp_async_commit();
+    locate(j + 1);  // the next tile's page ids, in flight while this one's copies and math run
   };
 
   // Per warp: its rows [w_row0, w_row0 + 16 * MT); per accumulator slot the online softmax
@@ -207,6 +221,7 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   }
 
   if (STAGES == 1) ik::cp_async_commit();  // the query tile alone; each tile then copies and waits
+  locate(0);
 #pragma unroll
   for (int j = 0; j < STAGES - 1; ++j) issue(j);  // the first group also holds the query tile
 
