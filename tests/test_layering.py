@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("implementation", ("ikport.plan", "ikport.plan.*", "ikport.impl", "ikport.impl.*", "ikport.checks",
                         "ikport.reference", "ikport.int4", "ikport.formats", "ikport.kvquant")),
     ("ops", ("ikport.ops",)),
-    ("api", ("ikport", "ikport.attention", "ikport.w4a16", "ikport.nn")),
+    ("api", ("ikport", "ikport.attention", "ikport.w4a16", "ikport.nn", "ikport.kvcache")),
     ("tools", ("ikport.__main__", "ikport.warmup", "ikport.report", "ikport.toolchain", "ikport.bench",
                "ikport.bench.*")),
 ]
