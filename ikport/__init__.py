@@ -6,6 +6,8 @@
     out = ikport.attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_q, max_k, causal=True)  # packed
     w = ikport.quantize_weight(linear.weight)                # INT4, group 128
     y = ikport.w4a16_matmul(x, w)                            # x @ W^T, weights read as INT4
+    cache = ikport.KVCache(8, 8, 4096, 128, kv_format="int8", device="cuda")  # INT8 KV cache
+    cache.append(k_new, v_new); out = cache.attend(q)
 
 CPU tensors run the PyTorch reference; GPU tensors run a compiled kernel, never the reference.
 """
@@ -17,11 +19,12 @@ _log.setup()  # the "ikport" logger: IKPORT_LOG level and handler, once
 
 from .attention import attention, attention_varlen, paged_attention, paged_kv_from_dense  # noqa: E402
 from .int4 import Int4Weight, quantize_weight  # noqa: E402
+from .kvcache import KVCache  # noqa: E402
 from .plan import DecodeOptions, PrefillOptions, W4A16Options  # noqa: E402
 from .w4a16 import w4a16_matmul  # noqa: E402
 from . import formats, nn  # noqa: E402,F401  (ikport.formats.from_gptq, ikport.nn.W4A16Linear)
 from . import ops as _ops  # noqa: E402,F401  (registers torch.ops.ikport.*, once)
 
-__all__ = ["attention", "attention_varlen", "paged_attention", "paged_kv_from_dense", "DecodeOptions",
+__all__ = ["attention", "attention_varlen", "paged_attention", "paged_kv_from_dense", "KVCache", "DecodeOptions",
            "PrefillOptions", "Int4Weight",
            "quantize_weight", "w4a16_matmul", "W4A16Options", "formats", "nn", "__version__"]

@@ -179,6 +179,47 @@ def paged(q, k_pages, v_pages, block_table: object, lens: object, gpu: bool | No
     return ps
 
 
+def int8_cache(q, k, v, k_scale, v_scale, block_table: object, lens: object) -> None:
+    """Checks decode over an INT8 cache (ikport.kvquant): q [B, Hq, Tq, D] fp16/bf16; codes k, v
+    int8 [B, Hkv, L, D] (paged: [pages, Hkv, page_size, D] with an int32 `block_table`), rows
+    16-byte aligned; scales fp32 [B, Hkv, L] / [pages, Hkv, page_size]."""
+    q = _check_tensor("q", q, 4)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be fp16 or bf16, got {q.dtype}")
+    if q.shape[2] > MAX_DECODE_QUERY_TOKENS:
+        raise ValueError(f"an INT8 cache serves decode (at most {MAX_DECODE_QUERY_TOKENS} query tokens), "
+                         f"got {q.shape[2]}")
+    for name, t in (("k", k), ("v", v)):
+        t = _check_tensor(name, t, 4)
+        if t.dtype != torch.int8:
+            raise TypeError(f"{name} (INT8 codes) must be int8, got {t.dtype}")
+        if t.shape != k.shape or t.shape[3] != q.shape[3] or t.device != q.device:
+            raise ValueError(f"{name} {tuple(t.shape)} on {t.device} does not match k {tuple(k.shape)} "
+                             f"and q {tuple(q.shape)} on {q.device}")
+        if t.stride(-1) != 1 or any(st % 16 for st in t.stride()[:3]) or t.data_ptr() % 16:
+            raise ValueError(f"{name}: the last dim must be contiguous, rows 16-byte aligned")
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale)):
+        t = _check_tensor(name, t, 3)
+        if t.dtype != torch.float32 or t.shape != k.shape[:3] or t.device != q.device:
+            raise ValueError(f"{name} must be fp32 {tuple(k.shape[:3])} on {q.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+    if q.shape[3] % 16 or q.shape[3] > 256 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"head_dim {q.shape[3]} (a multiple of 16, <= 256) and {q.shape[1]} query heads "
+                         f"(a multiple of {k.shape[1]} KV heads) needed")
+    if block_table is None:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"batch of q ({q.shape[0]}) and k/v ({k.shape[0]}) differ")
+        kv_lens(lens, q.shape[0], q.device)
+        return
+    bt = _check_tensor("block_table", block_table, 2)
+    if bt.dtype != torch.int32 or bt.device != q.device or bt.shape[0] != q.shape[0] or bt.stride(-1) != 1:
+        raise ValueError("block_table must be int32 [B, max_pages] on q's device, last dim contiguous")
+    page_size(k.shape[2], "k/v page size")
+    if lens is None:
+        raise ValueError("paged attention needs kv_lens (int32 [B] on the device)")
+    kv_lens(lens, q.shape[0], q.device)
+
+
 def _max_seqlen(name: str, value: object, total: int | torch.SymInt, holds: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):  # SymInt: traced
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")

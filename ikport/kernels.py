@@ -42,6 +42,10 @@ class DecodeParams(ctypes.Structure):
         ("kv_capacity", ctypes.c_int32), ("page_size_log2", ctypes.c_int32),
         ("num_splits", ctypes.c_int32), ("rows_per_split", ctypes.c_int32),
         ("causal", ctypes.c_int32), ("scale_log2", ctypes.c_float), ("num_pages", ctypes.c_int32),
+        # appended (every field above keeps its offset): the INT8 cache's fp32 scales and strides
+        ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p),
+        ("ks_sb", ctypes.c_int64), ("ks_sh", ctypes.c_int64), ("ks_st", ctypes.c_int64),
+        ("vs_sb", ctypes.c_int64), ("vs_sh", ctypes.c_int64), ("vs_st", ctypes.c_int64),
     ]
 
 

@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from .kvquant import dequantize_int8
+
 SCORE_BLOCK = 2**26  # most scores held at once (256 MiB in fp32; the softmax keeps a few copies)
 
 
@@ -158,6 +160,28 @@ def paged_attention(
     v = gather_pages(v_pages, block_table, length)
     return attention(q, k, v, causal=causal, scale=scale, kv_lens=kv_lens, q_lens=q_lens, upcast=upcast,
                      return_lse=return_lse)
+
+
+def int8_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    *,
+    block_table: torch.Tensor | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    kv_lens: torch.Tensor | None = None,
+    upcast: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """An INT8 cache's reference (ikport.kvquant): codes k, v [B, Hkv, L, D] with scales [B, Hkv, L]
+    (or pages [P, Hkv, page_size, D], [P, Hkv, page_size] and `block_table`) dequantized to q's
+    dtype (code * scale in fp32, rounded once), then `attention` / `paged_attention`."""
+    kd, vd = dequantize_int8(k, k_scale, q.dtype), dequantize_int8(v, v_scale, q.dtype)
+    if block_table is not None:
+        return paged_attention(q, kd, vd, block_table, kv_lens, causal=causal, scale=scale, upcast=upcast)
+    return attention(q, kd, vd, causal=causal, scale=scale, kv_lens=kv_lens, upcast=upcast)
 
 
 def mma_tile(a: torch.Tensor, b: torch.Tensor, b_transposed: bool) -> torch.Tensor:

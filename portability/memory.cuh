@@ -23,6 +23,14 @@ IK_DEVICE void cp_async16(void* smem, const void* gmem) { vendor::cp_async16(sme
 IK_DEVICE void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
   vendor::cp_async16_zfill(smem, gmem, valid);
 }
+// Smaller copies for compressed caches (an INT8 KV cache: a lane's 8 codes, a row's fp32 scale):
+// 8 or 4 bytes, zero-filled when !valid (gmem is then never read); the same groups and waits.
+IK_DEVICE void cp_async8_zfill(void* smem, const void* gmem, bool valid) {
+  vendor::cp_async8_zfill(smem, gmem, valid);
+}
+IK_DEVICE void cp_async4_zfill(void* smem, const void* gmem, bool valid) {
+  vendor::cp_async4_zfill(smem, gmem, valid);
+}
 IK_DEVICE void cp_async_commit() { vendor::cp_async_commit(); }
 template <int N>
 IK_DEVICE void cp_async_wait() { vendor::cp_async_wait<N>(); }

@@ -101,6 +101,17 @@ IK_DEVICE void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
   int n = valid ? 16 : 0;
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(n));
 }
+// 8 and 4 bytes: cp.async.ca (.cg takes only 16), same zero fill.
+IK_DEVICE void cp_async8_zfill(void* smem, const void* gmem, bool valid) {
+  unsigned int s = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+  int n = valid ? 8 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(s), "l"(gmem), "r"(n));
+}
+IK_DEVICE void cp_async4_zfill(void* smem, const void* gmem, bool valid) {
+  unsigned int s = static_cast<unsigned int>(__cvta_generic_to_shared(smem));
+  int n = valid ? 4 : 0;
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(s), "l"(gmem), "r"(n));
+}
 IK_DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
 IK_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
@@ -109,6 +120,12 @@ IK_DEVICE void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)
 IK_DEVICE void cp_async16(void* smem, const void* gmem) { store16(smem, load16(gmem)); }
 IK_DEVICE void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
   store16(smem, valid ? load16(gmem) : make_uint4(0, 0, 0, 0));
+}
+IK_DEVICE void cp_async8_zfill(void* smem, const void* gmem, bool valid) {
+  *static_cast<unsigned long long*>(smem) = valid ? *static_cast<const unsigned long long*>(gmem) : 0ull;
+}
+IK_DEVICE void cp_async4_zfill(void* smem, const void* gmem, bool valid) {
+  *static_cast<unsigned int*>(smem) = valid ? *static_cast<const unsigned int*>(gmem) : 0u;
 }
 IK_DEVICE void cp_async_commit() {}
 template <int N>

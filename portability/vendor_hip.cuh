@@ -119,6 +119,12 @@ IK_DEVICE void cp_async16(void* smem, const void* gmem) { store16(smem, load16(g
 IK_DEVICE void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
   store16(smem, valid ? load16(gmem) : make_uint4(0, 0, 0, 0));
 }
+IK_DEVICE void cp_async8_zfill(void* smem, const void* gmem, bool valid) {
+  *static_cast<unsigned long long*>(smem) = valid ? *static_cast<const unsigned long long*>(gmem) : 0ull;
+}
+IK_DEVICE void cp_async4_zfill(void* smem, const void* gmem, bool valid) {
+  *static_cast<unsigned int*>(smem) = valid ? *static_cast<const unsigned int*>(gmem) : 0u;
+}
 IK_DEVICE void cp_async_commit() {}
 template <int N>
 IK_DEVICE void cp_async_wait() {}

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ikport import manifest, reference
+from ikport import kvquant, manifest, reference
 from ikport.plan import decode as decode_plan
 from ikport.attention import paged_kv_from_dense
 from ikport.kernels import DecodeParams
@@ -84,6 +84,27 @@ CONFIGS = {
                                           unroll=1, stages=3),
     "wmma-async-cluster2-mma-st4-d96-r2-t64-fp16": dict(RDNA3, async_copy=1, cluster=2, mma="wmma", dtype="fp16",
                                                         head_dim=96, rows=2, threads=64, unroll=1, stages=4),
+    # INT8 KV caches (loader int8: codes and a per-token scale, dequantized in registers or, for the
+    # matrix units, into the warp's T tiles), against the reference on the dequantized cache
+    "cuda-ring4-d128-r4-t128-fp16-int8": dict(CUDA, dtype="fp16", head_dim=128, rows=4, threads=128, unroll=2,
+                                              stages=4, loader="int8"),
+    "cuda-regs-d64-r8-t128-bf16-int8": dict(CUDA, dtype="bf16", head_dim=64, rows=8, threads=128, unroll=2, stages=0,
+                                            loader="int8"),
+    "sm90-cluster2-ring4-d128-r4-t256-fp16-int8": dict(SM90, dtype="fp16", head_dim=128, rows=4, threads=256,
+                                                       unroll=2, stages=4, loader="int8"),
+    "cdna-ring2-d128-r4-t256-fp16-int8": dict(CDNA, dtype="fp16", head_dim=128, rows=4, threads=256, unroll=2,
+                                              stages=2, loader="int8"),
+    "rdna3-ring2-d96-r2-t128-bf16-int8": dict(RDNA3, dtype="bf16", head_dim=96, rows=2, threads=128, unroll=4,
+                                              stages=2, loader="int8"),
+    "cdna-mma-st2-d128-r4-t128-fp16-int8": dict(CDNA, mma="mfma", dtype="fp16", head_dim=128, rows=4, threads=128,
+                                                unroll=1, stages=2, loader="int8"),
+    "rdna3-mma-st3-d64-r8-t128-bf16-int8": dict(RDNA3, mma="wmma", dtype="bf16", head_dim=64, rows=8, threads=128,
+                                                unroll=1, stages=3, loader="int8"),
+    "sm90-cluster2-mma-st4-d128-r4-t128-fp16-int8": dict(SM90, mma="nv", dtype="fp16", head_dim=128, rows=4,
+                                                         threads=128, unroll=1, stages=4, loader="int8"),
+    # head_dim 80: 5 chunks of 16 codes a row, a tile's 80 chunks not a multiple of the warp
+    "cuda-mma-st2-d80-r8-t64-bf16-int8": dict(CUDA, mma="nv", dtype="bf16", head_dim=80, rows=8, threads=64,
+                                              unroll=1, stages=2, loader="int8"),
 }
 MATRIX_LAYOUT = {"mfma": "IK_MMA_AMD_MFMA_16X16X16", "wmma": "IK_MMA_AMD_WMMA_W32", "nv": "IK_MMA_EMULATED_NV"}
 
@@ -155,11 +176,24 @@ def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1
         k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
         v = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
     lens = torch.tensor(kv_lens if kv_lens is not None else [L] * B, dtype=torch.int32)
-    ref = reference.attention(q, k, v, causal=causal, kv_lens=lens)
+    int8 = c.get("loader", "dense") == "int8"
+    ks = vs = None
+    if int8:  # the oracle: the reference on the dequantized cache (the quantization is in both)
+        (k, ks), (v, vs) = kvquant.quantize_int8(k), kvquant.quantize_int8(v)
+        ref = reference.int8_attention(q, k, v, ks, vs, causal=causal, kv_lens=lens)
+        # rows past kv_len may hold anything (the early copy reads them): stale scales of NaN, inf
+        for b, n in enumerate(lens.tolist()):
+            ks[b, :, n:] = float("nan")
+            vs[b, :, n:] = float("inf")
+    else:
+        ref = reference.attention(q, k, v, causal=causal, kv_lens=lens)
     out = torch.full_like(q, float("nan"))
     table = None
-    if page:
+    if page and int8:
+        k, v, ks, vs, table = paged_int8(k, v, ks, vs, page, g)
+    elif page:
         k, v, table = paged_kv_from_dense(k.contiguous(), v.contiguous(), page, generator=g)
+    if page:
         # entries past kv_len may hold anything: the kernel must not follow them
         for b, n in enumerate(lens.tolist()):
             table[b, -(-n // page):] = -1 if b % 2 else 2**31 - 1
@@ -186,6 +220,10 @@ def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1
     p.num_splits, p.rows_per_split, p.causal = splits, rows_per_split, int(causal)
     p.scale_log2 = D ** -0.5 * math.log2(math.e)
     p.num_pages = k.shape[0] if page else 0
+    if int8:
+        p.k_scale, p.v_scale = ks.data_ptr(), vs.data_ptr()
+        p.ks_sb, p.ks_sh, p.ks_st = ks.stride()
+        p.vs_sb, p.vs_sh, p.vs_st = vs.stride()
     if naive:
         err = lib.emu_decode_naive(ctypes.byref(p), seed)
         assert err is None, err.decode()
@@ -198,6 +236,24 @@ def run_decode(lib, name: str, *, B: int, Hq: int, Hkv: int, L: int, Tq: int = 1
     if fused and splits > 1:
         assert not counters.any(), "split counters not back at zero"
     return out, ref
+
+
+def paged_int8(k, v, ks, vs, page: int, g: torch.Generator):
+    """INT8 codes [B, Hkv, L, D] and scales [B, Hkv, L] into shuffled pages (as paged_kv_from_dense)."""
+    B, Hkv, L, _ = k.shape
+    n = -(-L // page)
+    order = torch.randperm(B * n, generator=g)
+
+    def pages(x: torch.Tensor) -> torch.Tensor:
+        x = x.unsqueeze(-1) if x.dim() == 3 else x
+        x = torch.cat([x, x[:, :, :1].expand(B, Hkv, n * page - L, x.shape[-1])], dim=2) if n * page > L else x
+        x = x.reshape(B, Hkv, n, page, x.shape[-1]).permute(0, 2, 1, 3, 4).reshape(B * n, Hkv, page, x.shape[-1])
+        out = torch.empty_like(x)
+        out[order] = x
+        return out
+
+    return (pages(k), pages(v), pages(ks).squeeze(-1).contiguous(), pages(vs).squeeze(-1).contiguous(),
+            order.view(B, n).to(torch.int32).contiguous())
 
 
 def check(out: torch.Tensor, ref: torch.Tensor) -> None:

@@ -33,9 +33,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("runtime", ("ikport._version", "ikport.knobs", "ikport.log", "ikport.manifest", "ikport.kernels",
                  "ikport.launch", "ikport.dispatch")),
     ("implementation", ("ikport.plan", "ikport.plan.*", "ikport.impl", "ikport.impl.*", "ikport.checks",
-                        "ikport.reference", "ikport.int4", "ikport.formats")),
+                        "ikport.reference", "ikport.int4", "ikport.formats", "ikport.kvquant")),
     ("ops", ("ikport.ops",)),
-    ("api", ("ikport", "ikport.attention", "ikport.w4a16", "ikport.nn")),
+    ("api", ("ikport", "ikport.attention", "ikport.w4a16", "ikport.nn", "ikport.kvcache")),
     ("tools", ("ikport.__main__", "ikport.warmup", "ikport.report", "ikport.toolchain", "ikport.bench",
                "ikport.bench.*")),
 ]

@@ -32,9 +32,10 @@ def test_family_defaults_fill_parameters_left_out():
 
 def test_string_values_map_to_cpp_names_through_the_manifest():
     assert manifest.cpp_name("attention_decode", "loader", "dense") == "decode::DenseLoader"
+    assert manifest.cpp_name("attention_decode", "loader", "int8") == "decode::Int8Loader"
     assert manifest.cpp_name("w4a16", "dtype", "bf16") == "ik::bf16_t"  # the manifest-wide names
-    with pytest.raises(ValueError, match="loader='int8'"):
-        manifest.cpp_name("attention_decode", "loader", "int8")
+    with pytest.raises(ValueError, match="loader='int4'"):
+        manifest.cpp_name("attention_decode", "loader", "int4")
     # every allowed string value has a C++ name
     for fam, info in manifest.load()["families"].items():
         for name, rule in info["allowed"].items():
@@ -44,9 +45,9 @@ def test_string_values_map_to_cpp_names_through_the_manifest():
 
 
 def test_manifest_refuses_a_loader_it_does_not_allow():
-    with pytest.raises(ValueError, match="loader='int8'"):
+    with pytest.raises(ValueError, match="loader='int4'"):
         manifest.spec("attention_decode", "split", dtype="fp16", head_dim=128, rows=4, paged=False, threads=128,
-                      unroll=2, stages=2, loader="int8")
+                      unroll=2, stages=2, loader="int4")
 
 
 @pytest.mark.parametrize("kw,match", [

@@ -4,6 +4,7 @@ kernel's occupancy, never a device name; launch rules; options pin choices; whol
 import pytest
 
 from ikport.backends.base import DeviceInfo
+from ikport.backends.target import Target
 from ikport.plan import decode as P
 from ikport.plan.decode import DecodeOptions, DecodeProblem
 
@@ -262,3 +263,39 @@ def test_default_kernels_cover_what_plans_launch():
                 if cluster in (0,) + P.WARMUP_CLUSTERS:
                     assert p.kernel in every, (device.arch, B, L, group, page, p.kernel.uri)
                 assert p.combine is None or p.combine in every
+
+
+# ---- compressed caches: the same plans, the loader named, its shared memory -------------------
+D1_INT8 = DecodeProblem("fp16", 8, 32, 8, 1, 128, 4096, kv_format="int8")
+
+
+@pytest.mark.parametrize("device", [H100, GFX942], ids=["h100", "mi300x"])
+@pytest.mark.parametrize("variant", ["split", "split-mma", "split1"])
+def test_int8_plans_name_the_int8_loader_with_its_shared_memory(device, variant):
+    p, asked = plan(D1_INT8, device=device, options=DecodeOptions(variant=variant))
+    dense, _ = plan(D1, device=device, options=DecodeOptions(variant=variant))
+    params = dict(p.kernel.params)
+    assert params["loader"] == "int8" and dict(dense.kernel.params)["loader"] == "dense"
+    assert p.kernel.kernel == dense.kernel.kernel
+    facts = Target(device.arch).facts
+    launch = P.launch_of(p.kernel, facts)
+    assert p.shared_bytes == (P.cluster_smem(launch.dynamic_shared_bytes, facts.max_smem_per_sm) if p.clustered
+                              else launch.dynamic_shared_bytes)
+    assert all("loader=int8" in uri for uri, _, _ in asked)
+
+
+def test_int8_slots_are_smaller_than_dense():
+    assert P.vector_slot_bytes("int8") == 12 < P.vector_slot_bytes("dense") == 16
+    # the matrix-unit ring: codes and scales per stage, one pair of T tiles per warp
+    for d in (64, 128, 256):
+        assert P.mma_slot_bytes("int8", d, 32) < 0.65 * P.mma_slot_bytes("dense", d, 32)
+    t = P.mma_tiles(4, 1, head_dim=128, warp_size=32, max_smem=64 * 1024, c_is_a=False, loader="int8")
+    dense = P.mma_tiles(4, 1, head_dim=128, warp_size=32, max_smem=64 * 1024, c_is_a=False)
+    assert (t.threads, t.stages) >= (dense.threads, dense.stages)
+    with pytest.raises(ValueError, match="loader"):
+        P.vector_slot_bytes("int4")
+
+
+def test_the_naive_kernel_reads_only_dense_caches():
+    with pytest.raises(ValueError, match="dense"):
+        plan(D1_INT8, options=DecodeOptions(variant="naive"))

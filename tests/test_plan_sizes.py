@@ -19,27 +19,28 @@ from ikport.plan import decode as P
 from ikport.plan import prefill as PF
 
 DTYPE = "ik::half_t"
-LOADER = "decode::DenseLoader"  # the manifest's cpp_names for loader=dense
+LOADERS = {"dense": "decode::DenseLoader", "int8": "decode::Int8Loader"}  # the manifest's cpp_names
 
 
 def decode_asserts(target: Target, wrong_by: int = 0) -> list[str]:
     """static_asserts of every planner size on a grid of launches the planner may ask for."""
     facts = target.facts
     out = []
-    for d, rows, threads, unroll, stages in itertools.product((64, 80, 128, 256), (1, 4, 8), (128, 256, 512),
-                                                              (2, 4), (0, 2, 4)):
+    for loader, d, rows, threads, unroll, stages in itertools.product(LOADERS, (64, 80, 128, 256), (1, 4, 8),
+                                                                      (128, 256, 512), (2, 4), (0, 2, 4)):
         want = P.vector_smem_bytes(threads=threads, warp_size=facts.warp_size, rows=rows, head_dim=d,
-                                   unroll=unroll, stages=stages) + wrong_by
-        cfg = f"SplitConfig<{DTYPE}, {d}, {rows}, false, {threads}, {unroll}, {stages}, {LOADER}>"
+                                   unroll=unroll, stages=stages, loader=loader) + wrong_by
+        cfg = f"SplitConfig<{DTYPE}, {d}, {rows}, false, {threads}, {unroll}, {stages}, {LOADERS[loader]}>"
         out.append(f'static_assert({cfg}::smem_bytes() == {want}, "{cfg} smem_bytes");')
         for cluster in (2, 8):
             extra = P.cluster_bytes(cluster, rows, d)
             out.append(f'static_assert({cfg}::cluster_bytes({cluster}) == {extra}, "{cfg} cluster_bytes");')
     mma = []
-    for d, rows, threads, stages in itertools.product((64, 128, 256), (1, 4, 8), (64, 128), (2, 6)):
+    for loader, d, rows, threads, stages in itertools.product(LOADERS, (64, 80, 128, 256), (1, 4, 8), (64, 128),
+                                                              (2, 6)):
         want = P.mma_smem_bytes(threads=threads, warp_size=facts.warp_size, rows=rows, head_dim=d, stages=stages,
-                                c_is_a=facts.c_is_a)
-        cfg = f"MmaConfig<{DTYPE}, {d}, {rows}, false, {threads}, {stages}, {LOADER}>"
+                                c_is_a=facts.c_is_a, loader=loader) + wrong_by
+        cfg = f"MmaConfig<{DTYPE}, {d}, {rows}, false, {threads}, {stages}, {LOADERS[loader]}>"
         mma.append(f'static_assert({cfg}::smem_bytes() == {want}, "{cfg} smem_bytes");')
     return out + ["#ifdef IK_HAS_MMA", *mma, "#endif"]
 

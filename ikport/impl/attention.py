@@ -70,6 +70,33 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal: bool = Fa
     return call(q, k_pages, v_pages, block_table, kv_lens, causal, scale, out)
 
 
+def int8_attention(q, k, v, k_scale, v_scale, block_table=None, kv_lens=None, causal: bool = False,
+                   scale: float | None = None, out: torch.Tensor | None = None,
+                   options: DecodeOptions | None = None) -> torch.Tensor:
+    """Decode over an INT8 cache (ikport.KVCache(kv_format="int8")): int8 codes k, v and their fp32
+    scales, contiguous or paged (`block_table`). The CPU runs the reference on the dequantized
+    cache; a GPU the split kernels with the int8 KV loader (no dequantized copy anywhere)."""
+    scale = checks.scale(scale)
+    checks.int8_cache(q, k, v, k_scale, v_scale, block_table, kv_lens)
+    checks.out(out, q)
+    checks.options(options, DecodeOptions)
+    backend = dispatch.backend_for(q.device)
+    if block_table is not None and (backend is None or knobs.check_tables()):
+        checks.block_table_ids(block_table, kv_lens, k, gpu=backend is not None)
+    if backend is None:
+        s = _default_scale(q) if scale is None else float(scale)
+        return _into(out, reference.int8_attention(q, k, v, k_scale, v_scale, block_table=block_table,
+                                                   causal=causal, scale=s, kv_lens=kv_lens))
+    sig = _signature(("int8", options), q, k, v, k_scale, v_scale, block_table, kv_lens, out)
+    call = _checked.get(sig) if sig is not None else None
+    if call is None:
+        prepared = _prepare(backend, q, k, block_table, options or decode_plan.DEFAULT_OPTIONS, "int8")
+        call = _DecodeCall(prepared, q, k, v, block_table, out, k_scale, v_scale)
+        if sig is not None:
+            _checked[sig] = call
+    return call(q, k, v, block_table, kv_lens, causal, scale, out, k_scale, v_scale)
+
+
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                      causal: bool = False, scale: float | None = None, out: torch.Tensor | None = None,
                      return_lse: bool = False, options: PrefillOptions | None = None):
@@ -224,13 +251,13 @@ class _Prepared:
 _prepared: dict[tuple, _Prepared] = {}
 
 
-def _prepare(backend: Backend, q, k, block_table, options: DecodeOptions) -> _Prepared:
+def _prepare(backend: Backend, q, k, block_table, options: DecodeOptions, kv_format: str = "dense") -> _Prepared:
     B, Hq, Tq, D = q.shape
     paged = block_table is not None
     page_size = k.shape[2] if paged else 0
     capacity = block_table.shape[1] * page_size if paged else k.shape[2]
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    problem = DecodeProblem(_DTYPE_NAME[q.dtype], B, Hq, k.shape[1], Tq, D, capacity, page_size)
+    problem = DecodeProblem(_DTYPE_NAME[q.dtype], B, Hq, k.shape[1], Tq, D, capacity, page_size, kv_format)
     key = (backend.name, dev, problem, options)
     prepared = _prepared.get(key)
     if prepared is not None:
@@ -258,7 +285,7 @@ class _DecodeCall:
     strides and sizes, and launchers with grid and block bound. A call copies the struct, fills
     in the pointers and launches: no per-call work that depends only on the layout."""
 
-    def __init__(self, prepared: _Prepared, q, k, v, block_table, out) -> None:
+    def __init__(self, prepared: _Prepared, q, k, v, block_table, out, k_scale=None, v_scale=None) -> None:
         B, Hq, Tq, D = q.shape
         plan = prepared.plan
         self.prepared, self.plan = prepared, plan
@@ -273,12 +300,16 @@ class _DecodeCall:
             B, Hq, k.shape[1], Tq, plan.kv_capacity, plan.page_size_log2, plan.num_splits,
             plan.rows_per_split, 0, 0.0, k.shape[0] if block_table is not None else 0,
         )
+        if k_scale is not None:  # an INT8 cache's scales (their pointers per call)
+            t = self.template
+            t.ks_sb, t.ks_sh, t.ks_st = k_scale.stride()
+            t.vs_sb, t.vs_sh, t.vs_st = v_scale.stride()
         self.main = prepared.main.bind(plan.grid, plan.block, plan.shared_bytes)
         self.combine = None
         if prepared.combine is not None:
             self.combine = prepared.combine.bind(plan.combine_grid, plan.combine_block, 0)
 
-    def __call__(self, q, k, v, block_table, kv_lens, causal, scale, out) -> torch.Tensor:
+    def __call__(self, q, k, v, block_table, kv_lens, causal, scale, out, k_scale=None, v_scale=None) -> torch.Tensor:
         plan, prepared = self.plan, self.prepared
         if out is None:  # (empty_like: ~1 us of host time less than torch.empty with its arguments)
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -288,6 +319,8 @@ class _DecodeCall:
             p.kv_lens = kv_lens.data_ptr()
         if block_table is not None:
             p.block_table = block_table.data_ptr()
+        if k_scale is not None:
+            p.k_scale, p.v_scale = k_scale.data_ptr(), v_scale.data_ptr()
         p.causal = 1 if causal and self.multi_token else 0
         p.scale_log2 = self.default_scale_log2 if scale is None else float(scale) * _LOG2E
         stream = raw_stream(prepared.device)

@@ -79,6 +79,7 @@ class DecodeProblem:
     head_dim: int
     kv_capacity: int
     page_size: int = 0  # 0: a contiguous cache
+    kv_format: str = "dense"  # the cache format: the split kernels' KV loader (ikport.kvquant.KV_FORMATS)
 
     @property
     def paged(self) -> bool:
@@ -213,7 +214,7 @@ class Tiles:
 
 def vector_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int = 32,
                  max_smem: int | None = None, one_per_sm: bool = False, threads: int = DECODE_THREADS,
-                 paged: bool = False, options: DecodeOptions = DEFAULT_OPTIONS) -> Tiles:
+                 paged: bool = False, options: DecodeOptions = DEFAULT_OPTIONS, loader: str = "dense") -> Tiles:
     """The vector kernel's tiles. With `max_smem` (the target's per-block limit), 128 threads where
     256 would not fit: the merge buffer grows with warps x rows x head_dim (gfx1100, wave32: 8
     warps x 8 rows x 256 dims needs 66 KB of its 64 KB LDS). `one_per_sm`: the one-block-per-SM
@@ -225,18 +226,52 @@ def vector_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int 
     stages = options.stages if options.stages is not None else (
         ONE_PER_SM_PAGED_STAGES if paged_one_per_sm else ONE_PER_SM_STAGES if one_per_sm else DECODE_STAGES)
     if max_smem is not None and options.threads is None:
-        while threads > 128 and vector_smem_bytes(threads=threads, warp_size=warp_size, rows=r,
-                                                  head_dim=head_dim, unroll=unroll, stages=stages) > max_smem:
+        while threads > 128 and vector_smem_bytes(threads=threads, warp_size=warp_size, rows=r, head_dim=head_dim,
+                                                  unroll=unroll, stages=stages, loader=loader) > max_smem:
             threads //= 2
     return Tiles(r, row_tiles, threads, unroll, stages)
 
 
+# ---- the KV loaders' shared memory (kernels_src/attention/kv_loader.cuh; tests/test_plan_sizes.py
+# checks every value against the compiled constants) --------------------------------------------
+LOADERS = ("dense", "int8")
+INT8_SCALE_BYTES = 4  # fp32, one per token and KV head (ikport.kvquant)
+
+
+def vector_slot_bytes(loader: str = "dense") -> int:
+    """A lane's ring bytes per row and tensor in attn_decode_split (the loader's Vector::kSlotBytes):
+    dense, 8 elements in one 16-byte copy; int8, 8 codes and the row's fp32 scale."""
+    if loader == "dense":
+        return 16
+    if loader == "int8":
+        return 8 + INT8_SCALE_BYTES
+    raise ValueError(f"unknown KV loader {loader!r}; choose from {LOADERS}")
+
+
+def mma_slot_bytes(loader: str, head_dim: int, warp_size: int) -> int:
+    """A warp's ring bytes per stage in attn_decode_split_mma (the loader's Matrix::kSlotBytes):
+    dense, the K and V tiles of 16 rows (head_dim + 8 padded, fp16/bf16); int8, the two code tiles
+    (16 x head_dim bytes) and a scale per lane copy of 16 codes."""
+    if loader == "dense":
+        return 2 * MMA_TILE_ROWS * (head_dim + 8) * 2
+    if loader == "int8":
+        copies = -(-(MMA_TILE_ROWS * head_dim // 16) // warp_size)
+        return 2 * (MMA_TILE_ROWS * head_dim + copies * warp_size * INT8_SCALE_BYTES)
+    raise ValueError(f"unknown KV loader {loader!r}; choose from {LOADERS}")
+
+
+def mma_warp_bytes(loader: str, head_dim: int) -> int:
+    """A warp's shared memory beside its ring slots (Matrix::kWarpBytes): int8's one pair of
+    dequantized K and V tiles."""
+    return 2 * MMA_TILE_ROWS * (head_dim + 8) * 2 if loader == "int8" else 0
+
+
 def vector_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int, unroll: int,
-                      stages: int, cluster: int = 1) -> int:
+                      stages: int, cluster: int = 1, loader: str = "dense") -> int:
     """Dynamic shared memory of attn_decode_split (SplitConfig::smem_bytes: the merge buffer, or the
-    ring of 16-byte slots, whichever is larger), plus the cluster buffer of its clustered kernel."""
+    ring of the loader's slots, whichever is larger), plus the cluster buffer of its clustered kernel."""
     merge = threads // warp_size * rows * (head_dim + 2) * 4
-    ring = stages * unroll * 2 * threads * 16
+    ring = stages * unroll * 2 * threads * vector_slot_bytes(loader)
     return max(merge, ring) + cluster_bytes(cluster, rows, head_dim)
 
 
@@ -265,18 +300,18 @@ def use_mma(rows: int, options: DecodeOptions = DEFAULT_OPTIONS) -> bool:
 
 
 def mma_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int, stages: int,
-                   c_is_a: bool, cluster: int = 1) -> int:
+                   c_is_a: bool, cluster: int = 1, loader: str = "dense") -> int:
     """Dynamic shared memory of attn_decode_split_mma (MmaConfig::smem_bytes), plus the cluster
     buffer of its clustered kernel. `c_is_a`: the target keeps P in registers (NVIDIA)."""
     warps, ld = threads // warp_size, head_dim + 8
-    stream = (warps * stages * 2 * MMA_TILE_ROWS * ld * 2 + 16 * ld * 2
-              + (0 if c_is_a else warps * 16 * C_TO_A_LD * 2))
+    ring = warps * (stages * mma_slot_bytes(loader, head_dim, warp_size) + mma_warp_bytes(loader, head_dim))
+    stream = ring + 16 * ld * 2 + (0 if c_is_a else warps * 16 * C_TO_A_LD * 2)
     merge = warps * rows * (head_dim + 2) * 4
     return max(merge, stream) + cluster_bytes(cluster, rows, head_dim)
 
 
 def mma_tiles(group: int, q_len: int, *, head_dim: int, warp_size: int, max_smem: int, c_is_a: bool,
-              options: DecodeOptions = DEFAULT_OPTIONS) -> Tiles:
+              options: DecodeOptions = DEFAULT_OPTIONS, loader: str = "dense") -> Tiles:
     """The matrix-unit kernel's tiles: MMA_WARPS warps with the deepest ring up to MMA_STAGES that
     fits `max_smem`; where even 2 stages do not fit (64 KB of LDS at head_dim 128), half the warps,
     and so on."""
@@ -286,7 +321,7 @@ def mma_tiles(group: int, q_len: int, *, head_dim: int, warp_size: int, max_smem
 
     def fits(threads: int, stages: int) -> bool:
         return mma_smem_bytes(threads=threads, warp_size=warp_size, rows=r, head_dim=head_dim,
-                              stages=stages, c_is_a=c_is_a) <= max_smem
+                              stages=stages, c_is_a=c_is_a, loader=loader) <= max_smem
 
     if options.threads is None:
         while threads > warp_size and not fits(threads, 2):
@@ -391,7 +426,7 @@ def split(*, sm_count: int, occupancy: int | None, groups: int, kv_capacity: int
 # ---- the plan --------------------------------------------------------------------------------
 def _split_spec(problem: DecodeProblem, tiles: Tiles, mma: bool, cluster: int = 1) -> KernelSpec:
     common = dict(dtype=problem.dtype, head_dim=problem.head_dim, rows=tiles.rows, paged=problem.paged,
-                  threads=tiles.threads, stages=tiles.stages)
+                  threads=tiles.threads, stages=tiles.stages, loader=problem.kv_format)
     if cluster > 1:
         common["cluster"] = cluster
     if mma:
@@ -404,10 +439,10 @@ def _split_smem(problem: DecodeProblem, tiles: Tiles, mma: bool, warp_size: int,
     if mma:
         return mma_smem_bytes(threads=tiles.threads, warp_size=warp_size, rows=tiles.rows,
                               head_dim=problem.head_dim, stages=tiles.stages, c_is_a=c_is_a,
-                              cluster=cluster)
+                              cluster=cluster, loader=problem.kv_format)
     return vector_smem_bytes(threads=tiles.threads, warp_size=warp_size, rows=tiles.rows,
                              head_dim=problem.head_dim, unroll=tiles.unroll, stages=tiles.stages,
-                             cluster=cluster)
+                             cluster=cluster, loader=problem.kv_format)
 
 
 def plan(problem: DecodeProblem, device: DeviceInfo, occupancy: Occupancy,
@@ -415,6 +450,8 @@ def plan(problem: DecodeProblem, device: DeviceInfo, occupancy: Occupancy,
     """The launch of `problem` on `device` (ValueError where the manifest refuses a kernel)."""
     p, facts = problem, Target(device.arch).facts
     if options.variant == "naive":
+        if p.kv_format != "dense":
+            raise ValueError(f"DecodeOptions(variant='naive') reads a dense cache, not {p.kv_format!r}")
         return _finish(p, spec("attention_decode", "naive", dtype=p.dtype, head_dim=p.head_dim),
                        (p.q_len * p.q_heads, p.batch, 1), 128, 0, Split(1, p.kv_capacity), False, False, None)
     r, row_tiles = rows(p.group * p.q_len, options)
@@ -428,10 +465,11 @@ def plan(problem: DecodeProblem, device: DeviceInfo, occupancy: Occupancy,
     def tiles_for(threads: int) -> Tiles:
         if mma:
             return mma_tiles(p.group, p.q_len, head_dim=p.head_dim, warp_size=device.warp_size,
-                             max_smem=device.max_smem_per_block, c_is_a=facts.c_is_a, options=options)
+                             max_smem=device.max_smem_per_block, c_is_a=facts.c_is_a, options=options,
+                             loader=p.kv_format)
         return vector_tiles(p.group, p.q_len, head_dim=p.head_dim, warp_size=device.warp_size,
                             max_smem=device.max_smem_per_block, one_per_sm=one_per_sm, threads=threads,
-                            paged=p.paged, options=options)
+                            paged=p.paged, options=options, loader=p.kv_format)
 
     tiles = tiles_for(DECODE_THREADS)
     kernel, smem = _split_spec(p, tiles, mma), _split_smem(p, tiles, mma, device.warp_size, facts.c_is_a)
@@ -544,11 +582,13 @@ def launch_of(s: KernelSpec, facts: ArchFacts) -> Launch | None:
         return Launch(128, 0, False, False)
     if s.kernel in ("split", "split_cluster"):
         smem = vector_smem_bytes(threads=p["threads"], warp_size=facts.warp_size, rows=p["rows"],
-                                 head_dim=p["head_dim"], unroll=p["unroll"], stages=p["stages"], cluster=cluster)
+                                 head_dim=p["head_dim"], unroll=p["unroll"], stages=p["stages"], cluster=cluster,
+                                 loader=p.get("loader", "dense"))
         return Launch(p["threads"], smem, p["stages"] > 0, False)
     if s.kernel in ("split_mma", "split_mma_cluster"):
         smem = mma_smem_bytes(threads=p["threads"], warp_size=facts.warp_size, rows=p["rows"],
-                              head_dim=p["head_dim"], stages=p["stages"], c_is_a=facts.c_is_a, cluster=cluster)
+                              head_dim=p["head_dim"], stages=p["stages"], c_is_a=facts.c_is_a, cluster=cluster,
+                              loader=p.get("loader", "dense"))
         return Launch(p["threads"], smem, True, True)
     if s.kernel == "combine":
         return Launch(combine_threads(p["head_dim"]), 0, False, False)

@@ -28,6 +28,13 @@ struct DecodeParams {
   int causal;
   float scale_log2;  // softmax scale * log2(e): scores are kept in the log2 domain
   int num_pages;     // paged: pages in the pool (the early copy clamps its page ids into it)
+  // Appended (every field above keeps its offset): the INT8 cache's scales (loader int8; null for
+  // dense), fp32, one per token and KV head: [B, Hkv, L] or paged [num_pages, Hkv, page_size],
+  // strides in elements (paged: ks_sb / vs_sb the page stride). k and v then hold the int8 codes.
+  const float* k_scale;
+  const float* v_scale;
+  long long ks_sb, ks_sh, ks_st;
+  long long vs_sb, vs_sh, vs_st;
 };
 
 namespace decode {

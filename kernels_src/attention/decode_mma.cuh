@@ -28,7 +28,7 @@ struct MmaConfig {
   static_assert(ROWS >= 1 && ROWS <= 16, "the query rows of a block fill one 16-row matrix tile");
   static_assert(STAGES >= 2, "a ring of at least 2 tiles a warp");
   static_assert(THREADS % ik::kWarpSize == 0, "block must be whole warps");
-  static constexpr int ring_bytes() { return kWarps * STAGES * Loader::kSlotBytes; }
+  static constexpr int ring_bytes() { return kWarps * (STAGES * Loader::kSlotBytes + Loader::kWarpBytes); }
   static constexpr int q_bytes() { return 16 * kLd * 2; }
   static constexpr int scratch_bytes() { return kWarps * ik::mma::kCToAScratch * 2; }
   static constexpr int stream_bytes() { return ring_bytes() + q_bytes() + scratch_bytes(); }
@@ -64,8 +64,8 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
   auto locate = [&](int i, int end) { kv.locate(p, located, tile_row0, i, end); };
   auto key_source = [&](int t0, int c) { return kv.key_source(p, located, t0, c); };
   auto value_source = [&](int t0, int c) { return kv.value_source(p, located, t0, c); };
-  const T* k_zero_src = kv.kbase;  // in-bounds sources of the zero-byte copies past the end
-  const T* v_zero_src = kv.vbase;
+  const auto* k_zero_src = kv.kbase;  // in-bounds sources of the zero-byte copies past the end
+  const auto* v_zero_src = kv.vbase;
   auto issue = [&](int i, int end) {  // step i's tiles (rows below `end`; zeros past it), one group
     const int r0 = tile_row0(i);
     T* kd = tile(i, 0);
@@ -83,8 +83,8 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
       for (int c = 0; c < C::Loader::kCopies; ++c) {
         if (kv.copy_in_tile(c)) {
           const bool valid = r0 + kv.copy_row(c) < end;  // else a zero-byte copy from an address in bounds
-          const T* ks = valid ? key_source(r0, c) : k_zero_src;
-          const T* vs = valid ? value_source(r0, c) : v_zero_src;
+          const auto* ks = valid ? key_source(r0, c) : k_zero_src;  // (T, or the loader's codes)
+          const auto* vs = valid ? value_source(r0, c) : v_zero_src;
           ik::cp_async16_zfill(kv.dest(kd, c), ks, valid);
           ik::cp_async16_zfill(kv.dest(vd, c), vs, valid);
         }
@@ -141,7 +141,7 @@ IK_DEVICE void decode_split_mma(const DecodeParams& p) {
     const int r0 = tile_row0(i);
     T* kt = tile(i, 0);
     T* vt = tile(i, 1);
-    kv.landed(kt, vt, r0, range.t_end, i == 0);
+    kv.landed(kt, vt, r0, range.t_end, i == 0);  // (a dequantizing loader points kt, vt at its tiles)
     ik::warp_sync();  // every lane's copies of step i are visible to the warp
 
     mm::FragC s;

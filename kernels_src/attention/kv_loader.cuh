@@ -17,9 +17,11 @@
 //     dest, key_source, value_source, kbase/vbase for the zero-byte ones, whole, advance);
 //     copy_side, after a step's copies (scales); landed, once they land (before the warp reads
 //     the tiles): where codes become the T tiles `tile` returns for the fragment loads.
-// INT8 (codes, a scale per token and head): Vector copies a row's 8 codes (kSlotBytes 8) and the
-// row's scale, key/value multiply; Matrix copies code tiles and scales into its slot (kSlotBytes
-// covers codes, scales and the T tiles) and dequantizes in landed. KIVI INT4: K codes with a
+//     kWarpBytes: shared memory a warp holds besides its STAGES slots (0 for dense; MmaConfig).
+//     landed may redirect the kernel's tile pointers (T*&) to tiles of its own.
+// INT8 (Int8Loader; codes, a scale per token and head): Vector copies a row's 8 codes and the
+// row's scale (kSlotBytes 8 + 4), key/value multiply; Matrix copies code tiles and scales into its
+// slots and dequantizes in landed into one pair of T tiles per warp (kWarpBytes). KIVI INT4: K codes with a
 // per-channel scale and zero per group of G tokens (copied once per group), the newest < G tokens
 // from the full-precision residual (located per row), V with a per-token scale and zero per
 // channel group.
@@ -238,6 +240,7 @@ struct DenseLoader {
     // A step's tiles kt, vt, once this lane's copies have landed (before the warp barrier that
     // shows them to the warp): dense zeroes the V rows of the early copy past `end` (a zero
     // weight times stale V could be NaN).
+    static constexpr int kWarpBytes = 0;  // nothing beside the ring slots
     IK_DEVICE void landed(T* kt, T* vt, int r0, int end, bool early) const {
       if (early) {
 #pragma unroll
@@ -245,6 +248,279 @@ struct DenseLoader {
           if (copy_in_tile(c) && r0 + copy_row(c) >= end) ik::store16(dest(vt, c), make_uint4(0, 0, 0, 0));
         }
       }
+    }
+  };
+};
+
+// INT8 K/V, symmetric, one fp32 scale per token and KV head (ikport/kvcache.py quantizes: scale =
+// amax / 127, code = round(x / scale) in [-127, 127]; a value is code * scale). Codes: p.k, p.v as
+// int8 with the dense cache's shapes and strides (elements = bytes; rows 16-byte aligned). Scales:
+// p.k_scale, p.v_scale, [B, Hkv, L] or [num_pages, Hkv, page_size] with strides p.ks_*, p.vs_*.
+// fp32, not fp16: exact for every amax of fp16 and bf16 data (an fp16 scale overflows past
+// amax 8.3e6 of bf16 data and goes subnormal below amax 7.8e-3), no conversion in the loop, and 4
+// bytes against a row's head_dim of codes (head_dim 128: 132 bytes a token and head, 0.516x fp16).
+// The codes are read once, straight into the ring, and dequantized in registers (Vector) or into
+// the warp's T tiles (Matrix): never an fp16 copy of the cache in memory.
+struct Int8Loader {
+  using Code = signed char;
+  // Code j (0-7) of 8 packed little-endian codes, times `s`.
+  static IK_DEVICE float code(unsigned long long raw, int j, float s) {
+    return static_cast<float>(static_cast<Code>(raw >> (8 * j))) * s;
+  }
+
+  template <class T, int HEAD_DIM, bool PAGED, int THREADS, int UNROLL, int STAGES>
+  struct Vector {
+    using Lanes = VectorLanes<HEAD_DIM, THREADS>;
+    static constexpr int kVec = Lanes::kVec, kGroups = Lanes::kGroups;
+    static constexpr int kCodeBytes = kVec;  // a lane's 8 codes of a row: one 8-byte copy
+    // + the row's scale: every lane of a row group copies it itself, so a thread still reads back
+    // only its own slots (no barrier)
+    static constexpr int kSlotBytes = kCodeBytes + 4;
+    struct Keys {  // a step's K rows of this lane: codes and scales
+      unsigned long long raw[UNROLL];
+      float scale[UNROLL];
+    };
+    using Values = Keys;
+    struct Located {  // as DenseLoader's (zeroed: host compilers warn where a contiguous cache never sets it)
+      int page[UNROLL] = {};
+    };
+
+    const int b, hk;
+    const bool lane_active;
+    const Code* kbase;
+    const Code* vbase;
+    const float* ksbase;
+    const float* vsbase;
+    const int* bt_row;
+    unsigned char* ring;
+
+    IK_DEVICE Vector(const DecodeParams& params, const SplitBlock& blk, int d0, bool active, float* smem)
+        : b(blk.b), hk(blk.hk), lane_active(active),
+          kbase(static_cast<const Code*>(params.k) + d0), vbase(static_cast<const Code*>(params.v) + d0),
+          ksbase(params.k_scale), vsbase(params.v_scale),
+          bt_row(PAGED ? params.block_table + blk.b * params.bt_sb : nullptr),
+          ring(reinterpret_cast<unsigned char*>(smem)) {}
+
+    // Ring stage `stage`, row u, K (kv 0) or V (1): THREADS 8-byte code slots, then THREADS scales.
+    IK_DEVICE unsigned char* region(int stage, int u, int kv) const {
+      return ring + ((stage * UNROLL + u) * 2 + kv) * (THREADS * kSlotBytes);
+    }
+    IK_DEVICE unsigned long long* code_slot(int stage, int u, int kv) const {
+      return reinterpret_cast<unsigned long long*>(region(stage, u, kv)) + threadIdx.x;
+    }
+    IK_DEVICE float* scale_slot(int stage, int u, int kv) const {
+      return reinterpret_cast<float*>(region(stage, u, kv) + THREADS * kCodeBytes) + threadIdx.x;
+    }
+    IK_DEVICE void locate(const DecodeParams& p, Located& at, int t0, int end) const {
+      if constexpr (PAGED) load_page_ids<UNROLL, kGroups>(p, bt_row, t0, end, lane_active, at.page);
+    }
+    IK_DEVICE void clamp_early(const DecodeParams& p, Located& at) const {
+      if constexpr (PAGED) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) at.page[u] = clamp_page(p, at.page[u]);
+      }
+    }
+    IK_DEVICE void copy(const DecodeParams& p, const Located& at, int stage, int t0, int end) const {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        int t = t0 + u * kGroups;
+        bool valid = t < end && lane_active;
+        long long ko = 0, vo = 0, kso = 0, vso = 0;
+        if (valid && PAGED) {
+          ko = paged_offset(p, at.page[u], p.k_sb, p.k_sh, p.k_st, hk, t);
+          vo = paged_offset(p, at.page[u], p.v_sb, p.v_sh, p.v_st, hk, t);
+          kso = paged_offset(p, at.page[u], p.ks_sb, p.ks_sh, p.ks_st, hk, t);
+          vso = paged_offset(p, at.page[u], p.vs_sb, p.vs_sh, p.vs_st, hk, t);
+        } else if (valid) {
+          ko = row_offset<false>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t);
+          vo = row_offset<false>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t);
+          kso = row_offset<false>(p, bt_row, p.ks_sb, p.ks_sh, p.ks_st, b, hk, t);
+          vso = row_offset<false>(p, bt_row, p.vs_sb, p.vs_sh, p.vs_st, b, hk, t);
+        }
+        ik::cp_async8_zfill(code_slot(stage, u, 0), kbase + ko, valid);
+        ik::cp_async8_zfill(code_slot(stage, u, 1), vbase + vo, valid);
+        ik::cp_async4_zfill(scale_slot(stage, u, 0), ksbase + kso, valid);
+        ik::cp_async4_zfill(scale_slot(stage, u, 1), vsbase + vso, valid);
+      }
+    }
+    // As DenseLoader's: the early copy's V rows past `end` are zeroed, codes and scale (a stale
+    // scale may be NaN).
+    IK_DEVICE void read(Keys& kr, Values& vr, int i, int t0, int end) const {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        kr.raw[u] = *code_slot(i % STAGES, u, 0);
+        vr.raw[u] = *code_slot(i % STAGES, u, 1);
+        kr.scale[u] = *scale_slot(i % STAGES, u, 0);
+        vr.scale[u] = *scale_slot(i % STAGES, u, 1);
+        if (STAGES > 0 && i == 0 && t0 + u * kGroups >= end) {
+          vr.raw[u] = 0;
+          vr.scale[u] = 0.f;
+        }
+      }
+    }
+    IK_DEVICE void load(const DecodeParams& p, Keys& kr, Values& vr, int t0, int end) const {
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        int t = t0 + u * kGroups;
+        kr.raw[u] = vr.raw[u] = 0;
+        kr.scale[u] = vr.scale[u] = 0.f;
+        if (t < end && lane_active) {
+          kr.raw[u] = *reinterpret_cast<const unsigned long long*>(
+              kbase + row_offset<PAGED>(p, bt_row, p.k_sb, p.k_sh, p.k_st, b, hk, t));
+          vr.raw[u] = *reinterpret_cast<const unsigned long long*>(
+              vbase + row_offset<PAGED>(p, bt_row, p.v_sb, p.v_sh, p.v_st, b, hk, t));
+          kr.scale[u] = ksbase[row_offset<PAGED>(p, bt_row, p.ks_sb, p.ks_sh, p.ks_st, b, hk, t)];
+          vr.scale[u] = vsbase[row_offset<PAGED>(p, bt_row, p.vs_sb, p.vs_sh, p.vs_st, b, hk, t)];
+        }
+      }
+    }
+    IK_DEVICE void key(const Keys& kr, int u, float (&f)[kVec]) const {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) f[j] = code(kr.raw[u], j, kr.scale[u]);
+    }
+    IK_DEVICE void value(const Values& vr, int u, float (&f)[kVec]) const {
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) f[j] = code(vr.raw[u], j, vr.scale[u]);
+    }
+  };
+
+  // Each lane copies 16-byte chunks (16 codes) of a step's K and V tiles into its slot, with the
+  // scale of each chunk's row beside it (its own copy: landed reads only what this lane copied),
+  // and in landed dequantizes exactly those chunks into the warp's one pair of T tiles, which the
+  // kernel's fragment loads then read (the kernel's warp barrier after landed shows them to the
+  // warp; the one at the top of its loop says every lane is done with the previous step's).
+  template <class T, int HEAD_DIM, bool PAGED, int THREADS, int STAGES>
+  struct Matrix {
+    using Tiles = MatrixTiles<HEAD_DIM>;
+    static constexpr int kTile = Tiles::kTile, kLd = Tiles::kLd, WS = ik::kWarpSize;
+    static constexpr int kWarps = THREADS / WS;
+    static constexpr int R16 = HEAD_DIM / 16;                    // 16-code chunks of a row
+    static constexpr int kCopies = (kTile * R16 + WS - 1) / WS;  // a lane's per tile and tensor
+    static constexpr int kCodeBytes = kTile * HEAD_DIM;          // a tensor's code tile (rows of HEAD_DIM)
+    static constexpr int kScaleBytes = kCopies * WS * 4;         // a scale per lane copy
+    static constexpr int kSideBytes = kCodeBytes + kScaleBytes;  // one tensor of a slot
+    static constexpr int kSlotBytes = 2 * kSideBytes;            // a step's K and V
+    static constexpr int kWarpBytes = 2 * Tiles::tile_elems() * sizeof(T);  // the dequantized K, V tiles
+    static constexpr bool kTileCursor = false;
+    struct Located {  // paged: the page ids of a step's copies
+      int page[kCopies] = {};
+    };
+
+    const int b, hk, warp, lane;
+    unsigned char* wbase;  // the warp's shared memory: its T tiles, then its STAGES slots
+    const Code* kbase;     // also the in-bounds source of the zero-byte copies past the end
+    const Code* vbase;
+    const float* ksbase;
+    const float* vsbase;
+    const int* bt_row;
+
+    template <class TileRow0>
+    IK_DEVICE Matrix(const DecodeParams& params, const SplitBlock& blk, int warp_, int lane_, float* smem, TileRow0)
+        : b(blk.b), hk(blk.hk), warp(warp_), lane(lane_),
+          wbase(reinterpret_cast<unsigned char*>(smem) + warp_ * (STAGES * kSlotBytes + kWarpBytes)),
+          kbase(static_cast<const Code*>(params.k)), vbase(static_cast<const Code*>(params.v)),
+          ksbase(params.k_scale), vsbase(params.v_scale),
+          bt_row(PAGED ? params.block_table + blk.b * params.bt_sb : nullptr) {}
+
+    // The kernel's tile(stage, tensor): slot `stage`'s codes of K (0) or V (1), typed as the
+    // kernel's T* (what the kernel hands to dest and landed); landed redirects it to dequantized().
+    IK_DEVICE T* tile(int stage, int tensor) const {
+      return reinterpret_cast<T*>(wbase + kWarpBytes + stage * kSlotBytes + tensor * kSideBytes);
+    }
+    IK_DEVICE T* dequantized(int tensor) const { return reinterpret_cast<T*>(wbase) + tensor * Tiles::tile_elems(); }
+    IK_DEVICE bool copy_in_tile(int c) const { return (kTile * R16) % WS == 0 || lane + c * WS < kTile * R16; }
+    IK_DEVICE int copy_row(int c) const {
+      if constexpr (WS % R16 == 0) return lane / R16 + c * (WS / R16);
+      return (lane + c * WS) / R16;
+    }
+    IK_DEVICE int copy_col(int c) const { return (WS % R16 == 0 ? lane % R16 : (lane + c * WS) % R16) * 16; }
+    IK_DEVICE unsigned char* dest(T* side, int c) const {
+      return reinterpret_cast<unsigned char*>(side) + copy_row(c) * HEAD_DIM + copy_col(c);
+    }
+    IK_DEVICE float* scale_dest(T* side, int c) const {
+      return reinterpret_cast<float*>(reinterpret_cast<unsigned char*>(side) + kCodeBytes) + c * WS + lane;
+    }
+    template <class TileRow0>
+    IK_DEVICE void locate(const DecodeParams& p, Located& at, TileRow0& tile_row0, int i, int end) const {
+      if constexpr (PAGED) {
+#pragma unroll
+        for (int c = 0; c < kCopies; ++c) {
+          const int t = tile_row0(i) + copy_row(c);
+          at.page[c] = copy_in_tile(c) && t < end ? bt_row[t >> p.page_size_log2] : 0;
+        }
+      }
+    }
+    IK_DEVICE void clamp_early(const DecodeParams& p, Located& at) const {
+      if constexpr (PAGED) {
+#pragma unroll
+        for (int c = 0; c < kCopies; ++c) at.page[c] = clamp_page(p, at.page[c]);
+      }
+    }
+    // Offset (elements) of row t0 + copy_row(c) in a tensor of these strides.
+    IK_DEVICE long long offset(const DecodeParams& p, const Located& at, long long sb, long long sh, long long st,
+                               int t0, int c) const {
+      const int t = t0 + copy_row(c);
+      if constexpr (PAGED) return paged_offset(p, at.page[c], sb, sh, st, hk, t);
+      return b * sb + hk * sh + static_cast<long long>(t) * st;
+    }
+    IK_DEVICE const Code* key_source(const DecodeParams& p, const Located& at, int t0, int c) const {
+      return kbase + offset(p, at, p.k_sb, p.k_sh, p.k_st, t0, c) + copy_col(c);
+    }
+    IK_DEVICE const Code* value_source(const DecodeParams& p, const Located& at, int t0, int c) const {
+      return vbase + offset(p, at, p.v_sb, p.v_sh, p.v_st, t0, c) + copy_col(c);
+    }
+    IK_DEVICE bool whole(int, int) const { return false; }  // every copy checks its row
+    // The scales of the rows this lane's chunks of step i belong to (zeros past `end`).
+    IK_DEVICE void copy_side(const DecodeParams& p, const Located& at, int i, int r0, int end) const {
+      if (r0 >= end) return;
+      T* kd = tile(i % STAGES, 0);
+      T* vd = tile(i % STAGES, 1);
+#pragma unroll
+      for (int c = 0; c < kCopies; ++c) {
+        if (copy_in_tile(c)) {
+          const bool valid = r0 + copy_row(c) < end;
+          const float* ks = valid ? ksbase + offset(p, at, p.ks_sb, p.ks_sh, p.ks_st, r0, c) : ksbase;
+          const float* vs = valid ? vsbase + offset(p, at, p.vs_sb, p.vs_sh, p.vs_st, r0, c) : vsbase;
+          ik::cp_async4_zfill(scale_dest(kd, c), ks, valid);
+          ik::cp_async4_zfill(scale_dest(vd, c), vs, valid);
+        }
+      }
+    }
+    IK_DEVICE void advance(const DecodeParams&) {}
+    // 16 codes at `src` times `s` into 16 elements of T at `dst`.
+    static IK_DEVICE void dequant16(T* dst, const unsigned char* src, float s) {
+      const uint4 raw = ik::load16(src);
+      const unsigned long long lo = raw.x | (static_cast<unsigned long long>(raw.y) << 32);
+      const unsigned long long hi = raw.z | (static_cast<unsigned long long>(raw.w) << 32);
+      float f[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f[j] = code(lo, j, s);
+      ik::store16(dst, ik::pack8<T>(f));
+#pragma unroll
+      for (int j = 0; j < 8; ++j) f[j] = code(hi, j, s);
+      ik::store16(dst + 8, ik::pack8<T>(f));
+    }
+    // Step tiles kt, vt (this lane's copies have landed): this lane's chunks dequantized into the
+    // warp's T tiles, which kt and vt then point to. The early copy's V rows past `end` become
+    // zeros (a stale scale may be NaN).
+    IK_DEVICE void landed(T*& kt, T*& vt, int r0, int end, bool early) const {
+      T* kd = dequantized(0);
+      T* vd = dequantized(1);
+#pragma unroll
+      for (int c = 0; c < kCopies; ++c) {
+        if (copy_in_tile(c)) {
+          const int at = copy_row(c) * kLd + copy_col(c);
+          dequant16(kd + at, dest(kt, c), *scale_dest(kt, c));
+          if (early && r0 + copy_row(c) >= end) {
+            ik::store16(vd + at, make_uint4(0, 0, 0, 0));
+            ik::store16(vd + at + 8, make_uint4(0, 0, 0, 0));
+          } else {
+            dequant16(vd + at, dest(vt, c), *scale_dest(vt, c));
+          }
+        }
+      }
+      kt = kd;
+      vt = vd;
     }
   };
 };

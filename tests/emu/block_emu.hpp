@@ -69,7 +69,7 @@ using std::min;
 
 namespace emu {
 
-struct Copy { void* dst; const void* src; };
+struct Copy { void* dst; const void* src; int bytes = 16; };
 
 struct Barrier {
   int expected = 0, count = 0;
@@ -160,8 +160,8 @@ inline int xor_source(int mask, int width) {
 
 inline void perform(const std::vector<Copy>& group) {
   for (const Copy& c : group) {
-    if (c.src) memcpy(c.dst, c.src, 16);
-    else memset(c.dst, 0, 16);
+    if (c.src) memcpy(c.dst, c.src, static_cast<size_t>(c.bytes));
+    else memset(c.dst, 0, static_cast<size_t>(c.bytes));
   }
 }
 
@@ -382,6 +382,17 @@ IK_DEVICE void cp_async16_zfill(void* smem, const void* gmem, bool valid) {
   emu::current->open.push_back({smem, valid ? gmem : nullptr});
 }
 IK_DEVICE void cp_async16(void* smem, const void* gmem) { cp_async16_zfill(smem, gmem, true); }
+// 8 and 4 bytes (an INT8 KV cache's codes and scales), recorded and performed the same way.
+inline void cp_async_n_zfill(void* smem, const void* gmem, bool valid, int bytes) {
+  if (!EMU_ASYNC_COPY) {
+    if (valid) memcpy(smem, gmem, static_cast<size_t>(bytes));
+    else memset(smem, 0, static_cast<size_t>(bytes));
+    return;
+  }
+  emu::current->open.push_back({smem, valid ? gmem : nullptr, bytes});
+}
+IK_DEVICE void cp_async8_zfill(void* smem, const void* gmem, bool valid) { cp_async_n_zfill(smem, gmem, valid, 8); }
+IK_DEVICE void cp_async4_zfill(void* smem, const void* gmem, bool valid) { cp_async_n_zfill(smem, gmem, valid, 4); }
 IK_DEVICE void cp_async_commit() {
   if (!EMU_ASYNC_COPY) return;
   emu::current->groups.push_back(std::move(emu::current->open));

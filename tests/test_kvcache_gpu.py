@@ -1,0 +1,90 @@
+"""ikport.KVCache on the GPU (nox -s test-cuda / test-hip): attention over the INT8 cache through
+the int8 KV loader against the oracle (the fp32 reference on the dequantized cache: the
+quantization is in both, so the kernel's own error is fp16-level), contiguous and paged, the
+vector and matrix-unit kernels, split-K, GQA; append under CUDA-graph capture; the byte budget.
+
+Outputs are poisoned (NaN, passed as out=), as in tests/test_attention_gpu.py."""
+
+import pytest
+import torch
+
+import ikport
+from ikport import DecodeOptions
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (nox -s test-cuda)"),
+]
+TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+DEV = "cuda"
+
+
+def filled_cache(B, Hkv, L, D, dtype, *, kv_format="int8", page_size=0, seed=0, lens=None):
+    """A cache with each sequence's rows appended in two steps (the second a single token)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    cache = ikport.KVCache(B, Hkv, L, D, dtype=dtype, kv_format=kv_format, page_size=page_size, device=DEV)
+    n = L - 1
+    k = torch.randn(B, Hkv, n, D, generator=g, device=DEV).to(dtype)
+    v = torch.randn(B, Hkv, n, D, generator=g, device=DEV).to(dtype)
+    cache.append(k, v)
+    cache.append(k[:, :, :1], v[:, :, :1])
+    if lens is not None:  # shorter sequences: rows past them hold data the kernel must not read
+        cache.lens.copy_(torch.tensor(lens, dtype=torch.int32, device=DEV))
+    return cache
+
+
+def check(cache, q, *, causal=False, options=None):
+    out = torch.full_like(q, float("nan"))
+    res = cache.attend(q, causal=causal, out=out, options=options)
+    assert res is out and torch.isfinite(out).all(), "kernel left NaN (unwritten or bad math)"
+    ref = cache.reference_attend(q, causal=causal)
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= TOL[q.dtype], f"max abs error {err:.3e} > {TOL[q.dtype]:.1e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [0, 16])
+@pytest.mark.parametrize("variant", ["split", "split-vector", "split-mma", "split-unfused", "split1"])
+def test_int8_cache_d1_shape_matches_the_oracle(dtype, page_size, variant):
+    cache = filled_cache(8, 8, 1024, 128, dtype, page_size=page_size, seed=1,
+                         lens=[1024, 1000, 1, 0, 517, 64, 999, 2])
+    q = torch.randn(8, 32, 1, 128, device=DEV).to(dtype)
+    check(cache, q, options=DecodeOptions(variant=variant))
+
+
+@pytest.mark.parametrize("D,Hq,Hkv,Tq", [(64, 8, 1, 1), (96, 4, 2, 2), (256, 2, 2, 1), (128, 16, 2, 3)])
+def test_int8_cache_odd_shapes(D, Hq, Hkv, Tq):
+    cache = filled_cache(3, Hkv, 333, D, torch.float16, seed=D + Tq, lens=[333, 77, 200])
+    q = torch.randn(3, Hq, Tq, D, device=DEV).half()
+    check(cache, q, causal=Tq > 1)
+
+
+def test_int8_cache_memory_budget():
+    dense = ikport.KVCache(8, 8, 4096, 128, kv_format="dense", device=DEV)
+    int8 = ikport.KVCache(8, 8, 4096, 128, kv_format="int8", device=DEV)
+    assert int8.nbytes <= 0.52 * dense.nbytes
+
+
+def test_append_and_attend_replay_in_a_cuda_graph():
+    """Append (quantize on the device) then attend, captured once and replayed: no host
+    synchronization in either, and the replay advances the lengths on the device."""
+    cache = filled_cache(2, 2, 256, 128, torch.float16, seed=7, lens=[100, 50])
+    k_new = torch.randn(2, 2, 1, 128, device=DEV).half()
+    v_new = torch.randn_like(k_new)
+    q = torch.randn(2, 8, 1, 128, device=DEV).half()
+    out = torch.empty_like(q)
+    cache.attend(q, out=out)  # plans and loads outside the capture
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        cache.append(k_new, v_new)
+        cache.attend(q, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    cache.lens.copy_(torch.tensor([100, 50], dtype=torch.int32, device=DEV))
+    for step in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert cache.lens.tolist() == [101 + step, 51 + step]
+        ref = cache.reference_attend(q)
+        assert (out.float() - ref.float()).abs().max().item() <= TOL[torch.float16]
