@@ -82,6 +82,31 @@ IK_DEVICE void spread_row_slots(float (&v)[Layout::kC], Op op) {
     spread_row_slots<Op, S + 1>(v, op);
   }
 }
+// The distinct rows of a C tile in one lane, numbered in slot order (lane-independent, as
+// row_lead_slot): state kept per row rather than per slot (a softmax's running max and sum)
+// needs kCRows values, not kCSlots (NVIDIA: 2 rows in 8 slots; CDNA and RDNA3: a row a slot).
+constexpr int c_row_lead(int s) {  // the first slot of slot s's row
+  int t = 0;
+  while (Layout::c_row(0, t) != Layout::c_row(0, s)) ++t;
+  return t;
+}
+constexpr int c_row_index(int s) {  // slot s's row, 0 .. kCRows - 1
+  int n = 0;
+  for (int t = 0; t < c_row_lead(s); ++t) n += c_row_lead(t) == t;
+  return n;
+}
+constexpr int c_row_count() {
+  int n = 0;
+  for (int t = 0; t < Layout::kC; ++t) n += c_row_lead(t) == t;
+  return n;
+}
+inline constexpr int kCRows = c_row_count();
+constexpr int c_lead_of_row(int r) {  // the first slot of row r
+  int t = 0;
+  while (c_row_lead(t) != t || c_row_index(t) != r) ++t;
+  return t;
+}
+
 template <class Op>
 IK_DEVICE void row_reduce(float (&v)[Layout::kC], Op op) {
   fold_row_slots(v, op);

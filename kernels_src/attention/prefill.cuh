@@ -201,20 +201,22 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
     locate(j + 1);  // the next tile's page ids, in flight while this one's copies and math run
   };
 
-  // Per warp: its rows [w_row0, w_row0 + 16 * MT); per accumulator slot the online softmax
-  // state (m equal across a row's slots and lanes; l this slot's part of the row sum until the
-  // row_reduce after the loop) and the P V outputs.
+  // Per warp: its rows [w_row0, w_row0 + 16 * MT); per row of the lane's accumulator slots the
+  // online softmax state (m, in the log2 domain of the scaled scores, equal across the row's
+  // lanes; l this lane's part of the row sum until the row_reduce after the loop), per slot the
+  // P V outputs. (Per row, not per slot: on NVIDIA 2 values for 8 slots, and 2 exp2 for alpha.)
   const int w_row0 = m0 + warp * C::kWarpRows;
   const T* s_qw = s_q + warp * C::kWarpRows * LD;
-  float m[MT][mm::kCSlots], l[MT][mm::kCSlots];
+  constexpr int RW = mm::kCRows;
+  float m[MT][RW], l[MT][RW];
   mm::FragC o[MT][DT];
   mm::FragA<T> qa[kQInRegisters ? MT : 1][kQInRegisters ? DT : 1];  // (one unused one otherwise)
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
-    for (int s = 0; s < mm::kCSlots; ++s) {
-      m[mt][s] = prefill::kNoScore;
-      l[mt][s] = 0.f;
+    for (int r = 0; r < RW; ++r) {
+      m[mt][r] = prefill::kNoScore;
+      l[mt][r] = 0.f;
     }
 #pragma unroll
     for (int n = 0; n < DT; ++n) mm::zero(o[mt][n]);
@@ -294,21 +296,28 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
           }
         }
         mm::row_reduce(mx, [](float x, float y) { return fmaxf(x, y); });
+        float alpha[RW], sum[RW];
 #pragma unroll
-        for (int js = 0; js < mm::kCSlots; ++js) {
-          const float m_new = fmaxf(m[mt][js], mx[js]);
-          const float alpha = ik::exp2_fast(m[mt][js] - m_new);
-          m[mt][js] = m_new;
-          float sum = 0.f;
-#pragma unroll
-          for (int nt = 0; nt < NT; ++nt) {
-            s[mt][nt].x[js] = ik::exp2_fast(s[mt][nt].x[js] - m_new);
-            sum += s[mt][nt].x[js];
-          }
-          l[mt][js] = l[mt][js] * alpha + sum;
-#pragma unroll
-          for (int n = 0; n < DT; ++n) o[mt][n].x[js] *= alpha;
+        for (int r = 0; r < RW; ++r) {
+          const float m_new = fmaxf(m[mt][r], mx[mm::c_lead_of_row(r)]);
+          alpha[r] = ik::exp2_fast(m[mt][r] - m_new);
+          m[mt][r] = m_new;
+          sum[r] = 0.f;
         }
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+          for (int js = 0; js < mm::kCSlots; ++js) {
+            s[mt][nt].x[js] = ik::exp2_fast(s[mt][nt].x[js] - m[mt][mm::c_row_index(js)]);
+            sum[mm::c_row_index(js)] += s[mt][nt].x[js];
+          }
+        }
+#pragma unroll
+        for (int r = 0; r < RW; ++r) l[mt][r] = l[mt][r] * alpha[r] + sum[r];
+#pragma unroll
+        for (int n = 0; n < DT; ++n)
+#pragma unroll
+          for (int js = 0; js < mm::kCSlots; ++js) o[mt][n].x[js] *= alpha[mm::c_row_index(js)];
       }
       // O += P V: P's 16-key column tiles become A fragments (in registers on NVIDIA).
 #pragma unroll
@@ -333,17 +342,21 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   T* og = static_cast<T*>(p.out) + seq.o_off + hq * p.o_sh;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    mm::row_reduce(l[mt], [](float x, float y) { return x + y; });
+    float row_l[mm::kCSlots];  // the row sums, over the row's lanes, in slot form for row_reduce
+#pragma unroll
+    for (int js = 0; js < mm::kCSlots; ++js) row_l[js] = mm::c_row_lead(js) == js ? l[mt][mm::c_row_index(js)] : 0.f;
+    mm::row_reduce(row_l, [](float x, float y) { return x + y; });
 #pragma unroll
     for (int js = 0; js < mm::kCSlots; ++js) {
       const int row = w_row0 + mt * 16 + mm::c_row(js), col = mm::c_col(js);
       if (row < seq.q_len) {
-        const float inv = l[mt][js] > 0.f ? 1.f / l[mt][js] : 0.f;
+        const float sum = row_l[js];
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
 #pragma unroll
         for (int n = 0; n < DT; ++n) og[row * p.o_st + n * 16 + col] = ik::dtype<T>::from_float(o[mt][n].x[js] * inv);
         if (p.lse && col == 0)
           p.lse[seq.lse_off + hq * p.lse_sh + row] =
-              l[mt][js] > 0.f ? (m[mt][js] + log2f(l[mt][js])) * prefill::kLn2 : -IK_INFINITY;
+              sum > 0.f ? (m[mt][mm::c_row_index(js)] + log2f(sum)) * prefill::kLn2 : -IK_INFINITY;
       }
     }
   }
