@@ -26,7 +26,7 @@ ROUTES = ("nvrtc", "clang-19", "hiprtc")
 INSTRUCTION_PATTERNS = {
     "mma": r"\bmma\.sync\.aligned\.m16n8k16|\bv_mfma_f32_16x16x16|\bv_wmma_f32_16x16x16",
     "ldmatrix": r"\bldmatrix\.sync",
-    "cp_async": r"\bcp\.async\.cg",
+    "cp_async": r"\bcp\.async\.c[ag]\b",  # .cg (16 bytes) and .ca (8 and 4: the INT8 loader)
 }
 
 
