@@ -2,8 +2,9 @@
 # The session's device call, from the repository root on the device machine:
 #   bash tools/device_run.sh tests    the GPU suite (pytest -m gpu) on this tree
 #   bash tools/device_run.sh hostab   the eager host path against the tree in .ab/base (A B B A)
+#   bash tools/device_run.sh prefill  the prefill probe (tilings, journey steps) and benchmark
 #   bash tools/device_run.sh bench    nox -s bench-cuda's decode and w4a16 benchmarks
-#   bash tools/device_run.sh all      all three, in that order (about 20 minutes on an H100)
+#   bash tools/device_run.sh all      all four, in that order (more than one 10-minute call: run them apart)
 # Files go to $OUT (the device tool brings them back, 8 at most); COMMIT=<sha> names the commit the
 # benchmark files record (the device's copy may carry no git metadata).
 # The device has torch, cuda-bindings and NVRTC but no install of ikport: the package imports from
@@ -21,11 +22,24 @@ what=${1:-all}
 if [ "$what" = tests ] || [ "$what" = all ]; then
   XDIST=""
   python -c "import xdist" 2>/dev/null && XDIST="-n 4"
-  timeout 480 python -m pytest -m gpu -q -p no:cacheprovider -rs $XDIST tests 2>&1 | clean > "$OUT/tests-gpu-${GPU}.log"
-  tail -n 25 "$OUT/tests-gpu-${GPU}.log"
+  # straight to the file (a pipe's buffer is lost when a timeout kills the run), cleaned after;
+  # the attention suites first, so a short call still judges them
+  log="$OUT/tests-gpu-${GPU}.log"
+  timeout 480 python -m pytest -m gpu -q -p no:cacheprovider -rs $XDIST --durations=10 tests/test_attention_gpu.py \
+    tests/test_prefill_gpu.py tests/test_kvcache_gpu.py > "$log.raw" 2>&1
+  timeout 300 python -m pytest -m gpu -q -p no:cacheprovider -rs $XDIST --durations=10 tests \
+    --ignore=tests/test_attention_gpu.py --ignore=tests/test_prefill_gpu.py --ignore=tests/test_kvcache_gpu.py \
+    >> "$log.raw" 2>&1
+  clean < "$log.raw" > "$log" && rm -f "$log.raw"
+  tail -n 40 "$log"
 fi
 if [ "$what" = hostab ] || [ "$what" = all ]; then
   timeout 300 python tools/host_ab.py "$OUT/structure-host-ab-${GPU}.json" base=.ab/base new=. 2>&1 | clean | tail -n 30
+fi
+if [ "$what" = prefill ] || [ "$what" = all ]; then
+  timeout 240 python tools/prefill_probe.py "$OUT/prefill-probe-${GPU}.json" 2>&1 | clean | tail -n 5
+  timeout 420 python -m ikport.bench prefill --out "$OUT/prefill-${GPU}.json" ${COMMIT:+--commit $COMMIT} 2>&1 | clean > "$OUT/bench-prefill-${GPU}.log"
+  tail -n 30 "$OUT/bench-prefill-${GPU}.log"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 420 python -m ikport.bench decode --out "$OUT/decode-${GPU}.json" ${COMMIT:+--commit $COMMIT} 2>&1 | clean > "$OUT/bench-decode-${GPU}.log"
