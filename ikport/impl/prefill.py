@@ -57,6 +57,8 @@ def prepare(backend: Backend, problem: PrefillProblem, device: int, options: Pre
         logging.getLogger("ikport").debug(
             "plan %s %s -> %s grid=%s block=%s smem=%d", backend.name, problem, plan.kernel.uri, plan.grid,
             plan.block, plan.shared_bytes)
+        if len(_prepared) > 4096:  # varlen keys carry the max lengths: a server sees many
+            _prepared.clear()
         prepared = _prepared[key] = _Prepared(plan, backend, device)
     return prepared
 
