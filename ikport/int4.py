@@ -53,9 +53,11 @@ from .backends.target import ARCH_TABLE, MATRIX_LAYOUTS, cuda_arch_from_capabili
 
 __all__ = [
     "DEFAULT_LAYOUT",
+    "DEFAULT_METHOD",
     "GROUP_SIZES",
     "K_MULTIPLE",
     "LAYOUTS",
+    "METHODS",
     "N_MULTIPLE",
     "SCALE_DTYPES",
     "Int4Weight",
@@ -489,24 +491,111 @@ class Int4Weight:
         return cls(pack_int4(codes, layout), scales, zeros, g, k, n, layout, perm)
 
 
+METHODS = ("rtn", "mse")  # quantize_weight's ways of choosing each group's scale and zero point
+DEFAULT_METHOD = "rtn"
+# "mse": the scale candidates, as multiples of round-to-nearest's scale (0.50, 0.53, ..., 1.10; a
+# step of 0.01 found no lower error on SmolLM2's down_proj), then this many least-squares refits
+# of the scale to the chosen codes.
+_MSE_RATIOS = tuple(round(0.5 + 0.03 * i, 2) for i in range(21))
+_MSE_REFITS = 2
+_MSE_CHUNK = 1 << 17  # elements of w searched at once (about 0.5 MB of fp32: stays in cache)
+
+
+def _group_error(wg: torch.Tensor, h: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """sum(h * e^2) over each group, e = dequantized - w, for scales s and zero points z ([R, G]
+    fp32, s already rounded to the storage dtype): e is exactly Int4Weight.dequantize() - w."""
+    s3, z3 = s[..., None], z[..., None]
+    e2 = torch.div(wg, s3).round_().add_(z3).clamp_(0, 15).sub_(z3).mul_(s3).sub_(wg).square_()
+    return e2.mul_(h).sum(dim=-1)
+
+
+def _mse_importance(wg: torch.Tensor) -> torch.Tensor:
+    """The "mse" method's weight of each element's squared error: w^2 + mean(w^2) over its group.
+    (tools/quantizer_study.py swaps in ones to measure the unweighted search.)"""
+    sq = wg.square()
+    return sq.add_(sq.mean(dim=-1, keepdim=True))
+
+
+def _mse_search(wg: torch.Tensor, s0: torch.Tensor, z0: torch.Tensor, base: torch.Tensor,
+                lo: torch.Tensor | None, hi: torch.Tensor | None, store: torch.dtype) -> None:
+    """The "mse" method, in place over s0 / z0 (round-to-nearest's [R, G] fp32 scales and zero
+    points on entry) for the groups wg [R, G, g] (fp32).
+
+    Per group it picks, among round-to-nearest's own (scale, zero point), the scales `base * r`
+    for r in _MSE_RATIOS (symmetric: zero point 8; asymmetric: each with the integer zero points
+    that put the low end, the high end or the middle of the range on the grid) and weighted
+    least-squares refits of the scale to the codes chosen, the one of least weighted squared error
+    sum_i h_i e_i^2, h_i = w_i^2 + mean_group(w^2). The weight h (llama.cpp's k-quants weigh their
+    search alike when they have no importance matrix) keeps a group's large weights close: an
+    unweighted search clips them to refine the many small ones, which lowered the weight error
+    and raised SmolLM2's perplexity (docs/results/w4a16.md, issue 30). Ties keep the earlier
+    candidate (round-to-nearest first), so no group's weighted error exceeds round-to-nearest's.
+    """
+    tiny = torch.finfo(store).tiny
+    h = _mse_importance(wg)
+    best = _group_error(wg, h, s0, z0)
+
+    def rounded(s: torch.Tensor) -> torch.Tensor:
+        return s.clamp_min(tiny).to(store).to(torch.float32)
+
+    def consider(s: torch.Tensor, z: torch.Tensor) -> None:
+        e = _group_error(wg, h, s, z)
+        better = e < best  # a NaN error (a scale that overflowed the storage dtype) never wins
+        best.copy_(torch.where(better, e, best))
+        s0.copy_(torch.where(better, s, s0))
+        z0.copy_(torch.where(better, z, z0))
+
+    for r in _MSE_RATIOS:
+        s = rounded(base * r)
+        if lo is None:
+            consider(s, z0)  # symmetric: z0 is 8 everywhere
+            continue
+        for z in (-lo / s, 15.0 - hi / s, 7.5 - (lo + hi) / (2.0 * s)):
+            consider(s, z.round_().clamp_(0, 15))
+    for _ in range(_MSE_REFITS):
+        s3, z3 = s0[..., None], z0[..., None]
+        hd = torch.div(wg, s3).round_().add_(z3).clamp_(0, 15).sub_(z3)  # q - z
+        num = (hd * wg * h).sum(dim=-1)
+        den = hd.square_().mul_(h).sum(dim=-1)
+        consider(rounded(torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float32).tiny), s0)), z0)
+
+
 def quantize_weight(
     w: torch.Tensor,
     group_size: int | None = 128,
     symmetric: bool = True,
     *,
     layout: str | None = None,
+    method: str | None = None,
 ) -> Int4Weight:
-    """Round-to-nearest INT4 quantization of a weight w [N, K] = [out_features, in_features].
+    """INT4 quantization of a weight w [N, K] = [out_features, in_features], without calibration data.
 
     GPTQ's conventions, computed in fp32 per group of `group_size` input channels (None or -1:
-    one group per output channel, G = K; else 32, 64 or 128):
-      symmetric:  s = 2 * absmax / 15, z = 8, q = clamp(round(w / s) + 8, 0, 15)
-      asymmetric: the range [min, max] widened to include 0, s = (max - min) / 15,
-                  z = clamp(round(-min / s), 0, 15), q = clamp(round(w / s) + z, 0, 15)
+    one group per output channel, G = K; else 32, 64 or 128). A group's scale s and zero point z
+    give its codes q = clamp(round(w / s) + z, 0, 15) and its values (q - z) * s:
+      symmetric:  z = 8
+      asymmetric: z an integer in 0..15 (so 0 is always one of the 16 levels), stored in `zeros`
+    `method` chooses s (and z):
+      "rtn" (round to nearest): symmetric s = 2 * absmax / 15; asymmetric: the range [min, max]
+          widened to include 0, s = (max - min) / 15, z = clamp(round(-min / s), 0, 15).
+      "mse": per group, a search of s (and z) for the least weighted squared weight error
+          sum_i (w_i^2 + mean(w^2)) (dequantized_i - w_i)^2, weighing the group's large weights
+          more: among round-to-nearest's own and a grid of narrower and wider ranges (s from 0.5
+          to 1.1 times round-to-nearest's, in steps of 0.03; asymmetric: with the zero points that
+          align the low end, the high end or the middle of the range), then two weighted
+          least-squares refits of s to the chosen codes. No group's weighted error is larger than
+          round-to-nearest's. (Weighing the error matters: the plain squared error, minimized,
+          clips a group's largest weights, and that raised a real model's perplexity, issue 30.)
+          Deterministic; about 20 (symmetric) or 60 (asymmetric) passes over w in chunks that stay
+          in cache (seconds for a 14336 x 4096 matrix on one CPU core).
+      None: DEFAULT_METHOD ("rtn").
+    The format is the same whatever the method: only the values chosen differ.
     s is clamped to the storage dtype's smallest normal number (an all-zero group), rounded to the
     storage dtype first and q computed with that rounded s, so dequantize() is exactly what the
     codes mean. Scales (and zeros) are stored in w's dtype: float16 or bfloat16; float32 input is
-    stored as float16. layout: default `layout_for_device(w.device)`.
+    stored as float16. layout: default `layout_for_device(w.device)`. A weight whose
+    round-to-nearest scales are not finite in the storage dtype (inf/NaN in w) raises ValueError,
+    whatever the method.
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a 2-D tensor [out_features, in_features], got {_describe(w)}")
@@ -514,6 +603,9 @@ def quantize_weight(
         raise ValueError(f"w must be a 2-D tensor [out_features, in_features], got {_describe(w)}")
     if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"w must be float16, bfloat16 or float32, got {w.dtype}")
+    method = DEFAULT_METHOD if method is None else method
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} (or None: {DEFAULT_METHOD!r}), got {method!r}")
     n, k = w.shape
     check_shape(n, k, "w")
     g = resolve_group_size(group_size, k)
@@ -521,19 +613,18 @@ def quantize_weight(
     tiny = torch.finfo(store).tiny
     wg = w.detach().to(torch.float32).reshape(n, k // g, g)
     if symmetric:
-        amax = wg.abs().amax(dim=-1)
-        s = (amax * (2.0 / 15.0)).clamp_min(tiny).to(store)
+        base = wg.abs().amax(dim=-1) * (2.0 / 15.0)
+        lo = hi = None
+        s = base.clamp_min(tiny).to(store)
         sf = s.to(torch.float32)
-        q = (torch.round(wg / sf[..., None]) + _SYMMETRIC_ZERO).clamp_(0, 15)
-        zeros = None
+        z = torch.full_like(sf, float(_SYMMETRIC_ZERO))
     else:
         lo = wg.amin(dim=-1).clamp_max(0.0)
         hi = wg.amax(dim=-1).clamp_min(0.0)
-        s = ((hi - lo) / 15.0).clamp_min(tiny).to(store)
+        base = (hi - lo) / 15.0
+        s = base.clamp_min(tiny).to(store)
         sf = s.to(torch.float32)
         z = torch.round(-lo / sf).clamp_(0, 15)
-        q = (torch.round(wg / sf[..., None]) + z[..., None]).clamp_(0, 15)
-        zeros = z.T.to(store)
     bad = ~torch.isfinite(s)  # a NaN/inf in w, or a float32 w too large for the scales' dtype
     if bool(bad.any()):
         row, group = (int(i) for i in bad.nonzero()[0])
@@ -542,5 +633,14 @@ def quantize_weight(
             f"channels {group * g}..{group * g + g - 1}); w holds inf/NaN, or values too large for "
             f"{store} scales (|w| above about {torch.finfo(store).max * 7.5:.3g})"
         )
+    if method == "mse":
+        rows = max(1, _MSE_CHUNK // k)
+        for i in range(0, n, rows):
+            j = slice(i, i + rows)
+            _mse_search(wg[j], sf[j], z[j], base[j], None if lo is None else lo[j],
+                        None if hi is None else hi[j], store)
+        s = sf.to(store)  # exact: every candidate was rounded to the storage dtype
+    q = (torch.round(wg / sf[..., None]) + z[..., None]).clamp_(0, 15)
     codes = q.reshape(n, k).to(torch.uint8)
+    zeros = None if symmetric else z.T.to(store)
     return Int4Weight.from_codes(codes, s.T, zeros, g, layout=layout)

@@ -1,9 +1,10 @@
 """`W4A16Linear`: an nn.Linear replacement holding an INT4 weight, and `quantize_model`.
 
-    layer = W4A16Linear.from_linear(linear, group_size=128)       # round-to-nearest INT4
+    layer = W4A16Linear.from_linear(linear, group_size=128)       # INT4 (quantize_weight's method)
     layer = W4A16Linear.from_gptq(qweight, qzeros, scales, g_idx)  # a GPTQ checkpoint
     layer = W4A16Linear.from_awq(qweight, qzeros, scales)          # an AutoAWQ GEMM checkpoint
     model = quantize_model(model, group_size=128)                  # every nn.Linear but lm_head
+    model = quantize_model(model, method="mse")                    # or: least squared weight error
 
 Buffers (all in the state dict): qweight int32 [N, K // 8] (packed for `layout`), scales
 [K // G, N] (the activation dtype, float16 or bfloat16), zeros (None when symmetric), perm (None
@@ -31,7 +32,9 @@ from torch import nn
 
 from . import formats
 from .int4 import (
+    DEFAULT_METHOD,
     K_MULTIPLE,
+    METHODS,
     N_MULTIPLE,
     SCALE_DTYPES,
     Int4Weight,
@@ -124,12 +127,12 @@ class W4A16Linear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int | None = 128,
-                    symmetric: bool = True) -> W4A16Linear:
-        """Quantize an nn.Linear (round to nearest, `ikport.int4.quantize_weight`) on its device.
-        A float32 Linear gets float16 scales and bias."""
+                    symmetric: bool = True, *, method: str | None = None) -> W4A16Linear:
+        """Quantize an nn.Linear on its device with `ikport.int4.quantize_weight` (`method`: "rtn",
+        "mse", or None for its default). A float32 Linear gets float16 scales and bias."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"from_linear needs an nn.Linear, got {type(linear).__name__}")
-        w = quantize_weight(linear.weight.detach(), group_size, symmetric)
+        w = quantize_weight(linear.weight.detach(), group_size, symmetric, method=method)
         return cls.from_int4(w, linear.bias)
 
     @classmethod
@@ -295,6 +298,8 @@ def quantize_model(
     group_size: int | None = 128,
     symmetric: bool = True,
     exclude: str | Iterable[str] = ("lm_head",),
+    *,
+    method: str | None = None,
 ) -> nn.Module:
     """Replace, in place, every nn.Linear of `model` by `W4A16Linear.from_linear(...)`.
 
@@ -306,10 +311,16 @@ def quantize_model(
     and one warning on the "ikport" logger names them all; so are the projections inside an
     nn.MultiheadAttention, which reads their .weight directly. Biases are kept. Returns `model`
     (or the new layer when `model` itself is an nn.Linear).
+    method: how each weight's scales and zero points are chosen, `ikport.int4.quantize_weight`'s
+    "rtn" (round to nearest) or "mse" (least squared weight error, no calibration data); None: its
+    default. A bad value raises ValueError before any layer is replaced.
     """
+    if method is not None and (not isinstance(method, str) or method not in METHODS):
+        raise ValueError(f"method must be one of {METHODS} (or None: {DEFAULT_METHOD!r}), got {method!r}")
     patterns = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     if isinstance(model, nn.Linear):
-        return model if _matches("", patterns) else W4A16Linear.from_linear(model, group_size, symmetric)
+        return model if _matches("", patterns) else W4A16Linear.from_linear(model, group_size, symmetric,
+                                                                           method=method)
     targets: list[tuple[str, nn.Module, str, nn.Linear]] = []
     odd: list[str] = []
     for parent_name, parent in model.named_modules():
@@ -328,7 +339,7 @@ def quantize_model(
     done: dict[int, W4A16Linear] = {}  # a Linear shared by two parents is quantized once
     for _, parent, child_name, child in targets:
         if id(child) not in done:
-            done[id(child)] = W4A16Linear.from_linear(child, group_size, symmetric)
+            done[id(child)] = W4A16Linear.from_linear(child, group_size, symmetric, method=method)
         setattr(parent, child_name, done[id(child)])
     if odd:
         log.warning("quantize_model: kept %d Linear layer(s) in floating point, their shape is not "

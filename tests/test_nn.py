@@ -243,3 +243,24 @@ def test_reachable_from_the_package():
 
     assert ikport.nn.W4A16Linear is W4A16Linear
     assert callable(ikport.nn.quantize_model) and callable(ikport.formats.from_gptq)
+
+
+def test_quantize_model_method():
+    """method= reaches quantize_weight for every layer; a bad value raises before any swap."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(block=_Block(), lm_head=nn.Linear(256, 64))).half()
+    weights = {"block.up": model.block.up.weight.detach().clone(),
+               "block.down": model.block.down.weight.detach().clone()}
+    with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'mse'\)"):
+        quantize_model(model, method="gptq")
+    assert type(model.block.up) is nn.Linear  # untouched
+    quantize_model(model, group_size=64, symmetric=False, method="mse")
+    for name, w in weights.items():
+        want = quantize_weight(w, 64, symmetric=False, method="mse")
+        got = model.get_submodule(name).weight_int4
+        assert torch.equal(got.qweight, want.qweight) and torch.equal(got.scales, want.scales)
+        assert torch.equal(got.zeros, want.zeros)
+    rtn = W4A16Linear.from_linear(_linear(256, 32), group_size=128, method="rtn")
+    assert torch.equal(rtn.weight_int4.qweight, quantize_weight(_linear(256, 32).weight, 128, method="rtn").qweight)
+    single = quantize_model(_linear(256, 32), method="mse")
+    assert torch.equal(single.weight_int4.scales, quantize_weight(_linear(256, 32).weight, method="mse").scales)
