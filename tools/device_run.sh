@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The session's device call, from the repository root on the device machine:
-#   bash tools/device_run.sh tests    the GPU suite (pytest -m gpu) on this tree
+#   bash tools/device_run.sh tests    the attention, prefill and KV-cache GPU suites (pytest -m gpu)
+#   bash tools/device_run.sh rest     the rest of the GPU suite
 #   bash tools/device_run.sh hostab   the eager host path against the tree in .ab/base (A B B A)
 #   bash tools/device_run.sh prefill  the prefill probe (tilings, journey steps) and benchmark
 #   bash tools/device_run.sh bench    nox -s bench-cuda's decode and w4a16 benchmarks
-#   bash tools/device_run.sh all      all four, in that order (more than one 10-minute call: run them apart)
+#   bash tools/device_run.sh all      all five, in that order (more than one 10-minute call: run them apart)
 # Files go to $OUT (the device tool brings them back, 8 at most); COMMIT=<sha> names the commit the
 # benchmark files record (the device's copy may carry no git metadata).
 # The device has torch, cuda-bindings and NVRTC but no install of ikport: the package imports from
@@ -19,22 +20,25 @@ GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader | grep -o 'H[0-9]*' | he
 clean() { tr '\000' ' ' | grep -v '^ *$'; }
 what=${1:-all}
 
+XDIST=""
+python -c "import xdist" 2>/dev/null && XDIST="-n 4"
+SUITES="tests/test_attention_gpu.py tests/test_prefill_gpu.py tests/test_kvcache_gpu.py"
+# pytest writes straight to the file (a pipe's buffer is lost when a timeout kills the run), cleaned after
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  XDIST=""
-  python -c "import xdist" 2>/dev/null && XDIST="-n 4"
-  # straight to the file (a pipe's buffer is lost when a timeout kills the run), cleaned after;
-  # the attention suites first, so a short call still judges them
   log="$OUT/tests-gpu-${GPU}.log"
-  timeout 480 python -m pytest -m gpu -q -p no:cacheprovider -rs $XDIST --durations=10 tests/test_attention_gpu.py \
-    tests/test_prefill_gpu.py tests/test_kvcache_gpu.py > "$log.raw" 2>&1
-  timeout 300 python -m pytest -m gpu -q -p no:cacheprovider -rs $XDIST --durations=10 tests \
-    --ignore=tests/test_attention_gpu.py --ignore=tests/test_prefill_gpu.py --ignore=tests/test_kvcache_gpu.py \
-    >> "$log.raw" 2>&1
+  timeout ${TESTS_S:-360} python -m pytest -m gpu -q -p no:cacheprovider -rs $XDIST --durations=10 $SUITES > "$log.raw" 2>&1
+  clean < "$log.raw" > "$log" && rm -f "$log.raw"
+  tail -n 40 "$log"
+fi
+if [ "$what" = rest ] || [ "$what" = all ]; then
+  log="$OUT/tests-gpu-rest-${GPU}.log"
+  ignores=$(for s in $SUITES; do printf -- '--ignore=%s ' "$s"; done)
+  timeout ${TESTS_S:-360} python -m pytest -m gpu -q -p no:cacheprovider -rs $XDIST --durations=10 tests $ignores > "$log.raw" 2>&1
   clean < "$log.raw" > "$log" && rm -f "$log.raw"
   tail -n 40 "$log"
 fi
 if [ "$what" = hostab ] || [ "$what" = all ]; then
-  timeout 300 python tools/host_ab.py "$OUT/structure-host-ab-${GPU}.json" base=.ab/base new=. 2>&1 | clean | tail -n 30
+  timeout ${HOSTAB_S:-300} python tools/host_ab.py "$OUT/structure-host-ab-${GPU}.json" base=.ab/base new=. 2>&1 | clean | tail -n 30
 fi
 if [ "$what" = prefill ] || [ "$what" = all ]; then
   timeout 240 python tools/prefill_probe.py "$OUT/prefill-probe-${GPU}.json" 2>&1 | clean | tail -n 5
