@@ -15,6 +15,7 @@ from pathlib import Path
 AREAS = {
     "decode": "ikport.bench.decode",
     "prefill": "ikport.bench.prefill",
+    "kvcache": "ikport.bench.kvcache",
     "w4a16": "ikport.bench.w4a16",
 }
 
