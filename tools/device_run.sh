@@ -4,8 +4,9 @@
 #   bash tools/device_run.sh rest     the rest of the GPU suite
 #   bash tools/device_run.sh hostab   the eager host path against the tree in .ab/base (A B B A)
 #   bash tools/device_run.sh prefill  the prefill probe (tilings, journey steps) and benchmark
+#   bash tools/device_run.sh kv       the compressed-KV benchmark (KV_QUICK=1: the locked workloads)
 #   bash tools/device_run.sh bench    nox -s bench-cuda's decode and w4a16 benchmarks
-#   bash tools/device_run.sh all      all five, in that order (more than one 10-minute call: run them apart)
+#   bash tools/device_run.sh all      all six, in that order (more than one 10-minute call: run them apart)
 # Files go to $OUT (the device tool brings them back, 8 at most); COMMIT=<sha> names the commit the
 # benchmark files record (the device's copy may carry no git metadata).
 # The device has torch, cuda-bindings and NVRTC but no install of ikport: the package imports from
@@ -41,9 +42,15 @@ if [ "$what" = hostab ] || [ "$what" = all ]; then
   timeout ${HOSTAB_S:-300} python tools/host_ab.py "$OUT/structure-host-ab-${GPU}.json" base=.ab/base new=. 2>&1 | clean | tail -n 30
 fi
 if [ "$what" = prefill ] || [ "$what" = all ]; then
-  timeout 240 python tools/prefill_probe.py "$OUT/prefill-probe-${GPU}.json" 2>&1 | clean | tail -n 5
-  timeout 420 python -m ikport.bench prefill --out "$OUT/prefill-${GPU}.json" ${COMMIT:+--commit $COMMIT} 2>&1 | clean > "$OUT/bench-prefill-${GPU}.log"
+  [ "${PROBE_S:-240}" -gt 0 ] && timeout ${PROBE_S:-240} python tools/prefill_probe.py "$OUT/prefill-probe-${GPU}.json" 2>&1 | clean | tail -n 5
+  timeout ${PREFILL_S:-420} python -m ikport.bench prefill --out "$OUT/prefill-${GPU}.json" ${COMMIT:+--commit $COMMIT} \
+    ${PREFILL_ONLY:+--only $PREFILL_ONLY} 2>&1 | clean > "$OUT/bench-prefill-${GPU}.log"
   tail -n 30 "$OUT/bench-prefill-${GPU}.log"
+fi
+if [ "$what" = kv ] || [ "$what" = all ]; then
+  timeout ${KV_S:-300} python -m ikport.bench kvcache ${KV_QUICK:+--quick} --out "$OUT/kvcache-${GPU}.json" \
+    ${COMMIT:+--commit $COMMIT} 2>&1 | clean > "$OUT/bench-kvcache-${GPU}.log"
+  tail -n 30 "$OUT/bench-kvcache-${GPU}.log"
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 420 python -m ikport.bench decode --out "$OUT/decode-${GPU}.json" ${COMMIT:+--commit $COMMIT} 2>&1 | clean > "$OUT/bench-decode-${GPU}.log"
