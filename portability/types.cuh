@@ -11,6 +11,20 @@ struct is_same { static constexpr bool value = false; };
 template <class A>
 struct is_same<A, A> { static constexpr bool value = true; };
 
+// Compile-time iteration: f(ik::Const<I>{}) for I = B .. E - 1, each I a constant expression in
+// f (decltype(i)::value). For indices computed by constexpr functions from the loop index: after a
+// plain unrolled loop NVVM left such indices runtime values and the arrays they index in local
+// memory (the prefill kernel's softmax state: 66 stores and 76 loads a tile on sm_90).
+template <int V>
+struct Const { static constexpr int value = V; };
+template <int B, int E, class F>
+IK_DEVICE void static_for(F&& f) {
+  if constexpr (B < E) {
+    f(Const<B>{});
+    static_for<B + 1, E>(f);
+  }
+}
+
 IK_DEVICE float bf16_bits_to_float(unsigned int bits16) { return __uint_as_float(bits16 << 16); }
 // Round to nearest even; NaN stays a (quiet) NaN.
 IK_DEVICE unsigned short float_to_bf16_bits(float f) {

@@ -159,6 +159,10 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   // Paged: the page ids of the next tile to copy, loaded a tile ahead (right after the previous
   // copies are issued) so that no copy waits on its block-table read.
   constexpr int kCopies = (TILE_N * CH + C::kThreads - 1) / C::kThreads;  // 16-byte copies a thread per tensor
+  // Where a row's chunks divide the block, a thread's copies keep one 16-byte column of the rows,
+  // kRowStep rows apart, and the tile's rows divide into whole steps.
+  constexpr bool kUniformColumn = C::kThreads % CH == 0 && TILE_N * CH % C::kThreads == 0;
+  constexpr int kRowStep = kUniformColumn ? C::kThreads / CH : 1;
   int pages[PAGED ? kCopies : 1];
   auto locate = [&](int j) {
     if constexpr (PAGED) {
@@ -175,25 +179,44 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
     if (j < n_tiles) {
       T* kd = s_ring + (j % STAGES) * C::slot_elems();
       T* vd = kd + TILE_N * LD;
+      if constexpr (kUniformColumn && !PAGED) {
+        // Copy i of a thread is row r0 + i * kRowStep of the tile, so its source is the previous
+        // copy's plus one stride and its bound a compare with a constant (per-copy offsets and
+        // bounds hoisted out of the loop held 3 x kCopies registers and spilled 128-row tiles).
+        const int r0 = threadIdx.x / CH, ch = threadIdx.x % CH;
+        const int left = kv_end - (j * TILE_N + r0);  // copy i is valid while i * kRowStep < left
+        const T* ks = kg + static_cast<long long>(j * TILE_N + r0) * p.k_st + ch * 8;
+        const T* vs = vg + static_cast<long long>(j * TILE_N + r0) * p.v_st + ch * 8;
 #pragma unroll
-      for (int i = 0; i < kCopies; ++i) {
-        const int idx = threadIdx.x + i * C::kThreads;
-        if (TILE_N * CH % C::kThreads == 0 || idx < TILE_N * CH) {
-          const int r = idx / CH, ch = idx % CH, t = j * TILE_N + r;
-          const bool valid = t < kv_end;
-          long long ko = 0, vo = 0;
-          if (valid) {
-            if constexpr (PAGED) {
-              const long long off = t & page_mask;
-              ko = pages[i] * p.k_sb + off * p.k_st;
-              vo = pages[i] * p.v_sb + off * p.v_st;
-            } else {
-              ko = t * p.k_st;
-              vo = t * p.v_st;
+        for (int i = 0; i < kCopies; ++i) {
+          const bool valid = i * kRowStep < left;
+          T* dst = kd + (r0 + i * kRowStep) * LD + ch * 8;
+          ik::cp_async16_zfill(dst, valid ? ks : kg, valid);
+          ik::cp_async16_zfill(dst + TILE_N * LD, valid ? vs : vg, valid);
+          ks += kRowStep * p.k_st;
+          vs += kRowStep * p.v_st;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kCopies; ++i) {
+          const int idx = threadIdx.x + i * C::kThreads;
+          if (TILE_N * CH % C::kThreads == 0 || idx < TILE_N * CH) {
+            const int r = idx / CH, ch = idx % CH, t = j * TILE_N + r;
+            const bool valid = t < kv_end;
+            long long ko = 0, vo = 0;
+            if (valid) {
+              if constexpr (PAGED) {
+                const long long off = t & page_mask;
+                ko = pages[i] * p.k_sb + off * p.k_st;
+                vo = pages[i] * p.v_sb + off * p.v_st;
+              } else {
+                ko = t * p.k_st;
+                vo = t * p.v_st;
+              }
             }
+            ik::cp_async16_zfill(kd + r * LD + ch * 8, kg + ko + ch * 8, valid);
+            ik::cp_async16_zfill(vd + r * LD + ch * 8, vg + vo + ch * 8, valid);
           }
-          ik::cp_async16_zfill(kd + r * LD + ch * 8, kg + ko + ch * 8, valid);
-          ik::cp_async16_zfill(vd + r * LD + ch * 8, vg + vo + ch * 8, valid);
         }
       }
     }
@@ -277,6 +300,9 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
       }
       // Masks only where a key of the tile is past the end or past this warp's first row's diagonal.
       const bool masked = n0 + TILE_N > seq.kv_len || (p.causal && n0 + TILE_N - 1 > w_row0 + diag);
+      // Key n0 + c of row w_row0 + r is masked where c >= key_lim or (causal) c - r > diag_lim: the
+      // element's side of each compare is a lane value plus a constant.
+      const int key_lim = seq.kv_len - n0, diag_lim = w_row0 + diag - n0;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         float mx[mm::kCSlots];
@@ -288,36 +314,41 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
           for (int js = 0; js < mm::kCSlots; ++js) {
             float x = s[mt][nt].x[js] * p.scale_log2;
             if (masked) {
-              const int t = n0 + nt * 16 + mm::c_col(js), row = w_row0 + mt * 16 + mm::c_row(js);
-              if (t >= seq.kv_len || (p.causal && t > row + diag)) x = -IK_INFINITY;
+              const int c = nt * 16 + mm::c_col(js), r = mt * 16 + mm::c_row(js);
+              if (c >= key_lim || (p.causal && c - r > diag_lim)) x = -IK_INFINITY;
             }
             s[mt][nt].x[js] = x;
             mx[js] = fmaxf(mx[js], x);
           }
         }
         mm::row_reduce(mx, [](float x, float y) { return fmaxf(x, y); });
+        // (Slot and row indices as constants, ik::static_for: see there; loop indices captured by
+        // value, so the loops keep countable induction variables.)
         float alpha[RW], sum[RW];
-#pragma unroll
-        for (int r = 0; r < RW; ++r) {
+        ik::static_for<0, RW>([&, mt](auto r_) {
+          constexpr int r = decltype(r_)::value;
           const float m_new = fmaxf(m[mt][r], mx[mm::c_lead_of_row(r)]);
           alpha[r] = ik::exp2_fast(m[mt][r] - m_new);
           m[mt][r] = m_new;
           sum[r] = 0.f;
-        }
+        });
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-          for (int js = 0; js < mm::kCSlots; ++js) {
-            s[mt][nt].x[js] = ik::exp2_fast(s[mt][nt].x[js] - m[mt][mm::c_row_index(js)]);
-            sum[mm::c_row_index(js)] += s[mt][nt].x[js];
-          }
+          ik::static_for<0, mm::kCSlots>([&, mt, nt](auto js_) {
+            constexpr int js = decltype(js_)::value, r = mm::c_row_index(js);
+            s[mt][nt].x[js] = ik::exp2_fast(s[mt][nt].x[js] - m[mt][r]);
+            sum[r] += s[mt][nt].x[js];
+          });
         }
 #pragma unroll
         for (int r = 0; r < RW; ++r) l[mt][r] = l[mt][r] * alpha[r] + sum[r];
 #pragma unroll
-        for (int n = 0; n < DT; ++n)
-#pragma unroll
-          for (int js = 0; js < mm::kCSlots; ++js) o[mt][n].x[js] *= alpha[mm::c_row_index(js)];
+        for (int n = 0; n < DT; ++n) {
+          ik::static_for<0, mm::kCSlots>([&, mt, n](auto js_) {
+            constexpr int js = decltype(js_)::value;
+            o[mt][n].x[js] *= alpha[mm::c_row_index(js)];
+          });
+        }
       }
       // O += P V: P's 16-key column tiles become A fragments (in registers on NVIDIA).
 #pragma unroll
@@ -342,9 +373,13 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   T* og = static_cast<T*>(p.out) + seq.o_off + hq * p.o_sh;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
-    float row_l[mm::kCSlots];  // the row sums, over the row's lanes, in slot form for row_reduce
-#pragma unroll
-    for (int js = 0; js < mm::kCSlots; ++js) row_l[js] = mm::c_row_lead(js) == js ? l[mt][mm::c_row_index(js)] : 0.f;
+    // The row sums (over the row's lanes) and maxima in slot form (ik::static_for: see there).
+    float row_l[mm::kCSlots], row_m[mm::kCSlots];
+    ik::static_for<0, mm::kCSlots>([&, mt](auto js_) {
+      constexpr int js = decltype(js_)::value;
+      row_l[js] = mm::c_row_lead(js) == js ? l[mt][mm::c_row_index(js)] : 0.f;
+      row_m[js] = m[mt][mm::c_row_index(js)];
+    });
     mm::row_reduce(row_l, [](float x, float y) { return x + y; });
 #pragma unroll
     for (int js = 0; js < mm::kCSlots; ++js) {
@@ -355,8 +390,7 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
 #pragma unroll
         for (int n = 0; n < DT; ++n) og[row * p.o_st + n * 16 + col] = ik::dtype<T>::from_float(o[mt][n].x[js] * inv);
         if (p.lse && col == 0)
-          p.lse[seq.lse_off + hq * p.lse_sh + row] =
-              sum > 0.f ? (m[mt][mm::c_row_index(js)] + log2f(sum)) * prefill::kLn2 : -IK_INFINITY;
+          p.lse[seq.lse_off + hq * p.lse_sh + row] = sum > 0.f ? (row_m[js] + log2f(sum)) * prefill::kLn2 : -IK_INFINITY;
       }
     }
   }
