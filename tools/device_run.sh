@@ -42,7 +42,7 @@ if [ "$what" = hostab ] || [ "$what" = all ]; then
   timeout ${HOSTAB_S:-300} python tools/host_ab.py "$OUT/structure-host-ab-${GPU}.json" base=.ab/base new=. 2>&1 | clean | tail -n 30
 fi
 if [ "$what" = prefill ] || [ "$what" = all ]; then
-  [ "${PROBE_S:-240}" -gt 0 ] && timeout ${PROBE_S:-240} python tools/prefill_probe.py "$OUT/prefill-probe-${GPU}.json" 2>&1 | clean | tail -n 5
+  [ "${PROBE_S:-240}" -gt 0 ] && timeout ${PROBE_S:-240} python tools/prefill_probe.py "$OUT/prefill-probe-${GPU}.json" ${PROBE_ARGS:-} 2>&1 | clean | tail -n 5
   timeout ${PREFILL_S:-420} python -m ikport.bench prefill --out "$OUT/prefill-${GPU}.json" ${COMMIT:+--commit $COMMIT} \
     ${PREFILL_ONLY:+--only $PREFILL_ONLY} 2>&1 | clean > "$OUT/bench-prefill-${GPU}.log"
   tail -n 30 "$OUT/bench-prefill-${GPU}.log"
