@@ -77,6 +77,7 @@ class KVCache:
             self.k_scale = torch.zeros(shape[:3], dtype=kvquant.SCALE_DTYPE, device=device)
             self.v_scale = torch.zeros(shape[:3], dtype=kvquant.SCALE_DTYPE, device=device)
         self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self.device = self.k.device  # "cuda" resolved to the current card ("cuda:0"), as tensors report it
 
     @property
     def paged(self) -> bool:

@@ -166,6 +166,10 @@ def run_prefill(lib, name: str, *, B: int, Hq: int, Hkv: int, Tq: int, L: int, c
     q_tiles = -(-q_cap // c["tile_m"])
     err = lib.emu_prefill(ctypes.byref(p), int(bool(page)), q_tiles, seed)
     assert err is None, err.decode()
+    if not varlen:  # the padding rows q_len .. Tq - 1: zeros, lse -inf
+        for b, n in enumerate(ql):
+            assert not out[b, :, n:].isnan().any() and not out[b, :, n:].any(), f"padding rows of sequence {b}"
+            assert lse[b, :, n:].isneginf().all(), f"padding rows' lse of sequence {b}"
     outs, refs, lses, ref_lses = [], [], [], []
     for (qs, ks, vs), (o, ls) in zip(seqs, got):
         ref, ref_lse = oracle(qs, ks, vs, causal, scale)

@@ -109,17 +109,18 @@ def smem_bytes(*, head_dim: int, tile_m: int, tile_n: int, warps: int, stages: i
 
 
 # Tile candidates, best first, per matrix unit and head_dim bound: the first that fits the
-# target's shared memory per block is the default. NVIDIA (async copies, 227 KB): 64 query rows
-# of 4 warps, 64-key tiles at head_dim 128 (the fastest of eight tilings at P1 and chunked
-# prefill, 2nd at P2; 253 registers, no spills), 32-key tiles at 64 and 256 (fastest there;
-# docs/results/prefill.md, session 15's probe). AMD (64 KB of LDS, copies through registers): 64
-# query rows and short K/V tiles; RDNA3's WMMA fragments hold 16 halves a lane, so its K/V tiles
-# are shorter still at head_dim 128 (64-key ones spill on gfx1100). At head_dim 256 gfx1100
-# spills whatever the tiles (its 128 accumulator registers of O alone).
+# target's shared memory per block is the default. NVIDIA (async copies, 227 KB): at head_dim 128
+# 128 query rows of 4 warps (two 16-row tiles a warp: each K/V fragment load feeds two products)
+# and 64-key tiles, 32-key ones in a paged cache (its page ids cost registers: 64-key tiles
+# spilled more); 64 rows and 32-key tiles at 64 and 256 (the fastest of six tilings at P1, P2
+# and chunked prefill, docs/results/prefill.md, prefill-probe-h100.json). AMD (64 KB of LDS, copies
+# through registers): 64 query rows and short K/V tiles; RDNA3's WMMA fragments hold 16 halves a
+# lane, so its K/V tiles are shorter still at head_dim 128 (64-key ones spill on gfx1100). At
+# head_dim 256 gfx1100 spills whatever the tiles (its 128 accumulator registers of O alone).
 _CANDIDATES: dict[str, tuple[tuple[int, tuple[Tiles, ...]], ...]] = {
     "mma.sync": (
         (64, (Tiles(64, 32, 4, 2, True),)),
-        (128, (Tiles(64, 64, 4, 2, True), Tiles(64, 32, 4, 2, True))),
+        (128, (Tiles(128, 64, 4, 2, True), Tiles(64, 32, 4, 2, True))),
         (256, (Tiles(64, 32, 4, 2, True), Tiles(32, 16, 2, 2, True))),
     ),
     "mfma": (
@@ -132,13 +133,20 @@ _CANDIDATES: dict[str, tuple[tuple[int, tuple[Tiles, ...]], ...]] = {
         (256, (Tiles(32, 16, 2, 2, True), Tiles(16, 16, 1, 2, True))),
     ),
 }
+# Paged caches where their best tiles differ: matrix unit -> {head_dim bound of _CANDIDATES: tiles}.
+_PAGED_CANDIDATES: dict[str, dict[int, tuple[Tiles, ...]]] = {
+    "mma.sync": {128: (Tiles(128, 32, 4, 2, True), Tiles(64, 32, 4, 2, True))},
+}
 
 
-def tiles(head_dim: int, facts: ArchFacts, options: PrefillOptions = DEFAULT_OPTIONS) -> Tiles:
-    """The default tiles for `head_dim` on a target of `facts`, with the options' pins applied."""
+def tiles(head_dim: int, facts: ArchFacts, options: PrefillOptions = DEFAULT_OPTIONS, paged: bool = False) -> Tiles:
+    """The default tiles for `head_dim` (in a paged cache or not) on a target of `facts`, with the
+    options' pins applied."""
     fits = None
     for bound, candidates in _CANDIDATES[facts.matrix_unit]:
         if head_dim <= bound:
+            if paged:
+                candidates = _PAGED_CANDIDATES.get(facts.matrix_unit, {}).get(bound, candidates)
             for t in candidates:
                 if smem_bytes(head_dim=head_dim, tile_m=t.tile_m, tile_n=t.tile_n, warps=t.warps,
                               stages=t.stages, pad=t.pad, c_is_a=facts.c_is_a) <= facts.max_smem_per_block:
@@ -162,7 +170,7 @@ def plan(problem: PrefillProblem, device: DeviceInfo, options: PrefillOptions = 
     if options.variant != "fa2":
         raise ValueError(f"plan.prefill.plan: variant {options.variant!r} runs the decode family's kernel")
     facts = Target(device.arch).facts
-    t = tiles(problem.head_dim, facts, options)
+    t = tiles(problem.head_dim, facts, options, problem.paged)
     if t.tile_m % (16 * t.warps):
         raise ValueError(f"PrefillOptions: tile_m {t.tile_m} must be a multiple of 16 x warps ({t.warps})")
     kernel = kernel_spec(problem.dtype, problem.head_dim, t, problem.paged)
@@ -183,7 +191,7 @@ DTYPES = ("fp16", "bf16")
 def default_kernels(target: Target, head_dims: tuple[int, ...] = (64, 128, 256),
                     dtypes: tuple[str, ...] = DTYPES) -> list[KernelSpec]:
     """The kernels default plans may launch on `target` for these head dims, contiguous and paged."""
-    return [kernel_spec(dtype, d, tiles(d, target.facts), paged)
+    return [kernel_spec(dtype, d, tiles(d, target.facts, paged=paged), paged)
             for dtype in dtypes for d in head_dims for paged in (False, True)]
 
 

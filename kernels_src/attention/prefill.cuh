@@ -11,8 +11,8 @@
 //           or (varlen) [Hq, total_q]
 // Query row i of a sequence with q_len rows and kv_len keys sees keys t < kv_len, and with causal
 // t <= kv_len - q_len + i (aligned bottom-right: a chunk attends to the whole cached prefix and
-// causally to itself). A row that sees no key gives zeros (lse -inf). Rows past q_len are not
-// written.
+// causally to itself). A row that sees no key gives zeros (lse -inf), and so do the padding rows
+// q_len .. Tq - 1 of the [B, Hq, Tq, D] layout.
 //
 // One block: TILE_M query rows of one query head (WARPS warps of TILE_M / WARPS rows each, the
 // warp's rows in 16-row matrix tiles). K/V tiles of TILE_N rows stream through a ring of STAGES
@@ -133,7 +133,19 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   const int q_tile = p.longest_first ? static_cast<int>(gridDim.z - 1 - blockIdx.z) : static_cast<int>(blockIdx.z);
   const prefill::Sequence seq = prefill::sequence(p, b);
   const int m0 = q_tile * TILE_M;
-  if (m0 >= seq.q_len) return;  // the whole block: before any barrier
+  T* og = static_cast<T*>(p.out) + seq.o_off + hq * p.o_sh;
+  // Rows q_len .. q_capacity - 1 of a [B, Hq, Tq, D] output are padding: written as zeros (lse
+  // -inf), as the reference gives, so no stale value flows on. (Packed varlen rows past a
+  // sequence are the next sequence's.)
+  const int pad_end = p.cu_q ? 0 : p.q_capacity;
+  if (m0 >= seq.q_len) {  // the whole block: before any barrier
+    const int rows = min(m0 + TILE_M, pad_end) - m0;
+    for (int idx = threadIdx.x; idx < rows * CH; idx += C::kThreads)
+      ik::store16(og + (m0 + idx / CH) * p.o_st + idx % CH * 8, make_uint4(0, 0, 0, 0));
+    if (p.lse)
+      for (int r = threadIdx.x; r < rows; r += C::kThreads) p.lse[seq.lse_off + hq * p.lse_sh + m0 + r] = -IK_INFINITY;
+    return;
+  }
   const int hk = hq / (p.num_q_heads / p.num_kv_heads);
   const int warp = ik::warp_id();
   const int diag = seq.kv_len - seq.q_len;  // causal: row i sees keys t <= i + diag
@@ -370,7 +382,6 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   ik::cp_async_wait<0>();  // no copy outlives the block (a block with no tiles issued the query's)
 
   // The rows' sums, then out = O / l and the log-sum-exp (natural log) of rows below q_len.
-  T* og = static_cast<T*>(p.out) + seq.o_off + hq * p.o_sh;
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     // The row sums (over the row's lanes) and maxima in slot form (ik::static_for: see there).
@@ -391,6 +402,10 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
         for (int n = 0; n < DT; ++n) og[row * p.o_st + n * 16 + col] = ik::dtype<T>::from_float(o[mt][n].x[js] * inv);
         if (p.lse && col == 0)
           p.lse[seq.lse_off + hq * p.lse_sh + row] = sum > 0.f ? (row_m[js] + log2f(sum)) * prefill::kLn2 : -IK_INFINITY;
+      } else if (row < pad_end) {
+#pragma unroll
+        for (int n = 0; n < DT; ++n) og[row * p.o_st + n * 16 + col] = ik::dtype<T>::from_float(0.f);
+        if (p.lse && col == 0) p.lse[seq.lse_off + hq * p.lse_sh + row] = -IK_INFINITY;
       }
     }
   }
