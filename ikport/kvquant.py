@@ -19,15 +19,19 @@
          page of 16 tokens holds no whole group of 128; the residual is per sequence anyway); V's
          pairs beside V's rows ([B, Hkv, L, 2] or [pages, Hkv, page_size, 2]).
          Byte choices, at the D1 shape (B 8, L 4096, Hkv 8, D 128, G 128; fp16 134,217,728 bytes)
-         against the 0.30x budget (40.3 MB): codes 33.6 MB (0.25x); K pairs 2.1 MB; V pairs 2.1
-         MB; the K residual 2.1 MB: 39,845,888 bytes, 0.297x. So the pairs are in the cache dtype
-         (fp32 ones: 0.312x), V has one pair per token and head (32-channel groups: 0.344x) and
-         no full-precision V residual (0.312x). Pairs in the cache dtype: zero is the group's
-         minimum, a value of that dtype, so exact; scale = (max - min) / 15 is rounded up to the
-         dtype (nextafter), so that 15 steps always reach the maximum (no code clamps) and the
-         round trip stays within half a step; an fp16 scale cannot overflow for fp16 data
-         (131008 / 15) and bf16 has fp32's range; below fp16's normal range (a group spanning
-         less than 9.2e-4) the scale loses relative precision but not its bound.
+         against the 0.30x budget (40.27 MB): codes 33,554,432 (0.25x); K pairs 1,048,576 (4
+         bytes a token and head: D pairs over G tokens); V pairs 1,048,576; K's residual 2,097,152:
+         37,748,736 bytes, 0.281x. Alternatives: fp32 pairs 0.297x (inside the budget, but 5%
+         more bytes for every decode step to read); V in KIVI's 32-channel groups 0.305x (over);
+         a full-precision V residual as KIVI keeps 0.297x (V is per token, so nothing waits for a
+         group to fill; at the budget's edge, and a second residual path in the loaders). Pairs
+         in the cache dtype: zero is the group's minimum, a value of that dtype, so exact; scale =
+         (max - min) / 15 is rounded up to the dtype (nextafter), so that 15 steps always reach
+         the maximum (no code clamps) and the round trip stays within half a step; an fp16 scale
+         cannot overflow for fp16 data (131008 / 15), bf16 has fp32's range; below fp16's normal
+         range (a group spanning less than 9.2e-4) the scale loses relative precision, not its
+         bound (the int8 format's fp32 scale avoided that with one scale per 128 codes; here a
+         pair serves 128 codes of K or a whole row of V, and the cache dtype halves those bytes).
   int4t  per-token INT4 K and V (one pair per token and head, as kivi4's V): the accuracy
          study's baseline beside KIVI, quantize / dequantize only (no cache or kernel).
 
