@@ -1,5 +1,5 @@
-"""ikport.KVCache on the GPU (nox -s test-cuda / test-hip): attention over the INT8 cache through
-the int8 KV loader against the oracle (the fp32 reference on the dequantized cache: the
+"""ikport.KVCache on the GPU (nox -s test-cuda / test-hip): attention over the INT8 and KIVI INT4
+caches through their KV loaders against the oracle (the fp32 reference on the dequantized cache: the
 quantization is in both, so the kernel's own error is fp16-level), contiguous and paged, the
 vector and matrix-unit kernels, split-K, GQA; append under CUDA-graph capture; the byte budget.
 
@@ -98,7 +98,9 @@ def kivi_cache(B, Hkv, L, D, dtype, *, G=128, page_size=0, seed=0, lens=None):
     g = torch.Generator(device=DEV).manual_seed(seed)
     cache = ikport.KVCache(B, Hkv, L, D, dtype=dtype, kv_format="kivi4", kivi_group=G, page_size=page_size,
                            device=DEV)
-    channel = 1 + 15 * (torch.rand(D, generator=g, device=DEV) < 0.1) + torch.rand(D, generator=g, device=DEV)
+    # 4x outliers: larger ones put the oracle's rounding of K to the dtype above the tolerance, where
+    # the vector kernel keeps K in fp32 (the accuracy study takes larger ones: test_kvcache.py)
+    channel = 1 + 3 * (torch.rand(D, generator=g, device=DEV) < 0.1) + torch.rand(D, generator=g, device=DEV)
 
     def rows(n):
         k = torch.randn(B, Hkv, n, D, generator=g, device=DEV) * channel
@@ -115,18 +117,6 @@ def kivi_cache(B, Hkv, L, D, dtype, *, G=128, page_size=0, seed=0, lens=None):
     return cache
 
 
-def check_kivi(cache, q, *, causal=False, options=None):
-    """As check, with a tolerance for the vector kernel's fp32 K against the oracle's K rounded to
-    the dtype (|K| up to ~60 with the outliers: half an fp16 ulp there is 0.016 of a score)."""
-    out = torch.full_like(q, float("nan"))
-    res = cache.attend(q, causal=causal, out=out, options=options)
-    assert res is out and torch.isfinite(out).all(), "kernel left NaN (unwritten or bad math)"
-    ref = cache.reference_attend(q, causal=causal)
-    err = (out.float() - ref.float()).abs().max().item()
-    tol = {torch.float16: 1e-2, torch.bfloat16: 3e-2}[q.dtype]
-    assert err <= tol, f"max abs error {err:.3e} > {tol:.1e}"
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("page_size", [0, 16])
 @pytest.mark.parametrize("variant", ["split", "split-vector", "split-mma", "split-unfused", "split1"])
@@ -134,7 +124,7 @@ def test_kivi_cache_d1_shape_matches_the_oracle(dtype, page_size, variant):
     cache = kivi_cache(8, 8, 1024, 128, dtype, page_size=page_size, seed=1,
                        lens=[1024, 1000, 1, 0, 517, 128, 999, 2])
     q = torch.randn(8, 32, 1, 128, device=DEV).to(dtype)
-    check_kivi(cache, q, options=DecodeOptions(variant=variant))
+    check(cache, q, options=DecodeOptions(variant=variant))
 
 
 @pytest.mark.parametrize("G", [32, 64, 128])
@@ -142,7 +132,7 @@ def test_kivi_cache_d1_shape_matches_the_oracle(dtype, page_size, variant):
 def test_kivi_cache_odd_shapes_and_groups(G, D, Hq, Hkv, Tq):
     cache = kivi_cache(3, Hkv, 333, D, torch.float16, G=G, seed=D + Tq, lens=[333, 77, 200])
     q = torch.randn(3, Hq, Tq, D, device=DEV).half()
-    check_kivi(cache, q, causal=Tq > 1)
+    check(cache, q, causal=Tq > 1)
 
 
 def test_kivi_cache_memory_budget():
@@ -183,4 +173,4 @@ def test_kivi_append_syncs_nothing_and_replays_in_a_cuda_graph(T):
         torch.cuda.synchronize()
         assert cache.lens.tolist() == [start[0] + (step + 1) * T, start[1] + (step + 1) * T]
         ref = cache.reference_attend(q)
-        assert (out.float() - ref.float()).abs().max().item() <= 1e-2
+        assert (out.float() - ref.float()).abs().max().item() <= TOL[torch.float16]
