@@ -179,16 +179,38 @@ def paged(q, k_pages, v_pages, block_table: object, lens: object, gpu: bool | No
     return ps
 
 
+def _quantized_cache(q, k, block_table: object, lens: object, what: str, head_dim: int) -> None:
+    """What decode over any quantized cache checks besides its own tensors: q [B, Hq, Tq, D]
+    fp16/bf16 at most MAX_DECODE_QUERY_TOKENS tokens, head_dim and head counts, then the batch and
+    kv_lens (contiguous) or the int32 `block_table`, page size and kv_lens (paged)."""
+    q = _check_tensor("q", q, 4)
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise TypeError(f"q must be fp16 or bf16, got {q.dtype}")
+    if q.shape[2] > MAX_DECODE_QUERY_TOKENS:
+        raise ValueError(f"an {what} cache serves decode (at most {MAX_DECODE_QUERY_TOKENS} query tokens), "
+                         f"got {q.shape[2]}")
+    if q.shape[3] != head_dim or q.shape[3] % 16 or q.shape[3] > 256 or q.shape[1] % k.shape[1]:
+        raise ValueError(f"head_dim {q.shape[3]} (the cache's {head_dim}, a multiple of 16, <= 256) and "
+                         f"{q.shape[1]} query heads (a multiple of {k.shape[1]} KV heads) needed")
+    if block_table is None:
+        if q.shape[0] != k.shape[0]:
+            raise ValueError(f"batch of q ({q.shape[0]}) and k/v ({k.shape[0]}) differ")
+        kv_lens(lens, q.shape[0], q.device)
+        return
+    bt = _check_tensor("block_table", block_table, 2)
+    if bt.dtype != torch.int32 or bt.device != q.device or bt.shape[0] != q.shape[0] or bt.stride(-1) != 1:
+        raise ValueError("block_table must be int32 [B, max_pages] on q's device, last dim contiguous")
+    page_size(k.shape[2], "k/v page size")
+    if lens is None:
+        raise ValueError("paged attention needs kv_lens (int32 [B] on the device)")
+    kv_lens(lens, q.shape[0], q.device)
+
+
 def int8_cache(q, k, v, k_scale, v_scale, block_table: object, lens: object) -> None:
     """Checks decode over an INT8 cache (ikport.kvquant): q [B, Hq, Tq, D] fp16/bf16; codes k, v
     int8 [B, Hkv, L, D] (paged: [pages, Hkv, page_size, D] with an int32 `block_table`), rows
     16-byte aligned; scales fp32 [B, Hkv, L] / [pages, Hkv, page_size]."""
     q = _check_tensor("q", q, 4)
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"q must be fp16 or bf16, got {q.dtype}")
-    if q.shape[2] > MAX_DECODE_QUERY_TOKENS:
-        raise ValueError(f"an INT8 cache serves decode (at most {MAX_DECODE_QUERY_TOKENS} query tokens), "
-                         f"got {q.shape[2]}")
     for name, t in (("k", k), ("v", v)):
         t = _check_tensor(name, t, 4)
         if t.dtype != torch.int8:
@@ -203,21 +225,47 @@ def int8_cache(q, k, v, k_scale, v_scale, block_table: object, lens: object) -> 
         if t.dtype != torch.float32 or t.shape != k.shape[:3] or t.device != q.device:
             raise ValueError(f"{name} must be fp32 {tuple(k.shape[:3])} on {q.device}, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
-    if q.shape[3] % 16 or q.shape[3] > 256 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"head_dim {q.shape[3]} (a multiple of 16, <= 256) and {q.shape[1]} query heads "
-                         f"(a multiple of {k.shape[1]} KV heads) needed")
-    if block_table is None:
-        if q.shape[0] != k.shape[0]:
-            raise ValueError(f"batch of q ({q.shape[0]}) and k/v ({k.shape[0]}) differ")
-        kv_lens(lens, q.shape[0], q.device)
-        return
-    bt = _check_tensor("block_table", block_table, 2)
-    if bt.dtype != torch.int32 or bt.device != q.device or bt.shape[0] != q.shape[0] or bt.stride(-1) != 1:
-        raise ValueError("block_table must be int32 [B, max_pages] on q's device, last dim contiguous")
-    page_size(k.shape[2], "k/v page size")
-    if lens is None:
-        raise ValueError("paged attention needs kv_lens (int32 [B] on the device)")
-    kv_lens(lens, q.shape[0], q.device)
+    _quantized_cache(q, k, block_table, lens, "INT8", q.shape[3])
+
+
+KIVI_GROUPS = (32, 64, 128)  # ikport.kvquant.KIVI_GROUPS (the loaders kivi4_g32/64/128)
+
+
+def kivi_cache(q, k, v, k_scale, v_scale, k_resid, group: object, block_table: object, lens: object) -> None:
+    """Checks decode over a KIVI INT4 cache (ikport.kvquant): codes k, v uint8 [B, Hkv, L, D / 2]
+    (paged: [pages, Hkv, page_size, D / 2] with an int32 `block_table`), rows 8-byte aligned (16
+    where D is a multiple of 32: the matrix kernel's chunks); q's dtype for the pairs: k_scale
+    [B, Hkv, >= ceil(capacity / G), D, 2], v_scale k's [:3] + [2], and the residual k_resid
+    [B, Hkv, G, D], each with its last dims contiguous and 16-byte aligned."""
+    q = _check_tensor("q", q, 4)
+    if isinstance(group, bool) or group not in KIVI_GROUPS:
+        raise ValueError(f"kivi_group must be one of {KIVI_GROUPS}, got {group!r}")
+    row_align = 16 if k.shape[3] % 16 == 0 else 8  # bytes: D / 2 codes a row
+    for name, t in (("k", k), ("v", v)):
+        t = _check_tensor(name, t, 4)
+        if t.dtype != torch.uint8:
+            raise TypeError(f"{name} (KIVI codes, two a byte) must be uint8, got {t.dtype}")
+        if t.shape != k.shape or 2 * t.shape[3] != q.shape[3] or t.device != q.device:
+            raise ValueError(f"{name} {tuple(t.shape)} on {t.device} does not match k {tuple(k.shape)} "
+                             f"and q {tuple(q.shape)} (head_dim / 2 bytes a row) on {q.device}")
+        if t.stride(-1) != 1 or any(st % row_align for st in t.stride()[:3]) or t.data_ptr() % 16:
+            raise ValueError(f"{name}: the last dim must be contiguous, rows {row_align}-byte aligned")
+    D, B, Hkv = q.shape[3], q.shape[0], k.shape[1]
+    paged = block_table is not None
+    capacity = block_table.shape[1] * k.shape[2] if paged and isinstance(block_table, torch.Tensor) else k.shape[2]
+    want = {"k_scale": (B, Hkv, -(-capacity // group), D, 2), "v_scale": (*k.shape[:3], 2),
+            "k_resid": (B, Hkv, group, D)}
+    for name, t in (("k_scale", k_scale), ("v_scale", v_scale), ("k_resid", k_resid)):
+        t = _check_tensor(name, t, len(want[name]))
+        shape_ok = t.shape[:2] == want[name][:2] and t.shape[3:] == want[name][3:] and (
+            t.shape[2] >= want[name][2] if name == "k_scale" else t.shape[2] == want[name][2])
+        if t.dtype != q.dtype or not shape_ok or t.device != q.device:
+            raise ValueError(f"{name} must be {q.dtype} {want[name]} on {q.device}, got {t.dtype} "
+                             f"{tuple(t.shape)} on {t.device}")
+        inner, align = {"k_scale": ((2, 1), 8), "v_scale": ((1,), 2), "k_resid": ((1,), 8)}[name]
+        if tuple(t.stride()[-len(inner):]) != inner or any(st % align for st in t.stride()[:3]) or t.data_ptr() % 16:
+            raise ValueError(f"{name}: its last dims must be contiguous, the others {2 * align}-byte aligned")
+    _quantized_cache(q, k, block_table, lens, "KIVI", 2 * k.shape[3])
 
 
 def _max_seqlen(name: str, value: object, total: int | torch.SymInt, holds: str) -> None:

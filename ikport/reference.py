@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .kvquant import dequantize_int8
+from .kvquant import dequantize_int4, dequantize_int8, dequantize_kivi_k
 
 SCORE_BLOCK = 2**26  # most scores held at once (256 MiB in fp32; the softmax keeps a few copies)
 
@@ -182,6 +182,36 @@ def int8_attention(
     if block_table is not None:
         return paged_attention(q, kd, vd, block_table, kv_lens, causal=causal, scale=scale, upcast=upcast)
     return attention(q, kd, vd, causal=causal, scale=scale, kv_lens=kv_lens, upcast=upcast)
+
+
+def kivi_kv(k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor, k_resid: torch.Tensor,
+            kv_lens: torch.Tensor, group: int, dtype: torch.dtype,
+            block_table: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A KIVI INT4 cache (ikport.kvquant) as dense K, V [B, Hkv, capacity, D] in `dtype`, as the
+    kernels read it: K rows below kv_len rounded down to `group` from the codes and their group's
+    pairs, the rest from the residual (row t at t % group); V from its codes and per-token pairs.
+    Paged caches ([pages, Hkv, page_size, ...] with `block_table`) are gathered first."""
+    if block_table is not None:
+        cap = block_table.shape[1] * k.shape[2]
+        k, v, v_scale = (gather_pages(t, block_table, cap) for t in (k, v, v_scale))
+    B, Hkv, cap = k.shape[:3]
+    kd = dequantize_kivi_k(k, k_scale[:, :, :-(-cap // group)], group, dtype)
+    rows = torch.arange(cap, device=k.device)
+    qlen = _lengths(kv_lens, B, cap, k.device) // group * group
+    resid = k_resid[:, :, rows % group].to(dtype)
+    kd = torch.where((rows.view(1, -1) >= qlen.view(-1, 1)).view(B, 1, cap, 1), resid, kd)
+    return kd, dequantize_int4(v, v_scale, dtype)
+
+
+def kivi_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: torch.Tensor, v_scale: torch.Tensor,
+                   k_resid: torch.Tensor, group: int, *, block_table: torch.Tensor | None = None,
+                   causal: bool = False, scale: float | None = None, kv_lens: torch.Tensor | None = None,
+                   upcast: torch.dtype = torch.float32) -> torch.Tensor:
+    """A KIVI INT4 cache's reference: `kivi_kv` (dequantized to q's dtype), then `attention`."""
+    cap = block_table.shape[1] * k.shape[2] if block_table is not None else k.shape[2]
+    lens = kv_lens if kv_lens is not None else torch.full((q.shape[0],), cap, dtype=torch.int32, device=q.device)
+    kd, vd = kivi_kv(k, v, k_scale, v_scale, k_resid, lens, group, q.dtype, block_table)
+    return attention(q, kd, vd, causal=causal, scale=scale, kv_lens=lens, upcast=upcast)
 
 
 def mma_tile(a: torch.Tensor, b: torch.Tensor, b_transposed: bool) -> torch.Tensor:

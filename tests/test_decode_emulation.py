@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import ikport
 from ikport import kvquant, manifest, reference
 from ikport.plan import decode as decode_plan
 from ikport.attention import paged_kv_from_dense
@@ -105,7 +106,29 @@ CONFIGS = {
     # head_dim 80: 5 chunks of 16 codes a row, a tile's 80 chunks not a multiple of the warp
     "cuda-mma-st2-d80-r8-t64-bf16-int8": dict(CUDA, mma="nv", dtype="bf16", head_dim=80, rows=8, threads=64,
                                               unroll=1, stages=2, loader="int8"),
+    # KIVI INT4 caches (loader kivi4_g<G>: 4-bit codes, K per channel over groups of G rows with a
+    # full-precision residual, V per token), against the reference on the same cache
+    # (test_emulated_kivi_decode_matches_reference): wave32 NVIDIA and wave64 CDNA vector kernels with
+    # each group size, registers and the ring, spare lanes (head_dim 96); the matrix units on MFMA,
+    # WMMA and NVIDIA's layout with a cluster merge
+    "cuda-ring4-d128-r4-t128-fp16-kivi128": dict(CUDA, dtype="fp16", head_dim=128, rows=4, threads=128, unroll=2,
+                                                 stages=4, loader="kivi4_g128"),
+    "cuda-regs-d64-r8-t128-bf16-kivi64": dict(CUDA, dtype="bf16", head_dim=64, rows=8, threads=128, unroll=4,
+                                              stages=0, loader="kivi4_g64"),
+    "cdna-ring2-d128-r4-t256-bf16-kivi32": dict(CDNA, dtype="bf16", head_dim=128, rows=4, threads=256, unroll=2,
+                                                stages=2, loader="kivi4_g32"),
+    "rdna3-ring2-d96-r2-t128-fp16-kivi32": dict(RDNA3, dtype="fp16", head_dim=96, rows=2, threads=128, unroll=4,
+                                                stages=2, loader="kivi4_g32"),
+    "sm90-cluster2-ring4-d128-r4-t256-fp16-kivi128": dict(SM90, dtype="fp16", head_dim=128, rows=4, threads=256,
+                                                          unroll=2, stages=4, loader="kivi4_g128"),
+    "cdna-mma-st2-d128-r4-t128-fp16-kivi128": dict(CDNA, mma="mfma", dtype="fp16", head_dim=128, rows=4,
+                                                   threads=128, unroll=1, stages=2, loader="kivi4_g128"),
+    "rdna3-mma-st3-d64-r8-t128-bf16-kivi32": dict(RDNA3, mma="wmma", dtype="bf16", head_dim=64, rows=8, threads=128,
+                                                  unroll=1, stages=3, loader="kivi4_g32"),
+    "sm90-cluster2-mma-st4-d96-r4-t64-fp16-kivi64": dict(SM90, mma="nv", dtype="fp16", head_dim=96, rows=4,
+                                                         threads=64, unroll=1, stages=4, loader="kivi4_g64"),
 }
+KIVI_CONFIGS = [c for c in CONFIGS if CONFIGS[c].get("loader", "").startswith("kivi4")]
 MATRIX_LAYOUT = {"mfma": "IK_MMA_AMD_MFMA_16X16X16", "wmma": "IK_MMA_AMD_WMMA_W32", "nv": "IK_MMA_EMULATED_NV"}
 
 
@@ -289,7 +312,7 @@ CLUSTER_CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in KIVI_CONFIGS])
 def test_emulated_decode_matches_reference(libs, config, case):
     kw = CASES[case]
     out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)), **kw)
@@ -298,7 +321,7 @@ def test_emulated_decode_matches_reference(libs, config, case):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CLUSTER_CASES))
-@pytest.mark.parametrize("config", [c for c in CONFIGS if CONFIGS[c]["cluster"]])
+@pytest.mark.parametrize("config", [c for c in CONFIGS if CONFIGS[c]["cluster"] and c not in KIVI_CONFIGS])
 def test_emulated_cluster_merge_matches_reference(libs, config, case):
     kw = CLUSTER_CASES[case]
     out, ref = run_decode(libs(config), config, seed=sum(map(ord, config + case)),
@@ -324,3 +347,136 @@ def test_emulated_configs_include_the_h100_launches(paged):
     rows, threads, unroll, stages = t.rows, t.threads, t.unroll, t.stages
     c = CONFIGS[name]
     assert (c["rows"], c["threads"], c["unroll"], c["stages"]) == (rows, threads, unroll, stages)
+
+
+# ---- KIVI INT4 -------------------------------------------------------------------------------------
+def kivi_cache(name: str, *, B: int, Hkv: int, L: int, lens: list[int], page: int = 0, seed: int = 0):
+    """An ikport.KVCache(kv_format="kivi4") built as a server would: a prefill chunk, a few single
+    tokens, then each sequence rewound to its own length by a one-token rewrite at lens - 1 (a
+    rewrite inside a folded group takes its rows back from the codes). K has persistent
+    per-channel outliers and offsets, never zeros."""
+    c = CONFIGS[name]
+    dtype, D, G = DTYPES[c["dtype"]], c["head_dim"], int(c["loader"].removeprefix("kivi4_g"))
+    g = torch.Generator().manual_seed(seed)
+    table = None
+    if page:
+        per_seq = -(-L // page)
+        table = torch.randperm(B * per_seq, generator=g).to(torch.int32).view(B, per_seq)
+    cache = ikport.KVCache(B, Hkv, L, D, dtype=dtype, kv_format="kivi4", kivi_group=G, page_size=page,
+                           block_table=table)
+    # (outliers of 4x: larger ones put the oracle's rounding of K to fp16 above the tolerance, where
+    # the vector kernel keeps K in fp32; the accuracy tests in test_kvcache.py take 16x)
+    channel = 1 + 3 * (torch.rand(D, generator=g) < 0.1) + torch.rand(D, generator=g)
+    offset = torch.randn(D, generator=g)
+
+    def rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.randn(B, Hkv, n, D, generator=g) * channel + offset
+        return k.to(dtype), torch.randn(B, Hkv, n, D, generator=g).to(dtype)
+
+    top = max(lens)
+    first = max(top - 3, 1)
+    cache.append(*rows(first))
+    for _ in range(top - first):
+        cache.append(*rows(1))
+    k1, v1 = rows(1)
+    pos = torch.tensor([max(n - 1, 0) for n in lens], dtype=torch.int32)
+    cache.append(k1, v1, positions=pos)
+    cache.lens.copy_(torch.tensor(lens, dtype=torch.int32))  # (lens 0: nothing of the sequence is read)
+    return cache
+
+
+def poison(cache, g: torch.Generator) -> None:
+    """What the kernel must not read: V pairs past each length and the residual's rows past it
+    NaN, K codes at or past the quantized length random (the oracle has run on the clean cache)."""
+    nan, G, page, table = float("nan"), cache.kivi_group, cache.page_size, cache.block_table
+    Hkv, D = cache.kv_heads, cache.head_dim
+    for b, n in enumerate(cache.lens.tolist()):
+        cache.k_resid[b, :, n % G:] = nan
+        past = torch.arange(n, cache.capacity)
+        stale = torch.arange(n // G * G, cache.capacity)
+        codes = torch.randint(0, 256, (len(stale), Hkv, D // 2), generator=g, dtype=torch.uint8)
+        if page:
+            cache.v_scale[table[b, past // page].long(), :, past % page] = nan
+            cache.k[table[b, stale // page].long(), :, stale % page] = codes
+        else:
+            cache.v_scale[b, :, past] = nan
+            cache.k[b, :, stale] = codes.transpose(0, 1)
+
+
+def run_kivi(lib, name: str, cache, *, Hq: int, Tq: int = 1, causal: bool = False, splits: int = 1,
+             fused: bool = True, clustered: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, the reference on the same cache) for a KIVI cache, the splits starting at
+    multiples of G as plan.decode aligns them."""
+    c = CONFIGS[name]
+    B, Hkv, D, G = cache.batch, cache.kv_heads, cache.head_dim, cache.kivi_group
+    q = torch.randn(B, Hq, Tq, D, generator=torch.Generator().manual_seed(seed)).to(cache.dtype)
+    ref = cache.reference_attend(q, causal=causal)
+    poison(cache, torch.Generator().manual_seed(seed))
+    page = cache.page_size
+    table = cache.block_table
+    if page:  # entries past a sequence's pages may hold anything: the kernel must not follow them
+        table = table.clone()
+        for b, n in enumerate(cache.lens.tolist()):
+            table[b, -(-n // page):] = -1 if b % 2 else 2**31 - 1
+    capacity = cache.capacity
+    rows_per_split = -(-(-(-capacity // splits)) // G) * G
+    splits = -(-capacity // rows_per_split)
+    out = torch.full_like(q, float("nan"))
+    part_out = torch.full((B, Hq, Tq, splits, D), float("nan"))
+    part_lse = torch.full((B, Hq, Tq, splits), float("nan"))
+    row_tiles = -(-(Hq // Hkv * Tq) // c["rows"])
+    counters = torch.zeros(2 * B * Hkv * row_tiles, dtype=torch.int32)
+    p = DecodeParams()
+    p.q, p.k, p.v, p.out = q.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), out.data_ptr()
+    p.part_out, p.part_lse = part_out.data_ptr(), part_lse.data_ptr()
+    p.kv_lens = cache.lens.data_ptr()
+    p.block_table = table.data_ptr() if page else None
+    p.split_counters = counters.data_ptr() if fused and splits > 1 and not clustered else None
+    p.q_sb, p.q_sh, p.q_st = q.stride()[:3]
+    p.k_sb, p.k_sh, p.k_st = cache.k.stride()[:3]
+    p.v_sb, p.v_sh, p.v_st = cache.v.stride()[:3]
+    p.o_sb, p.o_sh, p.o_st = out.stride()[:3]
+    p.bt_sb = table.stride(0) if page else 0
+    p.batch, p.num_q_heads, p.num_kv_heads, p.q_len = B, Hq, Hkv, Tq
+    p.kv_capacity, p.page_size_log2 = capacity, page.bit_length() - 1 if page else 0
+    p.num_splits, p.rows_per_split, p.causal = splits, rows_per_split, int(causal)
+    p.scale_log2 = D ** -0.5 * math.log2(math.e)
+    p.num_pages = cache.k.shape[0] if page else 0
+    p.k_scale, p.v_scale, p.k_resid = cache.k_scale.data_ptr(), cache.v_scale.data_ptr(), cache.k_resid.data_ptr()
+    p.ks_sb, p.ks_sh, p.ks_st = (st // 2 for st in cache.k_scale.stride()[:3])  # in pairs
+    p.vs_sb, p.vs_sh, p.vs_st = (st // 2 for st in cache.v_scale.stride()[:3])
+    p.kr_sb, p.kr_sh, p.kr_st = cache.k_resid.stride()[:3]
+    err = lib.emu_decode_split(ctypes.byref(p), int(bool(page)), int(clustered), splits, Hkv * row_tiles, B, seed)
+    assert err is None, err.decode()
+    if splits > 1 and not fused and not clustered:
+        err = lib.emu_decode_combine(ctypes.byref(p), B * Hq * Tq, decode_plan.combine_threads(D), seed)
+        assert err is None, err.decode()
+    return out, ref
+
+
+# lengths: not a multiple of G, shorter than G, whole groups (for every G here: 128, 256, 384)
+KIVI_CASES = {
+    "gqa4-ragged-split2": dict(cache=dict(B=3, Hkv=2, L=300, lens=[300, 128, 17]), Hq=8, splits=2),
+    "whole-groups-split3-unfused": dict(cache=dict(B=2, Hkv=1, L=384, lens=[384, 256]), Hq=4, splits=3, fused=False),
+    "causal-three-tokens": dict(cache=dict(B=2, Hkv=2, L=150, lens=[150, 70]), Hq=4, Tq=3, causal=True, splits=2),
+    "empty-and-single-row": dict(cache=dict(B=3, Hkv=1, L=70, lens=[0, 1, 70]), Hq=4),
+    "paged-16-shuffled": dict(cache=dict(B=2, Hkv=1, L=260, lens=[260, 100], page=16), Hq=4, splits=2),
+    "paged-64": dict(cache=dict(B=2, Hkv=1, L=256, lens=[250, 33], page=64), Hq=2),
+}
+
+
+@pytest.mark.parametrize("case", list(KIVI_CASES))
+@pytest.mark.parametrize("config", KIVI_CONFIGS)
+def test_emulated_kivi_decode_matches_reference(libs, config, case):
+    kw = dict(KIVI_CASES[case])
+    seed = sum(map(ord, config + case))
+    cache = kivi_cache(config, seed=seed, **kw.pop("cache"))
+    out, ref = run_kivi(libs(config), config, cache, seed=seed, **kw)
+    check(out, ref)
+
+
+@pytest.mark.parametrize("config", [c for c in KIVI_CONFIGS if CONFIGS[c]["cluster"]])
+def test_emulated_kivi_cluster_merge_matches_reference(libs, config):
+    cache = kivi_cache(config, B=2, Hkv=2, L=300, lens=[300, 130], seed=5)
+    out, ref = run_kivi(libs(config), config, cache, Hq=8, splits=CONFIGS[config]["cluster"], clustered=True)
+    check(out, ref)

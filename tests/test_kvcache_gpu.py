@@ -1,5 +1,5 @@
-"""ikport.KVCache on the GPU (nox -s test-cuda / test-hip): attention over the INT8 cache through
-the int8 KV loader against the oracle (the fp32 reference on the dequantized cache: the
+"""ikport.KVCache on the GPU (nox -s test-cuda / test-hip): attention over the INT8 and KIVI INT4
+caches through their KV loaders against the oracle (the fp32 reference on the dequantized cache: the
 quantization is in both, so the kernel's own error is fp16-level), contiguous and paged, the
 vector and matrix-unit kernels, split-K, GQA; append under CUDA-graph capture; the byte budget.
 
@@ -86,5 +86,91 @@ def test_append_and_attend_replay_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert cache.lens.tolist() == [101 + step, 51 + step]
+        ref = cache.reference_attend(q)
+        assert (out.float() - ref.float()).abs().max().item() <= TOL[torch.float16]
+
+
+# ---- KIVI INT4 -------------------------------------------------------------------------------------
+def kivi_cache(B, Hkv, L, D, dtype, *, G=128, page_size=0, seed=0, lens=None):
+    """A KIVI cache: a prefill chunk, then single tokens (folding a group on the way), K with
+    persistent per-channel outliers; `lens` then rewinds each sequence by a one-token rewrite at
+    lens - 1 (through the rewrite path: a group folded already gives its rows back from codes)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    cache = ikport.KVCache(B, Hkv, L, D, dtype=dtype, kv_format="kivi4", kivi_group=G, page_size=page_size,
+                           device=DEV)
+    # 4x outliers: larger ones put the oracle's rounding of K to the dtype above the tolerance, where
+    # the vector kernel keeps K in fp32 (the accuracy study takes larger ones: test_kvcache.py)
+    channel = 1 + 3 * (torch.rand(D, generator=g, device=DEV) < 0.1) + torch.rand(D, generator=g, device=DEV)
+
+    def rows(n):
+        k = torch.randn(B, Hkv, n, D, generator=g, device=DEV) * channel
+        return k.to(dtype), torch.randn(B, Hkv, n, D, generator=g, device=DEV).to(dtype)
+
+    first = max(L - G - 3, 1)
+    cache.append(*rows(first))
+    for _ in range(L - first):
+        cache.append(*rows(1))
+    if lens is not None:
+        pos = torch.tensor([max(n - 1, 0) for n in lens], dtype=torch.int32, device=DEV)
+        cache.append(*rows(1), positions=pos)
+        cache.lens.copy_(torch.tensor(lens, dtype=torch.int32, device=DEV))
+    return cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [0, 16])
+@pytest.mark.parametrize("variant", ["split", "split-vector", "split-mma", "split-unfused", "split1"])
+def test_kivi_cache_d1_shape_matches_the_oracle(dtype, page_size, variant):
+    cache = kivi_cache(8, 8, 1024, 128, dtype, page_size=page_size, seed=1,
+                       lens=[1024, 1000, 1, 0, 517, 128, 999, 2])
+    q = torch.randn(8, 32, 1, 128, device=DEV).to(dtype)
+    check(cache, q, options=DecodeOptions(variant=variant))
+
+
+@pytest.mark.parametrize("G", [32, 64, 128])
+@pytest.mark.parametrize("D,Hq,Hkv,Tq", [(64, 8, 1, 1), (96, 4, 2, 2), (256, 2, 2, 1), (128, 16, 2, 3)])
+def test_kivi_cache_odd_shapes_and_groups(G, D, Hq, Hkv, Tq):
+    cache = kivi_cache(3, Hkv, 333, D, torch.float16, G=G, seed=D + Tq, lens=[333, 77, 200])
+    q = torch.randn(3, Hq, Tq, D, device=DEV).half()
+    check(cache, q, causal=Tq > 1)
+
+
+def test_kivi_cache_memory_budget():
+    dense = ikport.KVCache(8, 8, 4096, 128, kv_format="dense", device=DEV)
+    kivi = ikport.KVCache(8, 8, 4096, 128, kv_format="kivi4", device=DEV)
+    assert kivi.nbytes <= 0.30 * dense.nbytes
+    assert torch.cuda.memory_allocated() >= dense.nbytes + kivi.nbytes  # nbytes is what was allocated
+
+
+@pytest.mark.parametrize("T", [1, 512])
+def test_kivi_append_syncs_nothing_and_replays_in_a_cuda_graph(T):
+    """A decode token and a prefill chunk: no host synchronization (torch's sync debug mode raises
+    on one), then append + attend captured once and replayed, the lengths advancing on the device
+    and folding groups as they fill."""
+    cache = kivi_cache(2, 2, 4096, 128, torch.float16, seed=7, lens=[100, 50])
+    k_new = torch.randn(2, 2, T, 128, device=DEV).half()
+    v_new = torch.randn_like(k_new)
+    q = torch.randn(2, 8, 1, 128, device=DEV).half()
+    out = torch.empty_like(q)
+    cache.attend(q, out=out)  # plans and loads outside the capture
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cache.append(k_new, v_new)
+        cache.attend(q, out=out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        cache.append(k_new, v_new)
+        cache.attend(q, out=out)
+    torch.cuda.current_stream().wait_stream(stream)
+    start = [100 + T, 50 + T]
+    for step in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert cache.lens.tolist() == [start[0] + (step + 1) * T, start[1] + (step + 1) * T]
         ref = cache.reference_attend(q)
         assert (out.float() - ref.float()).abs().max().item() <= TOL[torch.float16]

@@ -19,7 +19,8 @@ from ikport.plan import decode as P
 from ikport.plan import prefill as PF
 
 DTYPE = "ik::half_t"
-LOADERS = {"dense": "decode::DenseLoader", "int8": "decode::Int8Loader"}  # the manifest's cpp_names
+LOADERS = {"dense": "decode::DenseLoader", "int8": "decode::Int8Loader",  # the manifest's cpp_names
+           "kivi4_g128": "decode::KiviLoader<128>"}
 
 
 def decode_asserts(target: Target, wrong_by: int = 0) -> list[str]:
@@ -28,6 +29,8 @@ def decode_asserts(target: Target, wrong_by: int = 0) -> list[str]:
     out = []
     for loader, d, rows, threads, unroll, stages in itertools.product(LOADERS, (64, 80, 128, 256), (1, 4, 8),
                                                                       (128, 256, 512), (2, 4), (0, 2, 4)):
+        if P.kivi_group(loader) and P.vector_step_rows(d, threads, unroll, facts.warp_size) > P.kivi_group(loader):
+            continue  # a KIVI step lies in one group (the loader's static_assert; the planner never asks)
         want = P.vector_smem_bytes(threads=threads, warp_size=facts.warp_size, rows=rows, head_dim=d,
                                    unroll=unroll, stages=stages, loader=loader) + wrong_by
         cfg = f"SplitConfig<{DTYPE}, {d}, {rows}, false, {threads}, {unroll}, {stages}, {LOADERS[loader]}>"
@@ -38,6 +41,8 @@ def decode_asserts(target: Target, wrong_by: int = 0) -> list[str]:
     mma = []
     for loader, d, rows, threads, stages in itertools.product(LOADERS, (64, 80, 128, 256), (1, 4, 8), (64, 128),
                                                               (2, 6)):
+        if P.kivi_group(loader) and d % 32:
+            continue  # KIVI's matrix copies: head_dim a multiple of 32 (the planner refuses the rest)
         want = P.mma_smem_bytes(threads=threads, warp_size=facts.warp_size, rows=rows, head_dim=d, stages=stages,
                                 c_is_a=facts.c_is_a, loader=loader) + wrong_by
         cfg = f"MmaConfig<{DTYPE}, {d}, {rows}, false, {threads}, {stages}, {LOADERS[loader]}>"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -91,10 +92,41 @@ def int8_attention(q, k, v, k_scale, v_scale, block_table=None, kv_lens=None, ca
     call = _checked.get(sig) if sig is not None else None
     if call is None:
         prepared = _prepare(backend, q, k, block_table, options or decode_plan.DEFAULT_OPTIONS, "int8")
-        call = _DecodeCall(prepared, q, k, v, block_table, out, k_scale, v_scale)
+        call = _DecodeCall(prepared, q, k, v, block_table, out, _Side(k_scale.stride(), v_scale.stride()))
         if sig is not None:
             _checked[sig] = call
     return call(q, k, v, block_table, kv_lens, causal, scale, out, k_scale, v_scale)
+
+
+def kivi_attention(q, k, v, k_scale, v_scale, k_resid, group: int, block_table=None, kv_lens=None,
+                   causal: bool = False, scale: float | None = None, out: torch.Tensor | None = None,
+                   options: DecodeOptions | None = None) -> torch.Tensor:
+    """Decode over a KIVI INT4 cache (ikport.KVCache(kv_format="kivi4")): uint8 codes k, v, the
+    (scale, zero) pairs k_scale (K, per group of `group` rows and channel) and v_scale (V, per
+    token), and K's full-precision residual k_resid. The CPU runs the reference on the
+    dequantized cache; a GPU the split kernels with the kivi4_g<group> KV loader."""
+    scale = checks.scale(scale)
+    checks.kivi_cache(q, k, v, k_scale, v_scale, k_resid, group, block_table, kv_lens)
+    checks.out(out, q)
+    checks.options(options, DecodeOptions)
+    backend = dispatch.backend_for(q.device)
+    if block_table is not None and (backend is None or knobs.check_tables()):
+        checks.block_table_ids(block_table, kv_lens, k, gpu=backend is not None)
+    if backend is None:
+        s = _default_scale(q) if scale is None else float(scale)
+        return _into(out, reference.kivi_attention(q, k, v, k_scale, v_scale, k_resid, group, block_table=block_table,
+                                                   causal=causal, scale=s, kv_lens=kv_lens))
+    sig = _signature(("kivi4", group, options), q, k, v, k_scale, v_scale, k_resid, block_table, kv_lens, out)
+    call = _checked.get(sig) if sig is not None else None
+    if call is None:
+        prepared = _prepare(backend, q, k, block_table, options or decode_plan.DEFAULT_OPTIONS, "kivi4", group)
+        # pairs are 4-byte words: their strides in pairs
+        side = _Side(tuple(st // 2 for st in k_scale.stride()[:3]), tuple(st // 2 for st in v_scale.stride()[:3]),
+                     tuple(k_resid.stride()[:3]))
+        call = _DecodeCall(prepared, q, k, v, block_table, out, side)
+        if sig is not None:
+            _checked[sig] = call
+    return call(q, k, v, block_table, kv_lens, causal, scale, out, k_scale, v_scale, k_resid)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
@@ -251,13 +283,15 @@ class _Prepared:
 _prepared: dict[tuple, _Prepared] = {}
 
 
-def _prepare(backend: Backend, q, k, block_table, options: DecodeOptions, kv_format: str = "dense") -> _Prepared:
+def _prepare(backend: Backend, q, k, block_table, options: DecodeOptions, kv_format: str = "dense",
+             kivi_group: int = 0) -> _Prepared:
     B, Hq, Tq, D = q.shape
     paged = block_table is not None
     page_size = k.shape[2] if paged else 0
     capacity = block_table.shape[1] * page_size if paged else k.shape[2]
     dev = q.device.index if q.device.index is not None else torch.cuda.current_device()
-    problem = DecodeProblem(_DTYPE_NAME[q.dtype], B, Hq, k.shape[1], Tq, D, capacity, page_size, kv_format)
+    problem = DecodeProblem(_DTYPE_NAME[q.dtype], B, Hq, k.shape[1], Tq, D, capacity, page_size, kv_format,
+                            kivi_group)
     key = (backend.name, dev, problem, options)
     prepared = _prepared.get(key)
     if prepared is not None:
@@ -280,12 +314,21 @@ def _prepare(backend: Backend, q, k, block_table, options: DecodeOptions, kv_for
     return prepared
 
 
+class _Side(NamedTuple):
+    """A quantized cache's side tensors' strides (DecodeParams' ks_*, vs_*, kr_*): INT8's scales;
+    KIVI's pairs (in pairs) and residual."""
+
+    k_scale: tuple[int, ...]
+    v_scale: tuple[int, ...]
+    k_resid: tuple[int, ...] = (0, 0, 0)
+
+
 class _DecodeCall:
     """One checked input layout's launch: the plan, a parameter struct holding the layout's
     strides and sizes, and launchers with grid and block bound. A call copies the struct, fills
     in the pointers and launches: no per-call work that depends only on the layout."""
 
-    def __init__(self, prepared: _Prepared, q, k, v, block_table, out, k_scale=None, v_scale=None) -> None:
+    def __init__(self, prepared: _Prepared, q, k, v, block_table, out, side: _Side | None = None) -> None:
         B, Hq, Tq, D = q.shape
         plan = prepared.plan
         self.prepared, self.plan = prepared, plan
@@ -300,16 +343,18 @@ class _DecodeCall:
             B, Hq, k.shape[1], Tq, plan.kv_capacity, plan.page_size_log2, plan.num_splits,
             plan.rows_per_split, 0, 0.0, k.shape[0] if block_table is not None else 0,
         )
-        if k_scale is not None:  # an INT8 cache's scales (their pointers per call)
+        if side is not None:  # a quantized cache's side tensors (their pointers per call)
             t = self.template
-            t.ks_sb, t.ks_sh, t.ks_st = k_scale.stride()
-            t.vs_sb, t.vs_sh, t.vs_st = v_scale.stride()
+            t.ks_sb, t.ks_sh, t.ks_st = side.k_scale
+            t.vs_sb, t.vs_sh, t.vs_st = side.v_scale
+            t.kr_sb, t.kr_sh, t.kr_st = side.k_resid
         self.main = prepared.main.bind(plan.grid, plan.block, plan.shared_bytes)
         self.combine = None
         if prepared.combine is not None:
             self.combine = prepared.combine.bind(plan.combine_grid, plan.combine_block, 0)
 
-    def __call__(self, q, k, v, block_table, kv_lens, causal, scale, out, k_scale=None, v_scale=None) -> torch.Tensor:
+    def __call__(self, q, k, v, block_table, kv_lens, causal, scale, out, k_scale=None, v_scale=None,
+                 k_resid=None) -> torch.Tensor:
         plan, prepared = self.plan, self.prepared
         if out is None:  # (empty_like: ~1 us of host time less than torch.empty with its arguments)
             out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -321,6 +366,8 @@ class _DecodeCall:
             p.block_table = block_table.data_ptr()
         if k_scale is not None:
             p.k_scale, p.v_scale = k_scale.data_ptr(), v_scale.data_ptr()
+        if k_resid is not None:
+            p.k_resid = k_resid.data_ptr()
         p.causal = 1 if causal and self.multi_token else 0
         p.scale_log2 = self.default_scale_log2 if scale is None else float(scale) * _LOG2E
         stream = raw_stream(prepared.device)

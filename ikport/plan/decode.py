@@ -80,6 +80,12 @@ class DecodeProblem:
     kv_capacity: int
     page_size: int = 0  # 0: a contiguous cache
     kv_format: str = "dense"  # the cache format: the split kernels' KV loader (ikport.kvquant.KV_FORMATS)
+    kivi_group: int = 0  # kivi4: K's group of G rows (the loader kivi4_g<G>)
+
+    @property
+    def loader(self) -> str:
+        """The manifest's `loader` value for this cache format."""
+        return f"kivi4_g{self.kivi_group}" if self.kv_format == "kivi4" else self.kv_format
 
     @property
     def paged(self) -> bool:
@@ -178,6 +184,15 @@ def one_per_sm_unroll(head_dim: int, threads: int, warp_size: int = 32) -> int:
     return min((2, 4), key=lambda u: abs(step_bytes(u) - ONE_PER_SM_STEP_BYTES))
 
 
+def vector_step_rows(head_dim: int, threads: int, unroll: int, warp_size: int = 32) -> int:
+    """K/V rows a step of the vector kernel holds (SplitConfig: row groups x unroll): a KIVI
+    step must lie in one group of G rows (KiviLoader::Vector's static_assert)."""
+    lanes = 1
+    while lanes < head_dim // 8 and lanes < warp_size:
+        lanes *= 2
+    return threads // lanes * unroll
+
+
 def one_block_per_sm(*, groups: int, kv_capacity: int, sm_count: int, paged: bool, async_copy: bool,
                      rows: int = 1) -> bool:
     """Whether a launch of `groups` (sequence, KV head, row tile) groups of `rows` query rows over
@@ -225,6 +240,15 @@ def vector_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int 
     unroll = options.unroll or (one_per_sm_unroll(head_dim, threads, warp_size) if one_per_sm else DECODE_UNROLL)
     stages = options.stages if options.stages is not None else (
         ONE_PER_SM_PAGED_STAGES if paged_one_per_sm else ONE_PER_SM_STAGES if one_per_sm else DECODE_STAGES)
+    group = kivi_group(loader)
+    while group and vector_step_rows(head_dim, threads, unroll, warp_size) > group:
+        if options.unroll is None and unroll > DECODE_UNROLL:
+            unroll //= 2
+        elif options.threads is None and threads > 64:
+            threads //= 2
+        else:
+            raise ValueError(f"KIVI groups of {group} rows: a vector step of {threads} threads x unroll {unroll} "
+                             f"holds {vector_step_rows(head_dim, threads, unroll, warp_size)} rows (at most {group})")
     if max_smem is not None and options.threads is None:
         while threads > 128 and vector_smem_bytes(threads=threads, warp_size=warp_size, rows=r, head_dim=head_dim,
                                                   unroll=unroll, stages=stages, loader=loader) > max_smem:
@@ -234,17 +258,28 @@ def vector_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int 
 
 # ---- the KV loaders' shared memory (kernels_src/attention/kv_loader.cuh; tests/test_plan_sizes.py
 # checks every value against the compiled constants) --------------------------------------------
-LOADERS = ("dense", "int8")
+LOADERS = ("dense", "int8", "kivi4_g32", "kivi4_g64", "kivi4_g128")
 INT8_SCALE_BYTES = 4  # fp32, one per token and KV head (ikport.kvquant)
+KIVI_PAIR_BYTES = 4  # a (scale, zero) pair of fp16/bf16
 
 
-def vector_slot_bytes(loader: str = "dense") -> int:
+def kivi_group(loader: str) -> int:
+    """G of a kivi4_g<G> loader; 0 for the others."""
+    return int(loader.removeprefix("kivi4_g")) if loader.startswith("kivi4_g") else 0
+
+
+def vector_slot_bytes(loader: str = "dense", unroll: int = DECODE_UNROLL) -> int:
     """A lane's ring bytes per row and tensor in attn_decode_split (the loader's Vector::kSlotBytes):
-    dense, 8 elements in one 16-byte copy; int8, 8 codes and the row's fp32 scale."""
+    dense, 8 elements in one 16-byte copy; int8, 8 codes and the row's fp32 scale; kivi4, per step
+    K's 16-byte cells, max(unroll (residual rows), 2 (8 pairs) + ceil(unroll / 4) (4 codes a row)),
+    and V's unroll x (4 codes + a pair), over the step's 2 x unroll row-tensors."""
     if loader == "dense":
         return 16
     if loader == "int8":
         return 8 + INT8_SCALE_BYTES
+    if kivi_group(loader):
+        k_area = 16 * max(unroll, 2 + -(-unroll // 4))
+        return (k_area + unroll * (4 + KIVI_PAIR_BYTES)) // (2 * unroll)
     raise ValueError(f"unknown KV loader {loader!r}; choose from {LOADERS}")
 
 
@@ -257,13 +292,18 @@ def mma_slot_bytes(loader: str, head_dim: int, warp_size: int) -> int:
     if loader == "int8":
         copies = -(-(MMA_TILE_ROWS * head_dim // 16) // warp_size)
         return 2 * (MMA_TILE_ROWS * head_dim + copies * warp_size * INT8_SCALE_BYTES)
+    if kivi_group(loader):  # K: codes, the group's pairs, a residual tile of T; V: codes, a pair a copy
+        codes = MMA_TILE_ROWS * head_dim // 2
+        copies = -(-(codes // 16) // warp_size)
+        k_side = codes + head_dim * KIVI_PAIR_BYTES + MMA_TILE_ROWS * (head_dim + 8) * 2
+        return k_side + codes + copies * warp_size * KIVI_PAIR_BYTES
     raise ValueError(f"unknown KV loader {loader!r}; choose from {LOADERS}")
 
 
 def mma_warp_bytes(loader: str, head_dim: int) -> int:
     """A warp's shared memory beside its ring slots (Matrix::kWarpBytes): int8's one pair of
     dequantized K and V tiles."""
-    return 2 * MMA_TILE_ROWS * (head_dim + 8) * 2 if loader == "int8" else 0
+    return 2 * MMA_TILE_ROWS * (head_dim + 8) * 2 if loader == "int8" or kivi_group(loader) else 0
 
 
 def vector_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int, unroll: int,
@@ -271,7 +311,7 @@ def vector_smem_bytes(*, threads: int, warp_size: int, rows: int, head_dim: int,
     """Dynamic shared memory of attn_decode_split (SplitConfig::smem_bytes: the merge buffer, or the
     ring of the loader's slots, whichever is larger), plus the cluster buffer of its clustered kernel."""
     merge = threads // warp_size * rows * (head_dim + 2) * 4
-    ring = stages * unroll * 2 * threads * vector_slot_bytes(loader)
+    ring = stages * unroll * 2 * threads * vector_slot_bytes(loader, unroll)
     return max(merge, ring) + cluster_bytes(cluster, rows, head_dim)
 
 
@@ -373,9 +413,10 @@ def combine_threads(head_dim: int) -> int:
     return -(-max(head_dim, 64) // 64) * 64
 
 
-def _rounded_splits(kv_capacity: int, splits: int) -> int:
-    """Splits actually launched once each split's rows are rounded up to whole 16-row steps."""
-    rows = -(-(-(-kv_capacity // splits)) // 16) * 16
+def _rounded_splits(kv_capacity: int, splits: int, align: int = 16) -> int:
+    """Splits actually launched once each split's rows are rounded up to whole 16-row steps (KIVI:
+    whole groups of G rows, `align`)."""
+    rows = -(-(-(-kv_capacity // splits)) // align) * align
     return -(-kv_capacity // rows)
 
 
@@ -407,26 +448,27 @@ class Split:
 
 def split(*, sm_count: int, occupancy: int | None, groups: int, kv_capacity: int, tiles: Tiles,
           num_splits: int | None = None, one_per_sm: bool = False,
-          options: DecodeOptions = DEFAULT_OPTIONS) -> Split:
+          options: DecodeOptions = DEFAULT_OPTIONS, align: int = 16) -> Split:
     """Split-K count from the SM count and the kernel's occupancy: every block streams an equal
     chunk, so the time is set by the number of waves; pick the split count whose blocks fill the
     waves best (fewest splits on ties), each split at least MIN_ROWS_PER_SPLIT rows. Splits
-    shorter than SHORT_SPLIT_ROWS fill one block per SM instead; so does `one_per_sm`."""
+    shorter than SHORT_SPLIT_ROWS fill one block per SM instead; so does `one_per_sm`. `align`:
+    rows_per_split a multiple of it (16; KIVI: G, so that every split starts a K group)."""
     num_splits = options.num_splits or num_splits
     if num_splits is None:
         per_sm = 1 if one_per_sm else blocks_per_sm(occupancy, tiles.rows, tiles.threads)
         num_splits = _wave_filling_splits(groups, kv_capacity, sm_count * per_sm)
         if per_sm > 1 and -(-kv_capacity // num_splits) < SHORT_SPLIT_ROWS:
             num_splits = _wave_filling_splits(groups, kv_capacity, sm_count)
-    num_splits = _rounded_splits(kv_capacity, max(1, min(num_splits, kv_capacity)))
-    rows_per_split = -(-(-(-kv_capacity // num_splits)) // 16) * 16
+    num_splits = _rounded_splits(kv_capacity, max(1, min(num_splits, kv_capacity)), align)
+    rows_per_split = -(-(-(-kv_capacity // num_splits)) // align) * align
     return Split(num_splits, rows_per_split)
 
 
 # ---- the plan --------------------------------------------------------------------------------
 def _split_spec(problem: DecodeProblem, tiles: Tiles, mma: bool, cluster: int = 1) -> KernelSpec:
     common = dict(dtype=problem.dtype, head_dim=problem.head_dim, rows=tiles.rows, paged=problem.paged,
-                  threads=tiles.threads, stages=tiles.stages, loader=problem.kv_format)
+                  threads=tiles.threads, stages=tiles.stages, loader=problem.loader)
     if cluster > 1:
         common["cluster"] = cluster
     if mma:
@@ -439,10 +481,10 @@ def _split_smem(problem: DecodeProblem, tiles: Tiles, mma: bool, warp_size: int,
     if mma:
         return mma_smem_bytes(threads=tiles.threads, warp_size=warp_size, rows=tiles.rows,
                               head_dim=problem.head_dim, stages=tiles.stages, c_is_a=c_is_a,
-                              cluster=cluster, loader=problem.kv_format)
+                              cluster=cluster, loader=problem.loader)
     return vector_smem_bytes(threads=tiles.threads, warp_size=warp_size, rows=tiles.rows,
                              head_dim=problem.head_dim, unroll=tiles.unroll, stages=tiles.stages,
-                             cluster=cluster, loader=problem.kv_format)
+                             cluster=cluster, loader=problem.loader)
 
 
 def plan(problem: DecodeProblem, device: DeviceInfo, occupancy: Occupancy,
@@ -457,6 +499,9 @@ def plan(problem: DecodeProblem, device: DeviceInfo, occupancy: Occupancy,
     r, row_tiles = rows(p.group * p.q_len, options)
     groups = p.batch * p.kv_heads * row_tiles
     mma = options.variant == "split-mma" or (options.variant == "split" and use_mma(r, options))
+    if mma and p.kv_format == "kivi4" and p.head_dim % 32:
+        raise ValueError(f"the matrix-unit kernel reads KIVI codes in 32-channel chunks: head_dim {p.head_dim} "
+                         "is not a multiple of 32 (take the vector kernel: DecodeOptions(mma=False))")
     default = options.variant in ("split", "split-vector", "split-mma")  # fused merge, tuned launches
     one_per_sm = default and not mma and one_block_per_sm(
         groups=groups, kv_capacity=p.kv_capacity, sm_count=device.sm_count, paged=p.paged,
@@ -466,10 +511,10 @@ def plan(problem: DecodeProblem, device: DeviceInfo, occupancy: Occupancy,
         if mma:
             return mma_tiles(p.group, p.q_len, head_dim=p.head_dim, warp_size=device.warp_size,
                              max_smem=device.max_smem_per_block, c_is_a=facts.c_is_a, options=options,
-                             loader=p.kv_format)
+                             loader=p.loader)
         return vector_tiles(p.group, p.q_len, head_dim=p.head_dim, warp_size=device.warp_size,
                             max_smem=device.max_smem_per_block, one_per_sm=one_per_sm, threads=threads,
-                            paged=p.paged, options=options, loader=p.kv_format)
+                            paged=p.paged, options=options, loader=p.loader)
 
     tiles = tiles_for(DECODE_THREADS)
     kernel, smem = _split_spec(p, tiles, mma), _split_smem(p, tiles, mma, device.warp_size, facts.c_is_a)
@@ -484,7 +529,7 @@ def plan(problem: DecodeProblem, device: DeviceInfo, occupancy: Occupancy,
     def split_of(num_splits: int | None) -> Split:
         return split(sm_count=device.sm_count, occupancy=per_sm, groups=groups,
                      kv_capacity=p.kv_capacity, tiles=tiles, num_splits=num_splits,
-                     one_per_sm=one_per_sm, options=options)
+                     one_per_sm=one_per_sm, options=options, align=max(16, p.kivi_group))
 
     def clustered_kernel(s: Split) -> tuple[KernelSpec, int] | None:
         cluster = cluster_size(s.num_splits, clusters=facts.clusters, blocks=groups * s.num_splits,

@@ -35,6 +35,13 @@ struct DecodeParams {
   const float* v_scale;
   long long ks_sb, ks_sh, ks_st;
   long long vs_sb, vs_sh, vs_st;
+  // Appended: the KIVI INT4 cache (loader kivi4_g*; ikport.kvquant): k, v hold 4-bit codes two a
+  // byte, k_scale and v_scale (scale, zero) pairs of T, each pair one 4-byte word (strides above
+  // in pairs): K's per group of G rows and channel [B, Hkv, groups, D] (per sequence, paged or
+  // not), V's per row [B, Hkv, L] / [num_pages, Hkv, page_size]. k_resid: K's newest rows in T,
+  // [B, Hkv, G, D], row t at t % G, for rows at or past kv_len rounded down to G.
+  const void* k_resid;
+  long long kr_sb, kr_sh, kr_st;
 };
 
 namespace decode {
