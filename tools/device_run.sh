@@ -23,7 +23,7 @@ what=${1:-all}
 
 XDIST=""
 python -c "import xdist" 2>/dev/null && XDIST="-n 4"
-SUITES="tests/test_attention_gpu.py tests/test_prefill_gpu.py tests/test_kvcache_gpu.py"
+SUITES=${SUITES:-"tests/test_attention_gpu.py tests/test_prefill_gpu.py tests/test_kvcache_gpu.py"}
 # pytest writes straight to the file (a pipe's buffer is lost when a timeout kills the run), cleaned after
 if [ "$what" = tests ] || [ "$what" = all ]; then
   log="$OUT/tests-gpu-${GPU}.log"
