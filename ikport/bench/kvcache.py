@@ -6,6 +6,7 @@ shuffled block table; `sweep-<fmt>-B<b>-L<l>` ids cover batch and length. Rows p
   ikport                 KVCache.attend: the compressed cache read once, dequantized in registers
   ikport-dequant-attend  the journey's first step: the cache dequantized to fp16, then ikport's
                          decode (contiguous only)
+  ikport-unroll<u>       the compressed kernel with u rows per row group a step (locked, contiguous)
   ikport-fp16            ikport's decode on the fp16 cache of the same K/V
   sdpa-cudnn, sdpa-flash the torch peers on that fp16 cache
 Bytes that must move: the compressed cache (codes and scales of every row) for the first two,
@@ -37,6 +38,7 @@ SWEEP_BATCH = (1, 4, 16, 64)
 SWEEP_LEN = (512, 4096, 32768, 131072)
 SWEEP_MAX_FP16_BYTES = 4 * 10**9  # the fp16 peers hold the dense cache too
 CHUNK = 512
+UNROLLS = (2, 4, 8)  # DecodeOptions(unroll=...) rows of the locked contiguous workloads
 # Per-channel outliers in K (KIVI's observation): this share of channels scaled up this much.
 OUTLIER_CHANNELS = 1 / 16
 OUTLIER_SCALE = 8.0
@@ -104,10 +106,13 @@ def make_sets(w: Workload, count: int, device: str = "cuda") -> list[decode.Inpu
     return sets
 
 
-def _compressed(dequantize_first: bool) -> Callable[[list[ikport.KVCache], list[decode.InputSet]], decode.Prepared]:
+def _compressed(dequantize_first: bool, unroll: int | None = None
+                ) -> Callable[[list[ikport.KVCache], list[decode.InputSet]], decode.Prepared]:
     def build(caches: list[ikport.KVCache], sets: list[decode.InputSet]) -> decode.Prepared:
         if not dequantize_first:
-            return decode.Prepared([partial(c.attend, s.q) for c, s in zip(caches, sets, strict=True)])
+            options = None if unroll is None else ikport.DecodeOptions(unroll=unroll)
+            return decode.Prepared([partial(c.attend, s.q, options=options) for c, s in zip(caches, sets, strict=True)],
+                                   note="" if unroll is None else f"DecodeOptions(unroll={unroll})")
 
         def dequant_attend(c: ikport.KVCache, q: torch.Tensor) -> torch.Tensor:
             k, v = c.dequantized()
@@ -182,6 +187,10 @@ def bench_workload(w: Workload, results: decode.Results, *, device: str = "cuda"
         ("ikport", lambda: _compressed(False)(caches, sets), caches_bytes, ours_ref)]
     if not d.page_size:
         impls.append(("ikport-dequant-attend", lambda: _compressed(True)(caches, sets), caches_bytes, ours_ref))
+        if w.locked:  # the vector kernel's rows a step, beside the planner's choice
+            for u in UNROLLS:
+                impls.append((f"ikport-unroll{u}", partial(_compressed(False, u), caches, sets), caches_bytes,
+                              ours_ref))
     impls.append(("ikport-fp16", lambda: decode._ikport(None)(d, sets), d.kv_bytes, dense_ref))
     for peer in ("sdpa-cudnn", "sdpa-flash"):
         impls.append((peer, partial(decode.PEERS[peer], d, sets), d.kv_bytes, dense_ref))

@@ -171,17 +171,25 @@ SMALL_BLOCK_MAX_ROWS = 1024
 SMALL_BLOCK_THREADS = 128
 
 
-def one_per_sm_unroll(head_dim: int, threads: int, warp_size: int = 32) -> int:
-    """Rows per row group per step (2 or 4) of the one-block-per-SM kernel: the one whose K+V
-    bytes per step lie nearer ONE_PER_SM_STEP_BYTES (ties: 2)."""
+# Bytes a K/V element costs in memory per KV loader (scales aside): the one-block-per-SM step
+# sizes its rows by the bytes it moves, so compressed caches take more rows a step.
+KV_ELEMENT_BYTES = {"dense": 2.0, "int8": 1.0, "kivi4": 0.5}
+
+
+def one_per_sm_unroll(head_dim: int, threads: int, warp_size: int = 32, loader: str = "dense") -> int:
+    """Rows per row group per step (2, 4 or 8) of the one-block-per-SM kernel: the one whose K+V
+    bytes per step lie nearer ONE_PER_SM_STEP_BYTES (ties: fewer). Dense head_dim 128: 2; INT8
+    4, KIVI 8 (their bytes in flight then match dense's: 2 rows of INT8 read 918 GB/s at D1,
+    kvcache-h100.json)."""
     lanes = 1
     while lanes < head_dim // 8 and lanes < warp_size:
         lanes *= 2  # lanes per row group, as SplitConfig::kLPR
+    element = KV_ELEMENT_BYTES[loader.split("_")[0]]
 
-    def step_bytes(unroll: int) -> int:
-        return threads // lanes * unroll * head_dim * 2 * 2  # row groups x rows x (K + V) x fp16
+    def step_bytes(unroll: int) -> float:
+        return threads // lanes * unroll * head_dim * 2 * element  # row groups x rows x (K + V)
 
-    return min((2, 4), key=lambda u: abs(step_bytes(u) - ONE_PER_SM_STEP_BYTES))
+    return min((2, 4, 8), key=lambda u: abs(step_bytes(u) - ONE_PER_SM_STEP_BYTES))
 
 
 def vector_step_rows(head_dim: int, threads: int, unroll: int, warp_size: int = 32) -> int:
@@ -237,7 +245,8 @@ def vector_tiles(group: int, q_len: int, *, head_dim: int = 128, warp_size: int 
     r, row_tiles = rows(group * q_len, options)
     paged_one_per_sm = one_per_sm and paged
     threads = options.threads or (ONE_PER_SM_PAGED_THREADS if paged_one_per_sm else threads)
-    unroll = options.unroll or (one_per_sm_unroll(head_dim, threads, warp_size) if one_per_sm else DECODE_UNROLL)
+    unroll = options.unroll or (one_per_sm_unroll(head_dim, threads, warp_size, loader) if one_per_sm
+                                else DECODE_UNROLL)
     stages = options.stages if options.stages is not None else (
         ONE_PER_SM_PAGED_STAGES if paged_one_per_sm else ONE_PER_SM_STAGES if one_per_sm else DECODE_STAGES)
     group = kivi_group(loader)
