@@ -16,6 +16,7 @@ AREAS = {
     "decode": "ikport.bench.decode",
     "prefill": "ikport.bench.prefill",
     "w4a16": "ikport.bench.w4a16",
+    "e2e": "ikport.bench.e2e",
 }
 
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="smoke run (decode: locked workloads only, no sweep; prefill: P1 and chunked prefill; "
-        "w4a16: M=1 and 16, 20 runs)",
+        "w4a16: M=1 and 16, 20 runs; e2e: 64 new tokens, hf-sdpa and ikport's implementations)",
     )
     areas = parser.add_subparsers(dest="area", required=True, metavar="AREA")
     for area, module_name in AREAS.items():
