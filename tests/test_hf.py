@@ -274,6 +274,11 @@ def test_masks_ikport_cannot_express(model):
     four_d = torch.ones(2, 1, 8, 8, dtype=torch.bool).tril()
     with pytest.raises(NotImplementedError, match="4-D attention mask"):
         run(model, "ikport", lambda: model(ids, attention_mask=four_d, use_cache=False))
+    cache = ikhf.IkportCache(model, max_cache_len=16)
+    run(model, "ikport", lambda: model(ids, **{CACHE_KW: cache}, use_cache=True))
+    with pytest.raises(NotImplementedError, match="4-D attention mask"):  # a decode step, not read otherwise
+        run(model, "ikport", lambda: model(ids[:, :1], attention_mask=torch.ones(2, 1, 1, 9, dtype=torch.bool),
+                                           **{CACHE_KW: cache}, use_cache=True))
     static = transformers.StaticCache(config=model.config, max_cache_len=16)
     with pytest.raises(NotImplementedError, match="StaticCache"):
         run(model, "ikport", lambda: model(ids, **{CACHE_KW: static}, use_cache=True))

@@ -20,7 +20,8 @@ What runs where:
     (the outputs moved back) and an IkportCache stores the prompt left-aligned, pads dropped, each
     sequence at its own length (`KVCache.lens`). Later calls take the lengths from the cache and do
     not read the mask (no host synchronization); they assume it extends the prompt's with ones, as
-    `generate()` does. Padding with any other Cache past the prompt raises (the kernels mask by length).
+    `generate()` does. With any other Cache every call with a mask reads it (one synchronization per
+    forward), and padding past the prompt raises (the kernels mask by length, that cache keeps pads).
   - Not supported, raising NotImplementedError that names the feature: sliding-window attention,
     logit soft-capping, attention sinks, masks other than causal + padding (packed sequences, custom
     4-D masks, mask overlays), dropout while training, transformers' StaticCache (use IkportCache).
@@ -166,8 +167,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
 
 
 def padding_mask(batch_size: int, q_length: int, kv_length: int, q_offset: Any = 0, kv_offset: int = 0,
-                  mask_function: Any = causal_mask_function, attention_mask: torch.Tensor | None = None,
-                  **kwargs: Any) -> torch.Tensor | None:
+                 mask_function: Any = causal_mask_function, attention_mask: torch.Tensor | None = None,
+                 **kwargs: Any) -> torch.Tensor | None:
     """transformers' mask interface ("ikport"): no dense 4-D mask. Hands the 2-D padding mask (the
     last kv_length columns, a new view per forward, where `_padding` memoizes) or None to the attention
     function; refuses what lengths cannot express."""
@@ -247,6 +248,9 @@ class IkportLayer(CacheLayerMixin):
     def attend(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scale: float | None) -> torch.Tensor:
         """Attention of `query` [B, Hq, Tq, D] for the tokens the last `update` appended."""
         prompt, self._prompt = self._prompt, None  # drop the reference: a prompt's K/V can be gigabytes
+        if attention_mask is not None and attention_mask.dim() != 2:  # shapes only: no synchronization
+            raise NotImplementedError(f"attn_implementation='ikport': a {attention_mask.dim()}-D attention mask "
+                                      "(a custom mask); ikport takes causal attention with a 2-D padding mask")
         if prompt is not None:
             k, v = prompt
             padding = _padding(attention_mask) if attention_mask is not None else None
