@@ -75,3 +75,15 @@ def test_the_area_runs_at_a_toy_size(tmp_path):
     assert rows["hf-static"]["match_hf-sdpa"] == 3
     assert rows["ikport"]["decode_ms_per_step"] > 0 and "match_hf-sdpa" in rows["ikport"]
     assert doc["model"]["w4a16_quantize_s"] is not None
+
+
+def test_merge_keeps_the_rows_a_run_does_not_redo(tmp_path):
+    out = tmp_path / "e2e.json"
+    common = ["e2e", "--device", "cpu", "--tiny", "--layers", "1", "--workloads", "E1b", "--new-tokens", "2",
+              "--out", str(out), "--no-plot"]
+    assert bench_main.main([*common, "--impls", "hf-sdpa,ikport"]) == 0
+    first = {r["impl"]: r for r in json.loads(out.read_text())["results"]}
+    assert bench_main.main([*common, "--impls", "ikport", "--merge"]) == 0
+    doc = json.loads(out.read_text())
+    assert [r["impl"] for r in doc["results"]] == ["hf-sdpa", "ikport"]
+    assert doc["results"][0] == first["hf-sdpa"] and len(doc["merged"]) == 1

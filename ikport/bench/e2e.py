@@ -330,6 +330,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="model dtype (default bf16)")
     parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the plumbing test
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # a toy model: the plumbing test
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an existing --out file that this run does not redo (a run split "
+                        "over several device calls)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
 
 
@@ -400,14 +403,24 @@ def run(args: argparse.Namespace) -> int:
         "skipped": results.skipped,
         "errors": results.errors,
     }
+    rows = results.rows
+    if args.merge and out.is_file():
+        earlier = json.loads(out.read_text())
+        redone = {(r["workload"], r["impl"]) for r in rows} | {
+            (e["workload"], e["impl"]) for e in results.skipped + results.errors}
+        rows = [r for r in earlier.get("results", []) if (r["workload"], r["impl"]) not in redone] + rows
+        for key in ("skipped", "errors"):
+            extra[key] = [e for e in earlier.get(key, []) if (e["workload"], e["impl"]) not in redone] + extra[key]
+        extra["merged"] = earlier.get("merged", []) + [{"command": earlier.get("command"),
+                                                          "commit": earlier.get("commit"), "date": earlier.get("date")}]
     doc = dict(meta)
-    doc.update(command=args.command, ceiling_GBps=harness.READ_ROOF_GBPS, **extra, results=results.rows)
+    doc.update(command=args.command, ceiling_GBps=harness.READ_ROOF_GBPS, **extra, results=rows)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print_table(results)
     print(f"wrote {out}")
     if not args.no_plot:
-        png = plot(results.rows, out.with_suffix(".png"), meta["device"])
+        png = plot(rows, out.with_suffix(".png"), meta["device"])
         print(f"wrote {png}" if png else "plot skipped (no matplotlib or nothing to plot)")
     print(f"{meta['device']}, commit {meta['commit'][:12]}, {time.perf_counter() - start:.0f} s")
     return 1 if any(e["impl"].startswith("ikport") for e in results.errors) else 0
