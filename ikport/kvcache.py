@@ -63,8 +63,10 @@ class KVCache:
         kivi_group = 128 if kivi_group is None and kv_format == "kivi4" else kivi_group
         if kv_format == "kivi4" and (isinstance(kivi_group, bool) or kivi_group not in kvquant.KIVI_GROUPS):
             raise ValueError(f"KVCache: kivi_group must be one of {kvquant.KIVI_GROUPS}, got {kivi_group!r}")
-        if dtype not in (torch.float16, torch.bfloat16):
-            raise TypeError(f"KVCache: dtype must be torch.float16 or torch.bfloat16, got {dtype}")
+        cpu_dense = torch.device(device if device is not None else "cpu").type == "cpu" and kv_format == "dense"
+        if dtype not in (torch.float16, torch.bfloat16) and not (cpu_dense and dtype == torch.float32):
+            raise TypeError(f"KVCache: dtype must be torch.float16 or torch.bfloat16 (torch.float32 too for a dense "
+                            f"CPU cache: the reference's arithmetic, for tests), got {dtype}")
         if min(batch, kv_heads, max_len, head_dim) < 1 or head_dim % 16 or head_dim > 256:
             raise ValueError("KVCache: batch, kv_heads, max_len >= 1; head_dim a multiple of 16, <= 256")
         if page_size < 0 or page_size & (page_size - 1):

@@ -2,8 +2,9 @@
 
 Python (read with `ast`, function-level imports included):
   1. Imports go one way: public API -> custom ops -> implementation -> runtime -> backends (the
-     tools on top may use anything). Every module of the package has a layer in LAYERS: a new
-     module must be placed before it can land.
+     integrations with other libraries sit above the API; the tools on top may use anything; the
+     one exception, LAZY_EXPORTS, is the package's lazy re-export of the transformers integration).
+     Every module of the package has a layer in LAYERS: a new module must be placed before it can land.
   2. Only ikport.backends imports the vendor bindings (cuda-python's `cuda`, hip-python's `hip`).
   3. ikport.backends imports nothing of ikport outside itself (rule 1, with its own message).
   4. Target names ("sm_90", "gfx942") appear only in backends/ (the table of target facts) and
@@ -36,9 +37,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                         "ikport.reference", "ikport.int4", "ikport.formats", "ikport.kvquant")),
     ("ops", ("ikport.ops",)),
     ("api", ("ikport", "ikport.attention", "ikport.w4a16", "ikport.nn", "ikport.kvcache")),
+    ("integrations", ("ikport.integrations", "ikport.integrations.*")),
     ("tools", ("ikport.__main__", "ikport.warmup", "ikport.report", "ikport.toolchain", "ikport.bench",
                "ikport.bench.*")),
 ]
+# Upward imports allowed as lazy re-exports: the package's PEP 562 __getattr__ imports the transformers
+# integration on first use of ikport.generate / ikport.IkportCache (and only there: checked below).
+LAZY_EXPORTS = {("ikport", "ikport.integrations.transformers")}
 VENDOR_BINDINGS = ("cuda", "hip")  # top-level packages of cuda-python and hip-python
 TARGET_NAME = re.compile(r"^(sm_\d+a?|gfx\d+[a-z]?)$")
 VENDOR_MACRO = re.compile(r"\b(__CUDA_ARCH__|__CUDACC\w*__|__NVCC__|__HIP\w*__|__HIPCC\w*__|__gfx\w+__|"
@@ -117,7 +122,7 @@ def violations(modules: dict[str, str], kernel_sources: dict[str, str]) -> list[
                 out.append(f"{name}:{line}: backends import {target!r} (backends import nothing of ikport)")
             elif there is None:
                 out.append(f"{name}:{line}: imports {target!r}, which has no layer")
-            elif there > here:
+            elif there > here and (name, target) not in LAZY_EXPORTS:
                 out.append(f"{name}:{line}: {LAYERS[here][0]} imports {target!r} ({LAYERS[there][0]}): "
                            "imports go API -> ops -> implementation -> runtime -> backends")
         if LAYERS[here][0] not in ("backends", "tools"):
@@ -147,6 +152,17 @@ def test_every_layer_pattern_names_modules_that_exist():
             assert any(layer_of(m) is not None and (m == pat or m.startswith(pat[:-1])) for m in modules), (layer, pat)
 
 
+def test_lazy_exports_are_imported_only_inside_a_function():
+    """A LAZY_EXPORTS import at module level would make `import ikport` import transformers."""
+    modules = package_modules()
+    for name, target in LAZY_EXPORTS:
+        tree = ast.parse(modules[name])
+        module_level = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+        found = imports(name, "\n".join(ast.unparse(node) for node in module_level), modules)
+        assert target not in [t for _, t in found], f"{name} imports {target} at module level"
+        assert target in [t for _, t in imports(name, modules[name], modules)], f"{name} no longer imports {target}"
+
+
 PLANTED = [  # (module, source, what the report must say)
     ("ikport.kernels", "from .attention import attention\n", "runtime imports 'ikport.attention' (api)"),
     ("ikport.impl.attention", "def f():\n    from .. import ops\n", "implementation imports 'ikport.ops' (ops)"),
@@ -154,6 +170,8 @@ PLANTED = [  # (module, source, what the report must say)
     ("ikport.backends.hip", "from ikport import knobs\n", "backends import 'ikport.knobs'"),
     ("ikport.plan.decode", "X = 1 if arch == 'gfx942' else 2\n", "names the target 'gfx942'"),
     ("ikport.shiny", "x = 1\n", "ikport.shiny: no layer"),
+    ("ikport.attention", "def f():\n    from .integrations import transformers\n",
+     "api imports 'ikport.integrations.transformers' (integrations)"),
 ]
 
 

@@ -17,6 +17,7 @@ AREAS = {
     "prefill": "ikport.bench.prefill",
     "kvcache": "ikport.bench.kvcache",
     "w4a16": "ikport.bench.w4a16",
+    "e2e": "ikport.bench.e2e",
 }
 
 
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--quick",
         action="store_true",
         help="smoke run (decode: locked workloads only, no sweep; prefill: P1 and chunked prefill; "
-        "w4a16: M=1 and 16, 20 runs)",
+        "w4a16: M=1 and 16, 20 runs; e2e: 64 new tokens, hf-sdpa and ikport's implementations)",
     )
     areas = parser.add_subparsers(dest="area", required=True, metavar="AREA")
     for area, module_name in AREAS.items():
