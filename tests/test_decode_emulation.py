@@ -92,7 +92,7 @@ CONFIGS = {
     "cuda-regs-d64-r8-t128-bf16-int8": dict(CUDA, dtype="bf16", head_dim=64, rows=8, threads=128, unroll=2, stages=0,
                                             loader="int8"),
     "sm90-cluster2-ring4-d128-r4-t256-fp16-int8": dict(SM90, dtype="fp16", head_dim=128, rows=4, threads=256,
-                                                       unroll=2, stages=4, loader="int8"),
+                                                       unroll=4, stages=4, loader="int8"),  # the D1 plan
     "cdna-ring2-d128-r4-t256-fp16-int8": dict(CDNA, dtype="fp16", head_dim=128, rows=4, threads=256, unroll=2,
                                               stages=2, loader="int8"),
     "rdna3-ring2-d96-r2-t128-bf16-int8": dict(RDNA3, dtype="bf16", head_dim=96, rows=2, threads=128, unroll=4,
@@ -120,7 +120,7 @@ CONFIGS = {
     "rdna3-ring2-d96-r2-t128-fp16-kivi32": dict(RDNA3, dtype="fp16", head_dim=96, rows=2, threads=128, unroll=4,
                                                 stages=2, loader="kivi4_g32"),
     "sm90-cluster2-ring4-d128-r4-t256-fp16-kivi128": dict(SM90, dtype="fp16", head_dim=128, rows=4, threads=256,
-                                                          unroll=2, stages=4, loader="kivi4_g128"),
+                                                          unroll=8, stages=4, loader="kivi4_g128"),
     "cdna-mma-st2-d128-r4-t128-fp16-kivi128": dict(CDNA, mma="mfma", dtype="fp16", head_dim=128, rows=4,
                                                    threads=128, unroll=1, stages=2, loader="kivi4_g128"),
     "rdna3-mma-st3-d64-r8-t128-bf16-kivi32": dict(RDNA3, mma="wmma", dtype="bf16", head_dim=64, rows=8, threads=128,
