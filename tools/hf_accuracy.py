@@ -12,6 +12,11 @@ Deltas are against vanilla sdpa in the same dtype (`_delta_pct`) and, when fp32 
 vanilla fp32 (`_vs_fp32_pct`: whether a low-precision row drifts further than vanilla's own).
 Configurations: vanilla (attn "sdpa"), ikport (dense cache), ikport-int8, ikport-kivi (when
 ikport.kvquant.KV_FORMATS has it); the quantized caches only in fp16/bf16 (their queries' dtypes).
+`sdpa-int4t` is the KV study's baseline, not an ikport path: vanilla sdpa whose decode calls
+(one query token) see K and V quantized per token to INT4 (kvquant.quantize_int4_tokens, as the
+cache would hold them: per-token quantization is idempotent, so re-quantizing the whole cache each
+step equals quantizing each token once on append); beside ikport-kivi it shows what quantizing K
+per channel (KIVI) buys over per token. `--configs` picks a subset.
 
     HF_HUB_OFFLINE=1 python tools/hf_accuracy.py --device cpu --dtypes fp32,bf16 --windows 2 --window 512 \\
         --out docs/results/e2e-accuracy-cpu.json
@@ -63,15 +68,39 @@ def load(device: str, folder: str | None = None) -> tuple[Any, Any, str]:
     return model, tok, folder
 
 
+INT4T = "int4t"  # the per-token INT4 baseline's pseudo format (attention "sdpa-int4t", no ikport cache)
+
+
 def configurations(dtype: torch.dtype) -> list[tuple[str, str | None]]:
-    """(name, ikport kv_format or None for vanilla sdpa) for one dtype."""
+    """(name, ikport kv_format, INT4T for the baseline, or None for vanilla sdpa) for one dtype."""
     from ikport import kvquant
 
     out: list[tuple[str, str | None]] = [("vanilla-sdpa", None), ("ikport", "dense")]
     if dtype != torch.float32:  # the quantized caches dequantize into fp16/bf16 queries
         out += [("ikport-kivi" if f.startswith("kivi") else f"ikport-{f}", f) for f in kvquant.KV_FORMATS
                 if f != "dense"]
+        out.append(("sdpa-int4t", INT4T))
     return out
+
+
+def register_int4t() -> None:
+    """The attention function "sdpa-int4t": sdpa, with K and V quantized per token to INT4 on
+    decode calls (one query token)."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from ikport import kvquant
+
+    def fake_quant(x: torch.Tensor) -> torch.Tensor:
+        codes, pairs = kvquant.quantize_int4_tokens(x)
+        return kvquant.dequantize_int4(codes, pairs, x.dtype)
+
+    def int4t(module, query, key, value, attention_mask, **kwargs):
+        if query.shape[2] == 1:
+            key, value = fake_quant(key), fake_quant(value)
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("sdpa-int4t", int4t)
 
 
 def nll_sum(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -84,7 +113,7 @@ def cache_for(model: Any, kv_format: str | None, max_len: int) -> Any:
 
     import ikport.integrations.transformers as ikhf
 
-    if kv_format is None:
+    if kv_format is None or kv_format == INT4T:
         return DynamicCache(config=model.config)
     return ikhf.IkportCache(model, max_cache_len=max_len, kv_format=kv_format)
 
@@ -116,7 +145,7 @@ def greedy(model: Any, tok: Any, kv_format: str | None, new: int) -> list[dict[s
         kwargs: dict[str, Any] = dict(max_new_tokens=new, do_sample=False, eos_token_id=None,
                                       pad_token_id=tok.eos_token_id, return_dict_in_generate=True, output_logits=True,
                                       attention_mask=torch.ones_like(ids))
-        if kv_format is not None:
+        if kv_format is not None and kv_format != INT4T:
             kwargs["past_key_values"] = cache_for(model, kv_format, ids.shape[1] + new)
         with torch.no_grad():
             res = model.generate(ids, **kwargs)
@@ -148,11 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new", type=int, default=48, help="greedy new tokens per prompt")
     p.add_argument("--model-dir", default=None, help=f"a folder holding {GGUF} (default: the wheel's)")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--configs", default=None,
+                   help="comma-separated configuration names to run beside vanilla (default: all)")
     args = p.parse_args(argv)
     import transformers
 
     import ikport
     import ikport.integrations.transformers  # noqa: F401 - registers attn_implementation="ikport"
+
+    register_int4t()
     from ikport.bench import harness
 
     torch.manual_seed(0)
@@ -173,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         vanilla_ppl = None
         for name, fmt in configurations(dtype):
             t0 = time.perf_counter()
-            model.set_attn_implementation("sdpa" if fmt is None else "ikport")
+            if args.configs and name not in args.configs.split(",") and fmt is not None:
+                continue
+            model.set_attn_implementation("sdpa" if fmt is None else "sdpa-int4t" if fmt == INT4T else "ikport")
             ppl = perplexities(model, windows, fmt)
             gen = greedy(model, tok, fmt, args.new)
             row: dict[str, Any] = {"dtype": dname, "impl": name, "kv_format": fmt,
