@@ -14,8 +14,9 @@
 //   N % 16 == 0, K % 32 == 0 (the Python side checks). K tails: the codes are stored for
 //   Kp = packed_k (K rounded up to 128, the largest chunk, so every layout holds every weight),
 //   but the kernels walk only the ceil(K/KC) chunks that hold real k; in the last, partial one
-//   x is zero past K (a 16-byte piece of x, 8 k, is all in or all out as K % 32 == 0) and the
-//   group index is clamped to K - 1's, so the padded codes multiply zeros with finite scales.
+//   x is zero past K (a 16-byte piece of x, 8 k, is all in or all out as K % 32 == 0), and the
+//   group index is clamped to K - 1's (the matrix-unit kernel zero-fills a scale period past K
+//   instead), so the padded codes multiply zeros with finite scales.
 #pragma once
 #include "ik.cuh"
 
@@ -271,6 +272,9 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
   const int s_period = lane / (kCols / 8), s_c8 = lane % (kCols / 8);
   const unsigned short* s_src = scales + min(n0 + 8 * s_c8, p.n - 8);
   const unsigned short* z_src = zeros ? zeros + min(n0 + 8 * s_c8, p.n - 8) : nullptr;
+  // K tails: this lane's x piece of chunk c is real while c * KC < x_limit; a scale period past K
+  // (the last chunk's padding) gets zero scales and zero points, its rows never read.
+  const int x_limit = p.k - 8 * x_c8;
   // Issue this warp's i-th chunk into ring slot `slot` (in order of i). Always commit, so
   // "kDepth - 1 groups pending" always means "chunk i has landed".
   auto issue = [&](int i, int slot) {
@@ -282,7 +286,7 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
         w_next[nt] += w4::kUniqueLanes;
       }
       T* xs = x_dst + slot * WARPS * x_rows * kLdX;
-      const bool x_in = c * w4::kChunk + 8 * x_c8 < p.k;  // else a K tail: zeros, x not read
+      const bool x_in = c * w4::kChunk < x_limit;  // else a K tail: zeros, x not read
 #pragma unroll
       for (int j = 0; j < kXPasses; ++j) {
         if (j * kXRowsPerPass >= rows) break;  // the same for the whole warp: M = 1 takes one pass
@@ -291,10 +295,11 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
       }
       x_src += w4::kChunk;
       if (lane < kScaleVecs) {  // 32-bit offsets: K/G * N < 2^31 (the Python side checks)
-        const unsigned int g = static_cast<unsigned int>(w4::group_of(p, c * w4::kChunk + 16 * kPeriodTiles * s_period));
+        const int k0 = c * w4::kChunk + 16 * kPeriodTiles * s_period;  // the period's first k
+        const unsigned int g = static_cast<unsigned int>(k0) >> p.group_log2;
         const unsigned int off = g * static_cast<unsigned int>(p.n);
-        ik::cp_async16(&s_scale[slot][warp][s_period][8 * s_c8], s_src + off);
-        if (zeros) ik::cp_async16(&s_zero[slot][warp][s_period][8 * s_c8], z_src + off);
+        ik::cp_async16_zfill(&s_scale[slot][warp][s_period][8 * s_c8], s_src + off, k0 < p.k);
+        if (zeros) ik::cp_async16_zfill(&s_zero[slot][warp][s_period][8 * s_c8], z_src + off, k0 < p.k);
       }
     }
     ik::cp_async_commit();
