@@ -6,9 +6,9 @@ layout (ikport.int4); nothing of the original packing survives the load.
 GPTQ ("gptq", AutoGPTQ / GPTQModel checkpoint_format "gptq", a.k.a. v1), per linear layer:
   qweight int32 [K // 8, N]: 8 codes along K per word, the code of input channel 8i + j in bits
     4j..4j+3 of row i.
-  qzeros int32 [K // G, N // 8]: 8 zero points along N per word (column 8c + j in bits 4j..4j+3),
+  qzeros int32 [ceil(K / G), N // 8]: 8 zero points along N per word (column 8c + j in bits 4j..4j+3),
     stored as z - 1 (v1's off-by-one).
-  scales float16 [K // G, N]; g_idx int32 [K]: the group of every input channel (act-order /
+  scales float16 [ceil(K / G), N]; g_idx int32 [K]: the group of every input channel (act-order /
     desc_act checkpoints have a non-monotonic g_idx); w[n, k] = (q[k, n] - z[g_idx[k], n]) *
     s[g_idx[k], n].
   checkpoint_format "gptq_v2" (GPTQModel's internal format) stores z itself.
@@ -16,8 +16,8 @@ GPTQ ("gptq", AutoGPTQ / GPTQModel checkpoint_format "gptq", a.k.a. v1), per lin
 AWQ (AutoAWQ "GEMM" version), per linear layer:
   qweight int32 [K, N // 8]: packed along N; nibble j of word i holds column 8i + AWQ_ORDER[j]
     with AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7].
-  qzeros int32 [K // G, N // 8]: the same packing, no offset.
-  scales float16 [K // G, N]; w = (q - z) * s.
+  qzeros int32 [ceil(K / G), N // 8]: the same packing, no offset.
+  scales float16 [ceil(K / G), N]; w = (q - z) * s.
 
 Checked against the projects' own code (read only, nothing copied):
 - AutoGPTQ auto_gptq/nn_modules/qlinear/qlinear_cuda.py and qlinear_cuda_old.py (QuantLinear.pack
@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import torch
 
-from .int4 import Int4Weight, check_shape
+from .int4 import GROUP_SIZES, Int4Weight, check_shape, num_groups
 
 __all__ = ["AWQ_ORDER", "from_awq", "from_gptq"]
 
@@ -77,14 +77,20 @@ def _check_scales(t: object, groups: int, n: int) -> torch.Tensor:
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"scales must be float16, bfloat16 or float32, got {t.dtype}")
     if tuple(t.shape) != (groups, n):
-        raise ValueError(f"scales must have shape [K // G, N] = {[groups, n]}, got {list(t.shape)}")
+        raise ValueError(f"scales must have shape [ceil(K / G), N] = {[groups, n]}, got {list(t.shape)}")
     return t
 
 
 def _group_size(k: int, groups: int, what: str) -> int:
-    if groups <= 0 or k % groups:
-        raise ValueError(f"{what}: {groups} groups do not divide in_features K={k}")
-    return k // groups
+    """G from the rows of scales: K / groups, or the G of GROUP_SIZES with ceil(K / G) = groups (a
+    shorter last group, as GPTQ stores K = 576 at G = 128: 5 groups)."""
+    if groups > 0 and k % groups == 0:
+        return k // groups
+    for g in GROUP_SIZES:
+        if num_groups(k, g) == groups:
+            return g
+    raise ValueError(f"{what}: {groups} groups fit no group size of in_features K={k} (K / G groups, "
+                     f"or ceil(K / G) for G in {GROUP_SIZES})")
 
 
 def _nibbles_last(words: torch.Tensor) -> torch.Tensor:
@@ -94,7 +100,7 @@ def _nibbles_last(words: torch.Tensor) -> torch.Tensor:
 
 
 def _zeros_or_none(z: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """Zero points [K // G, N] as `dtype`, or None when all are 8 (symmetric)."""
+    """Zero points [ceil(K / G), N] as `dtype`, or None when all are 8 (symmetric)."""
     if bool((z == 8).all()):
         return None
     return z.to(dtype)
@@ -106,11 +112,11 @@ def _scales_dtype(scales: torch.Tensor) -> torch.Tensor:
 
 def _groups_and_scales(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, k: int,
                        n: int, what: str) -> tuple[int, torch.Tensor]:
-    """Both formats store zeros as [K // G, N // 8] int32 and scales as [K // G, N]: check them and
+    """Both formats store zeros as [ceil(K / G), N // 8] int32 and scales as [ceil(K / G), N]: check them and
     return (G, scales in a supported dtype on qweight's device)."""
     groups = qzeros.shape[0]
     if tuple(qzeros.shape) != (groups, n // 8):
-        raise ValueError(f"qzeros must have shape [K // G, N // 8] = [{groups}, {n // 8}] for "
+        raise ValueError(f"qzeros must have shape [ceil(K / G), N // 8] = [{groups}, {n // 8}] for "
                          f"qweight {list(qweight.shape)}, got {list(qzeros.shape)}")
     g = _group_size(k, groups, what)
     return g, _scales_dtype(_check_scales(scales, groups, n)).to(qweight.device)
@@ -128,9 +134,11 @@ def from_gptq(
 ) -> Int4Weight:
     """One GPTQ linear layer (AutoGPTQ / GPTQModel tensors) -> `Int4Weight`.
 
-    qweight: int32 [K // 8, N]; qzeros: int32 [K // G, N // 8]; scales: float16/bfloat16 [K // G, N]
-    (float32 is stored as float16); g_idx: optional int [K] group index per input channel (act-order
-    checkpoints: non-monotonic; each group must hold exactly G channels). bits: only 4.
+    qweight: int32 [K // 8, N]; qzeros: int32 [ceil(K / G), N // 8]; scales: float16/bfloat16
+    [ceil(K / G), N] (float32 is stored as float16; K any multiple of 32, N of 16; a G that does not
+    divide K leaves a shorter last group, as AutoGPTQ stores it); g_idx: optional int [K] group
+    index per input channel (act-order checkpoints: non-monotonic; each group must hold exactly G
+    channels, the last group K - (groups - 1) G). bits: only 4.
     checkpoint_format: "gptq" (v1, zero points stored minus one; the HF default) or "gptq_v2".
     layout: default `layout_for_device(qweight.device)`. Everything runs on qweight's device.
     See the module docstring for the bit layout and the z = 0 wrap.
@@ -145,7 +153,7 @@ def from_gptq(
     k, n = qweight.shape[0] * 8, qweight.shape[1]
     check_shape(n, k, "GPTQ qweight [K // 8, N]")
     g, scales = _groups_and_scales(qweight, qzeros, scales, k, n, "GPTQ qzeros")
-    groups = k // g
+    groups = num_groups(k, g)
     dev = qweight.device
 
     # codes [N, K]: row i of qweight holds input channels 8i .. 8i + 7 at shifts 0, 4, .., 28.
@@ -153,7 +161,7 @@ def from_gptq(
     words = qzeros.to(dev, torch.int64)
     if checkpoint_format == "gptq":
         words = (words + _V1_ZERO_OFFSET) & 0xFFFFFFFF  # undo v1's z - 1 as GPTQModel does
-    zeros = _nibbles_last(words)  # [K // G, N]
+    zeros = _nibbles_last(words)  # [ceil(K / G), N]
 
     perm = None
     if g_idx is not None:
@@ -170,10 +178,12 @@ def from_gptq(
             perm = torch.sort(gi, stable=True).indices
             if not torch.equal(gi[perm], sequential):
                 counts = torch.bincount(gi, minlength=groups)
-                bad = int(torch.nonzero(counts != g)[0, 0])
+                want = torch.bincount(sequential, minlength=groups)
+                bad = int(torch.nonzero(counts != want)[0, 0])
                 raise ValueError(
-                    f"g_idx: every group must hold exactly group_size={g} input channels for the "
-                    f"act-order permutation, but group {bad} holds {int(counts[bad])}"
+                    f"g_idx: every group must hold exactly group_size={g} input channels (the last "
+                    f"{int(want[-1])}) for the act-order permutation, but group {bad} holds "
+                    f"{int(counts[bad])}"
                 )
             codes = codes[:, perm].contiguous()
     return Int4Weight.from_codes(codes, scales, _zeros_or_none(zeros, scales.dtype), g,
@@ -189,8 +199,8 @@ def from_awq(
 ) -> Int4Weight:
     """One AutoAWQ GEMM-format linear layer -> `Int4Weight`.
 
-    qweight: int32 [K, N // 8]; qzeros: int32 [K // G, N // 8] (both packed along N in AWQ_ORDER);
-    scales: float16/bfloat16 [K // G, N] (float32 is stored as float16); w = (q - z) * s.
+    qweight: int32 [K, N // 8]; qzeros: int32 [ceil(K / G), N // 8] (both packed along N in AWQ_ORDER);
+    scales: float16/bfloat16 [ceil(K / G), N] (float32 is stored as float16); w = (q - z) * s.
     layout: default `layout_for_device(qweight.device)`. The GEMV / GEMV_fast / Marlin AWQ
     versions pack differently and are not accepted.
     """
@@ -206,6 +216,6 @@ def from_awq(
     sel = (torch.arange(n // 8, device=dev)[:, None] * 8 + cols).flatten()
 
     codes = _nibbles_last(qweight).index_select(1, sel).T.to(torch.uint8)  # [N, K]
-    zeros = _nibbles_last(qzeros.to(dev)).index_select(1, sel)  # [K // G, N]
+    zeros = _nibbles_last(qzeros.to(dev)).index_select(1, sel)  # [ceil(K / G), N]
     return Int4Weight.from_codes(codes.contiguous(), scales, _zeros_or_none(zeros, scales.dtype), g,
                                  layout=layout)

@@ -26,15 +26,25 @@ n in [16nt, 16nt + 16), k in [16kt, 16kt + 16); chunk c = kt // TPC, t = kt % TP
 u and pair p in [0, kB/2): register r = t * (kB / 2) + p, word w = r // 4, j = r % 4. The element in
 slot 2p, (k = 16kt + b_row(u, 2p), n = 16nt + b_col(u, 2p)), is nibble j (bits 4j..4j+3) of that
 word; the element in slot 2p + 1 is nibble j + 4. The word's flat int32 index is
-((nt * (K // KC) + c) * UL + u) * 4 + w, and the packed tensor is int32 [N, K // 8] in that flat
-order. (Nibbles j and j + 4 make one fp16 pair: `(word >> 4j) & 0x000F000F | 0x64006400` is
+((nt * (Kp // KC) + c) * UL + u) * 4 + w, and the packed tensor is int32 [N, Kp // 8] in that
+flat order, Kp = `packed_k(K)`. (Nibbles j and j + 4 make one fp16 pair: `(word >> 4j) & 0x000F000F | 0x64006400` is
 (1024 + q_lo, 1024 + q_hi).)
 
-Every layout needs N % 16 == 0 and K % 128 == 0 (the largest chunk), so a checkpoint moves between
-vendors by repacking only: `Int4Weight.to(device)` repacks when the device wants another layout.
+Shapes: N % 16 == 0 (a tile row) and K % 32 == 0 (an RDNA3 chunk, and a 16-byte piece of a K
+tail is all in or all out). K tails: the codes are stored for Kp = K rounded up to 128 (K_PAD, the
+largest chunk), whatever the layout, so a checkpoint moves between vendors by repacking only
+(`Int4Weight.to(device)` repacks when the device wants another layout) and qweight's shape does
+not depend on the layout. The padded codes are zero and mean nothing: the kernels walk only the
+ceil(K / KC) chunks holding real k (NVIDIA and RDNA3 read no padding at K = 576; CDNA reads the
+second half of its last 128-k chunk) and use zeros for x past K in the last, partial chunk, so
+no scale row is stored for the padding. K = 576 stores 640 k of codes, 11% more code bytes.
 
-Meaning of an `Int4Weight`: w[n, k] = (q[n, k] - z[k // G, n]) * s[k // G, n], z = 8 when `zeros`
-is None, in the permuted input-channel order when `perm` is set (GPTQ act-order: the kernel
+Groups: G is 32, 64, 128 or K (per-channel); scales and zeros have ceil(K / G) rows. When G does
+not divide K (K = 576, G = 128) the last group is shorter (576 = 4 x 128 + 64), as in GPTQ's own
+layout (g_idx = k // G); the kernels need no case for it.
+
+Meaning of an `Int4Weight`: w[n, k] = (q[n, k] - z[k // G, n]) * s[k // G, n] for k < K, z = 8
+when `zeros` is None, in the permuted input-channel order when `perm` is set (GPTQ act-order: the kernel
 computes x[:, perm] @ W_sorted^T). `dequantize()` undoes `perm`, so `x @ w.dequantize().T` is the
 reference result.
 """
@@ -56,6 +66,7 @@ __all__ = [
     "DEFAULT_METHOD",
     "GROUP_SIZES",
     "K_MULTIPLE",
+    "K_PAD",
     "LAYOUTS",
     "METHODS",
     "N_MULTIPLE",
@@ -65,7 +76,9 @@ __all__ = [
     "check_shape",
     "layout_for_device",
     "layout_info",
+    "num_groups",
     "pack_int4",
+    "packed_k",
     "quantize_weight",
     "resolve_group_size",
     "unpack_int4",
@@ -74,7 +87,8 @@ __all__ = [
 DeviceLike = Union[torch.device, str, int, None]  # noqa: UP007  (a runtime alias)
 
 N_MULTIPLE = 16  # out_features: one 16-wide tile row
-K_MULTIPLE = 128  # in_features: the largest chunk (amd_mfma16), so every layout fits every weight
+K_MULTIPLE = 32  # in_features: the smallest chunk (amd_wmma16_w32); a tail of x is 16-byte pieces
+K_PAD = 128  # the codes are stored for K rounded up to this: the largest chunk (amd_mfma16)
 GROUP_SIZES = (32, 64, 128)  # quantization groups along K; per-channel (G = K) is allowed too
 SCALE_DTYPES = (torch.float16, torch.bfloat16)
 DEFAULT_LAYOUT = MATRIX_LAYOUTS["mma.sync"]  # NVIDIA's, and what the CPU path packs
@@ -163,13 +177,35 @@ def layout_for_device(device: DeviceLike = None) -> str:
     return facts.matrix_layout
 
 
+def _nearest(v: int, m: int) -> str:
+    lo, hi = v // m * m, -(-v // m) * m
+    return f"{hi}" if lo <= 0 else f"{lo} or {hi}"
+
+
 def check_shape(n: int, k: int, what: str = "weight") -> None:
-    """ValueError unless out_features N % 16 == 0 and in_features K % 128 == 0 (every layout)."""
-    if n <= 0 or k <= 0 or n % N_MULTIPLE or k % K_MULTIPLE:
-        raise ValueError(
-            f"{what}: INT4 packing needs out_features N % {N_MULTIPLE} == 0 and in_features "
-            f"K % {K_MULTIPLE} == 0 (for every layout), got N={n}, K={k}"
-        )
+    """ValueError unless out_features N is a positive multiple of 16 and in_features K a positive
+    multiple of 32 (every layout); the message names the failing sizes and the nearest that work."""
+    bad = []
+    if n <= 0 or n % N_MULTIPLE:
+        near = f" (the nearest that work: {_nearest(n, N_MULTIPLE)})" if n > 0 else ""
+        bad.append(f"out_features N={n} is not a positive multiple of {N_MULTIPLE}{near}")
+    if k <= 0 or k % K_MULTIPLE:
+        near = f" (the nearest that work: {_nearest(k, K_MULTIPLE)})" if k > 0 else ""
+        bad.append(f"in_features K={k} is not a positive multiple of {K_MULTIPLE}{near}")
+    if bad:
+        raise ValueError(f"{what}: INT4 weights need out_features N % {N_MULTIPLE} == 0 and in_features "
+                         f"K % {K_MULTIPLE} == 0 (every layout; pad the weight with zeros, or keep the "
+                         f"layer in floating point): " + "; ".join(bad))
+
+
+def packed_k(k: int) -> int:
+    """The codes' K in storage: K rounded up to K_PAD = 128 (qweight is int32 [N, packed_k(K) // 8])."""
+    return -(-k // K_PAD) * K_PAD
+
+
+def num_groups(k: int, group_size: int) -> int:
+    """Rows of scales (and zeros): ceil(K / G); the last group is shorter when G does not divide K."""
+    return -(-k // group_size)
 
 
 @functools.cache
@@ -211,9 +247,10 @@ _SHIFTS = tuple(4 * i for i in range(8))
 
 def pack_int4(codes: torch.Tensor, layout: str) -> torch.Tensor:
     """Pack integer codes [N, K] (values 0..15, any integer dtype, usually uint8) into the int32
-    [N, K // 8] fragment order of `layout` (module docstring). Runs on the codes' device.
+    [N, packed_k(K) // 8] fragment order of `layout` (module docstring; codes past K are 0). Runs
+    on the codes' device.
 
-    Raises ValueError for a bad shape (N % 16, K % 128) or a code outside 0..15 (this one check
+    Raises ValueError for a bad shape (N % 16, K % 32) or a code outside 0..15 (this one check
     reads the data: packing is a load-time step), TypeError for a non-integer tensor.
     """
     info = layout_info(layout)
@@ -227,6 +264,9 @@ def pack_int4(codes: torch.Tensor, layout: str) -> torch.Tensor:
         raise ValueError("codes must hold INT4 values in 0..15")
     kc = info.chunk_k
     fwd, _ = _maps_on(layout, codes.device)
+    if k != packed_k(k):
+        codes = torch.nn.functional.pad(codes, (0, packed_k(k) - k))
+        k = packed_k(k)
     blocks = codes.reshape(n // 16, 16, k // kc, kc).permute(0, 2, 1, 3).reshape(n // 16, k // kc, 16 * kc)
     nib = blocks.index_select(2, fwd).to(torch.int64).reshape(n // 16, k // kc, info.unique_lanes * 4, 8)
     shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=codes.device)
@@ -236,24 +276,30 @@ def pack_int4(codes: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def unpack_int4(packed: torch.Tensor, layout: str, n: int, k: int) -> torch.Tensor:
-    """The exact inverse of `pack_int4`: int32 [N, K // 8] in `layout` -> uint8 codes [N, K]."""
+    """The exact inverse of `pack_int4`: int32 [N, packed_k(K) // 8] in `layout` -> uint8 codes
+    [N, K] (the padding dropped)."""
     info = layout_info(layout)
     check_shape(n, k, "packed weight")
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.int32:
         raise TypeError(f"packed must be an int32 tensor, got {getattr(packed, 'dtype', type(packed))}")
+    k_true, k = k, packed_k(k)
     if tuple(packed.shape) != (n, k // 8):
-        raise ValueError(f"packed must have shape [N, K // 8] = {[n, k // 8]}, got {list(packed.shape)}")
+        raise ValueError(f"packed must have shape [N, packed_k(K) // 8] = {[n, k // 8]} for K={k_true}, "
+                         f"got {list(packed.shape)}")
     kc = info.chunk_k
     _, inv = _maps_on(layout, packed.device)
     shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=packed.device)
     words = packed.reshape(n // 16, k // kc, info.unique_lanes * 4, 1)
     nib = ((words >> shifts) & 15).to(torch.uint8).reshape(n // 16, k // kc, 16 * kc)
     blocks = nib.index_select(2, inv)
-    return blocks.reshape(n // 16, k // kc, 16, kc).permute(0, 2, 1, 3).reshape(n, k)
+    codes = blocks.reshape(n // 16, k // kc, 16, kc).permute(0, 2, 1, 3).reshape(n, k)
+    return codes if k_true == k else codes[:, :k_true].contiguous()
 
 
 def resolve_group_size(group_size: int | None, k: int) -> int:
-    """None or -1 -> per-channel (G = K); else one of GROUP_SIZES or K itself."""
+    """None or -1 -> per-channel (G = K); else one of GROUP_SIZES or K itself. A group size of
+    GROUP_SIZES at least K is one group: per-channel (G = K, e.g. 128 for K = 96). A group size
+    that does not divide K leaves a shorter last group (128 for K = 576: 4 x 128 + 64)."""
     if group_size is None or group_size == -1 or group_size == k:
         return k
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
@@ -261,7 +307,7 @@ def resolve_group_size(group_size: int | None, k: int) -> int:
             f"group_size must be one of {GROUP_SIZES}, or None / -1 / K={k} for per-channel scales, "
             f"got {group_size!r}"
         )
-    return group_size
+    return k if group_size >= k else group_size
 
 
 def _describe(t: object) -> str:
@@ -275,12 +321,13 @@ class Int4Weight:
     """A W4A16 weight: INT4 codes packed for one matrix-instruction layout, plus group scales.
 
     Fields:
-      qweight: int32 [N, K // 8], `pack_int4` order for `layout`.
-      scales: [K // G, N], float16 or bfloat16: the activation dtype the kernel runs in.
-      zeros: None (symmetric, zero point 8) or [K // G, N], same dtype as `scales`, integer zero
+      qweight: int32 [N, packed_k(K) // 8], `pack_int4` order for `layout` (K rounded up to 128).
+      scales: [ceil(K / G), N], float16 or bfloat16: the activation dtype the kernel runs in.
+      zeros: None (symmetric, zero point 8) or [ceil(K / G), N], same dtype as `scales`, integer zero
         points 0..15 (`from_codes` checks this; the raw constructor reads no data, and the GPU
         kernels take the integer part of what they find).
-      group_size: G, the actual group length along K (per-channel: G = K).
+      group_size: G, the group length along K (per-channel: G = K; the last group is shorter
+        when G does not divide K).
       in_features: K; out_features: N.
       layout: one of `LAYOUTS`.
       perm: None, or int64 [K]: the input-channel permutation of a GPTQ act-order checkpoint; the
@@ -311,22 +358,23 @@ class Int4Weight:
         check_shape(n, k, "Int4Weight")
         layout_info(self.layout)
         g = self.group_size
-        if g != k and g not in GROUP_SIZES:
+        if g != k and (g not in GROUP_SIZES or g > k):
             raise ValueError(
-                f"Int4Weight.group_size must be one of {GROUP_SIZES} or in_features={k} "
-                f"(per-channel), got {g}"
+                f"Int4Weight.group_size must be one of {GROUP_SIZES} below in_features={k}, or "
+                f"{k} itself (per-channel), got {g}"
             )
+        groups, kp = num_groups(k, g), packed_k(k)
         qw = self.qweight
         if not isinstance(qw, torch.Tensor) or qw.dtype != torch.int32:
             raise TypeError(f"Int4Weight.qweight must be an int32 tensor, got {_describe(qw)}")
-        if tuple(qw.shape) != (n, k // 8):
-            raise ValueError(f"Int4Weight.qweight must have shape [N, K // 8] = {[n, k // 8]}, "
+        if tuple(qw.shape) != (n, kp // 8):
+            raise ValueError(f"Int4Weight.qweight must have shape [N, packed_k(K) // 8] = {[n, kp // 8]}, "
                              f"got {list(qw.shape)}")
         s = self.scales
         if not isinstance(s, torch.Tensor) or s.dtype not in SCALE_DTYPES:
             raise TypeError(f"Int4Weight.scales must be a float16 or bfloat16 tensor, got {_describe(s)}")
-        if tuple(s.shape) != (k // g, n):
-            raise ValueError(f"Int4Weight.scales must have shape [K // G, N] = {[k // g, n]}, "
+        if tuple(s.shape) != (groups, n):
+            raise ValueError(f"Int4Weight.scales must have shape [ceil(K / G), N] = {[groups, n]}, "
                              f"got {list(s.shape)}")
         tensors = {"qweight": qw, "scales": s}
         z = self.zeros
@@ -334,8 +382,8 @@ class Int4Weight:
             if not isinstance(z, torch.Tensor) or z.dtype != s.dtype:
                 raise TypeError(f"Int4Weight.zeros must be None or a {s.dtype} tensor like scales, "
                                 f"got {_describe(z)}")
-            if tuple(z.shape) != (k // g, n):
-                raise ValueError(f"Int4Weight.zeros must have shape [K // G, N] = {[k // g, n]}, "
+            if tuple(z.shape) != (groups, n):
+                raise ValueError(f"Int4Weight.zeros must have shape [ceil(K / G), N] = {[groups, n]}, "
                                  f"got {list(z.shape)}")
             tensors["zeros"] = z
         p = self.perm
@@ -387,11 +435,11 @@ class Int4Weight:
         and returned as `dtype`: `x @ w.dequantize().T` is the reference product."""
         n, k, g = self.out_features, self.in_features, self.group_size
         q = self.codes().to(torch.float32)
-        s = self.scales.to(torch.float32).repeat_interleave(g, dim=0).T  # [N, K]
+        s = self.scales.to(torch.float32).repeat_interleave(g, dim=0)[:k].T  # [N, K]
         if self.zeros is None:
             w = (q - float(_SYMMETRIC_ZERO)) * s
         else:
-            w = (q - self.zeros.to(torch.float32).repeat_interleave(g, dim=0).T) * s
+            w = (q - self.zeros.to(torch.float32).repeat_interleave(g, dim=0)[:k].T) * s
         if self.perm is not None:
             out = torch.empty((n, k), dtype=torch.float32, device=w.device)
             out[:, self.perm] = w
@@ -447,8 +495,8 @@ class Int4Weight:
         """Build from unpacked codes (for importers).
 
         codes: integer [N, K] in 0..15, in the stored order (already permuted when `perm` is set).
-        scales: [K // G, N] float16/bfloat16 (float32 is cast to float16). zeros: None (symmetric,
-        8) or [K // G, N] integer zero points in 0..15 (any dtype; cast to the scales' dtype; checked).
+        scales: [ceil(K / G), N] float16/bfloat16 (float32 is cast to float16). zeros: None
+        (symmetric, 8) or [ceil(K / G), N] integer zero points in 0..15 (any dtype; cast to the scales' dtype; checked).
         group_size: G, or
         None / -1 for per-channel. perm: None or [K] permutation of range(K) (checked; an identity
         permutation is dropped). layout: default `layout_for_device(codes.device)`.
@@ -572,7 +620,9 @@ def quantize_weight(
     """INT4 quantization of a weight w [N, K] = [out_features, in_features], without calibration data.
 
     GPTQ's conventions, computed in fp32 per group of `group_size` input channels (None or -1:
-    one group per output channel, G = K; else 32, 64 or 128). A group's scale s and zero point z
+    one group per output channel, G = K; else 32, 64 or 128; a G that does not divide K leaves a
+    shorter last group, quantized as a group of its own, and a G of at least K is per-channel).
+    K is any multiple of 32, N any multiple of 16. A group's scale s and zero point z
     give its codes q = clamp(round(w / s) + z, 0, 15) and its values (q - z) * s:
       symmetric:  z = 8
       asymmetric: z an integer in 0..15 (so 0 is always one of the 16 levels), stored in `zeros`
@@ -612,8 +662,29 @@ def quantize_weight(
     check_shape(n, k, "w")
     g = resolve_group_size(group_size, k)
     store = w.dtype if w.dtype in SCALE_DTYPES else torch.float16
+    wf = w.detach().to(torch.float32)
+    full = k // g * g  # a K tail shorter than G (K = 576, G = 128) is a group of its own
+    parts = [(wf[:, :full].reshape(n, k // g, g), 0)] if full else []
+    if full < k:
+        parts.append((wf[:, full:].reshape(n, 1, k - full), full))
+    codes, scales, zeros = [], [], []
+    for wg, k0 in parts:
+        q, sf, z = _quantize_groups(wg, k0, symmetric, method, store)
+        codes.append(q.reshape(n, -1))
+        scales.append(sf)
+        zeros.append(z)
+    codes_t = torch.cat(codes, dim=1).to(torch.uint8)
+    s = torch.cat(scales, dim=1).to(store)  # exact: every scale was rounded to the storage dtype
+    zeros_t = None if symmetric else torch.cat(zeros, dim=1).T.to(store)
+    return Int4Weight.from_codes(codes_t, s.T, zeros_t, g, layout=layout)
+
+
+def _quantize_groups(wg: torch.Tensor, k0: int, symmetric: bool, method: str,
+                     store: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_weight over groups wg [N, groups, g] (fp32) starting at input channel k0: (codes
+    [N, groups, g] as fp32 integers, scales [N, groups] fp32 rounded to `store`, zero points)."""
+    n, _, g = wg.shape
     tiny = torch.finfo(store).tiny
-    wg = w.detach().to(torch.float32).reshape(n, k // g, g)
     if symmetric:
         base = wg.abs().amax(dim=-1) * (2.0 / 15.0)
         lo = hi = None
@@ -630,19 +701,17 @@ def quantize_weight(
     bad = ~torch.isfinite(s)  # a NaN/inf in w, or a float32 w too large for the scales' dtype
     if bool(bad.any()):
         row, group = (int(i) for i in bad.nonzero()[0])
+        first = k0 + group * g
         raise ValueError(
             f"w: {int(bad.sum())} group scale(s) are not finite in {store} (first: row {row}, input "
-            f"channels {group * g}..{group * g + g - 1}); w holds inf/NaN, or values too large for "
+            f"channels {first}..{first + g - 1}); w holds inf/NaN, or values too large for "
             f"{store} scales (|w| above about {torch.finfo(store).max * 7.5:.3g})"
         )
     if method == "mse":
-        rows = max(1, (_MSE_CHUNK if w.device.type == "cpu" else _MSE_CHUNK_GPU) // k)
+        rows = max(1, (_MSE_CHUNK if wg.device.type == "cpu" else _MSE_CHUNK_GPU) // (wg.shape[1] * g))
         for i in range(0, n, rows):
             j = slice(i, i + rows)
             _mse_search(wg[j], sf[j], z[j], base[j], None if lo is None else lo[j],
                         None if hi is None else hi[j], store)
-        s = sf.to(store)  # exact: every candidate was rounded to the storage dtype
     q = (torch.round(wg / sf[..., None]) + z[..., None]).clamp_(0, 15)
-    codes = q.reshape(n, k).to(torch.uint8)
-    zeros = None if symmetric else z.T.to(store)
-    return Int4Weight.from_codes(codes, s.T, zeros, g, layout=layout)
+    return q, sf, z

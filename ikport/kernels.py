@@ -83,7 +83,7 @@ class W4A16Params(ctypes.Structure):
         ("tile_counters", ctypes.c_void_p),
         ("x_sm", ctypes.c_int64), ("o_sm", ctypes.c_int64),
         ("m", ctypes.c_int32), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-        ("group_log2", ctypes.c_int32), ("num_splits", ctypes.c_int32),
+        ("packed_k", ctypes.c_int32), ("group_log2", ctypes.c_int32), ("num_splits", ctypes.c_int32),
         ("chunks_per_split", ctypes.c_int32),
     ]
 

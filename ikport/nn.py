@@ -6,10 +6,11 @@
     model = quantize_model(model, group_size=128)                  # every nn.Linear but lm_head
     model = quantize_model(model, method="rtn")                    # round to nearest (default "mse")
 
-Buffers (all in the state dict): qweight int32 [N, K // 8] (packed for `layout`), scales
-[K // G, N] (the activation dtype, float16 or bfloat16), zeros (None when symmetric), perm (None
-unless GPTQ act-order); bias is a frozen nn.Parameter in the activation dtype, or None. The extra
-state (`get_extra_state`) records in_features, out_features, group_size and layout.
+Buffers (all in the state dict): qweight int32 [N, packed_k(K) // 8] (packed for `layout`, K
+rounded up to 128: ikport.int4), scales [ceil(K / G), N] (the activation dtype, float16 or
+bfloat16), zeros (None when symmetric), perm (None unless GPTQ act-order); bias is a frozen
+nn.Parameter in the activation dtype, or None. The extra state (`get_extra_state`) records
+in_features, out_features, group_size and layout.
 
 Layouts follow the device, at move time: `.to(device)` / `.cuda()` / `.cpu()` (nn.Module._apply)
 repack qweight when `layout_for_device(new device)` differs from `layout`, so forward never
@@ -41,7 +42,9 @@ from .int4 import (
     check_shape,
     layout_for_device,
     layout_info,
+    num_groups,
     pack_int4,
+    packed_k,
     quantize_weight,
     resolve_group_size,
     unpack_int4,
@@ -93,10 +96,11 @@ class W4A16Linear(nn.Module):
         self.layout = layout_for_device(device) if layout is None else layout
         layout_info(self.layout)
         n, k = out_features, in_features
-        self.register_buffer("qweight", torch.zeros(n, k // 8, dtype=torch.int32, device=device))
-        self.register_buffer("scales", torch.ones(k // self.group_size, n, dtype=dtype, device=device))
+        groups = num_groups(k, self.group_size)
+        self.register_buffer("qweight", torch.zeros(n, packed_k(k) // 8, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(groups, n, dtype=dtype, device=device))
         self.register_buffer("zeros", None if symmetric else
-                             torch.full((k // self.group_size, n), 8, dtype=dtype, device=device))
+                             torch.full((groups, n), 8, dtype=dtype, device=device))
         self.register_buffer("perm", torch.arange(k, device=device) if act_order else None)
         self.bias = (nn.Parameter(torch.zeros(n, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
@@ -255,7 +259,7 @@ class W4A16Linear(nn.Module):
             n, k = self.out_features, self.in_features
             qw = state_dict.get(prefix + "qweight")
             if (saved_layout != self.layout and isinstance(qw, torch.Tensor)
-                    and qw.dtype == torch.int32 and tuple(qw.shape) == (n, k // 8)):
+                    and qw.dtype == torch.int32 and tuple(qw.shape) == (n, packed_k(k) // 8)):
                 state_dict[prefix + "qweight"] = pack_int4(unpack_int4(qw, saved_layout, n, k),
                                                            self.layout)
             # Optional buffers and the group size follow the checkpoint.
@@ -306,10 +310,13 @@ def quantize_model(
     exclude: patterns matched against each Linear's qualified name (as in model.named_modules());
     a Linear is kept in floating point when a pattern matches it as an fnmatch pattern
     ("*.mlp.down_proj") or occurs in it as a substring ("lm_head" keeps "model.lm_head").
-    Linears whose shape the INT4 layouts cannot hold (out_features % 16 or in_features % 128 not 0)
-    are kept too: one UserWarning gives their number and the first few names with the reason,
-    and one warning on the "ikport" logger names them all; so are the projections inside an
-    nn.MultiheadAttention, which reads their .weight directly. Biases are kept. Returns `model`
+    Linears whose shape the INT4 layouts cannot hold (out_features not a multiple of 16, or
+    in_features not a multiple of 32) are kept too: one UserWarning gives their number and the
+    first few names with the reason, and one warning on the "ikport" logger names them all; so are
+    the projections inside an nn.MultiheadAttention, which reads their .weight directly. Biases are
+    kept. Every other in_features is quantized: a K that is not a multiple of 128 (SmolLM2's 576)
+    is stored padded to one (ikport.int4), and a group size that does not divide K leaves a shorter
+    last group (576 at group 128: four groups of 128 and one of 64). Returns `model`
     (or the new layer when `model` itself is an nn.Linear).
     method: how each weight's scales and zero points are chosen, `ikport.int4.quantize_weight`'s
     "rtn" (round to nearest) or "mse" (least squared weight error, no calibration data); None: its

@@ -7,11 +7,16 @@
 // straight into B fragments with no shuffles. Per tile a lane holds kB codes (8 on NVIDIA, 4 on
 // CDNA, 16 on RDNA3 whose lanes 16-31 repeat 0-15): 256/kB "unique lanes" hold a tile, and one
 // 16-byte lane vector covers TPC = 32/kB tiles along k: a chunk of KC = 16*TPC k. The vector of
-// unique lane u for n-tile nt and chunk c is uint4 #((nt * (K/KC) + c) * UL + u). Inside it,
+// unique lane u for n-tile nt and chunk c is uint4 #((nt * (Kp/KC) + c) * UL + u). Inside it,
 // register r = t*(kB/2) + p (tile t of the chunk, B slot pair p) is word r/4, nibbles r%4 (slot
 // 2p) and r%4 + 4 (slot 2p + 1): the pair one int4_pair() call unpacks.
-//   x [M, K] (row stride x_sm, 16-byte aligned rows), scales/zeros [K/G, N], out [M, N] (o_sm).
-//   N % 16 == 0, K % 128 == 0 (the Python side checks).
+//   x [M, K] (row stride x_sm, 16-byte aligned rows), scales/zeros [ceil(K/G), N], out [M, N] (o_sm).
+//   N % 16 == 0, K % 32 == 0 (the Python side checks). K tails: the codes are stored for
+//   Kp = packed_k (K rounded up to 128, the largest chunk, so every layout holds every weight),
+//   but the kernels walk only the ceil(K/KC) chunks that hold real k; in the last, partial one
+//   x is zero past K (a 16-byte piece of x, 8 k, is all in or all out as K % 32 == 0), and the
+//   group index is clamped to K - 1's (the matrix-unit kernel zero-fills a scale period past K
+//   instead), so the padded codes multiply zeros with finite scales.
 #pragma once
 #include "ik.cuh"
 
@@ -26,6 +31,7 @@ struct W4A16Params {
   int* tile_counters;  // [gridDim.z * gridDim.x], zero at rest: the last split block sums
   long long x_sm, o_sm;
   int m, n, k;
+  int packed_k;    // the codes' K in storage: K rounded up to 128 (ikport.int4.packed_k)
   int group_log2;  // log2 of the group size G; 31 for per-channel groups (G = K): k >> 31 == 0
   int num_splits, chunks_per_split;  // split-K: blockIdx.y covers chunks_per_split chunks of KC
 };
@@ -45,8 +51,12 @@ IK_DEVICE unsigned int word_of(const uint4& v, int i) {
 }
 IK_DEVICE const uint4* lane_vector(const W4A16Params& p, int ntile, int chunk, int lane) {
   return reinterpret_cast<const uint4*>(p.qweight) +
-         (static_cast<long long>(ntile) * (p.k / kChunk) + chunk) * kUniqueLanes + lane % kUniqueLanes;
+         (static_cast<long long>(ntile) * (p.packed_k / kChunk) + chunk) * kUniqueLanes + lane % kUniqueLanes;
 }
+// Chunks holding real k (the last may be partial); the padded chunks after them are never read.
+IK_DEVICE int num_chunks(const W4A16Params& p) { return (p.k + kChunk - 1) / kChunk; }
+// The group of input channel k, clamped to the last real one (a padded k of the partial chunk).
+IK_DEVICE int group_of(const W4A16Params& p, int k) { return min(k, p.k - 1) >> p.group_log2; }
 
 // Scale and zero point of (group, column) as the packed pairs int4_pair() takes.
 template <class T>
@@ -96,7 +106,7 @@ __global__ void __launch_bounds__(IK_WARP_SIZE) w4a16_naive(W4A16Params p) {
   const T* zeros = static_cast<const T*>(p.zeros);
   float acc[w4::kB] = {};
   if (lane < w4::kUniqueLanes) {  // RDNA3: lanes 16-31 only repeat what 0-15 hold
-    for (int c = 0; c < p.k / w4::kChunk; ++c) {
+    for (int c = 0; c < w4::num_chunks(p); ++c) {
       const uint4 v = *w4::lane_vector(p, ntile, c, lane);
 #pragma unroll
       for (int r = 0; r < 16; ++r) {
@@ -105,6 +115,7 @@ __global__ void __launch_bounds__(IK_WARP_SIZE) w4a16_naive(W4A16Params p) {
         for (int h = 0; h < 2; ++h) {
           const int s = 2 * pair + h;
           const int k = c * w4::kChunk + 16 * t + ik::mma::b_row(s);
+          if (k >= p.k) continue;  // padding in the last chunk
           const int n = 16 * ntile + ik::mma::b_col(s);
           const long long g = static_cast<long long>(k >> p.group_log2) * p.n + n;
           const float z = zeros ? ik::dtype<T>::to_float(zeros[g]) : 8.f;
@@ -123,7 +134,8 @@ __global__ void __launch_bounds__(IK_WARP_SIZE) w4a16_naive(W4A16Params p) {
 // staged in shared memory once per block. MAGIC picks the unpacking: false extracts each code
 // with a shift and a mask and converts it to float; true turns two codes at once into a packed
 // fp16/bf16 pair with one OR against a magic exponent (int4_pair), then one subtract-multiply.
-// grid (N/16, M), block WARPS warps, dynamic shared memory K elements of T.
+// grid (N/16, M), block WARPS warps, dynamic shared memory ceil(K/KC)*KC elements of T (x, then
+// zeros up to the end of the last chunk).
 template <class T, bool MAGIC, int WARPS>
 __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_gemv(W4A16Params p) {
   extern __shared__ __attribute__((aligned(16))) unsigned char w4_smem[];
@@ -131,15 +143,16 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_gemv(W4A16Params p
   __shared__ float s_red[WARPS][16];
   const int lane = ik::lane_id(), warp = ik::warp_id(), ntile = blockIdx.x, m = blockIdx.y;
   const T* x = static_cast<const T*>(p.x) + m * p.x_sm;
-  for (int i = threadIdx.x; i < p.k / 8; i += WARPS * IK_WARP_SIZE)
-    ik::store16(s_x + 8 * i, ik::load16(x + 8 * i));
+  const int chunks = w4::num_chunks(p);
+  for (int i = threadIdx.x; i < chunks * (w4::kChunk / 8); i += WARPS * IK_WARP_SIZE)
+    ik::store16(s_x + 8 * i, 8 * i < p.k ? ik::load16(x + 8 * i) : make_uint4(0, 0, 0, 0));
   ik::block_sync();
 
   const T* scales = static_cast<const T*>(p.scales);
   const T* zeros = static_cast<const T*>(p.zeros);
   float acc[w4::kB] = {};
   if (lane < w4::kUniqueLanes) {
-    for (int c = warp; c < p.k / w4::kChunk; c += WARPS) {
+    for (int c = warp; c < chunks; c += WARPS) {
       const uint4 v = *w4::lane_vector(p, ntile, c, lane);
 #pragma unroll
       for (int r = 0; r < 16; ++r) {
@@ -149,10 +162,10 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_gemv(W4A16Params p
         const float2 xv = ik::dtype<T>::unpack2(*reinterpret_cast<const unsigned int*>(s_x + k));
         float2 w;
         if constexpr (MAGIC) {
-          const w4::GroupParams<T> gp = w4::group_params<T>(p, k >> p.group_log2, n);
+          const w4::GroupParams<T> gp = w4::group_params<T>(p, w4::group_of(p, k), n);
           w = ik::dtype<T>::unpack2(ik::int4_pair<T>(w4::word_of(v, r / 4), r % 4, gp.z2, gp.s2));
         } else {
-          const long long g = static_cast<long long>(k >> p.group_log2) * p.n + n;
+          const long long g = static_cast<long long>(w4::group_of(p, k)) * p.n + n;
           const float z = zeros ? ik::dtype<T>::to_float(zeros[g]) : 8.f;
           const float s = ik::dtype<T>::to_float(scales[g]);
           w.x = (static_cast<float>(w4::code_at(v, r, 0)) - z) * s;
@@ -227,7 +240,7 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
   constexpr int kLdX = w4::kLdX;
   const int x_rows = min(p.m, kRows);
   T* s_x = reinterpret_cast<T*>(w4_smem) + warp * x_rows * kLdX;  // + slot * WARPS * x_rows * kLdX
-  const int num_chunks = p.k / w4::kChunk;
+  const int num_chunks = w4::num_chunks(p);
   const int b_begin = blockIdx.y * p.chunks_per_split;
   const int b_end = min(num_chunks, b_begin + p.chunks_per_split);
   const int per_warp = (b_end - b_begin + WARPS - 1) / WARPS;
@@ -259,6 +272,9 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
   const int s_period = lane / (kCols / 8), s_c8 = lane % (kCols / 8);
   const unsigned short* s_src = scales + min(n0 + 8 * s_c8, p.n - 8);
   const unsigned short* z_src = zeros ? zeros + min(n0 + 8 * s_c8, p.n - 8) : nullptr;
+  // K tails: this lane's x piece of chunk c is real while c * KC < x_limit; a scale period past K
+  // (the last chunk's padding) gets zero scales and zero points, its rows never read.
+  const int x_limit = p.k - 8 * x_c8;
   // Issue this warp's i-th chunk into ring slot `slot` (in order of i). Always commit, so
   // "kDepth - 1 groups pending" always means "chunk i has landed".
   auto issue = [&](int i, int slot) {
@@ -270,17 +286,20 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
         w_next[nt] += w4::kUniqueLanes;
       }
       T* xs = x_dst + slot * WARPS * x_rows * kLdX;
+      const bool x_in = c * w4::kChunk < x_limit;  // else a K tail: zeros, x not read
 #pragma unroll
       for (int j = 0; j < kXPasses; ++j) {
         if (j * kXRowsPerPass >= rows) break;  // the same for the whole warp: M = 1 takes one pass
-        if (x_r0 + j * kXRowsPerPass < rows) ik::cp_async16(xs + j * kXRowsPerPass * kLdX, x_src + j * x_pass);
+        if (x_r0 + j * kXRowsPerPass < rows)
+          ik::cp_async16_zfill(xs + j * kXRowsPerPass * kLdX, x_src + j * x_pass, x_in);
       }
       x_src += w4::kChunk;
       if (lane < kScaleVecs) {  // 32-bit offsets: K/G * N < 2^31 (the Python side checks)
-        const unsigned int g = static_cast<unsigned int>(c * w4::kChunk + 16 * kPeriodTiles * s_period) >> p.group_log2;
+        const int k0 = c * w4::kChunk + 16 * kPeriodTiles * s_period;  // the period's first k
+        const unsigned int g = static_cast<unsigned int>(k0) >> p.group_log2;
         const unsigned int off = g * static_cast<unsigned int>(p.n);
-        ik::cp_async16(&s_scale[slot][warp][s_period][8 * s_c8], s_src + off);
-        if (zeros) ik::cp_async16(&s_zero[slot][warp][s_period][8 * s_c8], z_src + off);
+        ik::cp_async16_zfill(&s_scale[slot][warp][s_period][8 * s_c8], s_src + off, k0 < p.k);
+        if (zeros) ik::cp_async16_zfill(&s_zero[slot][warp][s_period][8 * s_c8], z_src + off, k0 < p.k);
       }
     }
     ik::cp_async_commit();
@@ -417,7 +436,8 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
 // kChunksPerBlock chunks of K: each thread unpacks one 16-byte lane vector (32 codes) into a
 // shared-memory tile with the same int4_pair as the other kernels, then the block writes the
 // tile's rows out in 16-byte stores (contiguous along K).
-// grid (N / 16, ceil(K / (KC * kChunksPerBlock))), block 256 threads.
+// Only the first K columns are written (a K tail: the last chunk's padding is dropped).
+// grid (N / 16, ceil(ceil(K / KC) / kChunksPerBlock)), block 256 threads.
 template <class T>
 __global__ void __launch_bounds__(256) w4a16_dequant(W4A16Params p) {
   using L = w4::L;
@@ -425,7 +445,7 @@ __global__ void __launch_bounds__(256) w4a16_dequant(W4A16Params p) {
   constexpr int kTileK = kChunksPerBlock * w4::kChunk;
   constexpr int kLd = kTileK + 8;  // rows stay 16-byte aligned
   __shared__ __attribute__((aligned(16))) T s_w[16 * kLd];
-  const int ntile = blockIdx.x, chunks = p.k / w4::kChunk;
+  const int ntile = blockIdx.x, chunks = w4::num_chunks(p);
   const int c0 = blockIdx.y * kChunksPerBlock;
   const int u = threadIdx.x % w4::kUniqueLanes, c = c0 + threadIdx.x / w4::kUniqueLanes;
   const unsigned short* scales = static_cast<const unsigned short*>(p.scales);
@@ -436,7 +456,7 @@ __global__ void __launch_bounds__(256) w4a16_dequant(W4A16Params p) {
       const int t = r / w4::kPairs, pair = r % w4::kPairs;
       const int kl = (c - c0) * w4::kChunk + 16 * t + L::b_row(u, 2 * pair);  // even
       const int nl = L::b_col(u, 2 * pair);
-      const long long g = static_cast<long long>((c * w4::kChunk + 16 * t) >> p.group_log2) * p.n + 16 * ntile + nl;
+      const long long g = static_cast<long long>(w4::group_of(p, c * w4::kChunk + 16 * t)) * p.n + 16 * ntile + nl;
       unsigned int z = 8;
       if (p.zeros) z = static_cast<unsigned int>(ik::dtype<T>::to_float(static_cast<const T*>(p.zeros)[g]));
       const unsigned int z2 = (ik::dtype<T>::kInt4Base + z) * 0x10001u, s2 = scales[g] * 0x10001u;
@@ -444,7 +464,7 @@ __global__ void __launch_bounds__(256) w4a16_dequant(W4A16Params p) {
     }
   }
   ik::block_sync();
-  const int width = min(kChunksPerBlock, chunks - c0) * w4::kChunk;
+  const int width = min(kTileK, p.k - c0 * w4::kChunk);  // a multiple of 32
   T* out = static_cast<T*>(p.out) + static_cast<long long>(16 * ntile) * p.o_sm + c0 * w4::kChunk;
   for (int i = threadIdx.x; i < 16 * (width / 8); i += 256) {
     const int row = i / (width / 8), c8 = i % (width / 8);

@@ -37,12 +37,13 @@ def oracle(x, codes, scales, zeros, group, perm):
 
 def rand_case(rng: random.Random, gen: torch.Generator, device: str, dtype: torch.dtype, layout: str):
     N = 16 * rng.randint(1, 12)
-    K = 128 * rng.randint(1, 4)
-    group = rng.choice([32, 64, 128, K])
+    K = 32 * rng.randint(1, 16)  # K tails too: any multiple of 32 (stored padded to 128)
+    group = rng.choice([32, 64, 128, K])  # a G not dividing K: a shorter last group; G >= K: one group
     codes = torch.randint(0, 16, (N, K), generator=gen).to(torch.uint8)
     scale_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else torch.float16
-    scales = (torch.rand(K // group, N, generator=gen) * 0.05 + 0.001).to(scale_dtype)
-    zeros = None if rng.random() < 0.5 else torch.randint(0, 16, (K // group, N), generator=gen).to(scale_dtype)
+    groups = -(-K // group)
+    scales = (torch.rand(groups, N, generator=gen) * 0.05 + 0.001).to(scale_dtype)
+    zeros = None if rng.random() < 0.5 else torch.randint(0, 16, (groups, N), generator=gen).to(scale_dtype)
     perm = torch.randperm(K, generator=gen) if rng.random() < 0.25 else None
     w = int4.Int4Weight.from_codes(codes.to(device), scales.to(device),
                                    None if zeros is None else zeros.to(device), group,
@@ -125,7 +126,8 @@ INVALID = [  # name, call, exception, message fragment
      ValueError, "16 bytes|aligned"),
     ("bad group size", lambda x, w: ikport.quantize_weight(torch.randn(32, 256), group_size=48), ValueError,
      "group_size"),
-    ("K not a multiple of 128", lambda x, w: ikport.quantize_weight(torch.randn(32, 200)), ValueError, "128"),
+    ("K not a multiple of 32", lambda x, w: ikport.quantize_weight(torch.randn(32, 200)), ValueError,
+     "K=200 is not a positive multiple of 32"),
     ("N not a multiple of 16", lambda x, w: ikport.quantize_weight(torch.randn(30, 256)), ValueError, "16"),
 ]
 

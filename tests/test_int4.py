@@ -98,8 +98,9 @@ def test_nibble_pairs_are_adjacent_rows(layout):
 
 
 def test_pack_rejects_bad_input():
-    with pytest.raises(ValueError, match="K % 128"):
-        pack_int4(_codes(16, 64), "nv_m16n8k16")
+    with pytest.raises(ValueError, match=r"K % 32 .*in_features K=48 is not a positive multiple of 32 "
+                                         r"\(the nearest that work: 32 or 64\)"):
+        pack_int4(_codes(16, 48), "nv_m16n8k16")
     with pytest.raises(ValueError, match="N % 16"):
         pack_int4(_codes(40, 128), "nv_m16n8k16")
     with pytest.raises(ValueError, match="0..15"):
@@ -243,8 +244,8 @@ def test_validation_errors():
     w = torch.randn(32, 256).half()
     with pytest.raises(ValueError, match="group_size"):
         quantize_weight(w, 48)
-    with pytest.raises(ValueError, match="K % 128"):
-        quantize_weight(torch.randn(32, 192).half())
+    with pytest.raises(ValueError, match=r"w: .*K % 32 .*in_features K=200 .*nearest that work: 192 or 224"):
+        quantize_weight(torch.randn(32, 200).half())
     with pytest.raises(ValueError, match="N % 16"):
         quantize_weight(torch.randn(40, 256).half())
     with pytest.raises(TypeError, match="float16, bfloat16 or float32"):
@@ -275,8 +276,8 @@ def test_validation_errors():
         rep(q, qweight=q.qweight.to(torch.int64))
     with pytest.raises(ValueError, match="qweight must have shape"):
         rep(q, qweight=q.qweight[:16].contiguous())
-    with pytest.raises(ValueError, match="K % 128"):
-        rep(q, in_features=192)
+    with pytest.raises(ValueError, match="K % 32"):
+        rep(q, in_features=200)
     with pytest.raises(ValueError, match="unknown INT4 layout"):
         rep(q, layout="nv")
     with pytest.raises(TypeError, match="perm"):

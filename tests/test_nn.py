@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import logging
+import warnings
 from collections import OrderedDict
 
 import pytest
@@ -159,7 +160,7 @@ def test_quantize_model(caplog):
     model = nn.Sequential(OrderedDict(
         block=_Block(),
         odd=nn.Linear(256, 200),       # N % 16 != 0: kept, warned
-        odd_k=nn.Linear(200, 256),     # K % 128 != 0: kept, warned
+        odd_k=nn.Linear(200, 256),     # K % 32 != 0: kept, warned
         lm_head=nn.Linear(256, 64),    # excluded by name
     )).half()
     ref_model = {n: m.weight.detach().clone() for n, m in model.named_modules()
@@ -169,7 +170,7 @@ def test_quantize_model(caplog):
     assert [str(w.message) for w in seen] == [(
         "quantize_model kept 2 nn.Linear layer(s) in floating point, their shape does not fit the "
         "INT4 layouts: odd: out_features 200 is not a multiple of 16; odd_k: in_features 200 is not "
-        "a multiple of 128")]
+        "a multiple of 32")]
     assert seen[0].filename == __file__  # points at the caller's line
     assert out is model
     assert isinstance(model.block.up, W4A16Linear) and isinstance(model.block.down, W4A16Linear)
@@ -189,6 +190,49 @@ def test_quantize_model(caplog):
     assert model(x).shape == (2, 64)
 
 
+class _TailBlock(nn.Module):
+    """SmolLM2-like widths scaled down: K = 96 and 160 are multiples of 32, not of 128."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = nn.Linear(96, 160)
+        self.up = nn.Linear(96, 32, bias=False)
+        self.down = nn.Linear(160, 96)
+
+    def forward(self, x):
+        return self.down(self.q(x)) + self.up(x).sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("group_size,symmetric", [(128, True), (64, False), (32, True), (None, False)],
+                         ids=["g128-per-channel-at-96", "g64-asym-ragged", "g32", "per-channel-asym"])
+def test_quantize_model_k_tails(group_size, symmetric):
+    """in_features 96 and 160 (not multiples of 128) are quantized now: padded storage, a shorter
+    last group where G does not divide K, and the same outputs as the dequantized reference."""
+    torch.manual_seed(1)
+    model = _TailBlock().half()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing is kept in floating point
+        quantize_model(model, group_size=group_size, symmetric=symmetric, exclude=())
+    for name, k in (("q", 96), ("up", 96), ("down", 160)):
+        layer = getattr(model, name)
+        assert isinstance(layer, W4A16Linear) and layer.in_features == k
+        assert layer.qweight.shape == (layer.out_features, -(-k // 128) * 16)  # K rounded up to 128
+        g = layer.group_size
+        assert g == (k if group_size is None or group_size >= k else group_size)
+        assert layer.scales.shape == (-(-k // g), layer.out_features)
+    assert model.down.group_size == (160 if group_size is None else group_size)  # 128: 128 + 32
+    x = torch.randn(3, 96, dtype=torch.float16)
+    wq, wu, wd = (getattr(model, n).weight_int4.dequantize() for n in ("q", "up", "down"))
+    h = (x.float() @ wq.T + model.q.bias.float()).half().float()
+    ref = (h @ wd.T + model.down.bias.float()).half().float() + (x.float() @ wu.T).half().float().sum(-1, True)
+    torch.testing.assert_close(model(x).float(), ref, rtol=2e-2, atol=2e-2)
+    # the state dict round-trips (padded qweight, ragged scales)
+    fresh = _TailBlock().half()
+    quantize_model(fresh, group_size=group_size, symmetric=symmetric, exclude=())
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh(x), model(x), rtol=0, atol=0)
+
+
 def test_quantize_model_warning_names_the_first_few():
     """Many unsupported layers: the warning gives the count and the first five with the reason;
     the "ikport" logger names them all."""
@@ -197,7 +241,7 @@ def test_quantize_model_warning_names_the_first_few():
         quantize_model(model, exclude=())
     msg = str(seen[0].message)
     assert ("0: out_features 24 is not a multiple of 16 and in_features 100 is not a multiple of "
-            "128") in msg
+            "32") in msg
     assert "4: out_features 24" in msg and "5: " not in msg
     assert msg.endswith("; and 2 more (IKPORT_LOG=warning lists them all)")
     assert isinstance(model[7], W4A16Linear)
@@ -222,7 +266,7 @@ def test_quantize_model_patterns():
 
 
 def test_constructor_validation():
-    with pytest.raises(ValueError, match="K % 128"):
+    with pytest.raises(ValueError, match="W4A16Linear: .*K % 32 .*in_features K=100 .*nearest that work: 96 or 128"):
         W4A16Linear(100, 32)
     with pytest.raises(ValueError, match="group_size"):
         W4A16Linear(256, 32, group_size=48)

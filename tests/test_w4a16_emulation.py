@@ -51,7 +51,7 @@ def mma_plan(target: str, M: int, N: int, K: int, group_size: int) -> dict[str, 
     chunk_k = int4.layout_info(layout).chunk_k
     cfg = W.tiles(m=M, n=N, k=K, chunk_k=chunk_k, sm_count=SM_COUNT)
     stages = W.stages(cfg.warps * wave, cfg.n_tiles)
-    return dict(mt=cfg.m_tiles, nt=cfg.n_tiles, warps=cfg.warps, gt=W.group_tiles(group_size),
+    return dict(mt=cfg.m_tiles, nt=cfg.n_tiles, warps=cfg.warps, gt=W.group_tiles(group_size, K),
                 stages=stages, grid=cfg.grid, splits=cfg.num_splits, per_split=cfg.chunks_per_split)
 
 
@@ -85,7 +85,9 @@ def libs(tmp_path_factory):
 
 def run_w4a16(libs, target: str, dt: str, variant: str, M: int, N: int, K: int, *, group_size: int = 128,
               symmetric: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(kernel output, fp32 reference) on fresh random inputs, the output poisoned with NaN."""
+    """(kernel output, fp32 reference) on fresh random inputs, the output poisoned with NaN, and NaN
+    just past what the kernel may read: x's columns from K up to its row stride, the rows after
+    the scales and zero points (a K tail must read neither: the output would be NaN)."""
     wave, _, layout = TARGETS[target]
     dtype = DTYPES[dt][0]
     g = torch.Generator().manual_seed(seed)
@@ -93,30 +95,44 @@ def run_w4a16(libs, target: str, dt: str, variant: str, M: int, N: int, K: int, 
     weight = ikport.quantize_weight(w, group_size=group_size, symmetric=symmetric, layout=layout)
     x = torch.randn(M, K, generator=g).to(dtype)
     ref = reference.w4a16_matmul(x, weight)
+    x_buf = torch.full((M, int4.packed_k(K) + 16), float("nan"), dtype=dtype)
+    x_buf[:, :K] = x
+    x = x_buf[:, :K]  # rows of stride packed_k(K) + 16, NaN past K
+
+    def poisoned(t: torch.Tensor) -> torch.Tensor:
+        buf = torch.full((t.shape[0] + 2, t.shape[1]), float("nan"), dtype=t.dtype)
+        buf[:t.shape[0]] = t
+        return buf
+
+    scales = poisoned(weight.scales)
+    zeros_buf = poisoned(weight.zeros) if weight.zeros is not None else None
     plan = mma_plan(target, M, N, K, weight.group_size)
     lib = libs(target, dt, plan)
     chunk_k = int4.layout_info(layout).chunk_k
-    zeros = weight.zeros.data_ptr() if weight.zeros is not None else None
+    chunks = -(-K // chunk_k)  # a K tail: the last chunk is partial
+    zeros = zeros_buf.data_ptr() if zeros_buf is not None else None
     if variant == "dequant":  # a dense [N, K] weight, then the product on the host (torch's GEMM on a GPU)
-        dense = torch.full((N, K), float("nan"), dtype=dtype)
-        p = W4A16Params(None, weight.qweight.data_ptr(), weight.scales.data_ptr(), zeros, dense.data_ptr(),
-                        None, None, 0, K, 0, N, K, _group_log2(weight.group_size), 1, K // chunk_k)
+        dense = torch.full((N, K + 32), float("nan"), dtype=dtype)  # columns past K must stay NaN
+        p = W4A16Params(None, weight.qweight.data_ptr(), scales.data_ptr(), zeros, dense.data_ptr(),
+                        None, None, 0, dense.stride(0), 0, N, K, int4.packed_k(K), _group_log2(weight.group_size),
+                        1, chunks)
         chunks_per_block = 256 // int4.layout_info(layout).unique_lanes
-        err = lib.emu_w4a16(ctypes.byref(p), KERNELS[variant], N // 16, -(-(K // chunk_k) // chunks_per_block), 1,
+        err = lib.emu_w4a16(ctypes.byref(p), KERNELS[variant], N // 16, -(-chunks // chunks_per_block), 1,
                             256, seed)
         assert err is None, err.decode()
-        return (x.float() @ dense.float().T).to(dtype), ref
+        assert dense[:, K:].isnan().all(), "the dequantizing kernel wrote past K"
+        return (x.float() @ dense[:, :K].float().T).to(dtype), ref
     out = torch.full((M, N), float("nan"), dtype=dtype)
-    splits, per_split, grid, threads = 1, K // chunk_k, (N // 16, M, 1), wave
+    splits, per_split, grid, threads = 1, chunks, (N // 16, M, 1), wave
     if variant == "mma":
         splits, per_split, grid, threads = plan["splits"], plan["per_split"], plan["grid"], plan["warps"] * wave
     elif variant.startswith("gemv"):
         threads = W.GEMV_WARPS * wave
     partials = torch.full((splits, M, N), float("nan"))
     counters = torch.zeros(grid[0] * grid[2], dtype=torch.int32)
-    p = W4A16Params(x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(), zeros, out.data_ptr(),
+    p = W4A16Params(x.data_ptr(), weight.qweight.data_ptr(), scales.data_ptr(), zeros, out.data_ptr(),
                     partials.data_ptr(), counters.data_ptr(), x.stride(0), out.stride(0), M, N, K,
-                    _group_log2(weight.group_size), splits, per_split)
+                    int4.packed_k(K), _group_log2(weight.group_size), splits, per_split)
     err = lib.emu_w4a16(ctypes.byref(p), KERNELS[variant], *grid, threads, seed)
     assert err is None, err.decode()
     assert not counters.any(), "split counters not back at zero"
@@ -159,6 +175,35 @@ def test_emulated_groups_and_zero_points(libs, target, group):
 @pytest.mark.parametrize("target", list(TARGETS))
 def test_emulated_other_variants_match_reference(libs, target, variant):
     check(*run_w4a16(libs, target, "fp16", variant, 2, 48, 384, symmetric=False, seed=3))
+
+
+# K tails (K % 128 != 0): (K, group_size, symmetric). Ragged last groups (96 at G 64: 64 + 32; 576 at
+# G 128: 4 x 128 + 64), per-channel groups of a K that is no power of two (96: the shift of 31) and
+# of a K below every chunk but RDNA3's (32), G 32 over a partial chunk (160 = 128 + 32 on CDNA).
+K_TAILS = [(32, None, True), (96, 64, False), (96, None, False), (160, 32, True), (576, 128, False)]
+
+
+@pytest.mark.parametrize("tail", K_TAILS, ids=lambda t: f"K{t[0]}-G{t[1] or 'K'}-{'sym' if t[2] else 'asym'}")
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_emulated_k_tails_every_variant(libs, target, tail):
+    """Every kernel over a K that is not a multiple of 128: the last chunk partial on CDNA (KC 128)
+    and, for K = 96 and 160, on NVIDIA's layout geometry too; x, scales and zeros poisoned past what
+    may be read."""
+    K, group_size, symmetric = tail
+    for i, variant in enumerate(("mma", "gemv", "gemv-scalar", "naive", "dequant")):
+        check(*run_w4a16(libs, target, "bf16", variant, 3, 32, K, group_size=group_size, symmetric=symmetric,
+                         seed=K + i))
+
+
+@pytest.mark.parametrize("target", list(TARGETS))
+def test_emulated_k_tail_two_row_tiles_and_split_k(libs, target):
+    """A K tail with 17 rows (two 16-row tiles), and one long enough to split K across blocks (on
+    CDNA the last split ends in the partial chunk)."""
+    check(*run_w4a16(libs, target, "bf16", "mma", 17, 64, 576, group_size=128, symmetric=False, seed=21))
+    K = 4096 + 32
+    plan = mma_plan(target, 1, 32, K, 128)
+    assert plan["splits"] > 1
+    check(*run_w4a16(libs, target, "fp16", "mma", 1, 32, K, seed=22))
 
 
 @pytest.mark.parametrize("b_transposed", [False, True])

@@ -87,6 +87,60 @@ def test_group_sizes_and_zero_points(group_size, symmetric, variant):
         check(run(x, wq, variant), x, wq)
 
 
+def poisoned_rows(x):
+    """x as a view into rows of a wider NaN-filled buffer: a kernel that reads past K gives NaN."""
+    M, K = x.shape
+    buf = torch.full((M, int4.packed_k(K) + 64), float("nan"), dtype=x.dtype, device=DEV)
+    buf[:, :K] = x
+    return buf[:, :K]
+
+
+# K tails (K % 128 != 0): SmolLM2-135M's q/k/v/gate/up (K = 576: N 576, 192, 1536), and small
+# ones where the last chunk is partial on NVIDIA (KC = 64) too: 96, 160, 32.
+K_TAIL_SHAPES = [(1, 576, 576), (16, 192, 576), (3, 1536, 576), (1, 48, 96), (5, 32, 160), (2, 16, 32)]
+
+
+@pytest.mark.parametrize("variant", W.VARIANTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", K_TAIL_SHAPES, ids=lambda s: "M{}-N{}-K{}".format(*s))
+def test_k_tails_every_variant(shape, dtype, variant):
+    M, N, K = shape
+    g = torch.Generator(device=DEV).manual_seed(M + N + K)
+    for group_size, symmetric in ((128, False), (64, True), (32, False), (None, True)):
+        wq = make_weight(N, K, dtype, g, group_size=group_size, symmetric=symmetric)
+        assert wq.qweight.shape == (N, int4.packed_k(K) // 8)
+        x = poisoned_rows(torch.randn(M, K, generator=g, device=DEV, dtype=torch.float32).to(dtype))
+        check(run(x, wq, variant), x, wq)
+
+
+@pytest.mark.parametrize("M", [1, 4, 200])  # 200: the dense path (dequantize, then torch's GEMM)
+def test_k_tail_split_k_and_dense(M):
+    """K = 4096 + 96: split K across blocks ends in a partial chunk; M = 200 dequantizes [N, K]."""
+    g = torch.Generator(device=DEV).manual_seed(M)
+    K = 4096 + 96
+    wq = make_weight(64, K, torch.float16, g, group_size=128, symmetric=False)
+    x = poisoned_rows(torch.randn(M, K, generator=g, device=DEV, dtype=torch.float32).to(torch.float16))
+    if M < W.DENSE_MIN_M:
+        assert plan_of(x, wq).num_splits > 1
+    first = run(x, wq)
+    check(first, x, wq)
+    assert torch.equal(run(x, wq), first)  # deterministic, counters reset
+
+
+def test_k_tail_quantized_model_on_gpu():
+    """quantize_model quantizes K = 576 Linears now; the GPU forward matches the reference."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(576, 192), torch.nn.Linear(192, 576)).half()
+    from ikport.nn import W4A16Linear, quantize_model
+
+    quantize_model(model, group_size=128, exclude=())
+    assert all(isinstance(m, W4A16Linear) for m in model)
+    x = torch.randn(3, 576, dtype=torch.float16)
+    ref = model(x)  # the CPU reference
+    out = model.to(DEV)(x.to(DEV))
+    torch.testing.assert_close(out.cpu(), ref, rtol=2e-2, atol=2e-2)
+
+
 def test_split_k_is_deterministic_and_counters_reset():
     g = torch.Generator(device=DEV).manual_seed(3)
     wq = make_weight(1024, 4096, torch.float16, g)  # narrow: split K across blocks

@@ -10,7 +10,7 @@ import torch
 
 from .. import checks, dispatch, reference
 from ..backends.base import Backend
-from ..int4 import Int4Weight, layout_for_device
+from ..int4 import Int4Weight, layout_for_device, packed_k
 from ..kernels import Kernel, W4A16Params, get_kernel
 from ..launch import raw_stream, split_counters, split_scratch
 from ..plan import w4a16 as w4a16_plan
@@ -149,7 +149,8 @@ def _launch(backend: Backend, x: torch.Tensor, weight: Int4Weight, out: torch.Te
         dense = torch.empty((N, K), dtype=x.dtype, device=x.device)
         p = W4A16Params(0, weight.qweight.data_ptr(), weight.scales.data_ptr(),
                         zeros.data_ptr() if zeros is not None else 0, dense.data_ptr(), 0, 0,
-                        0, K, 0, N, K, _group_log2(weight.group_size), 1, plan.chunks_per_split)
+                        0, K, 0, N, K, packed_k(K), _group_log2(weight.group_size), 1,
+                        plan.chunks_per_split)
         kernel.launch(plan.grid, plan.block, 0, p, stream)
         torch.matmul(x, dense.T, out=out)
         return
@@ -157,6 +158,7 @@ def _launch(backend: Backend, x: torch.Tensor, weight: Int4Weight, out: torch.Te
         x.data_ptr(), weight.qweight.data_ptr(), weight.scales.data_ptr(),
         zeros.data_ptr() if zeros is not None else 0, out.data_ptr(),
         partials_ptr, counters_ptr,
-        x.stride(0), out.stride(0), M, N, K, _group_log2(weight.group_size), S, plan.chunks_per_split,
+        x.stride(0), out.stride(0), M, N, K, packed_k(K), _group_log2(weight.group_size), S,
+        plan.chunks_per_split,
     )
     kernel.launch(plan.grid, plan.block, plan.shared_bytes, p, stream)

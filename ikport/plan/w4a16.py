@@ -100,9 +100,12 @@ class W4A16Plan:
 StaticShared = Callable[[KernelSpec], int]  # a kernel's static shared memory, as compiled
 
 
-def group_tiles(group_size: int) -> int:
+def group_tiles(group_size: int, k: int | None = None) -> int:
     """The matrix-unit kernel's GT: 16-k tiles per quantization group, capped at 8 (a group of 128
-    or more spans a whole chunk on every target, so its scales apply once per chunk)."""
+    or more spans a whole chunk on every target, so its scales apply once per chunk). Per-channel
+    scales (group_size >= k, e.g. K = 96: one group) are 8 too: one scale period per chunk."""
+    if k is not None and group_size >= k:
+        return 8
     return min(group_size // 16, 8)
 
 
@@ -133,7 +136,7 @@ def tiles(*, m: int, n: int, k: int, chunk_k: int, sm_count: int, num_splits: in
     n_tiles = o.n_tiles or N_TILES
     col_blocks = -(-n // (16 * n_tiles))
     row_blocks = -(-m // (16 * m_tiles))
-    chunks = k // chunk_k
+    chunks = -(-k // chunk_k)  # a K tail: the last chunk is partial
     target = (o.warps_per_sm or WARPS_PER_SM) * sm_count
     warps = o.warps or WARPS
     num_splits = o.num_splits or num_splits
@@ -154,7 +157,7 @@ def plan(problem: W4A16Problem, device: DeviceInfo, static_shared: StaticShared,
     variant = options.variant or ("dequant-gemm" if M >= DENSE_MIN_M else "mma")
     warp = device.warp_size
     layout = layout_info(p.layout)
-    chunks = K // layout.chunk_k
+    chunks = -(-K // layout.chunk_k)  # chunks holding real k: the last may be partial (a K tail)
     itemsize = 2  # fp16 / bf16 activations
     if variant == "naive":
         return W4A16Plan(spec("w4a16", "naive", dtype=p.dtype), (N // 16, M, 1), (warp, 1, 1), 0, 1, chunks)
@@ -163,7 +166,7 @@ def plan(problem: W4A16Problem, device: DeviceInfo, static_shared: StaticShared,
         return W4A16Plan(spec("w4a16", "dequant", dtype=p.dtype), (N // 16, -(-chunks // chunks_per_block), 1),
                          (DEQUANT_THREADS, 1, 1), 0, 1, chunks, dense=True)
     if variant in ("gemv-scalar", "gemv"):
-        smem = K * itemsize
+        smem = chunks * layout.chunk_k * itemsize  # x, then zeros to the end of the last chunk
         if smem > device.max_smem_per_block:
             raise ValueError(f"variant {variant!r} stages x in shared memory: K={K} needs {smem} B, "
                              f"the device allows {device.max_smem_per_block} B")
@@ -177,7 +180,7 @@ def plan(problem: W4A16Problem, device: DeviceInfo, static_shared: StaticShared,
     while True:
         ring = stages(warps * warp, t.n_tiles, options)
         kernel = spec("w4a16", "mma", dtype=p.dtype, m_tiles=t.m_tiles, n_tiles=t.n_tiles, warps=warps,
-                      group_tiles=group_tiles(p.group_size), stages=ring)
+                      group_tiles=group_tiles(p.group_size, K), stages=ring)
         x_smem = mma_x_smem(ring, warps, M, t.m_tiles, layout.chunk_k, itemsize)
         if static_shared(kernel) + x_smem <= device.max_smem_per_block:
             break
