@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -79,23 +80,11 @@ def int8_attention(q, k, v, k_scale, v_scale, block_table=None, kv_lens=None, ca
     cache; a GPU the split kernels with the int8 KV loader (no dequantized copy anywhere)."""
     scale = checks.scale(scale)
     checks.int8_cache(q, k, v, k_scale, v_scale, block_table, kv_lens)
-    checks.out(out, q)
-    checks.options(options, DecodeOptions)
-    backend = dispatch.backend_for(q.device)
-    if block_table is not None and (backend is None or knobs.check_tables()):
-        checks.block_table_ids(block_table, kv_lens, k, gpu=backend is not None)
-    if backend is None:
-        s = _default_scale(q) if scale is None else float(scale)
-        return _into(out, reference.int8_attention(q, k, v, k_scale, v_scale, block_table=block_table,
-                                                   causal=causal, scale=s, kv_lens=kv_lens))
-    sig = _signature(("int8", options), q, k, v, k_scale, v_scale, block_table, kv_lens, out)
-    call = _checked.get(sig) if sig is not None else None
-    if call is None:
-        prepared = _prepare(backend, q, k, block_table, options or decode_plan.DEFAULT_OPTIONS, "int8")
-        call = _DecodeCall(prepared, q, k, v, block_table, out, _Side(k_scale.stride(), v_scale.stride()))
-        if sig is not None:
-            _checked[sig] = call
-    return call(q, k, v, block_table, kv_lens, causal, scale, out, k_scale, v_scale)
+    return _compressed_decode(
+        ("int8",), q, k, v, (k_scale, v_scale), block_table, kv_lens, causal, scale, out, options,
+        lambda s: reference.int8_attention(q, k, v, k_scale, v_scale, block_table=block_table, causal=causal,
+                                           scale=s, kv_lens=kv_lens),
+        lambda: _Side(k_scale.stride(), v_scale.stride()))
 
 
 def kivi_attention(q, k, v, k_scale, v_scale, k_resid, group: int, block_table=None, kv_lens=None,
@@ -107,26 +96,37 @@ def kivi_attention(q, k, v, k_scale, v_scale, k_resid, group: int, block_table=N
     dequantized cache; a GPU the split kernels with the kivi4_g<group> KV loader."""
     scale = checks.scale(scale)
     checks.kivi_cache(q, k, v, k_scale, v_scale, k_resid, group, block_table, kv_lens)
+    # pairs are 4-byte words: their strides in pairs
+    return _compressed_decode(
+        ("kivi4", group), q, k, v, (k_scale, v_scale, k_resid), block_table, kv_lens, causal, scale, out, options,
+        lambda s: reference.kivi_attention(q, k, v, k_scale, v_scale, k_resid, group, block_table=block_table,
+                                           causal=causal, scale=s, kv_lens=kv_lens),
+        lambda: _Side(tuple(st // 2 for st in k_scale.stride()[:3]), tuple(st // 2 for st in v_scale.stride()[:3]),
+                      tuple(k_resid.stride()[:3])))
+
+
+def _compressed_decode(fmt: tuple, q, k, v, side: tuple, block_table, kv_lens, causal: bool, scale: float | None,
+                       out: torch.Tensor | None, options: DecodeOptions | None,
+                       cpu_reference: Callable[[float], torch.Tensor],
+                       side_strides: Callable[[], _Side]) -> torch.Tensor:
+    """The call path of a compressed cache whose format-specific arguments were checked: `fmt` the
+    loader's (format, group) for the planner, `side` its tensors beside the codes (scales, pairs,
+    residual), passed to the kernel in that order; the CPU runs `cpu_reference(scale)`."""
     checks.out(out, q)
     checks.options(options, DecodeOptions)
     backend = dispatch.backend_for(q.device)
     if block_table is not None and (backend is None or knobs.check_tables()):
         checks.block_table_ids(block_table, kv_lens, k, gpu=backend is not None)
     if backend is None:
-        s = _default_scale(q) if scale is None else float(scale)
-        return _into(out, reference.kivi_attention(q, k, v, k_scale, v_scale, k_resid, group, block_table=block_table,
-                                                   causal=causal, scale=s, kv_lens=kv_lens))
-    sig = _signature(("kivi4", group, options), q, k, v, k_scale, v_scale, k_resid, block_table, kv_lens, out)
+        return _into(out, cpu_reference(_default_scale(q) if scale is None else float(scale)))
+    sig = _signature((*fmt, options), q, k, v, *side, block_table, kv_lens, out)
     call = _checked.get(sig) if sig is not None else None
     if call is None:
-        prepared = _prepare(backend, q, k, block_table, options or decode_plan.DEFAULT_OPTIONS, "kivi4", group)
-        # pairs are 4-byte words: their strides in pairs
-        side = _Side(tuple(st // 2 for st in k_scale.stride()[:3]), tuple(st // 2 for st in v_scale.stride()[:3]),
-                     tuple(k_resid.stride()[:3]))
-        call = _DecodeCall(prepared, q, k, v, block_table, out, side)
+        prepared = _prepare(backend, q, k, block_table, options or decode_plan.DEFAULT_OPTIONS, *fmt)
+        call = _DecodeCall(prepared, q, k, v, block_table, out, side_strides())
         if sig is not None:
             _checked[sig] = call
-    return call(q, k, v, block_table, kv_lens, causal, scale, out, k_scale, v_scale, k_resid)
+    return call(q, k, v, block_table, kv_lens, causal, scale, out, *side)
 
 
 def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
