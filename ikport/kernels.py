@@ -88,11 +88,31 @@ class W4A16Params(ctypes.Structure):
     ]
 
 
+class KvAppendParams(ctypes.Structure):
+    _fields_ = [
+        ("k_new", ctypes.c_void_p), ("v_new", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p),
+        ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p), ("k_resid", ctypes.c_void_p),
+        ("block_table", ctypes.c_void_p), ("positions", ctypes.c_void_p), ("lens", ctypes.c_void_p),
+        ("counter", ctypes.c_void_p),
+        ("kn_sb", ctypes.c_int64), ("kn_sh", ctypes.c_int64), ("kn_st", ctypes.c_int64),
+        ("vn_sb", ctypes.c_int64), ("vn_sh", ctypes.c_int64), ("vn_st", ctypes.c_int64),
+        ("s_sb", ctypes.c_int64), ("s_sh", ctypes.c_int64), ("s_st", ctypes.c_int64),
+        ("sc_sb", ctypes.c_int64), ("sc_sh", ctypes.c_int64), ("sc_st", ctypes.c_int64),
+        ("kp_sb", ctypes.c_int64), ("kp_sh", ctypes.c_int64), ("kp_sg", ctypes.c_int64),
+        ("kr_sb", ctypes.c_int64), ("kr_sh", ctypes.c_int64), ("kr_st", ctypes.c_int64),
+        ("bt_sb", ctypes.c_int64),
+        ("batch", ctypes.c_int32), ("kv_heads", ctypes.c_int32), ("new_tokens", ctypes.c_int32),
+        ("capacity", ctypes.c_int32), ("page_size_log2", ctypes.c_int32), ("k_groups", ctypes.c_int32),
+        ("rewrite", ctypes.c_int32),
+    ]
+
+
 PARAMS_TYPES: dict[str, type[ctypes.Structure]] = {
     "DecodeParams": DecodeParams,
     "PrefillParams": PrefillParams,
     "MmaTileParams": MmaTileParams,
     "W4A16Params": W4A16Params,
+    "KvAppendParams": KvAppendParams,
 }
 
 

@@ -9,13 +9,14 @@ contiguous or paged, with on-device append and attention through the decode kern
 
     cache = ikport.KVCache(..., kv_format="kivi4", kivi_group=128)    # KIVI INT4: 37.7 MB at D1, 0.281x
 
-Everything stays on the device: `append` is a few torch kernels (quantize, scatter, the new
-lengths), no host synchronization, so a decode step with it can be captured in a CUDA graph.
+Everything stays on the device: on a GPU `append` is one kernel (kernels_src/kv_append.cuh: the
+rows quantized, written and the lengths set), on the CPU a few torch ops (the kernel's oracle); no
+host synchronization, so a decode step with it can be captured in a CUDA graph.
 KIVI's K (per channel over groups of G tokens) keeps each sequence's newest len % G tokens in a
 full-precision residual; an append quantizes every group it completes (the residual's rows and
-the new ones) and writes the new partial group's rows to the residual, with no data-dependent
-branch: it quantizes the whole span of groups the new tokens touch and writes only the groups
-that completed.
+the new ones) and writes the new partial group's rows to the residual (the torch ops without a
+data-dependent branch: they quantize the whole span of groups the new tokens touch and write only
+the groups that completed; the kernel walks the span's groups in order).
 `attend` reads the compressed cache once (int8: codes and scales, dequantized in registers),
 never a full-precision copy. CPU caches run the reference on the dequantized cache, which is
 also the GPU suite's oracle (`reference_attend`).
@@ -29,6 +30,7 @@ import torch
 
 from . import kvquant, reference
 from .impl import attention as _impl
+from .impl import kvcache as _append_impl
 from .plan.decode import DecodeOptions
 
 
@@ -106,6 +108,7 @@ class KVCache:
             self.v_scale = torch.zeros((*shape[:3], 2), dtype=dtype, device=device)
             self.k_resid = torch.zeros((batch, kv_heads, kivi_group, head_dim), dtype=dtype, device=device)
         self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
+        self._append_counter = torch.zeros(1, dtype=torch.int32, device=device)  # the append kernel's, zero at rest
         self.device = self.k.device  # "cuda" resolved to the current card ("cuda:0"), as tensors report it
 
     @property
@@ -154,6 +157,14 @@ class KVCache:
                 raise ValueError(f"KVCache.append: {name} is on {t.device}, the cache on {self.device}")
         if k_new.shape != v_new.shape:
             raise ValueError(f"KVCache.append: k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} differ")
+        if _append_impl.available(self):
+            _append_impl.append(self, k_new, v_new, positions)
+            return
+        self._append_torch(k_new, v_new, positions)
+
+    def _append_torch(self, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor | None) -> None:
+        """`append` in torch ops: the CPU path, and the oracle of the GPU's append kernel
+        (kernels_src/kv_append.cuh), which writes the same codes and pairs."""
         rewrite = positions is not None  # may land inside a group already quantized (kivi4)
         positions = self.lens if positions is None else positions
         n = k_new.shape[2]

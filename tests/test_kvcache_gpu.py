@@ -174,3 +174,58 @@ def test_kivi_append_syncs_nothing_and_replays_in_a_cuda_graph(T):
         assert cache.lens.tolist() == [start[0] + (step + 1) * T, start[1] + (step + 1) * T]
         ref = cache.reference_attend(q)
         assert (out.float() - ref.float()).abs().max().item() <= TOL[torch.float16]
+
+
+# ---- the append kernel -----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [0, 16])
+@pytest.mark.parametrize("kv_format,G", [("dense", None), ("int8", None), ("kivi4", 32), ("kivi4", 128)])
+def test_append_kernel_writes_what_the_torch_ops_write(kv_format, G, page_size, dtype):
+    """KVCache.append's kernel (kernels_src/kv_append.cuh) against its torch ops (the CPU path) on the
+    same device, from the same random contents: byte for byte over decode tokens and chunks from
+    staggered lengths (KIVI groups completing inside a chunk, at its end, not at all); then a
+    rewrite from given positions back inside quantized KIVI groups, whose earlier rows the kernel
+    dequantizes (a fused multiply-add there may move a value by one rounding: compared dequantized)."""
+    B, Hkv, D = 3, 2, 128
+    steps = (1, (G or 16) + 5, 1, 7, (G or 16) - 2, 300)
+    L = sum(steps) + 8
+    g = torch.Generator(device=DEV).manual_seed(11)
+    table = None
+    if page_size:
+        per_seq = -(-L // page_size)
+        table = torch.randperm(B * per_seq, device=DEV, generator=g).to(torch.int32).view(B, per_seq)
+    caches = [ikport.KVCache(B, Hkv, L, D, dtype=dtype, kv_format=kv_format, page_size=page_size, block_table=table,
+                             kivi_group=G, device=DEV) for _ in range(2)]
+    names = [n for n in ("k", "v", "k_scale", "v_scale", "k_resid") if getattr(caches[0], n) is not None]
+    for n in names:  # the same random contents in both (never zeros)
+        t = getattr(caches[0], n)
+        fill = (torch.randn(t.shape, device=DEV, generator=g) * 100).to(t.dtype) if t.dtype.is_floating_point else \
+            torch.randint(-128 if t.dtype == torch.int8 else 0, 128 if t.dtype == torch.int8 else 256, t.shape,
+                          device=DEV, generator=g, dtype=t.dtype)
+        for c in caches:
+            getattr(c, n).copy_(fill)
+    for c in caches:
+        c.lens.copy_(torch.tensor([0, 3, 1], dtype=torch.int32, device=DEV))
+    kernel, torch_ops = caches
+    for i, n in enumerate(steps):
+        k = (torch.randn(B, Hkv, n, D, device=DEV, generator=g) * 4).to(dtype)
+        v = torch.randn(B, Hkv, n, D, device=DEV, generator=g).to(dtype)
+        kernel.append(k, v)
+        torch_ops._append_torch(k, v, None)
+        for name in names + ["lens"]:
+            a, b = getattr(kernel, name), getattr(torch_ops, name)
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), f"step {i} (T {n}): {name} differs"
+    back = (torch_ops.lens - torch.tensor([(G or 16) + 3, 2, 40], dtype=torch.int32, device=DEV)).clamp(min=0)
+    k = torch.randn(B, Hkv, 3, D, device=DEV, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, 3, D, device=DEV, generator=g).to(dtype)
+    kernel.append(k, v, positions=back.clone())
+    torch_ops._append_torch(k, v, back.clone())
+    assert torch.equal(kernel.lens, torch_ops.lens)
+    for a, b in zip(kernel.dequantized(), torch_ops.dequantized()):
+        moved = a != b
+        if kv_format != "kivi4":
+            assert not moved.any()
+            continue
+        # at most one code step (of the widest group) and on few values
+        step = 2 * b.float().abs().max().item() / 15
+        assert (a.float() - b.float()).abs().max().item() <= step and moved.float().mean().item() < 1e-3

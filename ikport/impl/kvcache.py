@@ -1,0 +1,107 @@
+"""The GPU path of `ikport.KVCache.append`: one launch of kernels_src/kv_append.cuh writes the new
+rows of every sequence and KV head in the cache's format (the codes and pairs ikport.kvquant's
+torch functions give, which stay the CPU path and the oracle) and sets the lengths. No host
+synchronization: a decode step's append can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .. import dispatch, manifest
+from ..kernels import Kernel, KvAppendParams, get_kernel
+from ..launch import raw_stream
+
+KVCache = Any  # an ikport.KVCache (the API layer above: not imported here)
+
+_DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def block_threads(head_dim: int) -> int:
+    """Threads a block (kv_append::threads in the kernel: a KIVI group block holds a row's channel
+    pairs, up to 128, in one pass)."""
+    return 256 if head_dim > 128 else 128
+
+
+def kv_format(cache: KVCache) -> str:
+    """The manifest's kv_format value of a cache."""
+    return f"kivi4_g{cache.kivi_group}" if cache.kv_format == "kivi4" else cache.kv_format
+
+
+def grid_blocks(cache: KVCache, new_tokens: int, warp_size: int) -> int:
+    """Blocks of the launch: a wave per new row (K's and V's; KIVI: V's), then KIVI's group block
+    per sequence and KV head (at least one block: the last sets the lengths)."""
+    per_tensor = cache.batch * cache.kv_heads * new_tokens
+    kivi = cache.kv_format == "kivi4"
+    rows = per_tensor if kivi else 2 * per_tensor
+    waves = block_threads(cache.head_dim) // warp_size
+    return max(1, -(-rows // waves) + (cache.batch * cache.kv_heads if kivi else 0))
+
+
+def _words(strides: tuple[int, ...]) -> tuple[int, ...]:
+    """Strides of a tensor of (scale, zero) pairs in 4-byte words (two elements each)."""
+    return tuple(s // 2 for s in strides)
+
+
+def params(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor,
+           rewrite: bool) -> KvAppendParams:
+    """The kernel's argument for this append (k_new, v_new in the cache dtype with even strides,
+    positions int32 [B]): the library's and the emulator tests' one construction."""
+    fmt = cache.kv_format
+
+    def ptr(t: torch.Tensor | None) -> int:
+        return t.data_ptr() if t is not None else 0
+
+    return KvAppendParams(
+        k_new.data_ptr(), v_new.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), ptr(cache.k_scale),
+        ptr(cache.v_scale), ptr(cache.k_resid), ptr(cache.block_table), positions.data_ptr(),
+        cache.lens.data_ptr(), cache._append_counter.data_ptr(),
+        *k_new.stride()[:3], *v_new.stride()[:3], *cache.k.stride()[:3],
+        *((cache.k_scale.stride()[:3] if fmt == "int8" else _words(cache.v_scale.stride()[:3]))
+          if fmt != "dense" else (0, 0, 0)),
+        *(_words(cache.k_scale.stride()[:3]) if fmt == "kivi4" else (0, 0, 0)),
+        *(cache.k_resid.stride()[:3] if fmt == "kivi4" else (0, 0, 0)),
+        cache.block_table.stride(0) if cache.paged else 0,
+        cache.batch, cache.kv_heads, k_new.shape[2], cache.capacity,
+        cache.page_size.bit_length() - 1 if cache.paged else 0,
+        cache.k_scale.shape[2] if fmt == "kivi4" else 0, int(rewrite),
+    )
+
+
+def _kernel_ready(t: torch.Tensor) -> bool:
+    """Whether the kernel reads `t` as it is: the last dim contiguous, pairs of elements 4-byte
+    aligned (even strides, an aligned start)."""
+    return t.stride(-1) == 1 and all(s % 2 == 0 for s in t.stride()[:3]) and t.data_ptr() % 4 == 0
+
+
+def available(cache: KVCache) -> bool:
+    """Whether the cache's device has a kernel backend (else KVCache.append runs its torch ops)."""
+    return dispatch.backend_for(cache.device) is not None
+
+
+_kernels: dict[tuple, tuple[Kernel, int]] = {}  # (backend, device, cache layout) -> (kernel, warp size)
+
+
+def append(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor | None) -> None:
+    """KVCache.append on a GPU, its arguments checked: one kernel launch."""
+    backend = dispatch.backend_for(cache.device)
+    dev = cache.device.index if cache.device.index is not None else torch.cuda.current_device()
+    k_new, v_new = (t if t.dtype == cache.dtype and _kernel_ready(t) else t.to(cache.dtype).contiguous()
+                    for t in (k_new, v_new))
+    rewrite = positions is not None
+    if positions is None:
+        positions = cache.lens
+    elif positions.dtype != torch.int32 or not positions.is_contiguous():
+        positions = positions.to(torch.int32).contiguous()
+    key = (backend.name, dev, cache.dtype, cache.head_dim, kv_format(cache), cache.paged)
+    found = _kernels.get(key)
+    if found is None:
+        spec = manifest.spec("kv_append", "append", dtype=_DTYPE_NAME[cache.dtype], head_dim=cache.head_dim,
+                             kv_format=kv_format(cache), paged=cache.paged)
+        found = _kernels[key] = (get_kernel(spec, backend, dev), backend.device_info(dev).warp_size)
+    kernel, warp_size = found
+    p = params(cache, k_new, v_new, positions, rewrite)
+    kernel.launch((grid_blocks(cache, k_new.shape[2], warp_size), 1, 1), (block_threads(cache.head_dim), 1, 1), 0,
+                  p, raw_stream(dev))
