@@ -109,6 +109,7 @@ class KVCache:
             self.k_resid = torch.zeros((batch, kv_heads, kivi_group, head_dim), dtype=dtype, device=device)
         self.lens = torch.zeros(batch, dtype=torch.int32, device=device)
         self._append_counter = torch.zeros(1, dtype=torch.int32, device=device)  # the append kernel's, zero at rest
+        self._append_calls: dict = {}  # the GPU append's prepared launches (ikport.impl.kvcache)
         self.device = self.k.device  # "cuda" resolved to the current card ("cuda:0"), as tensors report it
 
     @property

@@ -84,10 +84,30 @@ def available(cache: KVCache) -> bool:
 _kernels: dict[tuple, tuple[Kernel, int]] = {}  # (backend, device, cache layout) -> (kernel, warp size)
 
 
+class _AppendCall:
+    """One append layout's launch (the cache, T, the new rows' strides): the parameter struct
+    built once, the launcher with its grid bound; a call copies the struct and fills in the
+    pointers that may change (the new rows, positions; the lengths and block table, which a
+    caller may replace)."""
+
+    def __init__(self, kernel: Kernel, warp_size: int, device: int, cache: KVCache, k_new: torch.Tensor,
+                 v_new: torch.Tensor, positions: torch.Tensor, rewrite: bool) -> None:
+        self.template = params(cache, k_new, v_new, positions, rewrite)
+        grid = (grid_blocks(cache, k_new.shape[2], warp_size), 1, 1)
+        self.launch = kernel.bind(grid, (block_threads(cache.head_dim), 1, 1), 0)
+        self.device = device
+
+    def __call__(self, cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
+        p = KvAppendParams.from_buffer_copy(self.template)
+        p.k_new, p.v_new, p.positions, p.lens = k_new.data_ptr(), v_new.data_ptr(), positions.data_ptr(), \
+            cache.lens.data_ptr()
+        if cache.block_table is not None:
+            p.block_table = cache.block_table.data_ptr()
+        self.launch(p, raw_stream(self.device))
+
+
 def append(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor | None) -> None:
-    """KVCache.append on a GPU, its arguments checked: one kernel launch."""
-    backend = dispatch.backend_for(cache.device)
-    dev = cache.device.index if cache.device.index is not None else torch.cuda.current_device()
+    """KVCache.append on a GPU, its arguments checked: one kernel launch (prepared once per layout)."""
     k_new, v_new = (t if t.dtype == cache.dtype and _kernel_ready(t) else t.to(cache.dtype).contiguous()
                     for t in (k_new, v_new))
     rewrite = positions is not None
@@ -95,13 +115,18 @@ def append(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, positions: 
         positions = cache.lens
     elif positions.dtype != torch.int32 or not positions.is_contiguous():
         positions = positions.to(torch.int32).contiguous()
-    key = (backend.name, dev, cache.dtype, cache.head_dim, kv_format(cache), cache.paged)
-    found = _kernels.get(key)
-    if found is None:
-        spec = manifest.spec("kv_append", "append", dtype=_DTYPE_NAME[cache.dtype], head_dim=cache.head_dim,
-                             kv_format=kv_format(cache), paged=cache.paged)
-        found = _kernels[key] = (get_kernel(spec, backend, dev), backend.device_info(dev).warp_size)
-    kernel, warp_size = found
-    p = params(cache, k_new, v_new, positions, rewrite)
-    kernel.launch((grid_blocks(cache, k_new.shape[2], warp_size), 1, 1), (block_threads(cache.head_dim), 1, 1), 0,
-                  p, raw_stream(dev))
+    layout = (k_new.shape[2], k_new.stride(), v_new.stride(), rewrite)
+    call = cache._append_calls.get(layout)
+    if call is None:
+        backend = dispatch.backend_for(cache.device)
+        dev = cache.device.index if cache.device.index is not None else torch.cuda.current_device()
+        key = (backend.name, dev, cache.dtype, cache.head_dim, kv_format(cache), cache.paged)
+        found = _kernels.get(key)
+        if found is None:
+            spec = manifest.spec("kv_append", "append", dtype=_DTYPE_NAME[cache.dtype], head_dim=cache.head_dim,
+                                 kv_format=kv_format(cache), paged=cache.paged)
+            found = _kernels[key] = (get_kernel(spec, backend, dev), backend.device_info(dev).warp_size)
+        if len(cache._append_calls) > 64:  # (chunk lengths vary: keep the decode step's and a few)
+            cache._append_calls.clear()
+        call = cache._append_calls[layout] = _AppendCall(*found, dev, cache, k_new, v_new, positions, rewrite)
+    call(cache, k_new, v_new, positions)
