@@ -87,3 +87,22 @@ def test_merge_keeps_the_rows_a_run_does_not_redo(tmp_path):
     doc = json.loads(out.read_text())
     assert [r["impl"] for r in doc["results"]] == ["hf-sdpa", "ikport"]
     assert doc["results"][0] == first["hf-sdpa"] and len(doc["merged"]) == 1
+
+
+def test_largest_batch_doubles_then_bisects(monkeypatch):
+    tried = []
+
+    def fits(model, kv_format, batch, context, device):
+        tried.append(batch)
+        return batch <= 37
+    monkeypatch.setattr(e2e, "fits", fits)
+    assert e2e.largest_batch(None, "dense", 1024, torch.device("cpu")) == 37
+    assert tried[:7] == [1, 2, 4, 8, 16, 32, 64] and len(tried) <= 13
+    monkeypatch.setattr(e2e, "fits", lambda *a: False)
+    assert e2e.largest_batch(None, "dense", 1024, torch.device("cpu")) == 0
+
+
+def test_fits_runs_a_decode_step_over_full_caches_on_the_cpu():
+    model = e2e.build_model(e2e.tiny_config(2, max_positions=256), torch.float32, torch.device("cpu"))
+    model.set_attn_implementation("ikport")
+    assert e2e.fits(model, "dense", 2, 128, torch.device("cpu"))

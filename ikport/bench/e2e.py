@@ -23,6 +23,10 @@ ikport's synchronized prefill; for transformers a generate() of one new token), 
 (ikport: the decode phase / its steps), peak_GB (torch.cuda.max_memory_allocated over the timed
 generation, weights included), and how many leading new tokens match hf-sdpa's / ikport-eager's
 (bf16 with random weights: informational; graphs against eager should match all).
+
+--capacity 32768: the largest batch whose 32k-token caches fit beside the model, fp16 against KIVI
+(the JSON's "capacity"): caches allocated and one decode step run over them, found by doubling and
+bisection on out-of-memory.
 """
 
 from __future__ import annotations
@@ -275,6 +279,60 @@ def bench_workload(model: torch.nn.Module, w: Workload, impls: Sequence[str], ar
               f"peak {row['peak_GB']} GB")
 
 
+def fits(model: torch.nn.Module, kv_format: str, batch: int, context: int, device: torch.device) -> bool:
+    """Whether `batch` sequences of `context` tokens fit: their IkportCache allocated beside the model,
+    then one decode step at position context - 1 over the full caches (zeros: bytes, not values)."""
+    from ikport.integrations.transformers import IkportCache
+
+    cache = None
+    try:
+        cache = IkportCache(model, context, kv_format=kv_format, batch_size=batch)
+        for kv in cache.kv_caches:
+            kv.lens.fill_(context - 1)
+        cache._set_seen(context - 1)
+        ids = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        with torch.no_grad():
+            model(input_ids=ids, past_key_values=cache, use_cache=True,
+                  cache_position=torch.full((1,), context - 1, dtype=torch.long, device=device))
+        _sync(device)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        cache = None
+        _free(device)
+
+
+def largest_batch(model: torch.nn.Module, kv_format: str, context: int, device: torch.device,
+                  limit: int = 4096) -> int:
+    """The largest batch that `fits` (doubling, then bisection); 0 if not even one sequence does."""
+    low, high = 0, 1
+    while high <= limit and fits(model, kv_format, high, context, device):
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(model, kv_format, mid, context, device) else (low, mid)
+    return low
+
+
+def capacity_rows(model: torch.nn.Module, context: int, device: torch.device) -> list[dict[str, Any]]:
+    """The largest batch at `context` tokens for each cache format the e2e rows run (fp16 and KIVI)."""
+    model.set_attn_implementation("ikport")
+    rows = []
+    for fmt in ["dense"] + ([kivi_format()] if kivi_format() else []):
+        t0 = time.perf_counter()
+        batch = largest_batch(model, fmt, context, device)
+        layers = model.config.num_hidden_layers
+        kv_heads = model.config.num_key_value_heads
+        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+        per_token = kvquant.bytes_per_token(fmt, kv_heads, head_dim, model.dtype) * layers
+        rows.append({"context": context, "kv_format": fmt, "max_batch": batch,
+                     "cache_GB_per_sequence": round(per_token * context / 1e9, 3),
+                     "search_s": round(time.perf_counter() - t0, 1)})
+        print(f"capacity at {context} tokens: {fmt:6s} batch {batch} ({rows[-1]['cache_GB_per_sequence']} GB a sequence)")
+    return rows
+
+
 def print_table(results: Results) -> None:
     print(f"\n{'workload':16s} {'impl':18s} {'tok/s':>9s} {'ttft ms':>9s} {'ms/step':>8s} {'peak GB':>8s} "
           f"{'=sdpa':>6s} {'=eager':>6s}")
@@ -334,6 +392,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="keep the rows of an existing --out file that this run does not redo (a run split "
                         "over several device calls)")
     parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    parser.add_argument("--capacity", type=int, default=0, metavar="CONTEXT",
+                        help="also find the largest batch whose CONTEXT-token caches (fp16 and KIVI) fit beside the "
+                        "model and run a decode step (e.g. 32768; default: skip)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -361,7 +422,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"docs/results/e2e-{harness.device_slug(meta['device'])}.json")
     dtype = DTYPES[args.dtype]
     plan = [WORKLOADS[w] for w in args.workloads]
-    longest = max(w.prompt + (args.new_tokens or w.new) for w in plan)
+    longest = max([w.prompt + (args.new_tokens or w.new) for w in plan] + [args.capacity])
     config = (tiny_config if args.tiny else llama3_8b_config)(args.layers, longest)
     t0 = time.perf_counter()
     model = build_model(config, dtype, device)
@@ -372,6 +433,7 @@ def run(args: argparse.Namespace) -> int:
     w4_impls = [i for i in impls if "w4a16" in i]
     for w in plan:
         bench_workload(model, w, float_impls, args, device, results, tokens)
+    capacity = capacity_rows(model, args.capacity, device) if args.capacity else []
     quantize_s = None
     if w4_impls:  # last: quantize_model replaces the Linears in place
         from ikport.nn import quantize_model
@@ -400,6 +462,7 @@ def run(args: argparse.Namespace) -> int:
                    "(weights included); greedy, EOS off, random prompts; match_<impl>: leading new tokens every "
                    "sequence shares with that implementation's"),
         "quick": bool(args.quick),
+        "capacity": capacity,
         "skipped": results.skipped,
         "errors": results.errors,
     }
@@ -409,6 +472,8 @@ def run(args: argparse.Namespace) -> int:
         redone = {(r["workload"], r["impl"]) for r in rows} | {
             (e["workload"], e["impl"]) for e in results.skipped + results.errors}
         rows = [r for r in earlier.get("results", []) if (r["workload"], r["impl"]) not in redone] + rows
+        if not capacity:
+            extra["capacity"] = earlier.get("capacity", [])
         for key in ("skipped", "errors"):
             extra[key] = [e for e in earlier.get(key, []) if (e["workload"], e["impl"]) not in redone] + extra[key]
         extra["merged"] = earlier.get("merged", []) + [{"command": earlier.get("command"),
