@@ -322,14 +322,14 @@ def capacity_rows(model: torch.nn.Module, context: int, device: torch.device) ->
     for fmt in ["dense"] + ([kivi_format()] if kivi_format() else []):
         t0 = time.perf_counter()
         batch = largest_batch(model, fmt, context, device)
-        layers = model.config.num_hidden_layers
-        kv_heads = model.config.num_key_value_heads
-        head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
-        per_token = kvquant.bytes_per_token(fmt, kv_heads, head_dim, model.dtype) * layers
+        c = model.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        per_token = kvquant.bytes_per_token(fmt, c.num_key_value_heads, head_dim, model.dtype) * c.num_hidden_layers
         rows.append({"context": context, "kv_format": fmt, "max_batch": batch,
                      "cache_GB_per_sequence": round(per_token * context / 1e9, 3),
                      "search_s": round(time.perf_counter() - t0, 1)})
-        print(f"capacity at {context} tokens: {fmt:6s} batch {batch} ({rows[-1]['cache_GB_per_sequence']} GB a sequence)")
+        print(f"capacity at {context} tokens: {fmt:6s} batch {batch} "
+              f"({rows[-1]['cache_GB_per_sequence']} GB a sequence)")
     return rows
 
 
