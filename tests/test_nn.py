@@ -57,6 +57,39 @@ def test_from_linear_fields():
     assert set(dict(layer.named_buffers())) == {"qweight", "scales", "zeros"}
 
 
+def test_weight_int4_follows_every_way_a_buffer_changes():
+    """The cache forward reads: a new buffer object (attribute, or straight into _buffers as
+    accelerate's loaders do), a dropped zeros or a new group size each give a new Int4Weight."""
+    layer = W4A16Linear.from_linear(_linear(256, 32), group_size=64, symmetric=False)
+    w = layer.weight_int4
+    layer.scales = layer.scales.clone()
+    assert layer.weight_int4 is not w and layer.weight_int4.scales is layer.scales
+    w = layer.weight_int4
+    layer._buffers["qweight"] = layer.qweight.clone()
+    assert layer.weight_int4 is not w and layer.weight_int4.qweight is layer.qweight
+    w = layer.weight_int4
+    layer.zeros = None
+    assert layer.weight_int4 is not w and layer.weight_int4.zeros is None
+    w = layer.weight_int4
+    layer.group_size, layer.scales = 128, layer.scales[::2].clone()
+    assert layer.weight_int4.group_size == 128 and layer.weight_int4 is layer.weight_int4
+
+
+def test_forward_bias_and_leading_dims():
+    """Bias added after the product (in place, or promoted where it was recast by hand), any
+    leading dims, 1-D x."""
+    lin = _linear(256, 32)
+    layer = W4A16Linear.from_linear(lin, group_size=64)
+    w = layer.weight_int4.dequantize()
+    x = torch.randn(2, 3, 256, dtype=torch.float16)
+    ref = ((x.float() @ w.T).half() + lin.bias.half())
+    assert torch.equal(layer(x), ref)
+    assert torch.equal(layer(x[0, 0]), ref[0, 0])
+    layer.bias.data = layer.bias.data.float()
+    y = layer(x)
+    assert y.dtype == torch.float32 and torch.equal(y, (x.float() @ w.T).half() + layer.bias)
+
+
 def test_from_gptq_awq_int4():
     n, k, g = 32, 256, 128
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)

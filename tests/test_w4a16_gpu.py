@@ -236,6 +236,57 @@ def test_cuda_graph_replay_matches_eager():
         assert torch.equal(static_out, ikport.w4a16_matmul(static_x, wq)), f"replay {i}"
 
 
+def test_prepared_call_takes_each_calls_pointers():
+    """Calls of one layout share a prepared launch: each must read its own x, weight and out
+    (split-K, one split, dense; x in place, strided and copied; out= given or not)."""
+    g = torch.Generator(device=DEV).manual_seed(37)
+    weights = [make_weight(1024, 4096, torch.float16, g) for _ in range(2)]  # narrow: split K at M=1
+    for M in (1, 16, 160):  # split-K, one split, dense
+        buf = torch.randn(M * 4096 + 64, generator=g, device=DEV, dtype=torch.float32).half()
+        outs = [torch.full((M, 1024), float("nan"), dtype=torch.float16, device=DEV) for _ in range(2)]
+        for i in range(4):
+            x = buf[8 * i:8 * i + M * 4096].view(M, 4096)  # 16-byte steps: one layout, new pointers
+            wq = weights[i % 2]
+            if i < 2:
+                check(ikport.w4a16_matmul(x, wq), x, wq)
+            else:
+                out = outs[i % 2]
+                assert ikport.w4a16_matmul(x, wq, out=out) is out
+                check(out, x, wq)
+    wq = weights[0]
+    for _ in range(2):
+        x3 = torch.randn(2, 3, 4096, generator=g, device=DEV, dtype=torch.float16)  # leading dims, in place
+        check(ikport.w4a16_matmul(x3, wq).view(6, 1024), x3.view(6, 4096), wq)
+        xt = torch.randn(3, 2, 4096, generator=g, device=DEV, dtype=torch.float16).transpose(0, 1)  # copied rows
+        check(ikport.w4a16_matmul(xt, wq).reshape(6, 1024), xt.reshape(6, 4096), wq)
+
+
+@pytest.mark.parametrize("M", [1, 16, 160], ids=["split-k", "one-split", "dense"])
+def test_cuda_graph_of_leading_dims_and_out_matches_eager(M):
+    """A call with [2, M/2, K] x and out= given, prepared by an eager call, then captured and
+    replayed with new x values: each replay matches the eager call of the same layout."""
+    g = torch.Generator(device=DEV).manual_seed(41 + M)
+    wq = make_weight(1024, 4096, torch.float16, g)
+    shape = (2, max(M // 2, 1), 4096) if M > 1 else (1, 1, 4096)
+    static_x = torch.randn(shape, generator=g, device=DEV, dtype=torch.float16)
+    static_out = torch.empty((*shape[:-1], 1024), device=DEV, dtype=torch.float16)
+    ikport.w4a16_matmul(static_x, wq, out=torch.empty_like(static_out))  # compile and prepare outside the capture
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ikport.w4a16_matmul(static_x, wq, out=static_out)
+    torch.cuda.current_stream().wait_stream(s)
+    for i in range(3):
+        static_x.copy_(torch.randn(shape, generator=g, device=DEV, dtype=torch.float16))
+        graph.replay()
+        eager = ikport.w4a16_matmul(static_x, wq, out=torch.empty_like(static_out))
+        torch.cuda.synchronize()
+        assert torch.equal(static_out, eager), f"replay {i}"
+    check(static_out.view(-1, 1024), static_x.view(-1, 4096), wq)
+
+
 def test_torch_compile_fullgraph():
     g = torch.Generator(device=DEV).manual_seed(17)
     wq = make_weight(256, 512, torch.float16, g)
