@@ -13,16 +13,11 @@ import torch
 from .. import dispatch, manifest
 from ..kernels import Kernel, KvAppendParams, get_kernel
 from ..launch import raw_stream
+from ..plan import kv_append as append_plan
 
 KVCache = Any  # an ikport.KVCache (the API layer above: not imported here)
 
 _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def block_threads(head_dim: int) -> int:
-    """Threads a block (kv_append::threads in the kernel: a KIVI group block holds a row's channel
-    pairs, up to 128, in one pass)."""
-    return 256 if head_dim > 128 else 128
 
 
 def kv_format(cache: KVCache) -> str:
@@ -31,13 +26,9 @@ def kv_format(cache: KVCache) -> str:
 
 
 def grid_blocks(cache: KVCache, new_tokens: int, warp_size: int) -> int:
-    """Blocks of the launch: a wave per new row (K's and V's; KIVI: V's), then KIVI's group block
-    per sequence and KV head (at least one block: the last sets the lengths)."""
-    per_tensor = cache.batch * cache.kv_heads * new_tokens
-    kivi = cache.kv_format == "kivi4"
-    rows = per_tensor if kivi else 2 * per_tensor
-    waves = block_threads(cache.head_dim) // warp_size
-    return max(1, -(-rows // waves) + (cache.batch * cache.kv_heads if kivi else 0))
+    """The launch's blocks for `new_tokens` rows a sequence into `cache` (ikport.plan.kv_append)."""
+    return append_plan.grid_blocks(batch=cache.batch, kv_heads=cache.kv_heads, new_tokens=new_tokens,
+                                   head_dim=cache.head_dim, kivi=cache.kv_format == "kivi4", warp_size=warp_size)
 
 
 def _words(strides: tuple[int, ...]) -> tuple[int, ...]:
@@ -94,7 +85,7 @@ class _AppendCall:
                  v_new: torch.Tensor, positions: torch.Tensor, rewrite: bool) -> None:
         self.template = params(cache, k_new, v_new, positions, rewrite)
         grid = (grid_blocks(cache, k_new.shape[2], warp_size), 1, 1)
-        self.launch = kernel.bind(grid, (block_threads(cache.head_dim), 1, 1), 0)
+        self.launch = kernel.bind(grid, (append_plan.block_threads(cache.head_dim), 1, 1), 0)
         self.device = device
 
     def __call__(self, cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor) -> None:
