@@ -261,7 +261,7 @@ BLOCK = W.W4A16Options(variant="tiled", block_m=64)
 TILED_DTYPE = {"nv": "bf16", "cdna": "fp16", "rdna3": "bf16"}
 TILED_CASES = {  # id: (M, N, K, group_size, symmetric, options)
     "M17-N48-K256-g128-sym": (17, 48, 256, 128, True, BLOCK),
-    "M50-N144-K320-g32-asym": (50, 144, 320, 32, False, W.W4A16Options(variant="tiled")),
+    "M50-N144-K352-g32-asym": (50, 144, 352, 32, False, W.W4A16Options(variant="tiled")),
     "M130-N80-K96-perchannel-asym": (130, 80, 96, None, False, BLOCK),
     "M20-N48-K576-g64-sym-split3": (20, 48, 576, 64, True, W.W4A16Options(variant="tiled", block_m=64,
                                                                           num_splits=3)),

@@ -242,9 +242,10 @@ def tiled_smem(block_m: int, block_n: int, stages: int, chunk_k: int) -> int:
 
 
 def tiled_warps(block_m: int, block_n: int) -> tuple[int, int]:
-    """(warps along M, warps along N): warp sub-tiles of 32 columns and 32 rows (64 from 128 block
-    rows: more matrix work per dequantized B fragment)."""
-    return block_m // (32 if block_m <= 64 else 64), block_n // TILED_WARP_N
+    """(warps along M, warps along N): warp sub-tiles of 32 x 32, with 64 rows from 128 block
+    rows and 64 columns from 256 block columns (more matrix work per A and per dequantized B
+    fragment; at most 8 warps)."""
+    return block_m // (32 if block_m <= 64 else 64), min(block_n // TILED_WARP_N, 4)
 
 
 @dataclass(frozen=True)
