@@ -10,8 +10,10 @@ the GEMVs, the naive kernel and the dequantizing kernel run as an AMD GPU would 
 the fp32 reference, with the launch the library's planner gives (ikport/w4a16.py). Needs clang
 (ext_vector_type, as the device code); CI installs clang-19 (ci/setup-amd.sh).
 
-Not covered: NVIDIA's matrix path (inline PTX: the GPU suite runs it), timing, and the hardware's
-rounding inside a matrix instruction (emulated in fp32, k in order).
+The tiled kernel (variant "tiled") also runs NVIDIA's fragment layout (IK_MMA_EMULATED_NV: the
+fragments element by element) with cp.async modelled. Not covered: NVIDIA's inline PTX (the GPU
+suite runs it), timing, and the hardware's rounding inside a matrix instruction (emulated in
+fp32, k in order).
 """
 
 from __future__ import annotations
