@@ -63,13 +63,21 @@ template <class T>
 struct GroupParams {
   unsigned int z2, s2;
 };
+// A zero point (the bits of a small integer in T, as `zeros` holds it) as the pair int4_pair()
+// subtracts: base + z in both halves, exact in T's bits.
+template <class T>
+IK_DEVICE unsigned int zero_pair(unsigned short bits) {
+  return (ik::dtype<T>::kInt4Base + static_cast<unsigned int>(ik::dtype<T>::unpack2(bits).x)) * 0x10001u;
+}
+template <class T>
+inline constexpr unsigned int kSymmetricZeroPair = (ik::dtype<T>::kInt4Base + 8) * 0x10001u;
 template <class T>
 IK_DEVICE GroupParams<T> group_params(const W4A16Params& p, int group, int col) {
   long long i = static_cast<long long>(group) * p.n + col;
   unsigned int s = *(static_cast<const unsigned short*>(p.scales) + i);
-  unsigned int z = 8;
-  if (p.zeros) z = static_cast<unsigned int>(ik::dtype<T>::to_float(static_cast<const T*>(p.zeros)[i]));
-  return {(ik::dtype<T>::kInt4Base + z) * 0x10001u, s * 0x10001u};
+  unsigned int z2 = kSymmetricZeroPair<T>;
+  if (p.zeros) z2 = zero_pair<T>(static_cast<const unsigned short*>(p.zeros)[i]);
+  return {z2, s * 0x10001u};
 }
 
 // Code of slot s of register pair r, as an integer (the scalar, pre-"magic number" path).
@@ -91,6 +99,35 @@ IK_DEVICE float column_total(const float (&acc)[kB]) {
     mine = lane == c ? v : mine;
   }
   return mine;
+}
+
+// Split-K's end, after every block wrote its fp32 partial tile (rows x cols at m0, n0) to
+// `partials`: the last block of the output tile to arrive (a counter) adds the partials in split
+// order (deterministic), writes the output and resets its counter for the next call or graph
+// replay. Every thread of the block calls it.
+template <class T, int kCols, int kThreads>
+IK_DEVICE void merge_splits(const W4A16Params& p, int m0, int rows, int n0, int cols) {
+  ik::fence_device();
+  ik::block_sync();
+  bool last = false;
+  if (threadIdx.x == 0) {
+    int* counter = p.tile_counters + blockIdx.z * gridDim.x + blockIdx.x;
+    last = ik::atomic_add(counter, 1) == p.num_splits - 1;
+    if (last) *counter = 0;
+  }
+  if (!ik::block_any(last)) return;
+  ik::fence_device();
+  T* out = static_cast<T*>(p.out);
+  for (int i = threadIdx.x; i < rows * kCols; i += kThreads) {
+    if (i % kCols >= cols) continue;
+    const int r = i / kCols, n = n0 + i % kCols;
+    const float* src = p.partials + static_cast<long long>(m0 + r) * p.n + n;
+    const long long stride = static_cast<long long>(p.m) * p.n;
+    float v = 0.f;
+#pragma unroll 4
+    for (int s = 0; s < p.num_splits; ++s) v += ik::load_coherent(src + s * stride);
+    out[(m0 + r) * p.o_sm + n] = ik::dtype<T>::from_float(v);
+  }
 }
 
 }  // namespace w4
@@ -312,7 +349,7 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
 
 #pragma unroll
   for (int d = 0; d < kDepth - 1; ++d) issue(d, d);
-  const unsigned int sym_z2 = (ik::dtype<T>::kInt4Base + 8) * 0x10001u;
+  constexpr unsigned int sym_z2 = w4::kSymmetricZeroPair<T>;
   float sc[NT][kC];                 // the current group's scales, at this lane's C columns
   unsigned int z2[NT][w4::kPairs];  // ... and its zero points (base + z), at its B columns
 
@@ -342,11 +379,8 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
             sc[nt][s] = ik::dtype<T>::unpack2(s_scale[slot][warp][j][16 * nt + L::c_col(lane, s)]).x;
 #pragma unroll
           for (int pair = 0; pair < w4::kPairs; ++pair) {
-            // zero points are T values (small integers): base + z is exact in T's bits
             const int col = 16 * nt + L::b_col(lane, 2 * pair);
-            z2[nt][pair] = zeros ? (ik::dtype<T>::kInt4Base +
-                                    static_cast<unsigned int>(ik::dtype<T>::unpack2(s_zero[slot][warp][j][col]).x)) * 0x10001u
-                                 : sym_z2;
+            z2[nt][pair] = zeros ? w4::zero_pair<T>(s_zero[slot][warp][j][col]) : sym_z2;
           }
         }
       }
@@ -408,26 +442,179 @@ __global__ void __launch_bounds__(WARPS * IK_WARP_SIZE) w4a16_mma(W4A16Params p)
     else part[static_cast<long long>(m0 + r) * p.n + n] = v;
   }
   if (p.num_splits == 1) return;
-  ik::fence_device();
-  ik::block_sync();
-  bool last = false;
-  if (threadIdx.x == 0) {
-    int* counter = p.tile_counters + blockIdx.z * gridDim.x + blockIdx.x;
-    last = ik::atomic_add(counter, 1) == p.num_splits - 1;
-    if (last) *counter = 0;
+  w4::merge_splits<T, kCols, kThreads>(p, m0, rows, n0, cols);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tiled matrix-unit GEMM for prefill-sized M (Marlin's idea over the shim): a block computes a
+// BM x BN tile of out; K advances a stage of kStageK at a time (one chunk or more: 64 k on
+// NVIDIA and RDNA3, CDNA's 128-k chunk) through a STAGES-deep cp.async ring in dynamic shared
+// memory holding, per stage, the block's x rows (padded rows: the matrix loads hit no bank
+// twice), its packed weights (the library's layout as is: a column tile's chunks are one
+// contiguous run of lane vectors, so the copy is coalesced) and the stage's scale and zero-point
+// rows (one per 32 k, the smallest group). Warps tile the block WARPS_M x WARPS_N; each keeps
+// fp32 accumulators for its (BM / WARPS_M) x (BN / WARPS_N) sub-tile, loads A fragments from the
+// x ring and turns each 16-byte lane vector of codes into B fragments in registers right before
+// the matrix unit, scaled per group on the way ((q - z) * s in T, int4_pair: the same rounding as
+// the dequantizing kernel's dense weight). Rows past M are zero-filled copies (never read),
+// column tiles past N read the last real one (never stored), a K tail is zeros in x with the
+// group clamped to K - 1's (w4::group_of). Split-K across blocks (few output tiles): blockIdx.y
+// takes chunks_per_split chunks (a multiple of the stage's), partials and the last block's merge
+// as the skinny kernel's (w4::merge_splits).
+// grid (ceil(N / BN), num_splits, ceil(M / BM)), block WARPS_M * WARPS_N warps, dynamic shared
+// memory STAGES * w4::tiled_stage_bytes(BM, BN) (ikport.plan.w4a16.tiled_smem).
+namespace w4 {
+constexpr int kStageChunks = kChunk >= 64 ? 1 : 64 / kChunk;  // chunks per ring stage
+constexpr int kStageK = kStageChunks * kChunk;
+constexpr int kStageLd = kStageK + 8;   // x rows in the ring: 16-byte aligned, 4 banks apart
+constexpr int kStageScaleRows = kStageK / 32;
+constexpr int tiled_x_bytes(int bm) { return bm * kStageLd * 2; }
+constexpr int tiled_w_bytes(int bn) { return bn * kStageK / 2; }
+constexpr int tiled_scale_bytes(int bn) { return kStageScaleRows * bn * 2; }
+constexpr int tiled_stage_bytes(int bm, int bn) { return tiled_x_bytes(bm) + tiled_w_bytes(bn) + 2 * tiled_scale_bytes(bn); }
+}  // namespace w4
+
+template <class T, int BM, int BN, int WARPS_M, int WARPS_N, int STAGES>
+__global__ void __launch_bounds__(WARPS_M * WARPS_N * IK_WARP_SIZE) w4a16_tiled(W4A16Params p) {
+  using L = w4::L;
+  constexpr int kThreads = WARPS_M * WARPS_N * IK_WARP_SIZE;
+  constexpr int kMt = BM / (16 * WARPS_M), kNt = BN / (16 * WARPS_N);  // warp sub-tile, in 16s
+  static_assert(kMt * 16 * WARPS_M == BM && kNt * 16 * WARPS_N == BN, "the warps tile the block");
+  static_assert(STAGES >= 2, "the ring overlaps a stage's copy with another's math");
+  constexpr int kChunks = w4::kStageChunks, kBK = w4::kStageK, kLd = w4::kStageLd;
+  constexpr int kUL = w4::kUniqueLanes, kSRows = w4::kStageScaleRows;
+  constexpr int kXBytes = w4::tiled_x_bytes(BM), kWBytes = w4::tiled_w_bytes(BN);
+  constexpr int kSBytes = w4::tiled_scale_bytes(BN), kStageBytes = w4::tiled_stage_bytes(BM, BN);
+  static_assert(kXBytes % 16 == 0 && kWBytes % 16 == 0 && kSBytes % 16 == 0, "16-byte copies");
+  extern __shared__ __attribute__((aligned(16))) unsigned char w4_smem[];
+
+  const int tid = threadIdx.x, lane = ik::lane_id(), warp = ik::warp_id();
+  const int wm = warp / WARPS_N, wn = warp % WARPS_N;
+  const int n0 = blockIdx.x * BN, m0 = blockIdx.z * BM;
+  const int ntile0 = n0 / 16, last_ntile = p.n / 16 - 1;
+  const int stages_total = (w4::num_chunks(p) + kChunks - 1) / kChunks;
+  const int st_per_split = p.chunks_per_split / kChunks;
+  const int st_begin = blockIdx.y * st_per_split;
+  const int iters = max(0, min(stages_total, st_begin + st_per_split) - st_begin);
+  const T* x = static_cast<const T*>(p.x);
+  const uint4* qw = reinterpret_cast<const uint4*>(p.qweight);
+  const long long qw_ntile = static_cast<long long>(p.packed_k / w4::kChunk) * kUL;  // vectors per column tile
+  const unsigned short* scales = static_cast<const unsigned short*>(p.scales);
+  const unsigned short* zeros = static_cast<const unsigned short*>(p.zeros);
+
+  // Stage s of this split into ring slot `slot`; always commit, so "STAGES - 2 groups pending"
+  // always means "the stage about to be read has landed".
+  auto issue = [&](int s, int slot) {
+    if (s < iters) {
+      unsigned char* base = w4_smem + slot * kStageBytes;
+      T* xs = reinterpret_cast<T*>(base);
+      uint4* ws = reinterpret_cast<uint4*>(base + kXBytes);
+      unsigned short* ss = reinterpret_cast<unsigned short*>(base + kXBytes + kWBytes);
+      const int c0 = (st_begin + s) * kChunks, k0 = c0 * w4::kChunk;
+      // (each loop: a fixed number of copies a thread, unrolled; the block's last pass may be partial)
+#pragma unroll
+      for (int j = 0; j < (BM * (kBK / 8) + kThreads - 1) / kThreads; ++j) {  // x: 8 elements a copy
+        const int i = tid + j * kThreads;
+        if ((BM * (kBK / 8)) % kThreads != 0 && i >= BM * (kBK / 8)) break;
+        const int r = i / (kBK / 8), k = k0 + 8 * (i % (kBK / 8));
+        const bool in = m0 + r < p.m && k < p.k;  // rows past M and a K tail: zeros, x not read
+        ik::cp_async16_zfill(xs + r * kLd + (k - k0), in ? x + (m0 + r) * p.x_sm + k : x, in);
+      }
+#pragma unroll
+      for (int j = 0; j < ((BN / 16) * kChunks * kUL + kThreads - 1) / kThreads; ++j) {  // codes: a run per column tile
+        const int i = tid + j * kThreads;
+        if (((BN / 16) * kChunks * kUL) % kThreads != 0 && i >= (BN / 16) * kChunks * kUL) break;
+        const int nt = i / (kChunks * kUL);
+        const long long src = min(ntile0 + nt, last_ntile) * qw_ntile + static_cast<long long>(c0) * kUL;
+        ik::cp_async16(ws + i, qw + src + i % (kChunks * kUL));
+      }
+#pragma unroll
+      for (int j = 0; j < (kSRows * (BN / 8) + kThreads - 1) / kThreads; ++j) {  // a scale row per 32 k, 8 columns a copy
+        const int i = tid + j * kThreads;
+        if (i >= kSRows * (BN / 8)) break;
+        const int row = i / (BN / 8), n = min(n0 + 8 * (i % (BN / 8)), p.n - 8);
+        const long long off = static_cast<long long>(w4::group_of(p, k0 + 32 * row)) * p.n + n;
+        ik::cp_async16(ss + i * 8, scales + off);
+        if (zeros) ik::cp_async16(ss + kSRows * BN + i * 8, zeros + off);
+      }
+    }
+    ik::cp_async_commit();
+  };
+
+  ik::mma::FragC acc[kMt][kNt];
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt) ik::mma::zero(acc[mt][nt]);
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) issue(s, s);
+
+  unsigned int s2[kNt][w4::kPairs], z2[kNt][w4::kPairs];  // the current group's, at this lane's B columns
+  for (int s = 0; s < iters; ++s) {
+    ik::cp_async_wait<STAGES - 2>();
+    ik::block_sync();  // stage s landed for every thread; every warp is done with stage s - 1's slot
+    issue(s + STAGES - 1, (s + STAGES - 1) % STAGES);
+    const unsigned char* base = w4_smem + (s % STAGES) * kStageBytes;
+    const T* xs = reinterpret_cast<const T*>(base) + wm * (16 * kMt) * kLd;
+    const uint4* ws = reinterpret_cast<const uint4*>(base + kXBytes) + wn * kNt * kChunks * kUL;
+    const unsigned short* ss = reinterpret_cast<const unsigned short*>(base + kXBytes + kWBytes);
+    const int k0 = (st_begin + s) * kBK;
+#pragma unroll
+    for (int c = 0; c < kChunks; ++c) {
+      uint4 wv[kNt];
+#pragma unroll
+      for (int nt = 0; nt < kNt; ++nt) wv[nt] = ws[(nt * kChunks + c) * kUL + lane % kUL];
+#pragma unroll
+      for (int tt = 0; tt < w4::kTilesPerChunk; ++tt) {
+        const int t = c * w4::kTilesPerChunk + tt;  // 16-k tile of the stage
+        const int row = t / 2;                      // its scale row
+        // A new scale row is a new group only for G = 32 (or a group boundary): reload then.
+        if (t % 2 == 0 && (row == 0 || ((k0 + 32 * row) >> p.group_log2) != ((k0 + 32 * row - 32) >> p.group_log2))) {
+#pragma unroll
+          for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+            for (int pair = 0; pair < w4::kPairs; ++pair) {
+              const int col = row * BN + 16 * (wn * kNt + nt) + L::b_col(lane, 2 * pair);
+              s2[nt][pair] = ss[col] * 0x10001u;
+              z2[nt][pair] = zeros ? w4::zero_pair<T>(ss[kSRows * BN + col]) : w4::kSymmetricZeroPair<T>;
+            }
+        }
+        ik::mma::FragA<T> a[kMt];
+#pragma unroll
+        for (int mt = 0; mt < kMt; ++mt) ik::mma::load_a(a[mt], xs + 16 * mt * kLd + 16 * t, kLd);
+#pragma unroll
+        for (int nt = 0; nt < kNt; ++nt) {
+          ik::mma::FragB<T> b;
+#pragma unroll
+          for (int pair = 0; pair < w4::kPairs; ++pair) {
+            const int r = tt * w4::kPairs + pair;
+            ik::mma::set_b_pair(b, pair, ik::int4_pair<T>(w4::word_of(wv[nt], r / 4), r % 4, z2[nt][pair], s2[nt][pair]));
+          }
+#pragma unroll
+          for (int mt = 0; mt < kMt; ++mt) ik::mma::mma(acc[mt][nt], a[mt], b);
+        }
+      }
+    }
   }
-  if (!ik::block_any(last)) return;
-  ik::fence_device();
-  for (int i = threadIdx.x; i < rows * kCols; i += kThreads) {
-    if (i % kCols >= cols) continue;
-    const int r = i / kCols, n = n0 + i % kCols;
-    const float* src = p.partials + static_cast<long long>(m0 + r) * p.n + n;
-    const long long stride = static_cast<long long>(p.m) * p.n;
-    float v = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < p.num_splits; ++s) v += ik::load_coherent(src + s * stride);
-    out[(m0 + r) * p.o_sm + n] = ik::dtype<T>::from_float(v);
-  }
+  ik::cp_async_wait<0>();  // no copy outlives the block
+
+  // Straight from the accumulators: the output (T) or this split's fp32 partials.
+  T* out = static_cast<T*>(p.out);
+  float* part = p.partials + static_cast<long long>(blockIdx.y) * p.m * p.n;
+#pragma unroll
+  for (int mt = 0; mt < kMt; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kNt; ++nt)
+#pragma unroll
+      for (int s = 0; s < ik::mma::kCSlots; ++s) {
+        const int r = m0 + wm * 16 * kMt + 16 * mt + L::c_row(lane, s);
+        const int n = n0 + 16 * (wn * kNt + nt) + L::c_col(lane, s);
+        if (r >= p.m || n >= p.n) continue;
+        if (p.num_splits == 1) out[r * p.o_sm + n] = ik::dtype<T>::from_float(acc[mt][nt].x[s]);
+        else part[static_cast<long long>(r) * p.n + n] = acc[mt][nt].x[s];
+      }
+  if (p.num_splits == 1) return;
+  w4::merge_splits<T, BN, kThreads>(p, m0, min(BM, p.m - m0), n0, min(BN, p.n - n0));
 }
 
 // ---------------------------------------------------------------------------------------------

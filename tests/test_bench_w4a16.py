@@ -92,9 +92,21 @@ def test_implementations_per_m() -> None:
         "ikport",
         "ikport-bf16",
         "ikport-mma",  # the default is dequant-gemm from DENSE_MIN_M rows: the kernel beside it
+        "ikport-tiled",  # the tiled kernel at bench.TILED_M
         "cublas-fp16",
         "tinygemm",
     ]
+    w32 = bench.Workload(bench.SHAPES[0], 32)
+    assert [i.name for i in bench.implementations(w32, ("naive",))] == [
+        "ikport",
+        "ikport-bf16",
+        "ikport-dequant-gemm",  # the default is mma below DENSE_MIN_M rows
+        "ikport-tiled",
+        "cublas-fp16",
+        "tinygemm",
+    ]
+    assert [i.name for i in bench.implementations(bench.Workload(bench.SHAPES[0], 8), ())] == [
+        "ikport", "ikport-bf16", "cublas-fp16", "tinygemm"]
     dtypes = {i.name: i.dtype for i in bench.implementations(w1, ())}
     assert dtypes == {
         "ikport": "fp16",
@@ -241,6 +253,7 @@ def test_bench_workload_rows(cpu_bench: None) -> None:
         ("T1", "ikport-naive"),
         ("T1", "ikport-gemv"),
         ("T1@128", "ikport-mma"),
+        ("T1@128", "ikport-tiled"),
     }
     for (wid, impl), row in by.items():
         assert set(harness.ROW_KEYS) <= set(row)

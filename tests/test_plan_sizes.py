@@ -17,6 +17,7 @@ from ikport.backends.target import Target
 from ikport.int4 import layout_info
 from ikport.plan import decode as P
 from ikport.plan import prefill as PF
+from ikport.plan import w4a16 as W
 
 DTYPE = "ik::half_t"
 LOADERS = {"dense": "decode::DenseLoader", "int8": "decode::Int8Loader",  # the manifest's cpp_names
@@ -65,7 +66,10 @@ def prefill_asserts(target: Target) -> list[str]:
 def w4a16_asserts(target: Target) -> list[str]:
     chunk = layout_info(target.facts.matrix_layout).chunk_k
     return [f'static_assert(w4::kChunk == {chunk}, "chunk_k of {target.facts.matrix_layout}");',
-            f'static_assert(w4::kLdX == {chunk} + 8, "x slab stride (plan.w4a16.mma_x_smem)");']
+            f'static_assert(w4::kLdX == {chunk} + 8, "x slab stride (plan.w4a16.mma_x_smem)");',
+            *(f'static_assert({W.tiled_smem(bm, bn, 1, chunk)} == w4::tiled_stage_bytes({bm}, {bn}), '
+              f'"tiled ring stage {bm} x {bn} (plan.w4a16.tiled_smem)");'
+              for bm in W.TILED_BLOCK_M for bn in W.TILED_BLOCK_N)]
 
 
 def compile_checks(target: Target, family_file: str, asserts: list[str]):

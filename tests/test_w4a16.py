@@ -152,6 +152,45 @@ def test_plans_shrink_the_block_where_shared_memory_is_short():
         W.plan(problem, GFX942, lambda spec: 64 * 1024, W4A16Options())
 
 
+@pytest.mark.parametrize("M,block_m,splits", [(17, 32, 4), (32, 32, 4), (50, 64, 4), (128, 128, 4), (2048, 128, 1)])
+def test_tiled_plans_pick_the_block_by_m(M, block_m, splits):
+    """Llama's W1 (K = N = 4096) on an H100: 32 column blocks of 128, split K (at most 4 ways)
+    while the blocks leave SMs idle; the default choice by M stays the skinny kernel / dequant-gemm."""
+    problem = W.W4A16Problem("fp16", M, 4096, 4096, "nv_m16n8k16", 128)
+    plan = W.plan(problem, H100, lambda spec: 0, W4A16Options(variant="tiled"))
+    params = dict(plan.kernel.params)
+    assert (plan.kernel.kernel, params["block_m"], params["block_n"], params["stages"]) == ("tiled", block_m, 128, 4)
+    assert plan.grid == (32, splits, -(-M // block_m)) and plan.num_splits == splits
+    assert plan.block[0] == params["warps_m"] * params["warps_n"] * 32 <= 256
+    assert plan.shared_bytes == W.tiled_smem(block_m, 128, 4, 64) <= H100.max_smem_per_block
+    assert plan.chunks_per_split * splits >= 64 and plan.counters == (32 * plan.grid[2] if splits > 1 else 0)
+    default = W.plan(problem, H100, lambda spec: 0, W4A16Options())
+    assert default.kernel.kernel == ("dequant" if M >= W.DENSE_MIN_M else "mma")
+
+
+def test_tiled_plans_fit_the_lds_and_check_options():
+    """CDNA's 64 KB of LDS and 128-k chunks: a 128-row block's ring does not fit even 2 deep, a
+    64-row one does; a pinned block that cannot fit, and a block size not offered, are named."""
+    problem = W.W4A16Problem("bf16", 256, 4096, 4096, "amd_mfma16", 128)
+    plan = W.plan(problem, GFX942, lambda spec: 0, W4A16Options(variant="tiled"))
+    params = dict(plan.kernel.params)
+    assert (params["block_m"], params["stages"]) == (64, 2) and plan.block[0] == 8 * 64
+    assert plan.shared_bytes == W.tiled_smem(64, 128, 2, 128) <= 64 * 1024
+    with pytest.raises(ValueError, match="2-stage ring"):
+        W.plan(problem, GFX942, lambda spec: 0, W4A16Options(variant="tiled", block_m=128, block_n=256))
+    with pytest.raises(ValueError, match="block_m"):
+        W4A16Options(variant="tiled", block_m=48)
+    with pytest.raises(ValueError, match="block_n"):
+        W4A16Options(variant="tiled", block_n=32)
+    # a K tail (K = 4096 + 96: 66 chunks of 64) and pinned splits: stages of one chunk, no empty split
+    t = W.tiled_tiles(m=64, n=4096, k=4192, chunk_k=64, sm_count=132, max_smem=227 * 1024,
+                      options=W4A16Options(num_splits=4))
+    assert (t.num_splits, t.chunks_per_split) == (4, 17)
+    t = W.tiled_tiles(m=64, n=4096, k=4192, chunk_k=32, sm_count=132, max_smem=64 * 1024,
+                      options=W4A16Options(num_splits=4))  # RDNA3: stages of two 32-k chunks
+    assert t.chunks_per_split % 2 == 0 and t.num_splits * t.chunks_per_split >= 4192 // 32
+
+
 def test_variants_are_listed():
     assert {"naive", "mma", "dequant-gemm"} <= set(W.VARIANTS)
     assert int4.layout_for_device("cpu") in int4.LAYOUTS

@@ -10,8 +10,10 @@ the GEMVs, the naive kernel and the dequantizing kernel run as an AMD GPU would 
 the fp32 reference, with the launch the library's planner gives (ikport/w4a16.py). Needs clang
 (ext_vector_type, as the device code); CI installs clang-19 (ci/setup-amd.sh).
 
-Not covered: NVIDIA's matrix path (inline PTX: the GPU suite runs it), timing, and the hardware's
-rounding inside a matrix instruction (emulated in fp32, k in order).
+The tiled kernel (variant "tiled") also runs NVIDIA's fragment layout (IK_MMA_EMULATED_NV: the
+fragments element by element) with cp.async modelled. Not covered: NVIDIA's inline PTX (the GPU
+suite runs it), timing, and the hardware's rounding inside a matrix instruction (emulated in
+fp32, k in order).
 """
 
 from __future__ import annotations
@@ -41,7 +43,11 @@ TARGETS = {
     "cdna": (64, "IK_MMA_AMD_MFMA_16X16X16", "amd_mfma16"),  # gfx90a, gfx942
     "rdna3": (32, "IK_MMA_AMD_WMMA_W32", "amd_wmma16_w32"),  # gfx1100
 }
-KERNELS = {"mma": 0, "gemv": 1, "gemv-scalar": 2, "naive": 3, "dequant": 4}
+# The tiled kernel also runs NVIDIA's fragment layout (IK_MMA_EMULATED_NV, fragments element by
+# element) with cp.async modelled (a slot read before its wait sees stale bytes).
+TILED_TARGETS = {**TARGETS, "nv": (32, "IK_MMA_EMULATED_NV", "nv_m16n8k16")}
+MAX_SMEM = {"cdna": 64 * 1024, "rdna3": 64 * 1024, "nv": 227 * 1024}
+KERNELS = {"mma": 0, "gemv": 1, "gemv-scalar": 2, "naive": 3, "dequant": 4, "tiled": 5}
 SM_COUNT = 4  # a small device: the planner splits K across blocks for few output tiles
 
 
@@ -55,20 +61,37 @@ def mma_plan(target: str, M: int, N: int, K: int, group_size: int) -> dict[str, 
                 stages=stages, grid=cfg.grid, splits=cfg.num_splits, per_split=cfg.chunks_per_split)
 
 
+def tiled_plan(target: str, M: int, N: int, K: int, options: W.W4A16Options) -> dict[str, int]:
+    """The tiled kernel's template values and launch (ikport/plan/w4a16.py), beside a fixed
+    matrix-unit configuration the same build compiles (tests/emu/w4a16_main.cpp builds both)."""
+    wave, _, layout = TILED_TARGETS[target]
+    chunk_k = int4.layout_info(layout).chunk_k
+    t = W.tiled_tiles(m=M, n=N, k=K, chunk_k=chunk_k, sm_count=SM_COUNT, max_smem=MAX_SMEM[target],
+                      options=options)
+    wm, wn = W.tiled_warps(t.block_m, t.block_n)
+    return dict(mt=1, nt=2, warps=1, gt=8, stages=2, bm=t.block_m, bn=t.block_n, wm=wm, wn=wn,
+                tstages=t.stages, grid=t.grid, splits=t.num_splits, per_split=t.chunks_per_split,
+                threads=wm * wn * wave)
+
+
 @pytest.fixture(scope="module")
 def libs(tmp_path_factory):
     cache: dict[tuple, ctypes.CDLL] = {}
 
     def get(target: str, dt: str, plan: dict[str, int]) -> ctypes.CDLL:
-        key = (target, dt, plan["mt"], plan["nt"], plan["warps"], plan["gt"], plan["stages"])
+        tiled = tuple(plan.get(k) for k in ("bm", "bn", "wm", "wn", "tstages"))
+        key = (target, dt, plan["mt"], plan["nt"], plan["warps"], plan["gt"], plan["stages"]) + tiled
         if key not in cache:
-            wave, macro, _ = TARGETS[target]
+            wave, macro, _ = TILED_TARGETS[target]
             defines = {
-                "IK_WARP_SIZE": wave, "EMU_LANE_MASK_T": "unsigned long long", "EMU_ASYNC_COPY": 0,
-                "EMU_CLUSTERS": 0, macro: 1, "EMU_T": DTYPES[dt][1],
+                "IK_WARP_SIZE": wave, "EMU_LANE_MASK_T": "unsigned long long",
+                "EMU_ASYNC_COPY": int(target == "nv"), "EMU_CLUSTERS": 0, macro: 1, "EMU_T": DTYPES[dt][1],
                 "EMU_MT": plan["mt"], "EMU_NT": plan["nt"], "EMU_WARPS": plan["warps"], "EMU_GT": plan["gt"],
                 "EMU_STAGES": plan["stages"], "EMU_GEMV_WARPS": W.GEMV_WARPS,
             }
+            if tiled[0] is not None:
+                defines.update(EMU_BM=plan["bm"], EMU_BN=plan["bn"], EMU_WARPS_M=plan["wm"],
+                               EMU_WARPS_N=plan["wn"], EMU_TILED_STAGES=plan["tstages"])
             name = "-".join(map(str, key))
             tmp = tmp_path_factory.mktemp(hashlib.sha1(name.encode()).hexdigest()[:8])
             lib = emulation.build([KERNEL, KERNEL.with_name("mma_tile.cuh")], "w4a16_main.cpp", defines,
@@ -84,11 +107,12 @@ def libs(tmp_path_factory):
 
 
 def run_w4a16(libs, target: str, dt: str, variant: str, M: int, N: int, K: int, *, group_size: int = 128,
-              symmetric: bool = True, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+              symmetric: bool = True, seed: int = 0,
+              options: W.W4A16Options | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel output, fp32 reference) on fresh random inputs, the output poisoned with NaN, and NaN
     just past what the kernel may read: x's columns from K up to its row stride, the rows after
     the scales and zero points (a K tail must read neither: the output would be NaN)."""
-    wave, _, layout = TARGETS[target]
+    wave, _, layout = TILED_TARGETS[target]
     dtype = DTYPES[dt][0]
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(N, K, generator=g).to(dtype)
@@ -106,7 +130,10 @@ def run_w4a16(libs, target: str, dt: str, variant: str, M: int, N: int, K: int, 
 
     scales = poisoned(weight.scales)
     zeros_buf = poisoned(weight.zeros) if weight.zeros is not None else None
-    plan = mma_plan(target, M, N, K, weight.group_size)
+    if variant == "tiled":
+        plan = tiled_plan(target, M, N, K, options or W.DEFAULT_OPTIONS)
+    else:
+        plan = mma_plan(target, M, N, K, weight.group_size)
     lib = libs(target, dt, plan)
     chunk_k = int4.layout_info(layout).chunk_k
     chunks = -(-K // chunk_k)  # a K tail: the last chunk is partial
@@ -126,6 +153,8 @@ def run_w4a16(libs, target: str, dt: str, variant: str, M: int, N: int, K: int, 
     splits, per_split, grid, threads = 1, chunks, (N // 16, M, 1), wave
     if variant == "mma":
         splits, per_split, grid, threads = plan["splits"], plan["per_split"], plan["grid"], plan["warps"] * wave
+    elif variant == "tiled":
+        splits, per_split, grid, threads = plan["splits"], plan["per_split"], plan["grid"], plan["threads"]
     elif variant.startswith("gemv"):
         threads = W.GEMV_WARPS * wave
     partials = torch.full((splits, M, N), float("nan"))
@@ -221,3 +250,47 @@ def test_emulated_matrix_shim_tile_product(libs, target, dt, b_transposed):
                            int(b_transposed), 1)
     assert err is None, err.decode()
     torch.testing.assert_close(c, reference.mma_tile(a, b, b_transposed), rtol=1e-4, atol=1e-4)
+
+
+# ---- the tiled kernel (variant "tiled") -------------------------------------------------------
+# The planner's block for M in 33..64 (64 rows, 128 columns, 8 warps; a 2-stage ring in CDNA's
+# 64 KB of LDS) on every target, and on NVIDIA's layout also a 32 x 64 block (2 warps, one warp
+# row). M not a multiple of the block's rows, N = 16 x odd (column tiles past N), K tails, every
+# group kind with and without zero points, split-K with the last block's merge. One dtype a
+# target, few blocks: each target/dtype/block is a clang build of its own (~5 s), the runs
+# themselves take well under a second.
+BLOCK = W.W4A16Options(variant="tiled", block_m=64)
+TILED_DTYPE = {"nv": "bf16", "cdna": "fp16", "rdna3": "bf16"}
+TILED_CASES = {  # id: (M, N, K, group_size, symmetric, options)
+    "M17-N48-K256-g128-sym": (17, 48, 256, 128, True, BLOCK),
+    "M50-N144-K352-g32-asym": (50, 144, 352, 32, False, W.W4A16Options(variant="tiled")),
+    "M130-N80-K96-perchannel-asym": (130, 80, 96, None, False, BLOCK),
+    "M20-N48-K576-g64-sym-split3": (20, 48, 576, 64, True, W.W4A16Options(variant="tiled", block_m=64,
+                                                                          num_splits=3)),
+}
+SMALL = W.W4A16Options(variant="tiled", block_m=32, block_n=64)
+NV_SMALL_CASES = {
+    "M50-N80-K256-g128-asym-32x64": (50, 80, 256, 128, False, SMALL),
+    "M33-N16-K160-g32-sym-32x64-split2": (33, 16, 160, 32, True, W.W4A16Options(variant="tiled", block_m=32,
+                                                                                 block_n=64, num_splits=2)),
+}
+
+
+def run_tiled(libs, target: str, case: tuple) -> None:
+    M, N, K, group_size, symmetric, options = case
+    plan = tiled_plan(target, M, N, K, options)
+    assert plan["bm"] == (options.block_m or 64) and plan["bn"] == (options.block_n or 128)
+    assert (plan["splits"] > 1) == (options.num_splits is not None)
+    check(*run_w4a16(libs, target, TILED_DTYPE[target], "tiled", M, N, K, group_size=group_size,
+                     symmetric=symmetric, seed=M + N + K, options=options))
+
+
+@pytest.mark.parametrize("case", list(TILED_CASES))
+@pytest.mark.parametrize("target", list(TILED_TARGETS))
+def test_emulated_tiled_kernel_matches_reference(libs, target, case):
+    run_tiled(libs, target, TILED_CASES[case])
+
+
+@pytest.mark.parametrize("case", list(NV_SMALL_CASES))
+def test_emulated_tiled_kernel_small_block_nvidia_layout(libs, case):
+    run_tiled(libs, "nv", NV_SMALL_CASES[case])

@@ -3,8 +3,8 @@
 Every case: fresh random weights and activations (never zeros), the output pre-filled with NaN
 (poisoned) and passed as `out=`, so an element the kernel fails to write fails the test.
 Reference: x (fp32) @ W^T with W dequantized in fp32. The matrix-unit kernel sums exact (q - z) * x
-in fp32 and applies each group's scale in fp32; the GEMV and dequant paths round each dequantized
-weight to x's dtype once. The error bound is relative to the output's scale: max abs error <=
+in fp32 and applies each group's scale in fp32; the GEMV, tiled and dequant paths round each
+dequantized weight to x's dtype once. The error bound is relative to the output's scale: max abs error <=
 TOL * max |reference|, TOL fp16 2e-3, bf16 1.6e-2 (a few units in the last place of each format).
 """
 
@@ -170,6 +170,44 @@ def test_split_k_row_blocks_and_block_sizes(pinned, group_size, symmetric):
     first = run(x, wq, options=options)
     check(first, x, wq)
     assert torch.equal(run(x, wq, options=options), first)  # counters reset, deterministic merge
+
+
+# The tiled kernel (variant "tiled"): every block the planner picks by M (32, 64, 128 rows), M
+# not a multiple of it, N = 16 x odd, K tails, Llama's W1 shape at M = 32 (split-K).
+TILED_SHAPES = [(17, 144, 256), (32, 4096, 4096), (50, 400, 640), (130, 272, 1056), (256, 1040, 576),
+                (1000, 2048, 1024)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape", TILED_SHAPES, ids=lambda s: "M{}-N{}-K{}".format(*s))
+def test_tiled_matches_reference(shape, dtype):
+    M, N, K = shape
+    g = torch.Generator(device=DEV).manual_seed(M + N + K)
+    options = ikport.W4A16Options(variant="tiled")
+    for group_size, symmetric in ((128, True), (32, False), (None, False)):
+        wq = make_weight(N, K, dtype, g, group_size=group_size, symmetric=symmetric)
+        x = poisoned_rows(torch.randn(M, K, generator=g, device=DEV, dtype=torch.float32).to(dtype))
+        assert plan_of(x, wq, options).kernel.kernel == "tiled"
+        check(run(x, wq, options=options), x, wq)
+
+
+@pytest.mark.parametrize("block_m", W.TILED_BLOCK_M)
+@pytest.mark.parametrize("block_n", W.TILED_BLOCK_N)
+@pytest.mark.parametrize("num_splits", [None, 3], ids=["auto", "split3"])
+def test_tiled_blocks_and_split_k(block_m, block_n, num_splits):
+    """Every block shape the options allow, split K across blocks with the last block's merge
+    (deterministic, counters reset), asymmetric groups of 64, a K tail."""
+    g = torch.Generator(device=DEV).manual_seed(block_m + block_n)
+    wq = make_weight(400, 2080, torch.float16, g, group_size=64, symmetric=False)
+    x = poisoned_rows(torch.randn(100, 2080, generator=g, device=DEV, dtype=torch.float32).half())
+    options = ikport.W4A16Options(variant="tiled", block_m=block_m, block_n=block_n, num_splits=num_splits)
+    plan = plan_of(x, wq, options)
+    assert dict(plan.kernel.params)["block_m"] == block_m and plan.grid[2] == -(-100 // block_m)
+    if num_splits:
+        assert plan.num_splits == 3
+    first = run(x, wq, options=options)
+    check(first, x, wq)
+    assert torch.equal(run(x, wq, options=options), first)
 
 
 def test_graph_captured_on_a_stream_with_counters():

@@ -36,9 +36,12 @@ GROUP_SIZE = 128
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # max |out - ref| / max |ref| above which an output is wrong.
 TOLERANCE = {"fp16": 2e-3, "bf16": 1e-2}
-M_VALUES = (1, 2, 4, 8, 16, 32, 128, 2048)
+M_VALUES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 2048)
 QUICK_M = (1, 16)
 VARIANT_M = (1, 16)  # journey variants are timed at these M only
+# The tiled kernel (explicit until a GPU run sets its crossover) is timed at these M, beside the
+# default path, cuBLAS and dequant-gemm (the default from DENSE_MIN_M rows, its own row below).
+TILED_M = (32, 64, 128, 256, 512, 2048)
 DEFAULT_VARIANT = "mma"  # what the default plan runs below DENSE_MIN_M rows: the "ikport" row
 DENSE_MIN_M = w4a16_plan.DENSE_MIN_M  # from here the default plan runs "dequant-gemm"
 TFLOPS_FROM_M = 128  # rows from this M on also carry TFLOP/s
@@ -411,8 +414,14 @@ def implementations(w: Workload, variants: Sequence[str]) -> list[Impl]:
     ]
     if w.m in VARIANT_M:
         impls += [Impl(f"ikport-{v}", "fp16", _ikport("fp16", v), variant=v) for v in variants]
-    elif w.m >= DENSE_MIN_M:  # the default there is dequant-gemm: show the matrix-unit kernel too
-        impls.append(Impl("ikport-mma", "fp16", _ikport("fp16", "mma"), variant="mma"))
+    else:
+        if w.m >= DENSE_MIN_M:  # the default there is dequant-gemm: show the matrix-unit kernel too
+            impls.append(Impl("ikport-mma", "fp16", _ikport("fp16", "mma"), variant="mma"))
+        elif w.m in TILED_M:  # the default there is mma: show dequant-gemm too
+            impls.append(Impl("ikport-dequant-gemm", "fp16", _ikport("fp16", "dequant-gemm"),
+                              variant="dequant-gemm"))
+        if w.m in TILED_M:
+            impls.append(Impl("ikport-tiled", "fp16", _ikport("fp16", "tiled"), variant="tiled"))
     impls.append(
         Impl("cublas-fp16", "fp16", _cublas, note="F.linear with the dequantized fp16 weight")
     )

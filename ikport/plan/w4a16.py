@@ -28,7 +28,22 @@ from .options import Options
 #   mma          v4: + split-K across blocks chosen from the SM count
 #   dequant-gemm     the weights dequantized to a dense [N, K] in x's dtype by one kernel, then
 #                    torch's dense matmul (prefill-sized M: a tuned dense GEMM wins)
-VARIANTS = ("naive", "gemv-scalar", "gemv", "mma-nosplit", "mma", "dequant-gemm")
+#   tiled            a tiled GEMM for M from ~17 rows: BM x BN blocks, a multi-stage async ring of
+#                    x, packed codes and scales, B dequantized in registers (Marlin's idea);
+#                    explicit only until a GPU run sets its crossover (w4a16.md, "tiled")
+VARIANTS = ("naive", "gemv-scalar", "gemv", "mma-nosplit", "mma", "dequant-gemm", "tiled")
+
+# The tiled kernel (variant "tiled"): block rows by M (the first that holds M, else the last),
+# 128 columns, a 4-deep ring (fewer where shared memory is short; then fewer rows), and K split
+# across blocks only while the output tiles leave SMs idle (at most TILED_MAX_SPLITS: the fp32
+# partials' traffic grows with M), each split keeping TILED_MIN_STAGES ring stages.
+TILED_BLOCK_M = (32, 64, 128)
+TILED_BLOCK_N = (64, 128, 256)
+TILED_BN = 128
+TILED_STAGES = 4
+TILED_MAX_SPLITS = 4
+TILED_MIN_STAGES = 8
+TILED_WARP_N = 32  # columns of a warp's sub-tile (two 16-column tiles)
 
 
 @dataclass(frozen=True)
@@ -38,7 +53,8 @@ class W4A16Options(Options):
     variant: one of VARIANTS, or None (the default by M). The other fields pin the matrix-unit
     kernel's tiles (`m_tiles`, `n_tiles` of 16 rows / columns), its `warps`, the split-K count
     `num_splits`, the warps per SM the split rule aims for (`warps_per_sm`) and the weight-ring
-    depth (`stages`)."""
+    depth (`stages`). The tiled kernel takes `block_m` x `block_n` output tiles (TILED_BLOCK_M,
+    TILED_BLOCK_N), `stages` and `num_splits` too."""
 
     variant: str | None = None
     m_tiles: int | None = None
@@ -47,14 +63,20 @@ class W4A16Options(Options):
     num_splits: int | None = None
     warps_per_sm: int | None = None
     stages: int | None = None
+    block_m: int | None = None
+    block_n: int | None = None
 
     def __post_init__(self) -> None:
         if self.variant is not None and self.variant not in VARIANTS:
             raise ValueError(f"W4A16Options: unknown variant {self.variant!r}; choose from {VARIANTS}")
-        for f in ("m_tiles", "n_tiles", "warps", "num_splits", "warps_per_sm", "stages"):
+        for f in ("m_tiles", "n_tiles", "warps", "num_splits", "warps_per_sm", "stages", "block_m", "block_n"):
             value = getattr(self, f)
             if value is not None and (type(value) is not int or value < 1):
                 raise ValueError(f"W4A16Options: {f} must be a positive int (or None), got {value!r}")
+        for f, allowed in (("block_m", TILED_BLOCK_M), ("block_n", TILED_BLOCK_N)):
+            value = getattr(self, f)
+            if value is not None and value not in allowed:
+                raise ValueError(f"W4A16Options: {f} must be one of {allowed} (or None), got {value!r}")
 
 
 DEFAULT_OPTIONS = W4A16Options()
@@ -172,6 +194,15 @@ def plan(problem: W4A16Problem, device: DeviceInfo, static_shared: StaticShared,
                              f"the device allows {device.max_smem_per_block} B")
         kernel = spec("w4a16", "gemv", dtype=p.dtype, magic=variant == "gemv", warps=GEMV_WARPS)
         return W4A16Plan(kernel, (N // 16, M, 1), (GEMV_WARPS * warp, 1, 1), smem, 1, chunks)
+    if variant == "tiled":
+        tt = tiled_tiles(m=M, n=N, k=K, chunk_k=layout.chunk_k, sm_count=device.sm_count,
+                         max_smem=device.max_smem_per_block, options=options)
+        warps_m, warps_n = tiled_warps(tt.block_m, tt.block_n)
+        kernel = spec("w4a16", "tiled", dtype=p.dtype, block_m=tt.block_m, block_n=tt.block_n,
+                      warps_m=warps_m, warps_n=warps_n, stages=tt.stages)
+        return W4A16Plan(kernel, tt.grid, (warps_m * warps_n * warp, 1, 1),
+                         tiled_smem(tt.block_m, tt.block_n, tt.stages, layout.chunk_k), tt.num_splits,
+                         tt.chunks_per_split)
     t = tiles(m=M, n=N, k=K, chunk_k=layout.chunk_k, sm_count=device.sm_count,
               num_splits=1 if variant == "mma-nosplit" else None, options=options)
     # Fewer warps where the ring (static) plus the x slabs (dynamic) would pass the device's
@@ -197,6 +228,64 @@ def mma_x_smem(ring: int, warps: int, m: int, m_tiles: int, chunk_k: int, itemsi
     return ring * warps * min(m, 16 * m_tiles) * (chunk_k + 8) * itemsize
 
 
+def tiled_stage_k(chunk_k: int) -> int:
+    """K of one ring stage of the tiled kernel: whole chunks, at least 64 (w4::kStageK)."""
+    return max(chunk_k, 64)
+
+
+def tiled_smem(block_m: int, block_n: int, stages: int, chunk_k: int) -> int:
+    """The tiled kernel's ring (dynamic shared memory), as w4::tiled_stage_bytes: per stage x's
+    block_m rows of stage_k + 8 elements, the codes (4 bits a weight), a scale and a zero-point
+    row of block_n per 32 k."""
+    sk = tiled_stage_k(chunk_k)
+    return stages * (block_m * (sk + 8) * 2 + block_n * sk // 2 + 2 * (sk // 32) * block_n * 2)
+
+
+def tiled_warps(block_m: int, block_n: int) -> tuple[int, int]:
+    """(warps along M, warps along N): warp sub-tiles of 32 x 32, with 64 rows from 128 block
+    rows and 64 columns from 256 block columns (more matrix work per A and per dequantized B
+    fragment; at most 8 warps)."""
+    return block_m // (32 if block_m <= 64 else 64), min(block_n // TILED_WARP_N, 4)
+
+
+@dataclass(frozen=True)
+class TiledTiles:
+    block_m: int
+    block_n: int
+    stages: int
+    num_splits: int
+    chunks_per_split: int
+    grid: tuple[int, int, int]  # (column blocks, splits, row blocks)
+
+
+def tiled_tiles(*, m: int, n: int, k: int, chunk_k: int, sm_count: int, max_smem: int,
+                options: W4A16Options = DEFAULT_OPTIONS) -> TiledTiles:
+    """Block tile, ring depth and split-K of the tiled kernel (see TILED_*); ValueError where even
+    a 2-stage ring of the smallest block does not fit `max_smem`."""
+    o = options
+    block_m = o.block_m or next((b for b in TILED_BLOCK_M if m <= b), TILED_BLOCK_M[-1])
+    block_n = o.block_n or TILED_BN
+    while True:
+        ring = min(o.stages or TILED_STAGES, max_smem // tiled_smem(block_m, block_n, 1, chunk_k))
+        if ring >= 2 or o.block_m or block_m == TILED_BLOCK_M[0]:
+            break
+        block_m //= 2
+    if ring < 2:
+        raise ValueError(f"w4a16 tiled: a {block_m} x {block_n} block's 2-stage ring needs "
+                         f"{tiled_smem(block_m, block_n, 2, chunk_k)} B of shared memory, the device "
+                         f"allows {max_smem} B")
+    stage_chunks = tiled_stage_k(chunk_k) // chunk_k
+    stages_total = -(-(-(-k // chunk_k)) // stage_chunks)
+    col_blocks, row_blocks = -(-n // block_n), -(-m // block_m)
+    num_splits = o.num_splits or max(1, min(sm_count // (col_blocks * row_blocks), TILED_MAX_SPLITS,
+                                            stages_total // TILED_MIN_STAGES))
+    num_splits = max(1, min(num_splits, stages_total))
+    per_split = -(-stages_total // num_splits)
+    num_splits = -(-stages_total // per_split)  # no empty splits
+    return TiledTiles(block_m, block_n, ring, num_splits, per_split * stage_chunks,
+                      (col_blocks, num_splits, row_blocks))
+
+
 # The GEMV variants' dynamic shared memory is one row of x: K elements; launch_of shows Llama's 4096.
 REPORT_K = 4096
 
@@ -218,4 +307,8 @@ def launch_of(s: KernelSpec, facts: ArchFacts) -> Launch | None:
         # A via the shim's shared-memory fragment load, B built in registers
         chunk_k = layout_info(facts.matrix_layout).chunk_k
         return Launch(p["warps"] * warp, mma_x_smem(p["stages"], p["warps"], 1, p["m_tiles"], chunk_k), True, True)
+    if s.kernel == "tiled":
+        chunk_k = layout_info(facts.matrix_layout).chunk_k
+        return Launch(p["warps_m"] * p["warps_n"] * warp,
+                      tiled_smem(p["block_m"], p["block_n"], p["stages"], chunk_k), True, True)
     return None

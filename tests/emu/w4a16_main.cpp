@@ -17,18 +17,23 @@ template <bool MAGIC>
 void gemv_body() { w4a16_gemv<EMU_T, MAGIC, EMU_GEMV_WARPS>(params); }
 void naive_body() { w4a16_naive<EMU_T>(params); }
 void dequant_body() { w4a16_dequant<EMU_T>(params); }
+#if defined(EMU_BM)  // the tiled kernel's configuration (optional: builds for the other kernels omit it)
+void tiled_body() { w4a16_tiled<EMU_T, EMU_BM, EMU_BN, EMU_WARPS_M, EMU_WARPS_N, EMU_TILED_STAGES>(params); }
+#else
+void tiled_body() { emu::fail("this build has no tiled kernel (define EMU_BM ...)"); }
+#endif
 MmaTileParams tile_params;
 template <bool BT>
 void tile_body() { mma_tile<EMU_T, BT>(tile_params); }
 }  // namespace
 
 extern "C" {
-// kernel: 0 mma, 1 gemv (magic-number unpacking), 2 gemv-scalar, 3 naive, 4 dequant; the grid and
+// kernel: 0 mma, 1 gemv (magic-number unpacking), 2 gemv-scalar, 3 naive, 4 dequant, 5 tiled; the grid and
 // block the library's planner gives it (ikport/w4a16.py).
 const char* emu_w4a16(const W4A16Params* p, int kernel, int gx, int gy, int gz, int threads, unsigned long long seed) {
   params = *p;
-  void (*const bodies[])() = {mma_body, gemv_body<true>, gemv_body<false>, naive_body, dequant_body};
-  if (kernel < 0 || kernel > 4) return "unknown kernel";
+  void (*const bodies[])() = {mma_body, gemv_body<true>, gemv_body<false>, naive_body, dequant_body, tiled_body};
+  if (kernel < 0 || kernel > 5) return "unknown kernel";
   return emu::run_grid(bodies[kernel], {unsigned(gx), unsigned(gy), unsigned(gz)}, threads, 1, seed);
 }
 // The matrix shim's tile product (kernels_src/mma_tile.cuh): grid (n / 16, m / 16), one wave.
