@@ -6,6 +6,9 @@
 #   bash tools/device_run.sh prefill  the prefill probe (tilings, journey steps) and benchmark
 #   bash tools/device_run.sh kv       the compressed-KV benchmark (KV_QUICK=1: the locked workloads)
 #   bash tools/device_run.sh bench    nox -s bench-cuda's decode and w4a16 benchmarks
+#   bash tools/device_run.sh w4a16    the w4a16 benchmark alone (W4_ONLY=W1,W2: shapes; W4_S seconds)
+#   bash tools/device_run.sh e2e      the e2e benchmark, quick (E2E_ARGS, default E1 and E1b with the
+#                                     32k capacity search; E2E_S seconds)
 #   bash tools/device_run.sh all      all six, in that order (more than one 10-minute call: run them apart)
 # Files go to $OUT (the device tool brings them back, 8 at most); COMMIT=<sha> names the commit the
 # benchmark files record (the device's copy may carry no git metadata).
@@ -57,5 +60,15 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   tail -n 30 "$OUT/bench-decode-${GPU}.log"
   timeout 300 python -m ikport.bench w4a16 --out "$OUT/w4a16-${GPU}.json" ${COMMIT:+--commit $COMMIT} 2>&1 | clean > "$OUT/bench-w4a16-${GPU}.log"
   tail -n 20 "$OUT/bench-w4a16-${GPU}.log"
+fi
+if [ "$what" = w4a16 ]; then
+  timeout ${W4_S:-300} python -m ikport.bench w4a16 ${W4_ONLY:+--only $W4_ONLY} --out "$OUT/w4a16-${GPU}.json" \
+    ${COMMIT:+--commit $COMMIT} --no-plot 2>&1 | clean > "$OUT/bench-w4a16-${GPU}.log"
+  tail -n 40 "$OUT/bench-w4a16-${GPU}.log"
+fi
+if [ "$what" = e2e ]; then
+  timeout ${E2E_S:-300} python -m ikport.bench e2e ${E2E_ARGS:---quick --workloads E1,E1b --capacity 32768} \
+    --out "$OUT/e2e-${GPU}.json" ${COMMIT:+--commit $COMMIT} --no-plot 2>&1 | clean > "$OUT/bench-e2e-${GPU}.log"
+  tail -n 30 "$OUT/bench-e2e-${GPU}.log"
 fi
 ls -la "$OUT"
