@@ -52,8 +52,8 @@ struct KVTiles<decode::DenseLoader, T, HEAD_DIM, TILE_N, THREADS, STAGES, PAGED,
         n_tiles(n_tiles_), kv_end(kv_end_) {}
 
   // Paged: the page ids of a tile's copies, loaded a tile ahead (right after the previous copies
-  // are issued) so that no copy waits on its block-table read. (The kernel's own variable: held
-  // in this struct, the dense tiles' generated code changed.)
+  // are issued) so that no copy waits on its block-table read. (A variable of the kernel's,
+  // passed in: as a member of this struct it changed the dense kernel's generated code.)
   struct Located {
     int page[PAGED ? kCopies : 1];
   };
@@ -67,8 +67,8 @@ struct KVTiles<decode::DenseLoader, T, HEAD_DIM, TILE_N, THREADS, STAGES, PAGED,
     }
   }
   // K/V tile j into its slot, the K tile then the V tile (rows past kv_end zero: P V then adds
-  // nothing there). (The slot's address written out here and in k_tile: through a shared helper,
-  // NVIDIA's generated code changed.)
+  // nothing there). (The slot's address is written out here and in k_tile: through a shared
+  // helper it changed NVIDIA's generated code.)
   IK_DEVICE void copy(const PrefillParams& p, int j, T* ring, const Located& at) const {
     T* kd = ring + (j % STAGES) * (2 * TILE_N * LD);
     T* vd = kd + TILE_N * LD;
