@@ -179,16 +179,20 @@ def paged(q, k_pages, v_pages, block_table: object, lens: object, gpu: bool | No
     return ps
 
 
-def _quantized_cache(q, k, block_table: object, lens: object, what: str, head_dim: int) -> None:
-    """What decode over any quantized cache checks besides its own tensors: q [B, Hq, Tq, D]
-    fp16/bf16 at most MAX_DECODE_QUERY_TOKENS tokens, head_dim and head counts, then the batch and
-    kv_lens (contiguous) or the int32 `block_table`, page size and kv_lens (paged)."""
+def _quantized_cache(q, k, block_table: object, lens: object, what: str, head_dim: int, prefill: bool) -> None:
+    """What attention over any quantized cache checks besides its own tensors: q [B, Hq, Tq, D]
+    fp16/bf16 (decode: at most MAX_DECODE_QUERY_TOKENS tokens; `prefill`: any number, the
+    prefill kernel's), head_dim and head counts, then the batch and kv_lens (contiguous) or the
+    int32 `block_table`, page size and kv_lens (paged)."""
     q = _check_tensor("q", q, 4)
     if q.dtype not in (torch.float16, torch.bfloat16):
         raise TypeError(f"q must be fp16 or bf16, got {q.dtype}")
-    if q.shape[2] > MAX_DECODE_QUERY_TOKENS:
-        raise ValueError(f"an {what} cache serves decode (at most {MAX_DECODE_QUERY_TOKENS} query tokens), "
-                         f"got {q.shape[2]}")
+    if q.shape[2] == 0:
+        raise ValueError("q has no query tokens (dim 2 is 0)")
+    if not prefill and q.shape[2] > MAX_DECODE_QUERY_TOKENS:
+        raise ValueError(f"q has {q.shape[2]} query tokens: DecodeOptions pin the decode kernels, which take at "
+                         f"most {MAX_DECODE_QUERY_TOKENS} over an {what} cache (longer queries run the prefill "
+                         f"kernel: pass PrefillOptions or no options)")
     if q.shape[3] != head_dim or q.shape[3] % 16 or q.shape[3] > 256 or q.shape[1] % k.shape[1]:
         raise ValueError(f"head_dim {q.shape[3]} (the cache's {head_dim}, a multiple of 16, <= 256) and "
                          f"{q.shape[1]} query heads (a multiple of {k.shape[1]} KV heads) needed")
@@ -206,8 +210,9 @@ def _quantized_cache(q, k, block_table: object, lens: object, what: str, head_di
     kv_lens(lens, q.shape[0], q.device)
 
 
-def int8_cache(q, k, v, k_scale, v_scale, block_table: object, lens: object) -> None:
-    """Checks decode over an INT8 cache (ikport.kvquant): q [B, Hq, Tq, D] fp16/bf16; codes k, v
+def int8_cache(q, k, v, k_scale, v_scale, block_table: object, lens: object, prefill: bool = False) -> None:
+    """Checks attention over an INT8 cache (ikport.kvquant; `prefill`: the prefill kernel's, any
+    number of query tokens): q [B, Hq, Tq, D] fp16/bf16; codes k, v
     int8 [B, Hkv, L, D] (paged: [pages, Hkv, page_size, D] with an int32 `block_table`), rows
     16-byte aligned; scales fp32 [B, Hkv, L] / [pages, Hkv, page_size]."""
     q = _check_tensor("q", q, 4)
@@ -225,14 +230,16 @@ def int8_cache(q, k, v, k_scale, v_scale, block_table: object, lens: object) -> 
         if t.dtype != torch.float32 or t.shape != k.shape[:3] or t.device != q.device:
             raise ValueError(f"{name} must be fp32 {tuple(k.shape[:3])} on {q.device}, got {t.dtype} "
                              f"{tuple(t.shape)} on {t.device}")
-    _quantized_cache(q, k, block_table, lens, "INT8", q.shape[3])
+    _quantized_cache(q, k, block_table, lens, "INT8", q.shape[3], prefill)
 
 
 KIVI_GROUPS = (32, 64, 128)  # ikport.kvquant.KIVI_GROUPS (the loaders kivi4_g32/64/128)
 
 
-def kivi_cache(q, k, v, k_scale, v_scale, k_resid, group: object, block_table: object, lens: object) -> None:
-    """Checks decode over a KIVI INT4 cache (ikport.kvquant): codes k, v uint8 [B, Hkv, L, D / 2]
+def kivi_cache(q, k, v, k_scale, v_scale, k_resid, group: object, block_table: object, lens: object,
+               prefill: bool = False) -> None:
+    """Checks attention over a KIVI INT4 cache (ikport.kvquant; `prefill`: the prefill kernel's, any
+    number of query tokens): codes k, v uint8 [B, Hkv, L, D / 2]
     (paged: [pages, Hkv, page_size, D / 2] with an int32 `block_table`), rows 8-byte aligned (16
     where D is a multiple of 32: the matrix kernel's chunks); q's dtype for the pairs: k_scale
     [B, Hkv, >= ceil(capacity / G), D, 2], v_scale k's [:3] + [2], and the residual k_resid
@@ -265,7 +272,7 @@ def kivi_cache(q, k, v, k_scale, v_scale, k_resid, group: object, block_table: o
         inner, align = {"k_scale": ((2, 1), 8), "v_scale": ((1,), 2), "k_resid": ((1,), 8)}[name]
         if tuple(t.stride()[-len(inner):]) != inner or any(st % align for st in t.stride()[:3]) or t.data_ptr() % 16:
             raise ValueError(f"{name}: its last dims must be contiguous, the others {2 * align}-byte aligned")
-    _quantized_cache(q, k, block_table, lens, "KIVI", 2 * k.shape[3])
+    _quantized_cache(q, k, block_table, lens, "KIVI", 2 * k.shape[3], prefill)
 
 
 def _max_seqlen(name: str, value: object, total: int | torch.SymInt, holds: str) -> None:

@@ -66,6 +66,12 @@ class PrefillParams(ctypes.Structure):
         ("batch", ctypes.c_int32), ("num_q_heads", ctypes.c_int32), ("num_kv_heads", ctypes.c_int32),
         ("q_capacity", ctypes.c_int32), ("kv_capacity", ctypes.c_int32), ("page_size_log2", ctypes.c_int32),
         ("causal", ctypes.c_int32), ("longest_first", ctypes.c_int32), ("scale_log2", ctypes.c_float),
+        # a quantized cache's side tensors (loader int8 / kivi4_g*), as DecodeParams'
+        ("k_scale", ctypes.c_void_p), ("v_scale", ctypes.c_void_p),
+        ("ks_sb", ctypes.c_int64), ("ks_sh", ctypes.c_int64), ("ks_st", ctypes.c_int64),
+        ("vs_sb", ctypes.c_int64), ("vs_sh", ctypes.c_int64), ("vs_st", ctypes.c_int64),
+        ("k_resid", ctypes.c_void_p),
+        ("kr_sb", ctypes.c_int64), ("kr_sh", ctypes.c_int64), ("kr_st", ctypes.c_int64),
     ]
 
 

@@ -5,6 +5,7 @@ contiguous or paged, with on-device append and attention through the decode kern
                            kv_format="int8", device="cuda")           # page_size=16: paged
     cache.append(k_new, v_new)              # [B, Hkv, T, D] at each sequence's length; lens += T
     out = cache.attend(q)                   # q [B, Hq, Tq, D] over rows [0, lens[b])
+    out = cache.attend(q_chunk, causal=True)  # a 512-token chunk (appended first) over its prefix
     cache.nbytes, cache.bytes_per_token     # 4096 x 8 x 8 tokens: 134 MB fp16, 69 MB int8
 
     cache = ikport.KVCache(..., kv_format="kivi4", kivi_group=128)    # KIVI INT4: 37.7 MB at D1, 0.281x
@@ -17,8 +18,9 @@ full-precision residual; an append quantizes every group it completes (the resid
 the new ones) and writes the new partial group's rows to the residual (the torch ops without a
 data-dependent branch: they quantize the whole span of groups the new tokens touch and write only
 the groups that completed; the kernel walks the span's groups in order).
-`attend` reads the compressed cache once (int8: codes and scales, dequantized in registers),
-never a full-precision copy. CPU caches run the reference on the dequantized cache, which is
+`attend` reads the compressed cache once (codes and scales or pairs, dequantized in registers or
+shared memory), never a full-precision copy: decode through the decode kernels, a prefill chunk
+(Tq > 128) through the prefill kernel. CPU caches run the reference on the dequantized cache, which is
 also the GPU suite's oracle (`reference_attend`).
 """
 
@@ -32,6 +34,7 @@ from . import kvquant, reference
 from .impl import attention as _impl
 from .impl import kvcache as _append_impl
 from .plan.decode import DecodeOptions
+from .plan.prefill import PrefillOptions
 
 
 class KVCache:
@@ -263,11 +266,15 @@ class KVCache:
             dst.index_reduce_(0, flat, torch.where(write, src, lo).reshape(-1, width), "amax")
 
     def attend(self, q: torch.Tensor, *, causal: bool = False, scale: float | None = None,
-               out: torch.Tensor | None = None, options: DecodeOptions | None = None) -> torch.Tensor:
-        """Decode attention of q [B, Hq, Tq, D] (the cache's dtype) over each sequence's `lens`
-        rows, as `ikport.attention` (causal: query token t sees rows up to lens - Tq + t). Dense
-        caches go through `ikport.attention` / `ikport.paged_attention`; int8 through the int8
-        KV loader. Eager (not a torch.compile custom op yet)."""
+               out: torch.Tensor | None = None, options: DecodeOptions | PrefillOptions | None = None) -> torch.Tensor:
+        """Attention of q [B, Hq, Tq, D] (the cache's dtype) over each sequence's `lens` rows, as
+        `ikport.attention` (causal: query token t sees rows up to lens - Tq + t, aligned
+        bottom-right). Decode-sized queries (Tq <= 128) run the decode kernels; a prefill chunk
+        (Tq > 128, or PrefillOptions), whose own K/V were appended first, the prefill kernel, which
+        attends to the cached prefix and causally to the chunk itself. Dense caches go through
+        `ikport.attention` / `ikport.paged_attention`; int8 and kivi4 through their KV loaders
+        (the compressed bytes read once, dequantized on chip; no fp16 copy of the cache). Eager
+        (not a torch.compile custom op yet)."""
         if self.kv_format == "kivi4":
             return _impl.kivi_attention(q, self.k, self.v, self.k_scale, self.v_scale, self.k_resid, self.kivi_group,
                                         self.block_table, self.lens, causal, scale, out, options)

@@ -72,3 +72,30 @@ def selected_params(request, name: str) -> set:
         if item.module is request.module and name in params:
             values.add(params[name])
     return values
+
+
+def poison_cache(cache, g) -> None:
+    """What a kernel must not read of an ikport.KVCache (run the oracle on the clean cache first):
+    int8, the scales past each sequence's length NaN (K) and inf (V); kivi4, the V pairs past each
+    length and the residual's rows past it NaN, the K codes at or past the quantized length
+    random."""
+    import torch
+
+    nan, page, table = float("nan"), cache.page_size, cache.block_table
+    Hkv, D = cache.kv_heads, cache.head_dim
+    for b, n in enumerate(cache.lens.tolist()):
+        past = torch.arange(n, cache.capacity)
+        at = (table[b, past // page].long(), slice(None), past % page) if page else (b, slice(None), past)
+        if cache.kv_format == "int8":
+            cache.k_scale[at] = nan
+            cache.v_scale[at] = float("inf")
+            continue
+        G = cache.kivi_group
+        cache.k_resid[b, :, n % G:] = nan
+        cache.v_scale[at] = nan
+        stale = torch.arange(n // G * G, cache.capacity)
+        codes = torch.randint(0, 256, (len(stale), Hkv, D // 2), generator=g, dtype=torch.uint8)
+        if page:
+            cache.k[table[b, stale // page].long(), :, stale % page] = codes
+        else:
+            cache.k[b, :, stale] = codes.transpose(0, 1)

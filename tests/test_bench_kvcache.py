@@ -52,6 +52,11 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> list[bench.Workload]:
                          decode.Workload("K8-paged16", 2, 48, head_dim=32, q_heads=4, kv_heads=2, page_size=16))]
     monkeypatch.setattr(bench, "CHUNK", 8)
     monkeypatch.setattr(bench, "workloads", lambda quick: ws)
+    prefill = [bench.PrefillWorkload("K8-prefill8", "int8", batch=2, prefix=24, chunk=8, q_heads=4, kv_heads=2,
+                                     head_dim=32)]
+    monkeypatch.setattr(bench, "prefill_workloads", lambda: prefill)
+    real_prefill = bench.bench_prefill
+    monkeypatch.setattr(bench, "bench_prefill", lambda w, results: real_prefill(w, results, device="cpu"))
     monkeypatch.setattr(harness, "l2_cache_bytes", lambda: 1 << 12)
     monkeypatch.setattr(harness, "kernel_time", _timing)
     monkeypatch.setattr(harness, "eager_time", _timing)
@@ -77,6 +82,13 @@ def test_run_checks_times_and_writes(toy: list[bench.Workload], tmp_path: Path) 
     assert {"K8-append1", "K8-append8", "K8-chunk8"} <= {w for w, _ in rows}
     assert doc["goals"]["K8"]["paged_ratio"] == 1.0 and doc["goals"]["K8"]["met"] is True
     assert doc["goals"]["K8"]["append_chunk_vs_prefill"] == 1.0
+    # chunked prefill over the compressed prefix beside the same over an fp16 one (the goal: no slower)
+    for impl, fmt in (("ikport", "int8"), ("ikport-fp16", "dense")):
+        row = rows[("K8-prefill8", impl)]
+        assert row["shape"]["kv_format"] == fmt and (row["shape"]["T"], row["shape"]["L"]) == (8, 32)
+        assert row["max_abs_err"] <= decode.TOLERANCE["fp16"]
+    assert rows[("K8-prefill8", "ikport")]["bytes"] < rows[("K8-prefill8", "ikport-fp16")]["bytes"]
+    assert doc["goals"]["K8-prefill8"] == {"us": 10.0, "fp16_us": 10.0, "vs_fp16": 1.0, "met": True}
     # the CPU has no cuDNN / flash SDPA: skipped peers with their reason, not errors
     assert {e["impl"] for e in doc["skipped"]} <= {"sdpa-cudnn", "sdpa-flash"} and not doc["errors"]
 
@@ -91,3 +103,20 @@ def test_wrong_compressed_result_stops_the_run(toy: list[bench.Workload], monkey
 def test_only_rejects_unknown_ids(toy: list[bench.Workload], tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="unknown workload ids"):
         bench_main.main(["kvcache", "--only", "K9", "--out", str(tmp_path / "x.json")])
+
+
+def test_only_runs_the_prefill_rows_alone(toy: list[bench.Workload], tmp_path: Path) -> None:
+    out = tmp_path / "prefill.json"
+    assert bench_main.main(["kvcache", "--only", "K8-prefill8", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert {(r["workload"], r["impl"]) for r in doc["results"]} == {("K8-prefill8", "ikport"),
+                                                                    ("K8-prefill8", "ikport-fp16")}
+
+
+def test_prefill_workloads_follow_the_issue() -> None:
+    """Issue 29's shape: a 512-token chunk over 8192 cached tokens, B 4, 32 / 8 heads, head_dim 128."""
+    ws = bench.prefill_workloads()
+    assert [w.id for w in ws] == [f"{bench.FORMATS[f]}-prefill512" for f in bench.formats()]
+    w = ws[0]
+    assert (w.batch, w.prefix, w.chunk, w.q_heads, w.kv_heads, w.head_dim, w.kv_len) == (4, 8192, 512, 32, 8, 128,
+                                                                                           8704)

@@ -385,24 +385,6 @@ def kivi_cache(name: str, *, B: int, Hkv: int, L: int, lens: list[int], page: in
     return cache
 
 
-def poison(cache, g: torch.Generator) -> None:
-    """What the kernel must not read: V pairs past each length and the residual's rows past it
-    NaN, K codes at or past the quantized length random (the oracle has run on the clean cache)."""
-    nan, G, page, table = float("nan"), cache.kivi_group, cache.page_size, cache.block_table
-    Hkv, D = cache.kv_heads, cache.head_dim
-    for b, n in enumerate(cache.lens.tolist()):
-        cache.k_resid[b, :, n % G:] = nan
-        past = torch.arange(n, cache.capacity)
-        stale = torch.arange(n // G * G, cache.capacity)
-        codes = torch.randint(0, 256, (len(stale), Hkv, D // 2), generator=g, dtype=torch.uint8)
-        if page:
-            cache.v_scale[table[b, past // page].long(), :, past % page] = nan
-            cache.k[table[b, stale // page].long(), :, stale % page] = codes
-        else:
-            cache.v_scale[b, :, past] = nan
-            cache.k[b, :, stale] = codes.transpose(0, 1)
-
-
 def run_kivi(lib, name: str, cache, *, Hq: int, Tq: int = 1, causal: bool = False, splits: int = 1,
              fused: bool = True, clustered: bool = False, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(kernel output, the reference on the same cache) for a KIVI cache, the splits starting at
@@ -411,7 +393,7 @@ def run_kivi(lib, name: str, cache, *, Hq: int, Tq: int = 1, causal: bool = Fals
     B, Hkv, D, G = cache.batch, cache.kv_heads, cache.head_dim, cache.kivi_group
     q = torch.randn(B, Hq, Tq, D, generator=torch.Generator().manual_seed(seed)).to(cache.dtype)
     ref = cache.reference_attend(q, causal=causal)
-    poison(cache, torch.Generator().manual_seed(seed))
+    emulation.poison_cache(cache, torch.Generator().manual_seed(seed))
     page = cache.page_size
     table = cache.block_table
     if page:  # entries past a sequence's pages may hold anything: the kernel must not follow them

@@ -110,8 +110,10 @@ def test_the_cache_checks_its_arguments():
     cache = ikport.KVCache(2, 2, 8, 64, kv_format="int8")
     with pytest.raises(ValueError, match="k_new"):
         cache.append(torch.zeros(2, 1, 1, 64), torch.zeros(2, 1, 1, 64))
-    with pytest.raises(ValueError, match="query tokens"):
-        cache.attend(torch.zeros(2, 4, 200, 64, dtype=torch.float16))
+    with pytest.raises(ValueError, match="query tokens"):  # DecodeOptions pin decode: at most 128 tokens
+        cache.attend(torch.zeros(2, 4, 200, 64, dtype=torch.float16), options=ikport.DecodeOptions())
+    with pytest.raises(TypeError, match="options"):
+        cache.attend(torch.zeros(2, 4, 1, 64, dtype=torch.float16), options=ikport.W4A16Options())
     from ikport.impl.attention import int8_attention
 
     with pytest.raises(TypeError, match="int8"):  # codes of another dtype
@@ -263,3 +265,34 @@ def test_kivi_checks_name_the_argument():
         kivi_attention(q, *args[:5], 16, *args[6:])
     with pytest.raises(ValueError, match="head_dim"):
         kivi_attention(torch.zeros(2, 4, 1, 32, dtype=torch.float16), *args)
+
+
+# ---- chunked prefill over a compressed prefix ------------------------------------------------------
+@pytest.mark.parametrize("kv_format", ["int8", "kivi4"])
+@pytest.mark.parametrize("page_size", [0, 16])
+def test_chunked_prefill_over_a_compressed_prefix_matches_the_oracle(kv_format, page_size):
+    """A server's chunked prefill: the chunk's own K/V appended first, then its 150 queries (past
+    decode's 128: the prefill kernel on a GPU, the reference on the CPU) attend causally, aligned
+    bottom-right, to the prefix (ragged: 90 and 41 tokens) and to themselves; PrefillOptions
+    route a shorter chunk the same way."""
+    B, H, D, chunk = 2, 2, 64, 150
+    fmt = dict(kivi_group=32) if kv_format == "kivi4" else {}
+    cache = ikport.KVCache(B, H, 256, D, dtype=torch.bfloat16, kv_format=kv_format, page_size=page_size, **fmt)
+    k, v = outlier_kv(B, H, 90 + chunk, D, dtype=torch.bfloat16, seed=9)
+    cache.append(k[:, :, :90], v[:, :, :90])
+    cache.append(k[:, :, :1], v[:, :, :1], positions=torch.tensor([89, 40], dtype=torch.int32))  # ragged
+    cache.append(k[:, :, 90:], v[:, :, 90:])
+    assert cache.lens.tolist() == [90 + chunk, 41 + chunk]
+    q = torch.randn(B, 8, chunk, D, generator=torch.Generator().manual_seed(10)).to(torch.bfloat16)
+    out = cache.attend(q, causal=True)
+    assert torch.equal(out, cache.reference_attend(q, causal=True))
+    if kv_format == "int8":
+        ref = reference.int8_attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale,
+                                       block_table=cache.block_table, causal=True, kv_lens=cache.lens)
+    else:
+        ref = reference.kivi_attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, cache.k_resid, 32,
+                                       block_table=cache.block_table, causal=True, kv_lens=cache.lens)
+    assert torch.equal(out, ref)
+    short = q[:, :, -20:]
+    assert torch.equal(cache.attend(short, causal=True, options=ikport.PrefillOptions()),
+                       cache.reference_attend(short, causal=True))

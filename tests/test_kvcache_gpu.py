@@ -1,15 +1,19 @@
 """ikport.KVCache on the GPU (nox -s test-cuda / test-hip): attention over the INT8 and KIVI INT4
 caches through their KV loaders against the oracle (the fp32 reference on the dequantized cache: the
 quantization is in both, so the kernel's own error is fp16-level), contiguous and paged, the
-vector and matrix-unit kernels, split-K, GQA; append under CUDA-graph capture; the byte budget.
+vector and matrix-unit kernels, split-K, GQA; chunked prefill over a compressed prefix (the
+prefill kernel with the KV loader, judged as tests/test_prefill_gpu.py judges prefill: against
+SDPA's own error on the dequantized cache); append under CUDA-graph capture; the byte budget.
 
 Outputs are poisoned (NaN, passed as out=), as in tests/test_attention_gpu.py."""
 
 import pytest
 import torch
+from prefill_tolerance import dense_masks, sdpa_error, tolerance
 
 import ikport
-from ikport import DecodeOptions
+from ikport import DecodeOptions, PrefillOptions
+from ikport.impl import prefill as prefill_impl
 
 pytestmark = [
     pytest.mark.gpu,
@@ -229,3 +233,84 @@ def test_append_kernel_writes_what_the_torch_ops_write(kv_format, G, page_size, 
         # at most one code step (of the widest group) and on few values
         step = 2 * b.float().abs().max().item() / 15
         assert (a.float() - b.float()).abs().max().item() <= step and moved.float().mean().item() < 1e-3
+
+
+# ---- chunked prefill over a compressed prefix ------------------------------------------------------
+def chunked_cache(kv_format, B, Hkv, prefix, chunk, D, dtype, *, G=128, page_size=0, seed=0):
+    """A server's cache at a chunked prefill: each sequence's prefix (`prefix`, ragged: a long
+    append, then a one-token rewrite at each length - 1, folding and reopening KIVI groups), then
+    the chunk's own K/V appended to every sequence. K with persistent per-channel outliers."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    fmt = dict(kivi_group=G) if kv_format == "kivi4" else {}
+    L = max(prefix) + chunk
+    cache = ikport.KVCache(B, Hkv, L, D, dtype=dtype, kv_format=kv_format, page_size=page_size, device=DEV, **fmt)
+    channel = 1 + 3 * (torch.rand(D, generator=g, device=DEV) < 0.1) + torch.rand(D, generator=g, device=DEV)
+
+    def rows(n):
+        k = torch.randn(B, Hkv, n, D, generator=g, device=DEV) * channel
+        return k.to(dtype), torch.randn(B, Hkv, n, D, generator=g, device=DEV).to(dtype)
+
+    cache.append(*rows(max(prefix)))
+    cache.append(*rows(1), positions=torch.tensor([n - 1 for n in prefix], dtype=torch.int32, device=DEV))
+    cache.append(*rows(chunk))
+    return cache
+
+
+def check_prefill(cache, q, *, causal=True, options=None):
+    """The chunk through the prefill kernel with the cache's loader (its plan says so), poisoned
+    output, against the fp32 reference on the dequantized cache within prefill's yardstick."""
+    fmt = (cache.kv_format, cache.kivi_group) if cache.kv_format == "kivi4" else (cache.kv_format,)
+    plan = prefill_impl.plan_of(q, cache.k, cache.block_table, options, fmt=fmt)
+    loader = f"kivi4_g{cache.kivi_group}" if cache.kv_format == "kivi4" else cache.kv_format
+    assert dict(plan.kernel.params)["loader"] == loader
+    out = torch.full_like(q, float("nan"))
+    res = cache.attend(q, causal=causal, out=out, options=options)
+    assert res is out and torch.isfinite(out).all(), "kernel left NaN (unwritten or bad math)"
+    ref = cache.reference_attend(q, causal=causal).float()
+    k, v = cache.dequantized()
+    if cache.paged:
+        k, v = (ikport.reference.gather_pages(t, cache.block_table, cache.capacity) for t in (k, v))
+    masks = dense_masks(q.shape[0], q.shape[2], k.shape[2], None, cache.lens.tolist(), causal, DEV)
+    tol = tolerance(sdpa_error(q, k, v, ref, masks), q.dtype)
+    err = (out.float() - ref).abs().max().item()
+    assert err <= tol, f"max abs error {err:.3e} > {tol:.1e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("page_size", [0, 16])
+@pytest.mark.parametrize("kv_format,G", [("int8", 0), ("kivi4", 32), ("kivi4", 128)])
+def test_chunked_prefill_over_a_compressed_cache(kv_format, G, page_size, dtype):
+    """Issue 29's shape, smaller: a 512-token chunk over ragged prefixes (4000, 1333, 77: no
+    multiple of a tile or a group), 32 / 8 heads, head_dim 128, the planner's own tiles."""
+    cache = chunked_cache(kv_format, 3, 8, [4000, 1333, 77], 512, 128, dtype, G=G or 128, page_size=page_size,
+                          seed=G + page_size)
+    q = torch.randn(3, 32, 512, 128, device=DEV).to(dtype)
+    check_prefill(cache, q)
+
+
+@pytest.mark.parametrize("kv_format,G", [("int8", 0), ("kivi4", 64)])
+@pytest.mark.parametrize("D,Hq,Hkv,Tq,causal", [(64, 8, 2, 129, True), (256, 4, 4, 300, True),
+                                                 (96, 6, 3, 200, False)])
+def test_chunked_prefill_odd_shapes(kv_format, G, D, Hq, Hkv, Tq, causal):
+    if kv_format == "kivi4" and D % 32:
+        pytest.skip("KIVI prefill: head_dim a multiple of 32 (the planner refuses the rest)")
+    cache = chunked_cache(kv_format, 2, Hkv, [500, 61], Tq, D, torch.float16, G=G or 128, seed=D + Tq)
+    q = torch.randn(2, Hq, Tq, D, device=DEV).half()
+    check_prefill(cache, q, causal=causal)
+
+
+@pytest.mark.parametrize("kv_format,G", [("int8", 0), ("kivi4", 32)])
+@pytest.mark.parametrize("tiles", [dict(tile_m=64, tile_n=16, warps=4, stages=1), dict(stages=3),
+                                   dict(tile_m=32, tile_n=32, warps=2, stages=2)])
+def test_chunked_prefill_pinned_tiles(kv_format, G, tiles):
+    """PrefillOptions pin the tiles (a one-slot ring, a three-slot one) and route a chunk of any
+    length to the prefill kernel."""
+    cache = chunked_cache(kv_format, 2, 2, [700, 300], 100, 128, torch.bfloat16, G=G or 128, page_size=16, seed=3)
+    q = torch.randn(2, 8, 100, 128, device=DEV).to(torch.bfloat16)
+    check_prefill(cache, q, options=PrefillOptions(**tiles))
+
+
+def test_kivi_prefill_refuses_head_dim_80_before_launching():
+    cache = chunked_cache("kivi4", 1, 1, [40], 200, 80, torch.float16, G=32)
+    with pytest.raises(ValueError, match="head_dim 80 must be a multiple of 32"):
+        cache.attend(torch.randn(1, 2, 200, 80, device=DEV).half(), causal=True)

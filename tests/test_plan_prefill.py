@@ -104,3 +104,42 @@ def test_the_manifest_default_set_is_launchable_everywhere():
         for arch in ALL_TARGETS:
             facts = Target(arch).facts
             assert launch_of(s, facts).dynamic_shared_bytes <= facts.max_smem_per_block
+
+
+# ---- compressed caches (loader int8 / kivi4_g<G>: prefill::KVTiles) --------------------------------
+@pytest.mark.parametrize("arch", ALL_TARGETS)
+@pytest.mark.parametrize("loader", ["int8", "kivi4_g32", "kivi4_g64", "kivi4_g128"])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+@pytest.mark.parametrize("paged", [False, True])
+def test_compressed_tiles_fit_every_target_and_lie_in_a_kivi_group(arch, loader, head_dim, paged):
+    facts = Target(arch).facts
+    device = DeviceInfo("x", arch, 100, facts.max_smem_per_block, facts.warp_size, 1 << 20)
+    kv_format, group = ("kivi4", int(loader.removeprefix("kivi4_g"))) if loader != "int8" else ("int8", 0)
+    plan = P.plan(P.PrefillProblem("fp16", 4, 32, 8, head_dim, 512, 8704, 16 if paged else 0, kv_format, group),
+                  device)
+    params = dict(plan.kernel.params)
+    assert params["loader"] == loader and params["paged"] is paged
+    assert plan.shared_bytes <= facts.max_smem_per_block  # the staging counted: every AMD target's 64 KB
+    assert plan.shared_bytes == launch_of(plan.kernel, facts).dynamic_shared_bytes
+    assert not group or plan.tiles.tile_n <= group
+
+
+def test_compressed_staging_is_counted():
+    """The ring holds codes and words (and KIVI's K pairs), plus one pair of dequantized tiles."""
+    kw = dict(head_dim=128, tile_m=64, tile_n=32, warps=4, stages=2, pad=True, c_is_a=True)
+    dense = P.smem_bytes(**kw)
+    q_tile = 64 * 136 * 2
+    tiles = 2 * 32 * 136 * 2
+    assert P.smem_bytes(**kw, loader="int8") == 2 * 2 * (32 * 128 + 32 * 4) + tiles + q_tile
+    assert P.smem_bytes(**kw, loader="kivi4_g32") == 2 * (2 * 32 * 64 + 32 * 4 + 128 * 4) + tiles + q_tile
+    assert dense == 2 * 2 * 32 * 136 * 2 + q_tile
+
+
+def test_compressed_refusals_name_the_problem():
+    kivi = P.PrefillProblem("fp16", 1, 8, 2, 128, 512, 1024, 0, "kivi4", 32)
+    with pytest.raises(ValueError, match="tile_n 64 .*tile_n <= 32"):
+        P.plan(kivi, H100, P.PrefillOptions(tile_n=64))
+    with pytest.raises(ValueError, match="head_dim 80 must be a multiple of 32"):
+        P.plan(P.PrefillProblem("fp16", 1, 8, 2, 80, 512, 1024, 0, "kivi4", 32), H100)
+    with pytest.raises(ValueError, match="no KV loader"):
+        P.plan(P.PrefillProblem("fp16", 1, 8, 2, 128, 512, 1024, 0, "kivi4", 48), H100)

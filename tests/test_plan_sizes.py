@@ -55,10 +55,12 @@ def prefill_asserts(target: Target) -> list[str]:
     """PrefillConfig::smem_bytes against plan.prefill.smem_bytes, over tiles the planner may ask for."""
     out = []
     tiles = ((128, 64, 8), (64, 32, 4), (32, 16, 2))
-    for d, (tm, tn, warps), stages, pad in itertools.product((64, 96, 128, 256), tiles, (1, 2, 3), (False, True)):
+    for loader, d, (tm, tn, warps), stages, pad in itertools.product(LOADERS, (64, 96, 128, 256), tiles, (1, 2, 3),
+                                                                     (False, True)):
         want = PF.smem_bytes(head_dim=d, tile_m=tm, tile_n=tn, warps=warps, stages=stages, pad=pad,
-                             c_is_a=target.facts.c_is_a)
-        cfg = f"prefill::PrefillConfig<{DTYPE}, {d}, {tm}, {tn}, {warps}, {stages}, {str(pad).lower()}>"
+                             c_is_a=target.facts.c_is_a, loader=loader)
+        cfg = (f"prefill::PrefillConfig<{DTYPE}, {d}, {tm}, {tn}, {warps}, {stages}, {str(pad).lower()}, "
+               f"{LOADERS[loader]}>")
         out.append(f'static_assert({cfg}::smem_bytes() == {want}, "{cfg} smem_bytes");')
     return ["#ifdef IK_HAS_MMA", *out, "#endif"]
 

@@ -6,6 +6,13 @@ of each table row, strided queries and the log-sum-exp output. Each configuratio
 a warp size, a matrix layout (NVIDIA's mma.sync fragments, CDNA's MFMA on 64-lane waves, RDNA3's
 WMMA with P through shared memory), async copies or not, and the kernel's tiles.
 
+Compressed caches (loader int8 / kivi4_g<G>: an ikport.KVCache's codes read by the kernel and
+dequantized in shared memory): a chunk of Tq > 128 new tokens, appended to the cache first as a
+server does, attending causally to itself and to a cached prefix, ragged lengths that are not
+multiples of the tile or the KIVI group, GQA 4, contiguous and paged, against
+reference.int8_attention / reference.kivi_attention on the same cache (test_emulated_chunk_over_a_
+compressed_prefix).
+
 What this does not cover: timing and the vendor intrinsics themselves (the GPU suite,
 tests/test_prefill_gpu.py, does).
 """
@@ -19,7 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ikport import manifest
+import ikport
+from ikport import manifest, reference
 from ikport.attention import paged_kv_from_dense
 from ikport.kernels import PrefillParams
 from ikport.plan import prefill as prefill_plan
@@ -54,7 +62,19 @@ CONFIGS = {
                                           pad=1),
     "rdna3-async-d96-m64-n32-w2-st3-bf16": dict(RDNA3, async_copy=1, dtype="bf16", head_dim=96, tile_m=64, tile_n=32,
                                                 warps=2, stages=3, pad=1),
+    # compressed caches (`loader`): 32-lane waves with cp.async (NVIDIA's layout) and 64-lane waves
+    # with synchronous copies (CDNA), INT8 and KIVI with groups of 32 (tiles of a whole group) and
+    # 128 (four tiles a group; a 1-slot ring)
+    "nv-d128-m64-n32-w4-st2-fp16-int8": dict(CUDA, dtype="fp16", head_dim=128, tile_m=64, tile_n=32, warps=4,
+                                             stages=2, pad=1, loader="int8"),
+    "cdna-d64-m32-n16-w2-st2-bf16-int8": dict(CDNA, dtype="bf16", head_dim=64, tile_m=32, tile_n=16, warps=2,
+                                              stages=2, pad=1, loader="int8"),
+    "nv-d64-m64-n32-w4-st3-bf16-kivi32": dict(CUDA, dtype="bf16", head_dim=64, tile_m=64, tile_n=32, warps=4,
+                                              stages=3, pad=1, loader="kivi4_g32"),
+    "cdna-d128-m32-n32-w2-st1-fp16-kivi128": dict(CDNA, dtype="fp16", head_dim=128, tile_m=32, tile_n=32, warps=2,
+                                                  stages=1, pad=1, loader="kivi4_g128"),
 }
+COMPRESSED = [c for c in CONFIGS if "loader" in CONFIGS[c]]
 
 
 def build_args(name: str, tmp: Path) -> tuple:
@@ -64,6 +84,7 @@ def build_args(name: str, tmp: Path) -> tuple:
         "EMU_CLUSTERS": 0, "EMU_T": manifest.cpp_name("attention_prefill", "dtype", c["dtype"]),
         "EMU_HEAD_DIM": c["head_dim"], "EMU_TILE_M": c["tile_m"], "EMU_TILE_N": c["tile_n"],
         "EMU_WARPS": c["warps"], "EMU_STAGES": c["stages"], "EMU_PAD": c["pad"], MATRIX_LAYOUT[c["mma"]]: 1,
+        "EMU_LOADER": manifest.cpp_name("attention_prefill", "loader", c.get("loader", "dense")),
     }
     return KERNELS, "prefill_main.cpp", defines, tmp / f"{name}.so", emulation.CLANG
 
@@ -195,7 +216,7 @@ CASES = {
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("config", [c for c in CONFIGS if c not in COMPRESSED])
 def test_emulated_prefill_matches_the_oracle(libs, config, case):
     out, ref, lse, ref_lse = run_prefill(libs(config), config, seed=sum(map(ord, config + case)), **CASES[case])
     assert not out.isnan().any(), "NaN in the output (a row never written, or stale shared memory read)"
@@ -213,5 +234,96 @@ def test_emulated_shared_memory_is_the_planners(libs, config):
     c = CONFIGS[config]
     expected = prefill_plan.smem_bytes(head_dim=c["head_dim"], tile_m=c["tile_m"], tile_n=c["tile_n"],
                                        warps=c["warps"], stages=c["stages"], pad=bool(c["pad"]),
-                                       c_is_a=c["mma"] == "nv")
+                                       c_is_a=c["mma"] == "nv", loader=c.get("loader", "dense"))
     assert libs(config).emu_smem_bytes() == expected
+
+
+# ---- compressed caches ---------------------------------------------------------------------------
+def compressed_cache(name: str, *, B: int, Hkv: int, prefix: list[int], chunk: int, page: int, seed: int):
+    """An ikport.KVCache of the configuration's format as a server fills it: each sequence's cached
+    prefix (a long append, a few single tokens, then a one-token rewrite at its own length - 1:
+    ragged lengths, KIVI groups folded on the way), then a chunk of `chunk` new tokens appended to
+    every sequence (the chunk attends to what the cache then holds). K with persistent per-channel
+    outliers and offsets (4x: the oracle rounds K to the dtype, see test_decode_emulation)."""
+    c = CONFIGS[name]
+    dtype, D, loader = DTYPES[c["dtype"]], c["head_dim"], c["loader"]
+    g = torch.Generator().manual_seed(seed)
+    L = max(prefix) + chunk
+    table = None
+    if page:
+        per_seq = -(-L // page)
+        table = torch.randperm(B * per_seq, generator=g).to(torch.int32).view(B, per_seq)
+    fmt = dict(kv_format="int8") if loader == "int8" else dict(kv_format="kivi4",
+                                                              kivi_group=int(loader.removeprefix("kivi4_g")))
+    cache = ikport.KVCache(B, Hkv, L, D, dtype=dtype, page_size=page, block_table=table, **fmt)
+    channel = 1 + 3 * (torch.rand(D, generator=g) < 0.1) + torch.rand(D, generator=g)
+    offset = torch.randn(D, generator=g)
+
+    def rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.randn(B, Hkv, n, D, generator=g) * channel + offset
+        return k.to(dtype), torch.randn(B, Hkv, n, D, generator=g).to(dtype)
+
+    top = max(prefix)
+    cache.append(*rows(top - 3))
+    for _ in range(3):
+        cache.append(*rows(1))
+    cache.append(*rows(1), positions=torch.tensor([n - 1 for n in prefix], dtype=torch.int32))
+    cache.append(*rows(chunk))
+    return cache
+
+
+def run_compressed(lib, name: str, cache, *, Hq: int, Tq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kernel output, reference.int8_attention / kivi_attention on the same cache): causal, the
+    query chunk the newest Tq rows of each sequence; the cache poisoned past each length and the
+    paged table past each sequence's pages, the output NaN before the run."""
+    c = CONFIGS[name]
+    B, D, page = cache.batch, cache.head_dim, cache.page_size
+    q = torch.randn(B, Hq, Tq, D, generator=torch.Generator().manual_seed(seed)).to(cache.dtype)
+    table = cache.block_table
+    if cache.kv_format == "int8":
+        ref = reference.int8_attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, block_table=table,
+                                       causal=True, kv_lens=cache.lens)
+    else:
+        ref = reference.kivi_attention(q, cache.k, cache.v, cache.k_scale, cache.v_scale, cache.k_resid,
+                                       cache.kivi_group, block_table=table, causal=True, kv_lens=cache.lens)
+    emulation.poison_cache(cache, torch.Generator().manual_seed(seed))
+    if page:  # entries past a sequence's pages may hold anything: the kernel must not follow them
+        table = table.clone()
+        for b, n in enumerate(cache.lens.tolist()):
+            table[b, -(-n // page):] = -1 if b % 2 else 2**31 - 1
+    out = torch.full_like(q, float("nan"))
+    p = PrefillParams()
+    p.q, p.k, p.v, p.out = q.data_ptr(), cache.k.data_ptr(), cache.v.data_ptr(), out.data_ptr()
+    p.kv_lens = cache.lens.data_ptr()
+    if page:
+        p.block_table, p.bt_sb, p.page_size_log2 = table.data_ptr(), table.stride(0), page.bit_length() - 1
+    p.q_sb, p.q_sh, p.q_st = q.stride()[:3]
+    p.k_sb, p.k_sh, p.k_st = cache.k.stride()[:3]
+    p.v_sb, p.v_sh, p.v_st = cache.v.stride()[:3]
+    p.o_sb, p.o_sh, p.o_st = out.stride()[:3]
+    words = 1 if cache.kv_format == "int8" else 2  # strides in 4-byte words: fp32 scales, pairs of T
+    p.k_scale, p.v_scale = cache.k_scale.data_ptr(), cache.v_scale.data_ptr()
+    p.ks_sb, p.ks_sh, p.ks_st = (st // words for st in cache.k_scale.stride()[:3])
+    p.vs_sb, p.vs_sh, p.vs_st = (st // words for st in cache.v_scale.stride()[:3])
+    if cache.k_resid is not None:
+        p.k_resid = cache.k_resid.data_ptr()
+        p.kr_sb, p.kr_sh, p.kr_st = cache.k_resid.stride()[:3]
+    p.batch, p.num_q_heads, p.num_kv_heads = B, Hq, cache.kv_heads
+    p.q_capacity, p.kv_capacity, p.causal, p.longest_first = Tq, cache.capacity, 1, 1
+    p.scale_log2 = D ** -0.5 * math.log2(math.e)
+    err = lib.emu_prefill(ctypes.byref(p), int(bool(page)), -(-Tq // c["tile_m"]), seed)
+    assert err is None, err.decode()
+    return out, ref
+
+
+@pytest.mark.parametrize("page", [0, 16])
+@pytest.mark.parametrize("config", COMPRESSED)
+def test_emulated_chunk_over_a_compressed_prefix(libs, config, page):
+    """A 130-token chunk over prefixes of 70 and 33 tokens (lengths 200 and 163: no multiple of a
+    tile or a group; KIVI's residual holds the newest len % G rows, some of the chunk's own)."""
+    seed = sum(map(ord, config)) + page
+    cache = compressed_cache(config, B=2, Hkv=2, prefix=[70, 33], chunk=130, page=page, seed=seed)
+    out, ref = run_compressed(libs(config), config, cache, Hq=8, Tq=130, seed=seed)
+    assert not out.isnan().any(), "NaN in the output (a row never written, or a stale or poisoned value read)"
+    err = (out.float() - ref.float()).abs().max().item()
+    assert err <= TOL[out.dtype], f"max abs error {err:.3e} > {TOL[out.dtype]:.1e}"

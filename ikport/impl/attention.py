@@ -74,13 +74,14 @@ def paged_attention(q, k_pages, v_pages, block_table, kv_lens, causal: bool = Fa
 
 def int8_attention(q, k, v, k_scale, v_scale, block_table=None, kv_lens=None, causal: bool = False,
                    scale: float | None = None, out: torch.Tensor | None = None,
-                   options: DecodeOptions | None = None) -> torch.Tensor:
-    """Decode over an INT8 cache (ikport.KVCache(kv_format="int8")): int8 codes k, v and their fp32
+                   options: DecodeOptions | PrefillOptions | None = None) -> torch.Tensor:
+    """Attention over an INT8 cache (ikport.KVCache(kv_format="int8")): int8 codes k, v and their fp32
     scales, contiguous or paged (`block_table`). The CPU runs the reference on the dequantized
-    cache; a GPU the split kernels with the int8 KV loader (no dequantized copy anywhere)."""
+    cache; a GPU the split kernels with the int8 KV loader, or for a prefill chunk (`_is_prefill`)
+    the prefill kernel with it (no dequantized copy anywhere)."""
     scale = checks.scale(scale)
-    checks.int8_cache(q, k, v, k_scale, v_scale, block_table, kv_lens)
-    return _compressed_decode(
+    checks.int8_cache(q, k, v, k_scale, v_scale, block_table, kv_lens, prefill=_is_prefill(q, None, options))
+    return _compressed(
         ("int8",), q, k, v, (k_scale, v_scale), block_table, kv_lens, causal, scale, out, options,
         lambda s: reference.int8_attention(q, k, v, k_scale, v_scale, block_table=block_table, causal=causal,
                                            scale=s, kv_lens=kv_lens),
@@ -89,15 +90,17 @@ def int8_attention(q, k, v, k_scale, v_scale, block_table=None, kv_lens=None, ca
 
 def kivi_attention(q, k, v, k_scale, v_scale, k_resid, group: int, block_table=None, kv_lens=None,
                    causal: bool = False, scale: float | None = None, out: torch.Tensor | None = None,
-                   options: DecodeOptions | None = None) -> torch.Tensor:
-    """Decode over a KIVI INT4 cache (ikport.KVCache(kv_format="kivi4")): uint8 codes k, v, the
+                   options: DecodeOptions | PrefillOptions | None = None) -> torch.Tensor:
+    """Attention over a KIVI INT4 cache (ikport.KVCache(kv_format="kivi4")): uint8 codes k, v, the
     (scale, zero) pairs k_scale (K, per group of `group` rows and channel) and v_scale (V, per
     token), and K's full-precision residual k_resid. The CPU runs the reference on the
-    dequantized cache; a GPU the split kernels with the kivi4_g<group> KV loader."""
+    dequantized cache; a GPU the split kernels with the kivi4_g<group> KV loader, or for a
+    prefill chunk the prefill kernel with it."""
     scale = checks.scale(scale)
-    checks.kivi_cache(q, k, v, k_scale, v_scale, k_resid, group, block_table, kv_lens)
+    checks.kivi_cache(q, k, v, k_scale, v_scale, k_resid, group, block_table, kv_lens,
+                      prefill=_is_prefill(q, None, options))
     # pairs are 4-byte words: their strides in pairs
-    return _compressed_decode(
+    return _compressed(
         ("kivi4", group), q, k, v, (k_scale, v_scale, k_resid), block_table, kv_lens, causal, scale, out, options,
         lambda s: reference.kivi_attention(q, k, v, k_scale, v_scale, k_resid, group, block_table=block_table,
                                            causal=causal, scale=s, kv_lens=kv_lens),
@@ -105,20 +108,23 @@ def kivi_attention(q, k, v, k_scale, v_scale, k_resid, group: int, block_table=N
                       tuple(k_resid.stride()[:3])))
 
 
-def _compressed_decode(fmt: tuple, q, k, v, side: tuple, block_table, kv_lens, causal: bool, scale: float | None,
-                       out: torch.Tensor | None, options: DecodeOptions | None,
-                       cpu_reference: Callable[[float], torch.Tensor],
-                       side_strides: Callable[[], _Side]) -> torch.Tensor:
+def _compressed(fmt: tuple, q, k, v, side: tuple, block_table, kv_lens, causal: bool, scale: float | None,
+                out: torch.Tensor | None, options: DecodeOptions | PrefillOptions | None,
+                cpu_reference: Callable[[float], torch.Tensor], side_strides: Callable[[], _Side]) -> torch.Tensor:
     """The call path of a compressed cache whose format-specific arguments were checked: `fmt` the
     loader's (format, group) for the planner, `side` its tensors beside the codes (scales, pairs,
-    residual), passed to the kernel in that order; the CPU runs `cpu_reference(scale)`."""
+    residual), passed to the kernel in that order; the CPU runs `cpu_reference(scale)`. A GPU
+    runs the decode kernels, or the prefill kernel for a prefill chunk (`_is_prefill`)."""
     checks.out(out, q)
-    checks.options(options, DecodeOptions)
+    checks.options(options, (DecodeOptions, PrefillOptions))
     backend = dispatch.backend_for(q.device)
     if block_table is not None and (backend is None or knobs.check_tables()):
         checks.block_table_ids(block_table, kv_lens, k, gpu=backend is not None)
     if backend is None:
         return _into(out, cpu_reference(_default_scale(q) if scale is None else float(scale)))
+    if _is_prefill(q, None, options):
+        return _prefill_impl.attention(backend, q, k, v, block_table, None, kv_lens, causal, scale, out,
+                                       options or PrefillOptions(), fmt=fmt, side=side, side_strides=side_strides())
     sig = _signature((*fmt, options), q, k, v, *side, block_table, kv_lens, out)
     call = _checked.get(sig) if sig is not None else None
     if call is None:

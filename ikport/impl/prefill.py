@@ -64,13 +64,15 @@ def prepare(backend: Backend, problem: PrefillProblem, device: int, options: Pre
 
 
 def plan_of(q: torch.Tensor, k: torch.Tensor, block_table: torch.Tensor | None = None,
-            options: PrefillOptions | None = None, *, varlen_max: tuple[int, int] | None = None) -> PrefillPlan:
+            options: PrefillOptions | None = None, *, varlen_max: tuple[int, int] | None = None,
+            fmt: tuple = ("dense",)) -> PrefillPlan:
     """The launch plan a GPU prefill call with these tensors runs (tests and benchmarks): q and k as
-    `attention` / `paged_attention` take them, or packed with `varlen_max` = (max_seqlen_q, max_seqlen_k)."""
+    `attention` / `paged_attention` take them, or packed with `varlen_max` = (max_seqlen_q, max_seqlen_k);
+    `fmt` a compressed cache's (kv_format, kivi_group) with k its codes."""
     backend = dispatch.backend_for(q.device)
     if backend is None:
         raise ValueError(f"plan_of: {q.device} tensors run the PyTorch reference, not a planned kernel")
-    return prepare(backend, _problem(q, k, block_table, varlen_max), _device_index(q),
+    return prepare(backend, _problem(q, k, block_table, varlen_max, fmt), _device_index(q),
                    options or prefill_plan.DEFAULT_OPTIONS).plan
 
 
@@ -78,16 +80,17 @@ def clear_plans() -> None:
     _prepared.clear()
 
 
-def _problem(q, k, block_table, varlen_max) -> PrefillProblem:
+def _problem(q, k, block_table, varlen_max, fmt: tuple = ("dense",)) -> PrefillProblem:
+    """The planner's problem; `fmt`: the cache's (kv_format[, kivi_group]) (k: its codes, whose last
+    dim need not be head_dim: q's is)."""
     if varlen_max is not None:  # q [total_q, Hq, D], k [total_k, Hkv, D]
         _, Hq, D = q.shape
         # batch 1: the batch comes from cu_seqlens at launch (Prepared.launch_batch), not the plan
         return PrefillProblem(_DTYPE_NAME[q.dtype], 1, Hq, k.shape[1], D, varlen_max[0], varlen_max[1])
     B, Hq, Tq, D = q.shape
-    if block_table is not None:
-        page = k.shape[2]
-        return PrefillProblem(_DTYPE_NAME[q.dtype], B, Hq, k.shape[1], D, Tq, block_table.shape[1] * page, page)
-    return PrefillProblem(_DTYPE_NAME[q.dtype], B, Hq, k.shape[1], D, Tq, k.shape[2])
+    page = k.shape[2] if block_table is not None else 0
+    capacity = block_table.shape[1] * page if block_table is not None else k.shape[2]
+    return PrefillProblem(_DTYPE_NAME[q.dtype], B, Hq, k.shape[1], D, Tq, capacity, page, *fmt)
 
 
 def _scale_log2(q: torch.Tensor, scale: float | None) -> float:
@@ -95,11 +98,17 @@ def _scale_log2(q: torch.Tensor, scale: float | None) -> float:
 
 
 def attention(backend: Backend, q, k, v, block_table, q_lens, kv_lens, causal: bool, scale: float | None,
-              out: torch.Tensor | None, options: PrefillOptions) -> torch.Tensor:
+              out: torch.Tensor | None, options: PrefillOptions, *, fmt: tuple = ("dense",), side: tuple = (),
+              side_strides=None) -> torch.Tensor:
     """q [B, Hq, Tq, D]; k, v [B, Hkv, L, D] or pages [num_pages, Hkv, page_size, D] with
-    `block_table`; checked by the caller."""
+    `block_table`; checked by the caller. A compressed cache (ikport.KVCache): `fmt` its
+    (kv_format, kivi_group), k and v its codes, `side` its scales or pairs (and KIVI's residual),
+    `side_strides` their strides in 4-byte words (impl.attention._Side)."""
+    if options.variant != "fa2":
+        raise ValueError(f"PrefillOptions(variant={options.variant!r}): a {fmt[0]} cache's prefill runs the fa2 "
+                         f"kernel (the naive journey step reads dense caches only)")
     dev = _device_index(q)
-    problem = _problem(q, k, block_table, None)
+    problem = _problem(q, k, block_table, None, fmt)
     prepared = prepare(backend, problem, dev, options)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -113,6 +122,13 @@ def attention(backend: Backend, q, k, v, block_table, q_lens, kv_lens, causal: b
     p.k_sb, p.k_sh, p.k_st = k.stride()[:3]
     p.v_sb, p.v_sh, p.v_st = v.stride()[:3]
     p.o_sb, p.o_sh, p.o_st = out.stride()[:3]
+    if side:  # the compressed cache's words (and KIVI's residual), alive until the launch is queued
+        p.k_scale, p.v_scale = side[0].data_ptr(), side[1].data_ptr()
+        p.ks_sb, p.ks_sh, p.ks_st = side_strides.k_scale
+        p.vs_sb, p.vs_sh, p.vs_st = side_strides.v_scale
+        if len(side) > 2:
+            p.k_resid = side[2].data_ptr()
+            p.kr_sb, p.kr_sh, p.kr_st = side_strides.k_resid
     _finish(p, prepared, problem, causal, _scale_log2(q, scale))
     prepared.launch(p, raw_stream(dev))
     return out

@@ -8,12 +8,12 @@ measurements: docs/results/prefill.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..backends.base import DeviceInfo
 from ..backends.target import ArchFacts, Target
 from ..manifest import KernelSpec, spec
-from .decode import C_TO_A_LD
+from .decode import C_TO_A_LD, INT8_SCALE_BYTES, KIVI_PAIR_BYTES, LOADERS, kivi_group
 from .launch import Launch
 from .options import Options
 
@@ -71,10 +71,17 @@ class PrefillProblem:
     q_capacity: int
     kv_capacity: int
     page_size: int = 0  # 0: a contiguous (or packed) cache
+    kv_format: str = "dense"  # the cache format: the kernel's KV loader (ikport.kvquant.KV_FORMATS)
+    kivi_group: int = 0  # kivi4: K's group of G rows
 
     @property
     def paged(self) -> bool:
         return self.page_size > 0
+
+    @property
+    def loader(self) -> str:
+        """The manifest's `loader` value for this cache format."""
+        return f"kivi4_g{self.kivi_group}" if self.kv_format == "kivi4" else self.kv_format
 
     @property
     def page_size_log2(self) -> int:
@@ -100,12 +107,30 @@ class PrefillPlan:
     longest_first: bool
 
 
+def kv_slot_bytes(loader: str, head_dim: int, tile_n: int, pad: bool) -> int:
+    """One slot of attn_prefill's K/V ring (prefill::KVTiles::kSlotBytes): dense, a K and a V tile of
+    fp16/bf16 rows (head_dim, + 8 padded); int8, per tensor the tile's codes and an fp32 scale a
+    row; kivi4, the codes (head_dim / 2 bytes a row) of both, V's pair a row and K's pairs of the
+    tile's group (head_dim of them)."""
+    if loader == "dense":
+        return 2 * tile_n * (head_dim + (8 if pad else 0)) * 2
+    if loader == "int8":
+        return 2 * (tile_n * head_dim + tile_n * INT8_SCALE_BYTES)
+    if kivi_group(loader):
+        codes = tile_n * head_dim // 2
+        return 2 * codes + tile_n * KIVI_PAIR_BYTES + head_dim * KIVI_PAIR_BYTES
+    raise ValueError(f"unknown KV loader {loader!r}; choose from {LOADERS}")
+
+
 def smem_bytes(*, head_dim: int, tile_m: int, tile_n: int, warps: int, stages: int, pad: bool,
-               c_is_a: bool) -> int:
-    """Dynamic shared memory of attn_prefill (PrefillConfig::smem_bytes): the K/V ring, the query
-    tile, and where C is not A's layout (AMD) each warp's scratch for P."""
+               c_is_a: bool, loader: str = "dense") -> int:
+    """Dynamic shared memory of attn_prefill (PrefillConfig::smem_bytes): the K/V ring (`stages`
+    slots of the loader's tiles as copied; a compressed format's one pair of dequantized tiles after
+    them), the query tile, and where C is not A's layout (AMD) each warp's scratch for P."""
     ld = head_dim + (8 if pad else 0)
-    return stages * 2 * tile_n * ld * 2 + tile_m * ld * 2 + (0 if c_is_a else warps * 16 * C_TO_A_LD * 2)
+    tiles = 0 if loader == "dense" else 2 * tile_n * ld * 2
+    ring = stages * kv_slot_bytes(loader, head_dim, tile_n, pad) + tiles
+    return ring + tile_m * ld * 2 + (0 if c_is_a else warps * 16 * C_TO_A_LD * 2)
 
 
 # Tile candidates, best first, per matrix unit and head_dim bound: the first that fits the
@@ -139,17 +164,23 @@ _PAGED_CANDIDATES: dict[str, dict[int, tuple[Tiles, ...]]] = {
 }
 
 
-def tiles(head_dim: int, facts: ArchFacts, options: PrefillOptions = DEFAULT_OPTIONS, paged: bool = False) -> Tiles:
-    """The default tiles for `head_dim` (in a paged cache or not) on a target of `facts`, with the
-    options' pins applied."""
+def tiles(head_dim: int, facts: ArchFacts, options: PrefillOptions = DEFAULT_OPTIONS, paged: bool = False,
+          loader: str = "dense") -> Tiles:
+    """The default tiles for `head_dim` (in a paged cache or not, of the loader's format) on a
+    target of `facts`, with the options' pins applied. Compressed formats take the dense
+    candidates (their ring is smaller: codes, not fp16 rows, plus one pair of dequantized tiles),
+    KIVI's K/V tiles at most a group (kivi4_g<G>: tile_n <= G, a tile one group's rows)."""
     fits = None
+    group = kivi_group(loader)
     for bound, candidates in _CANDIDATES[facts.matrix_unit]:
         if head_dim <= bound:
             if paged:
                 candidates = _PAGED_CANDIDATES.get(facts.matrix_unit, {}).get(bound, candidates)
+            if group:
+                candidates = tuple(replace(t, tile_n=min(t.tile_n, group)) for t in candidates)
             for t in candidates:
-                if smem_bytes(head_dim=head_dim, tile_m=t.tile_m, tile_n=t.tile_n, warps=t.warps,
-                              stages=t.stages, pad=t.pad, c_is_a=facts.c_is_a) <= facts.max_smem_per_block:
+                if smem_bytes(head_dim=head_dim, tile_m=t.tile_m, tile_n=t.tile_n, warps=t.warps, stages=t.stages,
+                              pad=t.pad, c_is_a=facts.c_is_a, loader=loader) <= facts.max_smem_per_block:
                     fits = t
                     break
             break
@@ -160,9 +191,9 @@ def tiles(head_dim: int, facts: ArchFacts, options: PrefillOptions = DEFAULT_OPT
                  stages=options.stages or fits.stages, pad=fits.pad if options.pad is None else options.pad)
 
 
-def kernel_spec(dtype: str, head_dim: int, t: Tiles, paged: bool) -> KernelSpec:
+def kernel_spec(dtype: str, head_dim: int, t: Tiles, paged: bool, loader: str = "dense") -> KernelSpec:
     return spec("attention_prefill", "fa2", dtype=dtype, head_dim=head_dim, tile_m=t.tile_m, tile_n=t.tile_n,
-                warps=t.warps, stages=t.stages, paged=paged, pad=t.pad)
+                warps=t.warps, stages=t.stages, paged=paged, pad=t.pad, loader=loader)
 
 
 def plan(problem: PrefillProblem, device: DeviceInfo, options: PrefillOptions = DEFAULT_OPTIONS) -> PrefillPlan:
@@ -170,12 +201,21 @@ def plan(problem: PrefillProblem, device: DeviceInfo, options: PrefillOptions = 
     if options.variant != "fa2":
         raise ValueError(f"plan.prefill.plan: variant {options.variant!r} runs the decode family's kernel")
     facts = Target(device.arch).facts
-    t = tiles(problem.head_dim, facts, options, problem.paged)
+    loader, group = problem.loader, problem.kivi_group
+    if loader not in LOADERS:
+        raise ValueError(f"plan.prefill.plan: no KV loader for kv_format {problem.kv_format!r} (G {group})")
+    if group and problem.head_dim % 32:
+        raise ValueError(f"KIVI prefill reads rows of head_dim / 2 code bytes in 16-byte chunks: head_dim "
+                         f"{problem.head_dim} must be a multiple of 32")
+    t = tiles(problem.head_dim, facts, options, problem.paged, loader)
     if t.tile_m % (16 * t.warps):
         raise ValueError(f"PrefillOptions: tile_m {t.tile_m} must be a multiple of 16 x warps ({t.warps})")
-    kernel = kernel_spec(problem.dtype, problem.head_dim, t, problem.paged)
+    if group and t.tile_n > group:
+        raise ValueError(f"PrefillOptions: tile_n {t.tile_n} over a KIVI cache of groups of {group} rows: a K/V "
+                         f"tile must lie in one group (tile_n <= {group})")
+    kernel = kernel_spec(problem.dtype, problem.head_dim, t, problem.paged, loader)
     smem = smem_bytes(head_dim=problem.head_dim, tile_m=t.tile_m, tile_n=t.tile_n, warps=t.warps, stages=t.stages,
-                      pad=t.pad, c_is_a=facts.c_is_a)
+                      pad=t.pad, c_is_a=facts.c_is_a, loader=loader)
     if smem > device.max_smem_per_block:
         raise ValueError(f"prefill tiles {t} need {smem} bytes of shared memory; {device.name} gives a block "
                          f"{device.max_smem_per_block}")
@@ -201,5 +241,5 @@ def launch_of(s: KernelSpec, facts: ArchFacts) -> Launch | None:
         return None
     p = dict(s.params)
     smem = smem_bytes(head_dim=p["head_dim"], tile_m=p["tile_m"], tile_n=p["tile_n"], warps=p["warps"],
-                      stages=p["stages"], pad=p["pad"], c_is_a=facts.c_is_a)
+                      stages=p["stages"], pad=p["pad"], c_is_a=facts.c_is_a, loader=p["loader"])
     return Launch(p["warps"] * facts.warp_size, smem, True, True)

@@ -336,6 +336,21 @@ struct Int8Loader {
   static IK_DEVICE float code(unsigned long long raw, int j, float s) {
     return static_cast<float>(static_cast<Code>(raw >> (8 * j))) * s;
   }
+  // 16 codes at `src` (shared memory) times `s` into 16 elements of T at `dst` (the matrix
+  // kernels' dequantization: decode's Matrix and prefill's tiles).
+  template <class T>
+  static IK_DEVICE void dequant16(T* dst, const unsigned char* src, float s) {
+    const uint4 raw = ik::load16(src);
+    const unsigned long long lo = raw.x | (static_cast<unsigned long long>(raw.y) << 32);
+    const unsigned long long hi = raw.z | (static_cast<unsigned long long>(raw.w) << 32);
+    float f[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) f[j] = code(lo, j, s);
+    ik::store16(dst, ik::pack8<T>(f));
+#pragma unroll
+    for (int j = 0; j < 8; ++j) f[j] = code(hi, j, s);
+    ik::store16(dst + 8, ik::pack8<T>(f));
+  }
 
   template <class T, int HEAD_DIM, bool PAGED, int THREADS, int UNROLL, int STAGES>
   struct Vector {
@@ -507,19 +522,6 @@ struct Int8Loader {
         }
       }
     }
-    // 16 codes at `src` times `s` into 16 elements of T at `dst`.
-    static IK_DEVICE void dequant16(T* dst, const unsigned char* src, float s) {
-      const uint4 raw = ik::load16(src);
-      const unsigned long long lo = raw.x | (static_cast<unsigned long long>(raw.y) << 32);
-      const unsigned long long hi = raw.z | (static_cast<unsigned long long>(raw.w) << 32);
-      float f[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j) f[j] = code(lo, j, s);
-      ik::store16(dst, ik::pack8<T>(f));
-#pragma unroll
-      for (int j = 0; j < 8; ++j) f[j] = code(hi, j, s);
-      ik::store16(dst + 8, ik::pack8<T>(f));
-    }
     // Step tiles kt, vt (this lane's copies have landed): this lane's chunks dequantized into the
     // warp's T tiles, which kt and vt then point to. The early copy's V rows past `end` become
     // zeros (a stale scale may be NaN).
@@ -530,12 +532,12 @@ struct Int8Loader {
       for (int c = 0; c < kCopies; ++c) {
         if (copy_in_tile(c)) {
           const int at = copy_row(c) * kLd + copy_col(c);
-          dequant16(kd + at, dest(kt, c), *scale_dest(kt, c));
+          dequant16<T>(kd + at, dest(kt, c), *scale_dest(kt, c));
           if (early && r0 + copy_row(c) >= end) {
             ik::store16(vd + at, make_uint4(0, 0, 0, 0));
             ik::store16(vd + at + 8, make_uint4(0, 0, 0, 0));
           } else {
-            dequant16(vd + at, dest(vt, c), *scale_dest(vt, c));
+            dequant16<T>(vd + at, dest(vt, c), *scale_dest(vt, c));
           }
         }
       }
@@ -563,6 +565,32 @@ struct KiviLoader {
   static IK_DEVICE float nibble(unsigned int w, int j) { return static_cast<float>((w >> (4 * j)) & 15u); }
   // Rows below this read codes; rows from it to kv_len, the residual.
   static IK_DEVICE int quantized_len(const DecodeParams& p, int b) { return kv_len_of(p, b) & ~(G - 1); }
+  // 32 codes at `src` (shared memory; channels ch0..ch0+31) into 32 elements of T at `dst`: K with
+  // each channel's pair from `pairs` (per_channel), V with the row's one pair `row_pair` (the matrix
+  // kernels' dequantization: decode's Matrix and prefill's tiles).
+  template <class T, bool PER_CHANNEL>
+  static IK_DEVICE void dequant32(T* dst, const unsigned char* src, const Pair* pairs, Pair row_pair) {
+    const uint4 raw = ik::load16(src);
+    const unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
+    const float2 row = ik::dtype<T>::unpack2(row_pair);
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      float f[8];
+      if constexpr (PER_CHANNEL) {
+        const uint4 lo = ik::load16(pairs + 8 * w), hi = ik::load16(pairs + 8 * w + 4);
+        const unsigned int pw[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const float2 sz = ik::dtype<T>::unpack2(pw[j]);
+          f[j] = sz.y + nibble(words[w], j) * sz.x;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) f[j] = row.y + nibble(words[w], j) * row.x;
+      }
+      ik::store16(dst + 8 * w, ik::pack8<T>(f));
+    }
+  }
 
   template <class T, int HEAD_DIM, bool PAGED, int THREADS, int UNROLL, int STAGES>
   struct Vector {
@@ -853,31 +881,6 @@ struct KiviLoader {
         }
       }
     }
-    // 32 codes at `src` (channels ch0..ch0+31) into 32 elements of T at `dst`: K with each channel's
-    // pair from `pairs` (per_channel), V with the row's one pair `row_pair`.
-    template <bool PER_CHANNEL>
-    static IK_DEVICE void dequant32(T* dst, const unsigned char* src, const Pair* pairs, Pair row_pair) {
-      const uint4 raw = ik::load16(src);
-      const unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
-      const float2 row = ik::dtype<T>::unpack2(row_pair);
-#pragma unroll
-      for (int w = 0; w < 4; ++w) {
-        float f[8];
-        if constexpr (PER_CHANNEL) {
-          const uint4 lo = ik::load16(pairs + 8 * w), hi = ik::load16(pairs + 8 * w + 4);
-          const unsigned int pw[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            const float2 sz = ik::dtype<T>::unpack2(pw[j]);
-            f[j] = sz.y + nibble(words[w], j) * sz.x;
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < 8; ++j) f[j] = row.y + nibble(words[w], j) * row.x;
-        }
-        ik::store16(dst + 8 * w, ik::pack8<T>(f));
-      }
-    }
     IK_DEVICE void landed(T*& kt, T*& vt, int r0, int end, bool early) const {
       T* kd = dequantized(0);
       T* vd = dequantized(1);
@@ -899,7 +902,7 @@ struct KiviLoader {
         for (int c = 0; c < kCopies; ++c) {
           if (copy_in_tile(c)) {
             const int ch0 = copy_col(c) * 2;
-            dequant32<true>(kd + copy_row(c) * kLd + ch0, dest(kt, c), k_pairs(kt) + ch0, 0u);
+            dequant32<T, true>(kd + copy_row(c) * kLd + ch0, dest(kt, c), k_pairs(kt) + ch0, 0u);
           }
         }
       }
@@ -911,7 +914,7 @@ struct KiviLoader {
 #pragma unroll
             for (int w = 0; w < 4; ++w) ik::store16(vd + at + 8 * w, make_uint4(0, 0, 0, 0));
           } else {
-            dequant32<false>(vd + at, dest(vt, c), nullptr, *v_pair(vt, c));
+            dequant32<T, false>(vd + at, dest(vt, c), nullptr, *v_pair(vt, c));
           }
         }
       }

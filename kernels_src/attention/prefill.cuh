@@ -24,6 +24,10 @@
 // grid (Hq, B, q_tiles); with longest_first, blockIdx.z counts q tiles from the last (the one
 // with the most keys under causal) so the longest blocks start first. Block WARPS * warp size;
 // dynamic shared memory PrefillConfig::smem_bytes() (ikport/plan/prefill.py mirrors it).
+// LOADER (the manifest's `loader`): the K/V cache's format, prefill::KVTiles (prefill_loader.cuh).
+// Dense: the ring's slots are the tiles the fragment loads read. INT8 / KIVI INT4 (an
+// ikport.KVCache; [B, Hkv, L] or paged, not packed varlen): the slots hold a tile's compressed
+// bytes, which the block dequantizes into one pair of T tiles after the barrier that lands them.
 #pragma once
 #include "ik.cuh"
 
@@ -52,6 +56,18 @@ struct PrefillParams {
   int causal;
   int longest_first;
   float scale_log2;  // softmax scale * log2(e): scores are kept in the log2 domain
+  // Appended (every field above keeps its offset): a quantized cache (loader int8 or kivi4_g*;
+  // kv_loader.cuh, ikport.kvquant; [B, Hkv, L, ...] or paged, not packed varlen): k and v hold its
+  // codes, k_scale and v_scale its 4-byte words, strides in words (int8: fp32 scales per row,
+  // [B, Hkv, L] / [num_pages, Hkv, page_size]; kivi4: (scale, zero) pairs of T, K's [B, Hkv,
+  // groups, D] per sequence paged or not, V's per row), k_resid KIVI's K residual [B, Hkv, G, D]
+  // in T (row t at t % G). Null for dense.
+  const void* k_scale;
+  const void* v_scale;
+  long long ks_sb, ks_sh, ks_st;
+  long long vs_sb, vs_sh, vs_st;
+  const void* k_resid;
+  long long kr_sb, kr_sh, kr_st;
 };
 
 namespace prefill {
@@ -95,9 +111,17 @@ IK_DEVICE Sequence sequence(const PrefillParams& p, int b) {
   return s;
 }
 
-template <class T, int HEAD_DIM, int TILE_M, int TILE_N, int WARPS, int STAGES, bool PAD>
+}  // namespace prefill
+
+// prefill::KVTiles, the K/V tiles of each KV loader (it needs PrefillParams and Sequence)
+#include "prefill_loader.cuh"
+
+namespace prefill {
+
+template <class T, int HEAD_DIM, int TILE_M, int TILE_N, int WARPS, int STAGES, bool PAD, class LOADER>
 struct PrefillConfig {
   static constexpr int kThreads = WARPS * ik::kWarpSize;
+  using KV = KVTiles<LOADER, T, HEAD_DIM, TILE_N, kThreads, STAGES, false, PAD>;  // (its shared memory: paged or not)
   static constexpr int kWarpRows = TILE_M / WARPS;  // query rows of a warp
   static constexpr int kMt = kWarpRows / 16;        // its 16-row matrix tiles
   static constexpr int kNt = TILE_N / 16;           // 16-key column tiles of S
@@ -109,8 +133,8 @@ struct PrefillConfig {
   static_assert(TILE_N % 16 == 0, "K/V tiles of whole 16-row matrix tiles");
   static_assert(STAGES >= 1, "at least one K/V slot");
   static constexpr int q_elems() { return TILE_M * kLd; }
-  static constexpr int slot_elems() { return 2 * TILE_N * kLd; }  // one K tile and one V tile
-  static constexpr int ring_bytes() { return STAGES * slot_elems() * 2; }
+  // The K/V ring (STAGES slots of the loader's tiles as copied) and the loader's own T tiles.
+  static constexpr int ring_bytes() { return STAGES * KV::kSlotBytes + KV::kTileBytes; }
   static constexpr int q_bytes() { return q_elems() * 2; }
   static constexpr int scratch_bytes() { return WARPS * ik::mma::kCToAScratch * 2; }
   static constexpr int smem_bytes() { return ring_bytes() + q_bytes() + scratch_bytes(); }
@@ -119,9 +143,9 @@ struct PrefillConfig {
 }  // namespace prefill
 
 #ifdef IK_HAS_MMA
-template <class T, int HEAD_DIM, int TILE_M, int TILE_N, int WARPS, int STAGES, bool PAGED, bool PAD>
+template <class T, int HEAD_DIM, int TILE_M, int TILE_N, int WARPS, int STAGES, bool PAGED, bool PAD, class LOADER>
 __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillParams p) {
-  using C = prefill::PrefillConfig<T, HEAD_DIM, TILE_M, TILE_N, WARPS, STAGES, PAD>;
+  using C = prefill::PrefillConfig<T, HEAD_DIM, TILE_M, TILE_N, WARPS, STAGES, PAD, LOADER>;
   namespace mm = ik::mma;
   constexpr int LD = C::kLd, MT = C::kMt, NT = C::kNt, DT = C::kDt, CH = C::kChunks;
   // Q's fragments stay in registers where they are few (NVIDIA: 4 registers each); else each tile
@@ -153,14 +177,15 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   const int kv_end = p.causal ? min(seq.kv_len, last_row + diag + 1) : seq.kv_len;  // keys any row sees
   const int n_tiles = kv_end > 0 ? (kv_end + TILE_N - 1) / TILE_N : 0;
 
-  T* s_ring = reinterpret_cast<T*>(smem);
-  T* s_q = s_ring + STAGES * C::slot_elems();
+  using KV = prefill::KVTiles<LOADER, T, HEAD_DIM, TILE_N, C::kThreads, STAGES, PAGED, PAD>;
+  static_assert(KV::kSlotBytes == C::KV::kSlotBytes && KV::kTileBytes == C::KV::kTileBytes, "paged or not, one size");
+  static_assert(KV::kSlotBytes % 16 == 0 && KV::kTileBytes % 16 == 0, "16-byte aligned slots and tiles");
+  T* s_ring = reinterpret_cast<T*>(smem);  // the K/V ring, then the loader's T tiles (compressed formats)
+  T* s_q = s_ring + C::ring_bytes() / 2;  // (int arithmetic, as the rest: T is 2 bytes)
   T* scratch = s_q + C::q_elems() + warp * mm::kCToAScratch;
   const T* qg = static_cast<const T*>(p.q) + seq.q_off + hq * p.q_sh;
-  const T* kg = static_cast<const T*>(p.k) + (PAGED ? 0 : seq.k_off) + hk * p.k_sh;
-  const T* vg = static_cast<const T*>(p.v) + (PAGED ? 0 : seq.v_off) + hk * p.v_sh;
-  const int* bt_row = PAGED ? p.block_table + b * p.bt_sb : nullptr;
-  const int page_mask = (1 << p.page_size_log2) - 1;
+  const KV kv(p, seq, b, hk, n_tiles, kv_end);
+  typename KV::Located at;  // paged: the next tile's page ids
 
   // The query tile into shared memory (rows past q_len zero), in the first copy group.
   for (int idx = threadIdx.x; idx < TILE_M * CH; idx += C::kThreads) {
@@ -168,72 +193,12 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
     const bool valid = row < seq.q_len;
     ik::cp_async16_zfill(s_q + r * LD + ch * 8, valid ? qg + row * p.q_st + ch * 8 : qg, valid);
   }
-  // Paged: the page ids of the next tile to copy, loaded a tile ahead (right after the previous
-  // copies are issued) so that no copy waits on its block-table read.
-  constexpr int kCopies = (TILE_N * CH + C::kThreads - 1) / C::kThreads;  // 16-byte copies a thread per tensor
-  // Where a row's chunks divide the block, a thread's copies keep one 16-byte column of the rows,
-  // kRowStep rows apart, and the tile's rows divide into whole steps.
-  constexpr bool kUniformColumn = C::kThreads % CH == 0 && TILE_N * CH % C::kThreads == 0;
-  constexpr int kRowStep = kUniformColumn ? C::kThreads / CH : 1;
-  int pages[PAGED ? kCopies : 1];
-  auto locate = [&](int j) {
-    if constexpr (PAGED) {
-#pragma unroll
-      for (int i = 0; i < kCopies; ++i) {
-        const int t = j * TILE_N + (threadIdx.x + i * C::kThreads) / CH;
-        pages[i] = j < n_tiles && t < kv_end ? bt_row[t >> p.page_size_log2] : 0;
-      }
-    }
-  };
-  // K/V tile j into ring slot j % STAGES (rows past kv_end zero: P V then adds nothing there);
-  // one commit group per call, empty past the last tile, so the wait counts stay uniform.
+  // K/V tile j into ring slot j % STAGES (the loader's copies: rows past kv_end zero); one commit
+  // group per call, empty past the last tile, so the wait counts stay uniform.
   auto issue = [&](int j) {
-    if (j < n_tiles) {
-      T* kd = s_ring + (j % STAGES) * C::slot_elems();
-      T* vd = kd + TILE_N * LD;
-      if constexpr (kUniformColumn && !PAGED) {
-        // Copy i of a thread is row r0 + i * kRowStep of the tile, so its source is the previous
-        // copy's plus one stride and its bound a compare with a constant (per-copy offsets and
-        // bounds hoisted out of the loop held 3 x kCopies registers and spilled 128-row tiles).
-        const int r0 = threadIdx.x / CH, ch = threadIdx.x % CH;
-        const int left = kv_end - (j * TILE_N + r0);  // copy i is valid while i * kRowStep < left
-        const T* ks = kg + static_cast<long long>(j * TILE_N + r0) * p.k_st + ch * 8;
-        const T* vs = vg + static_cast<long long>(j * TILE_N + r0) * p.v_st + ch * 8;
-#pragma unroll
-        for (int i = 0; i < kCopies; ++i) {
-          const bool valid = i * kRowStep < left;
-          T* dst = kd + (r0 + i * kRowStep) * LD + ch * 8;
-          ik::cp_async16_zfill(dst, valid ? ks : kg, valid);
-          ik::cp_async16_zfill(dst + TILE_N * LD, valid ? vs : vg, valid);
-          ks += kRowStep * p.k_st;
-          vs += kRowStep * p.v_st;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < kCopies; ++i) {
-          const int idx = threadIdx.x + i * C::kThreads;
-          if (TILE_N * CH % C::kThreads == 0 || idx < TILE_N * CH) {
-            const int r = idx / CH, ch = idx % CH, t = j * TILE_N + r;
-            const bool valid = t < kv_end;
-            long long ko = 0, vo = 0;
-            if (valid) {
-              if constexpr (PAGED) {
-                const long long off = t & page_mask;
-                ko = pages[i] * p.k_sb + off * p.k_st;
-                vo = pages[i] * p.v_sb + off * p.v_st;
-              } else {
-                ko = t * p.k_st;
-                vo = t * p.v_st;
-              }
-            }
-            ik::cp_async16_zfill(kd + r * LD + ch * 8, kg + ko + ch * 8, valid);
-            ik::cp_async16_zfill(vd + r * LD + ch * 8, vg + vo + ch * 8, valid);
-          }
-        }
-      }
-    }
+    if (j < n_tiles) kv.copy(p, j, s_ring, at);
     ik::cp_async_commit();
-    locate(j + 1);  // the next tile's page ids, in flight while this one's copies and math run
+    kv.locate(p, j + 1, at);  // paged: the next tile's page ids, in flight while this one's copies and math run
   };
 
   // Per warp: its rows [w_row0, w_row0 + 16 * MT); per row of the lane's accumulator slots the
@@ -258,7 +223,7 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   }
 
   if (STAGES == 1) ik::cp_async_commit();  // the query tile alone; each tile then copies and waits
-  locate(0);
+  kv.locate(p, 0, at);
 #pragma unroll
   for (int j = 0; j < STAGES - 1; ++j) issue(j);  // the first group also holds the query tile
 
@@ -279,12 +244,13 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
           for (int kc = 0; kc < DT; ++kc) mm::load_a(qa[mt][kc], s_qw + mt * 16 * LD + kc * 16, LD);
       }
     }
+    kv.land(s_ring, j);  // compressed formats: the block dequantizes tile j's slot into its T tiles
     const int n0 = j * TILE_N;
     // Warp-uniform: skip a warp whose rows are all padding or whose rows see none of these keys.
     const bool active = w_row0 < seq.q_len && !(p.causal && n0 > w_row0 + C::kWarpRows - 1 + diag);
     if (active) {
-      const T* kt = s_ring + (j % STAGES) * C::slot_elems();
-      const T* vt = kt + TILE_N * LD;
+      const T* kt = kv.k_tile(s_ring, j);  // rows of LD, as the fragment loads read them
+      const T* vt = kt + TILE_N * LD;       // (every loader's V tile follows its K tile)
       mm::FragC s[MT][NT];
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt)
