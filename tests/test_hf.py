@@ -314,3 +314,22 @@ def test_unsupported_cache_operations(model):
 def test_import_ikport_does_not_import_transformers():
     code = "import sys, ikport; assert 'transformers' not in sys.modules, 'transformers imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "kivi4"])
+def test_a_second_prompt_chunk_over_a_quantized_cache(kv_format):
+    """A prompt in two chunks, the second (140 tokens, the prefill kernel's range) over the quantized
+    first: logits close to one whole prompt through vanilla sdpa (the second chunk reads the
+    quantized prefix; the first attends over its own unquantized K/V)."""
+    model = tiny_model(torch.bfloat16, seed=4, head_dim=32, num_attention_heads=2, num_key_value_heads=1)
+    ids = prompts(2, 200, seed=17)
+    want = run(model, "sdpa", lambda: model(ids).logits[:, -1].float())
+
+    def chunked():
+        cache = ikhf.IkportCache(model, max_cache_len=256, kv_format=kv_format)
+        model(ids[:, :60], **{CACHE_KW: cache}, use_cache=True)
+        return model(ids[:, 60:], **{CACHE_KW: cache}, use_cache=True).logits[:, -1].float()
+
+    got = run(model, "ikport", chunked)
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 0.05 * scale

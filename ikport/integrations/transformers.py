@@ -45,7 +45,6 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from transformers.masking_utils import causal_mask_function
 
 from ..attention import attention as _ikport_attention
-from ..checks import MAX_DECODE_QUERY_TOKENS
 from ..kvcache import KVCache
 
 ATTN_IMPLEMENTATION = "ikport"
@@ -262,10 +261,6 @@ class IkportLayer(CacheLayerMixin):
                     self.kv.append(_left_aligned(k, padding.pad), _left_aligned(v, padding.pad), self._zeros)
                 self.kv.lens.copy_(padding.lens)
             return _prompt_attention(query, k, v, padding, scale, True)
-        if query.shape[2] > MAX_DECODE_QUERY_TOKENS and self.kv.kv_format != "dense":
-            raise NotImplementedError(f"IkportCache({self.kv.kv_format!r}): {query.shape[2]} query tokens after a "
-                                      f"prefix; a quantized cache serves at most {MAX_DECODE_QUERY_TOKENS} "
-                                      "(decode), and whole prompts")
         return self.kv.attend(query, causal=True, scale=scale)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
