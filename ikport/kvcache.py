@@ -37,6 +37,12 @@ from .plan.decode import DecodeOptions
 from .plan.prefill import PrefillOptions
 
 
+def _describe(t: object) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} {list(t.shape)} on {t.device}"
+    return type(t).__name__
+
+
 class KVCache:
     """K/V storage for `batch` sequences of up to `max_len` tokens, `kv_heads` x `head_dim` each.
 
@@ -161,6 +167,11 @@ class KVCache:
                 raise ValueError(f"KVCache.append: {name} is on {t.device}, the cache on {self.device}")
         if k_new.shape != v_new.shape:
             raise ValueError(f"KVCache.append: k_new {tuple(k_new.shape)} and v_new {tuple(v_new.shape)} differ")
+        if positions is not None and (not isinstance(positions, torch.Tensor) or positions.shape != (self.batch,)
+                                      or positions.dtype.is_floating_point or positions.dtype == torch.bool
+                                      or positions.device != self.device):
+            raise ValueError(f"KVCache.append: positions must be an integer tensor [{self.batch}] on {self.device}, "
+                             f"got {_describe(positions)}")
         if _append_impl.available(self):
             _append_impl.append(self, k_new, v_new, positions)
             return

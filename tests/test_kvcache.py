@@ -110,6 +110,9 @@ def test_the_cache_checks_its_arguments():
     cache = ikport.KVCache(2, 2, 8, 64, kv_format="int8")
     with pytest.raises(ValueError, match="k_new"):
         cache.append(torch.zeros(2, 1, 1, 64), torch.zeros(2, 1, 1, 64))
+    for bad in (torch.zeros(2), torch.zeros(3, dtype=torch.int32), [0, 1]):  # float, wrong size, not a tensor
+        with pytest.raises(ValueError, match="positions"):
+            cache.append(torch.zeros(2, 2, 1, 64), torch.zeros(2, 2, 1, 64), positions=bad)
     with pytest.raises(ValueError, match="query tokens"):  # DecodeOptions pin decode: at most 128 tokens
         cache.attend(torch.zeros(2, 4, 200, 64, dtype=torch.float16), options=ikport.DecodeOptions())
     with pytest.raises(TypeError, match="options"):
