@@ -230,3 +230,43 @@ def test_paged_gpu_call_checks_the_table_only_with_the_knob(monkeypatch):
         assert A.paged_attention(q, pages, pages, table, short) == "launched"
     finally:
         A.clear_plans()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "kivi4"])
+def test_compressed_cache_layout_checked_once(monkeypatch, fmt):
+    """A compressed cache's decode call whose layout was checked and prepared before (a fake
+    prepared call here) launches without the full checks; a layout never seen, or a misaligned
+    side tensor, goes through them again."""
+    cache = ikport.KVCache(2, 2, 64, 64, kv_format=fmt)
+    q = torch.randn(2, 4, 1, 64, dtype=torch.float16)
+    args = (cache.k, cache.v, cache.k_scale, cache.v_scale) + ((cache.k_resid, 128) if fmt == "kivi4" else ())
+    side = (cache.k_scale, cache.v_scale) + ((cache.k_resid,) if fmt == "kivi4" else ())
+    fn = A.int8_attention if fmt == "int8" else A.kivi_attention
+    fmt_key = ("int8",) if fmt == "int8" else ("kivi4", 128)
+    launched = []
+
+    class FakeCall:
+        check_tables = False
+
+        def __call__(self, *call_args):
+            launched.append(call_args)
+            return "launched"
+
+    def refuse(*a, **kw):
+        raise AssertionError("full checks ran")
+
+    A.clear_plans()
+    try:
+        A._checked[A._signature((*fmt_key, None), q, cache.k, cache.v, *side, None, cache.lens, None)] = FakeCall()
+        monkeypatch.setattr(A.checks, "int8_cache", refuse)
+        monkeypatch.setattr(A.checks, "kivi_cache", refuse)
+        assert fn(q, *args, None, cache.lens) == "launched" and len(launched) == 1
+        with pytest.raises(AssertionError, match="full checks"):  # another layout: q of 2 tokens
+            fn(torch.randn(2, 4, 2, 64, dtype=torch.float16), *args, None, cache.lens)
+        buf = torch.zeros(cache.k_scale.numel() + 1, dtype=cache.k_scale.dtype)
+        shifted = buf[1:].view(cache.k_scale.shape)  # the same layout, 4 bytes off alignment
+        bad = (cache.k, cache.v, shifted) + args[3:]
+        with pytest.raises(AssertionError, match="full checks"):
+            fn(q, *bad, None, cache.lens)
+    finally:
+        A.clear_plans()

@@ -80,6 +80,9 @@ def int8_attention(q, k, v, k_scale, v_scale, block_table=None, kv_lens=None, ca
     cache; a GPU the split kernels with the int8 KV loader, or for a prefill chunk (`_is_prefill`)
     the prefill kernel with it (no dequantized copy anywhere)."""
     scale = checks.scale(scale)
+    call = _prepared_compressed(("int8",), q, k, v, (k_scale, v_scale), block_table, kv_lens, out, options)
+    if call is not None:
+        return call(q, k, v, block_table, kv_lens, causal, scale, out, k_scale, v_scale)
     checks.int8_cache(q, k, v, k_scale, v_scale, block_table, kv_lens, prefill=_is_prefill(q, None, options))
     return _compressed(
         ("int8",), q, k, v, (k_scale, v_scale), block_table, kv_lens, causal, scale, out, options,
@@ -97,6 +100,10 @@ def kivi_attention(q, k, v, k_scale, v_scale, k_resid, group: int, block_table=N
     dequantized cache; a GPU the split kernels with the kivi4_g<group> KV loader, or for a
     prefill chunk the prefill kernel with it."""
     scale = checks.scale(scale)
+    side = (k_scale, v_scale, k_resid)
+    call = _prepared_compressed(("kivi4", group), q, k, v, side, block_table, kv_lens, out, options)
+    if call is not None:
+        return call(q, k, v, block_table, kv_lens, causal, scale, out, *side)
     checks.kivi_cache(q, k, v, k_scale, v_scale, k_resid, group, block_table, kv_lens,
                       prefill=_is_prefill(q, None, options))
     # pairs are 4-byte words: their strides in pairs
@@ -106,6 +113,23 @@ def kivi_attention(q, k, v, k_scale, v_scale, k_resid, group: int, block_table=N
                                            causal=causal, scale=s, kv_lens=kv_lens),
         lambda: _Side(tuple(st // 2 for st in k_scale.stride()[:3]), tuple(st // 2 for st in v_scale.stride()[:3]),
                       tuple(k_resid.stride()[:3])))
+
+
+def _prepared_compressed(fmt: tuple, q, k, v, side: tuple, block_table, kv_lens, out,
+                         options) -> _DecodeCall | None:
+    """The prepared decode launch of a compressed-cache layout that passed every check before, or
+    None for the full path (a first call, the CPU, a prefill chunk, unusual arguments, a misaligned
+    pointer, IKPORT_CHECK_TABLES): the checks depend only on the layout, as decode's do."""
+    if options is not None and type(options) is not DecodeOptions:
+        return None
+    sig = _signature((*fmt, options), q, k, v, *side, block_table, kv_lens, out)
+    call = _checked.get(sig) if sig is not None else None
+    if call is None or call.check_tables:
+        return None
+    ptrs = q.data_ptr() | k.data_ptr() | v.data_ptr()
+    for t in side:
+        ptrs |= t.data_ptr()
+    return None if ptrs & 15 else call
 
 
 def _compressed(fmt: tuple, q, k, v, side: tuple, block_table, kv_lens, causal: bool, scale: float | None,
