@@ -124,6 +124,12 @@ def test_emulated_append_writes_what_the_torch_ops_write(libs, config, paged):
         want._append_torch(k, v, None)
         emulated_append(lib, got, k, v, None, wave, seed=i)
         assert_same(got, want, f"step {i} (T {n})")
+    # no new rows: nothing written, the lengths set to the positions
+    zero = torch.zeros(B, Hkv, 0, D, dtype=dtype)
+    to = want.lens - 1
+    want._append_torch(zero, zero, to.clone())
+    emulated_append(lib, got, zero, zero, to.clone(), wave, seed=98)
+    assert_same(got, want, "T 0")
     # a rewrite from given positions: back into groups already quantized (KIVI), 3 new rows
     back = (want.lens - torch.tensor([G + 3, 2, G - 1][:B], dtype=torch.int32)).clamp(min=0)
     k = torch.randn(B, Hkv, 3, D, generator=g).to(dtype)
