@@ -113,12 +113,17 @@ class KvAppendParams(ctypes.Structure):
     ]
 
 
+class ReadPassParams(ctypes.Structure):
+    _fields_ = [("src", ctypes.c_void_p), ("sink", ctypes.c_void_p), ("n16", ctypes.c_int64)]
+
+
 PARAMS_TYPES: dict[str, type[ctypes.Structure]] = {
     "DecodeParams": DecodeParams,
     "PrefillParams": PrefillParams,
     "MmaTileParams": MmaTileParams,
     "W4A16Params": W4A16Params,
     "KvAppendParams": KvAppendParams,
+    "ReadPassParams": ReadPassParams,
 }
 
 

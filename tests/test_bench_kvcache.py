@@ -65,6 +65,7 @@ def toy(monkeypatch: pytest.MonkeyPatch) -> list[bench.Workload]:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(harness, "measure_read_roof", lambda n: {"bytes": n, "median_us": 1.0, "GBps": 1.0})
+    monkeypatch.setattr(harness, "measure_read_pass", lambda n: {"bytes": n, "median_us": 8.0, "GBps": 1.0})
     monkeypatch.setattr(harness, "device_meta", lambda commit=None: json.loads(json.dumps(META)))
     return ws
 
@@ -82,6 +83,9 @@ def test_run_checks_times_and_writes(toy: list[bench.Workload], tmp_path: Path) 
     assert {"K8-append1", "K8-append8", "K8-chunk8"} <= {w for w, _ in rows}
     assert doc["goals"]["K8"]["paged_ratio"] == 1.0 and doc["goals"]["K8"]["met"] is True
     assert doc["goals"]["K8"]["append_chunk_vs_prefill"] == 1.0
+    # the read pass of the cache's bytes, measured in the same run: 8 us against the row's 10
+    assert doc["read_pass"]["K8"]["bytes"] == rows[("K8", "ikport")]["bytes"]
+    assert rows[("K8", "ikport")]["pct_read_pass"] == 80.0 and doc["goals"]["K8"]["pct_read_pass"] == 80.0
     # chunked prefill over the compressed prefix beside the same over an fp16 one (the goal: no slower)
     for impl, fmt in (("ikport", "int8"), ("ikport-fp16", "dense")):
         row = rows[("K8-prefill8", impl)]

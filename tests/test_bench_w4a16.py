@@ -383,6 +383,9 @@ def test_run_writes_json_and_plot(
     monkeypatch.setattr(
         harness, "measure_read_roof", lambda n: {"bytes": n, "median_us": 1.0, "GBps": 1.0}
     )
+    monkeypatch.setattr(
+        harness, "measure_read_pass", lambda n: {"bytes": n, "median_us": 8.0, "GBps": 1.0}
+    )
     meta = {
         "device": "NVIDIA H100 80GB HBM3",
         "driver": "580.159.04",
@@ -407,6 +410,11 @@ def test_run_writes_json_and_plot(
     assert ("T1", "ikport-gemv") in rows and ("T1@128", "ikport-gemv") not in rows
     for r in doc["results"]:
         assert {"M", "N", "K", "dtype", "bytes", "rel_err", "pct_roof"} <= set(r)
+    # the read pass of the weight's bytes in the same run; M=1 rows against it (the fake timer's us)
+    assert doc["read_pass"] == [{"bytes": SMALL.weight_bytes, "median_us": 8.0, "GBps": 1.0}]
+    m1 = [r for r in doc["results"] if r["M"] == 1]
+    assert m1 and all(r["pct_read_pass"] == round(100 * 8.0 / r["median_us"], 1) for r in m1)
+    assert all("pct_read_pass" not in r for r in doc["results"] if r["M"] != 1)
     if importlib.util.find_spec("matplotlib"):
         assert out.with_suffix(".png").stat().st_size > 0
 

@@ -64,4 +64,5 @@ def test_manifest_refuses(kw, match):
 def test_default_instantiations_are_unique_and_allowed():
     specs = list(manifest.default_instantiations())
     assert len(specs) == len({s.uri for s in specs}) >= 30
-    assert {s.family for s in specs} == {"attention_decode", "attention_prefill", "kv_append", "mma_tile", "w4a16"}
+    assert {s.family for s in specs} == {"attention_decode", "attention_prefill", "kv_append", "mma_tile",
+                                         "read_pass", "w4a16"}

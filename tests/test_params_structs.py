@@ -35,7 +35,7 @@ def c_struct_fields(source: str, name: str) -> list[tuple[str, type]]:
 @pytest.mark.parametrize("struct,source", [("DecodeParams", "attention/common.cuh"),
                                            ("PrefillParams", "attention/prefill.cuh"),
                                            ("W4A16Params", "w4a16.cuh"), ("MmaTileParams", "mma_tile.cuh"),
-                                           ("KvAppendParams", "kv_append.cuh")])
+                                           ("KvAppendParams", "kv_append.cuh"), ("ReadPassParams", "read_pass.cuh")])
 def test_params_structs_mirror_the_kernels(struct, source):
     c_fields = c_struct_fields((KERNELS_DIR / source).read_text(), struct)
     assert [(n, t) for n, t in PARAMS_TYPES[struct]._fields_] == c_fields

@@ -328,6 +328,46 @@ def measure_read_roof(nbytes: int) -> dict[str, Any]:
     }
 
 
+READ_PASS_SHAPES = tuple((unroll, per_sm, threads) for unroll in (1, 2, 4, 8) for per_sm in (1, 2, 4)
+                         for threads in (256, 512))
+
+
+def measure_read_pass(nbytes: int) -> dict[str, Any]:
+    """The read pass of `nbytes` (docs/benchmarks.md): the practical floor of a memory-bound kernel
+    of that size. kernels_src/read_pass.cuh (16-byte streaming loads, grid-stride) over rotated
+    buffers, kernel time; the best of `unroll` 1, 2, 4, 8 loads in flight a thread at 1, 2 or 4
+    blocks of 256 or 512 threads an SM (its median)."""
+    from ikport import dispatch
+    from ikport.kernels import ReadPassParams, get_kernel
+    from ikport.launch import raw_stream
+    from ikport.manifest import spec
+
+    dev = torch.cuda.current_device()
+    backend = dispatch.backend_for(torch.device("cuda", dev))
+    if backend is None:
+        raise RuntimeError("measure_read_pass: no ikport backend for the current device")
+    info = backend.device_info(dev)
+    sets = rotation_count(nbytes, l2_cache_bytes())
+    bufs = [torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_() for _ in range(sets)]
+    stream = raw_stream(dev)
+    best: tuple[float, tuple[int, int, int]] | None = None
+    for unroll, per_sm, threads in READ_PASS_SHAPES:
+        kernel = get_kernel(spec("read_pass", "pass", unroll=unroll), backend, dev)
+        grid = info.sm_count * per_sm
+        sink = torch.empty(grid * threads // info.warp_size, dtype=torch.int32, device="cuda")
+        params = [ReadPassParams(b.data_ptr(), sink.data_ptr(), nbytes // 16) for b in bufs]
+        launch = kernel.bind((grid, 1, 1), (threads, 1, 1), 0)
+        timing = kernel_time([functools.partial(launch, p, stream) for p in params], warmup=3, iters=30)
+        if best is None or timing.median_us < best[0]:
+            best = (timing.median_us, (unroll, per_sm, threads))
+    del bufs
+    us, (unroll, per_sm, threads) = best
+    return {"bytes": nbytes, "median_us": round(us, 2), "GBps": round(gbps(nbytes, us), 1),
+            "unroll": unroll, "blocks_per_sm": per_sm, "threads": threads,
+            "method": f"kernels_src/read_pass.cuh, {sets} rotated sets, kernel time; best of "
+                      f"{len(READ_PASS_SHAPES)} launch shapes (harness.READ_PASS_SHAPES)"}
+
+
 def gbps(nbytes: int, us: float) -> float:
     """Bytes moved in `us` microseconds, in GB/s (1e9 bytes)."""
     return nbytes / (us * 1e3)

@@ -711,7 +711,14 @@ def run(args: argparse.Namespace) -> int:
     for shape, work in plan:
         sets[shape.id] = bench_shape(shape, work, results, variants, options)
         torch.cuda.empty_cache()
+    # the read pass of each weight size (issue 30's M=1 goal: 85% of its speed), rows at M=1 against it
+    passes = {b: harness.measure_read_pass(b) for b in sorted({shape.weight_bytes for shape, _ in plan})}
+    for row in results.rows:
+        weight_bytes = next((sh.weight_bytes for sh, _ in plan if sh.id == row.get("shape_id")), None)
+        if row.get("M") == 1 and weight_bytes in passes and row.get("median_us"):
+            row["pct_read_pass"] = round(100 * passes[weight_bytes]["median_us"] / row["median_us"], 1)
     extra = {
+        "read_pass": list(passes.values()),
         "bytes": (
             "K*N/2 INT4 codes + K/128*N*2 scales + 2*M*K x + 2*M*N output, for every impl "
             "(cuBLAS reads its fp16 weight, 4x more: GBps is the rate the INT4 problem needs)"
