@@ -119,9 +119,12 @@ def _lens(name: str, lens: object, batch: int, device: torch.device) -> torch.Te
 
 
 def kv_lens(lens: object, batch: int, device: torch.device) -> None:
+    """Keys per sequence: int32 [B] on q's device, contiguous (the kernels read it as a plain array)."""
     if lens is None:
         return
-    _lens("kv_lens", lens, batch, device)
+    t = _lens("kv_lens", lens, batch, device)
+    if not t.is_contiguous():
+        raise ValueError(f"kv_lens must be contiguous, got stride {t.stride(0)}")
 
 
 def q_lens(lens: object, batch: int, device: torch.device) -> None:
@@ -189,6 +192,7 @@ def _quantized_cache(q, k, block_table: object, lens: object, what: str, head_di
         raise TypeError(f"q must be fp16 or bf16, got {q.dtype}")
     if q.shape[2] == 0:
         raise ValueError("q has no query tokens (dim 2 is 0)")
+    _check_vector_layout("q", q)  # the kernels read q in 16-byte vectors
     if not prefill and q.shape[2] > MAX_DECODE_QUERY_TOKENS:
         raise ValueError(f"q has {q.shape[2]} query tokens: DecodeOptions pin the decode kernels, which take at "
                          f"most {MAX_DECODE_QUERY_TOKENS} over an {what} cache (longer queries run the prefill "

@@ -193,8 +193,8 @@ class KVCache:
             self.lens.copy_(positions.to(torch.int32) + n)
             return
         for dst, dst_scale, new in ((self.k, self.k_scale, k_new), (self.v, self.v_scale, v_new)):
-            if self.kv_format == "int8":
-                codes, scales = kvquant.quantize_int8(new)
+            if self.kv_format == "int8":  # (in the cache dtype first, as the GPU's kernel reads it)
+                codes, scales = kvquant.quantize_int8(new.to(self.dtype))
                 dst[i0, :, i2] = codes.permute(0, 2, 1, 3)
                 dst_scale[i0, :, i2] = scales.permute(0, 2, 1)
             else:

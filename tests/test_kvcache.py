@@ -110,6 +110,14 @@ def test_the_cache_checks_its_arguments():
     cache = ikport.KVCache(2, 2, 8, 64, kv_format="int8")
     with pytest.raises(ValueError, match="k_new"):
         cache.append(torch.zeros(2, 1, 1, 64), torch.zeros(2, 1, 1, 64))
+    from ikport.impl.attention import int8_attention as attend8
+
+    buf = torch.zeros(2 * 4 * 64 + 1, dtype=torch.float16)
+    with pytest.raises(ValueError, match="q: data pointer"):  # q read in 16-byte vectors: aligned
+        attend8(buf[1:].view(2, 4, 1, 64), cache.k, cache.v, cache.k_scale, cache.v_scale, None, cache.lens)
+    with pytest.raises(ValueError, match="kv_lens must be contiguous"):
+        attend8(torch.zeros(2, 4, 1, 64, dtype=torch.float16), cache.k, cache.v, cache.k_scale, cache.v_scale, None,
+                torch.zeros(4, dtype=torch.int32)[::2])
     for bad in (torch.zeros(2), torch.zeros(3, dtype=torch.int32), [0, 1]):  # float, wrong size, not a tensor
         with pytest.raises(ValueError, match="positions"):
             cache.append(torch.zeros(2, 2, 1, 64), torch.zeros(2, 2, 1, 64), positions=bad)

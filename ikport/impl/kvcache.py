@@ -67,6 +67,11 @@ def _kernel_ready(t: torch.Tensor) -> bool:
     return t.stride(-1) == 1 and all(s % 2 == 0 for s in t.stride()[:3]) and t.data_ptr() % 4 == 0
 
 
+def _kernel_copy(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t in `dtype` in a fresh contiguous tensor (an aligned start, whatever t's offset)."""
+    return torch.empty(t.shape, dtype=dtype, device=t.device).copy_(t)
+
+
 def available(cache: KVCache) -> bool:
     """Whether the cache's device has a kernel backend (else KVCache.append runs its torch ops)."""
     return dispatch.backend_for(cache.device) is not None
@@ -76,10 +81,10 @@ _kernels: dict[tuple, tuple[Kernel, int]] = {}  # (backend, device, cache layout
 
 
 class _AppendCall:
-    """One append layout's launch (the cache, T, the new rows' strides): the parameter struct
-    built once, the launcher with its grid bound; a call copies the struct and fills in the
-    pointers that may change (the new rows, positions; the lengths and block table, which a
-    caller may replace)."""
+    """One append layout's launch (the cache, T, the new rows' and the block table's strides): the
+    parameter struct built once, the launcher with its grid bound; a call copies the struct and
+    fills in every pointer (the new rows, positions, and the cache's tensors, which a caller may
+    replace by others of the same layout: a block table of the same shape, for one)."""
 
     def __init__(self, kernel: Kernel, warp_size: int, device: int, cache: KVCache, k_new: torch.Tensor,
                  v_new: torch.Tensor, positions: torch.Tensor, rewrite: bool) -> None:
@@ -92,6 +97,11 @@ class _AppendCall:
         p = KvAppendParams.from_buffer_copy(self.template)
         p.k_new, p.v_new, p.positions, p.lens = k_new.data_ptr(), v_new.data_ptr(), positions.data_ptr(), \
             cache.lens.data_ptr()
+        p.k, p.v = cache.k.data_ptr(), cache.v.data_ptr()
+        if cache.k_scale is not None:
+            p.k_scale, p.v_scale = cache.k_scale.data_ptr(), cache.v_scale.data_ptr()
+        if cache.k_resid is not None:
+            p.k_resid = cache.k_resid.data_ptr()
         if cache.block_table is not None:
             p.block_table = cache.block_table.data_ptr()
         self.launch(p, raw_stream(self.device))
@@ -99,14 +109,19 @@ class _AppendCall:
 
 def append(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, positions: torch.Tensor | None) -> None:
     """KVCache.append on a GPU, its arguments checked: one kernel launch (prepared once per layout)."""
-    k_new, v_new = (t if t.dtype == cache.dtype and _kernel_ready(t) else t.to(cache.dtype).contiguous()
+    k_new, v_new = (t if t.dtype == cache.dtype and _kernel_ready(t) else _kernel_copy(t, cache.dtype)
                     for t in (k_new, v_new))
     rewrite = positions is not None
     if positions is None:
         positions = cache.lens
     elif positions.dtype != torch.int32 or not positions.is_contiguous():
         positions = positions.to(torch.int32).contiguous()
-    layout = (k_new.shape[2], k_new.stride(), v_new.stride(), rewrite)
+    table = cache.block_table
+    if table is not None and (table.dtype != torch.int32 or table.dim() != 2 or table.device != cache.device):
+        raise ValueError(f"KVCache.append: block_table must be int32 [batch, pages] on {cache.device}, got "
+                         f"{table.dtype} {list(table.shape)} on {table.device}")
+    layout = (k_new.shape[2], k_new.stride(), v_new.stride(), rewrite,
+              None if table is None else (table.shape, table.stride()))
     call = cache._append_calls.get(layout)
     if call is None:
         backend = dispatch.backend_for(cache.device)
