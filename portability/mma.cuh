@@ -37,6 +37,9 @@ static_assert(Layout::kLanes == IK_WARP_SIZE, "matrix fragment layout assumes an
 inline constexpr int kCSlots = Layout::kC;
 IK_DEVICE int c_row(int s) { return Layout::c_row(lane_id(), s); }
 IK_DEVICE int c_col(int s) { return Layout::c_col(lane_id(), s); }
+// c_row(s) == c_row(0) + c_row_offset(s), likewise for columns (layout::c_coordinates_separate).
+constexpr int c_row_offset(int s) { return Layout::c_row(0, s) - Layout::c_row(0, 0); }
+constexpr int c_col_offset(int s) { return Layout::c_col(0, s) - Layout::c_col(0, 0); }
 // A and B slots, for kernels that build fragments in registers (e.g. B from packed INT4 weights,
 // A straight from global memory): slots 2p and 2p+1 always hold k and k+1 of one row of A / one
 // column of B, so one 32-bit word fills a pair (set_a_pair, set_b_pair).

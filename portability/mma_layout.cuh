@@ -91,6 +91,21 @@ static_assert(c_rows_in_spans<NvM16n8k16x2>(), "C rows");
 static_assert(c_rows_in_spans<AmdMfma16x16x16>(), "C rows");
 static_assert(c_rows_in_spans<AmdWmma16x16x16W32>(), "C rows");
 
+// A lane's C coordinates are its lane base (slot 0's) plus a lane-independent offset per slot,
+// so a mask over C compares constants against two per-lane values (the prefill kernel's masks).
+template <class L>
+constexpr bool c_coordinates_separate() {
+  for (int l = 0; l < L::kLanes; ++l)
+    for (int s = 0; s < L::kC; ++s)
+      if (L::c_row(l, s) != L::c_row(l, 0) + L::c_row(0, s) - L::c_row(0, 0) ||
+          L::c_col(l, s) != L::c_col(l, 0) + L::c_col(0, s) - L::c_col(0, 0))
+        return false;
+  return true;
+}
+static_assert(c_coordinates_separate<NvM16n8k16x2>() && c_coordinates_separate<AmdMfma16x16x16>() &&
+                  c_coordinates_separate<AmdWmma16x16x16W32>(),
+              "C coordinates: lane base + slot offset");
+
 // Whether a lane's C slots are its A slots, element for element (NVIDIA's m16n8k16: a product's
 // accumulator is the next product's A operand in registers, as FlashAttention-2 keeps P).
 template <class L>

@@ -49,6 +49,8 @@ IK_DEVICE float2 half2_bits_to_float2(unsigned int u) {
 IK_DEVICE unsigned short half_bits(half_t h) { return __half_as_ushort(h); }
 IK_DEVICE unsigned short bf16_bits(bf16_t h) { return __bfloat16_as_ushort(h); }
 IK_DEVICE bf16_t bf16_from_bits(unsigned short b) { return __ushort_as_bfloat16(b); }
+// Round to nearest even in one instruction (cvt.rn.bf16.f32, sm_80+; NaN gives the canonical NaN).
+IK_DEVICE unsigned short float_to_bf16_bits(float f) { return __bfloat16_as_ushort(__float2bfloat16_rn(f)); }
 IK_DEVICE half_t half_from_bits(unsigned short b) { return __ushort_as_half(b); }
 // (a - z) * s on two packed elements, each step rounded as the dtype rounds: INT4 dequantization
 // (a and z hold small integers, so a - z is exact and the product is rounded once).

@@ -85,6 +85,7 @@ IK_DEVICE unsigned int bf16_round_bits(float f) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return (u >> 16) | 0x40u;
   return (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
 }
+IK_DEVICE unsigned short float_to_bf16_bits(float f) { return static_cast<unsigned short>(bf16_round_bits(f)); }
 IK_DEVICE unsigned int bf162_sub(unsigned int a, unsigned int z) {
   float lo = __uint_as_float(a << 16) - __uint_as_float(z << 16);
   float hi = __uint_as_float(a & 0xffff0000u) - __uint_as_float(z & 0xffff0000u);

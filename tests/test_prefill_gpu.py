@@ -240,6 +240,18 @@ def test_strided_inputs(causal):
     verify(attention(q, k, v, causal, kv, ql), q, k, v, causal, kv, ql)
 
 
+@pytest.mark.parametrize("scale", [0.3, -0.2, 0.0], ids=["positive", "negative", "zero"])
+def test_explicit_scales(scale):
+    """The kernel folds a positive scale into its exp2's FMA; a negative or zero scale reaches it
+    through a negated or zeroed copy of q (impl.prefill.positive_scale): the same attention."""
+    q, k, v = qkv(2, 4, 2, 300, 300, 64, FP16, seed=11)
+    out = poisoned(q.shape, q.dtype)
+    ikport.attention(q, k, v, causal=True, scale=scale, out=out)
+    ref = reference.attention(q.float(), k.float(), v.float(), causal=True, scale=scale)
+    assert torch.isfinite(out).all()
+    assert (out.float() - ref).abs().max().item() <= 4e-3
+
+
 # ---- varlen ------------------------------------------------------------------------------------
 VARLEN = {  # query lengths, key lengths
     "self": ([1000, 17, 0, 129, 1], [1000, 17, 0, 129, 1]),

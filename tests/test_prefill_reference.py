@@ -262,3 +262,21 @@ def test_any_query_length_runs_on_the_cpu():
     out = ikport.attention(q, q, q, causal=True)
     torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True),
                                rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [-0.3, 0.0, 0.2, None])
+def test_the_kernels_positive_scale_gives_the_same_attention(scale):
+    """The prefill kernel takes a positive scale (it folds it into its exp2's FMA over row maxima of
+    the raw scores); the launch maps any finite scale onto one (impl.prefill.positive_scale)."""
+    from ikport.impl.prefill import positive_scale
+
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, 4, 9, 16, generator=g) for _ in range(3))
+    q2, scale_log2 = positive_scale(q, scale)
+    assert scale_log2 > 0
+    for causal in (False, True):
+        want, want_lse = reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+        got, got_lse = reference.attention(q2, k, v, causal=causal, scale=scale_log2 / math.log2(math.e),
+                                           return_lse=True)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(got_lse, want_lse)

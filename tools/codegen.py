@@ -10,6 +10,9 @@ instructions do.
     python tools/codegen.py fingerprint --out new.json --uris-from base.json --targets sm_90 --filter split_mma
     python tools/codegen.py compare base.json new.json [--strict]   (--strict: kernels of base.json
                                                           missing from new.json fail too)
+    python tools/codegen.py fingerprint ... --mix   (NVIDIA rows add `ops`, the opcode histogram,
+        and `loop_ops`, that of the span from the barrier before the first HMMA to the last HMMA:
+        an attention kernel's K/V loop body, both of its branches; for reading a kernel change)
 
 The default kernel set: every manifest instantiation for the chosen targets, plus the decode
 kernels the planner may launch on sm_90 (warmup's set). `--uris-from` recompiles exactly the
@@ -82,7 +85,23 @@ def _amd_lines(assembly: str) -> list[str]:
     return [" ".join(line.split("//")[0].split()) for line in assembly.splitlines() if _AMD_INSTR.match(line)]
 
 
-def fingerprint_one(uri: str, arch: str) -> dict:
+def _opcode(line: str) -> str:
+    return re.sub(r"^@!?U?P\w+\s+", "", line).split()[0].split(".")[0]
+
+
+def _mix(lines: list[str]) -> dict:
+    """Opcode histograms of a kernel's SASS and of its matrix loop's span (see the module doc)."""
+    ops = [_opcode(ln) for ln in lines]
+    out = {"ops": dict(sorted(((o, ops.count(o)) for o in set(ops)), key=lambda kv: -kv[1]))}
+    mma = [i for i, o in enumerate(ops) if o == "HMMA"]
+    if mma:
+        start = next((i for i in range(mma[0], -1, -1) if ops[i] == "BAR"), mma[0])
+        span = ops[start:mma[-1] + 1]
+        out["loop_ops"] = dict(sorted(((o, span.count(o)) for o in set(span)), key=lambda kv: -kv[1]))
+    return out
+
+
+def fingerprint_one(uri: str, arch: str, mix: bool = False) -> dict:
     from ikport.backends.source import kernel_source
     from ikport.backends.target import Target
 
@@ -105,9 +124,12 @@ def fingerprint_one(uri: str, arch: str) -> dict:
     res = module.resources.get(s.name_expr)
     # label names (per-function numbering) and mangled symbols (a renamed template) left out
     text = "\n".join(re.sub(r"_Z\w+", "_Z", re.sub(r"\.L\w+", ".L", ln)) for ln in lines)
-    return {"status": "ok", "instructions": len(lines), "sha": hashlib.sha256(text.encode()).hexdigest()[:16],
-            "registers": getattr(res, "registers", None), "spill_bytes": getattr(res, "spill_bytes", None),
-            "shared_bytes": getattr(res, "shared_bytes", None)}
+    row = {"status": "ok", "instructions": len(lines), "sha": hashlib.sha256(text.encode()).hexdigest()[:16],
+           "registers": getattr(res, "registers", None), "spill_bytes": getattr(res, "spill_bytes", None),
+           "shared_bytes": getattr(res, "shared_bytes", None)}
+    if mix and target.vendor == "cuda":
+        row.update(_mix(lines))
+    return row
 
 
 def default_uris(targets: list[str]) -> dict[str, list[str]]:
@@ -130,8 +152,8 @@ def default_uris(targets: list[str]) -> dict[str, list[str]]:
 
 
 def _job(args):
-    uri, arch = args
-    return uri, arch, fingerprint_one(uri, arch)
+    uri, arch, mix = args
+    return uri, arch, fingerprint_one(uri, arch, mix)
 
 
 def cmd_fingerprint(ns) -> int:
@@ -141,7 +163,7 @@ def cmd_fingerprint(ns) -> int:
         uris = {t: list(prev.get(t, {})) for t in targets}
     else:
         uris = default_uris(targets)
-    jobs = [(u, t) for t in targets for u in uris[t] if ns.filter in u]
+    jobs = [(u, t, ns.mix) for t in targets for u in uris[t] if ns.filter in u]
     result: dict[str, dict[str, dict]] = {t: {} for t in targets}
     with ProcessPoolExecutor(ns.jobs) as pool:
         for i, (uri, arch, fp) in enumerate(pool.map(_job, jobs, chunksize=4)):
@@ -197,6 +219,7 @@ def main() -> int:
     f.add_argument("--uris-from", default=None)
     f.add_argument("--jobs", type=int, default=2)
     f.add_argument("--filter", default="", help="only kernels whose URI contains this text")
+    f.add_argument("--mix", action="store_true", help="NVIDIA rows add opcode histograms (module doc)")
     c = sub.add_parser("compare")
     c.add_argument("a")
     c.add_argument("b")

@@ -9,6 +9,8 @@
 #   bash tools/device_run.sh w4a16    the w4a16 benchmark alone (W4_ONLY=W1,W2: shapes; W4_S seconds)
 #   bash tools/device_run.sh e2e      the e2e benchmark, quick (E2E_ARGS, default E1 and E1b with the
 #                                     32k capacity search; E2E_S seconds)
+#   bash tools/device_run.sh prefillab  the prefill benchmark of the tree in .ab/prev, then of this one, on
+#                                     the same warm GPU (AB_ONLY: workloads; AB_S seconds each)
 #   bash tools/device_run.sh all      all six, in that order (more than one 10-minute call: run them apart)
 # Files go to $OUT (the device tool brings them back, 8 at most); COMMIT=<sha> names the commit the
 # benchmark files record (the device's copy may carry no git metadata).
@@ -49,6 +51,19 @@ if [ "$what" = prefill ] || [ "$what" = all ]; then
   timeout ${PREFILL_S:-420} python -m ikport.bench prefill --out "$OUT/prefill-${GPU}.json" ${COMMIT:+--commit $COMMIT} \
     ${PREFILL_ONLY:+--only $PREFILL_ONLY} 2>&1 | clean > "$OUT/bench-prefill-${GPU}.log"
   tail -n 30 "$OUT/bench-prefill-${GPU}.log"
+fi
+if [ "$what" = prefillab ]; then
+  # a kernel change against the tree before it (.ab/prev holds `git archive` of it plus the three
+  # links; .ab/prev.commit its commit): the same benchmark rows, one process each, back to back
+  ab_only=${AB_ONLY:-P1,P2,sweep-B4-L4096-D128-bf16,sweep-B4-L4096-D64-fp16,chunk-B4-T512-L8704,chunk-B4-T512-L8704-paged16}
+  for side in prev new; do
+    tree=$([ $side = new ] && echo "$PWD" || echo "$PWD/.ab/prev")
+    commit=$([ $side = new ] && echo "${COMMIT:-}" || cat .ab/prev.commit 2>/dev/null)
+    (cd "$tree" && PYTHONPATH="$tree" IKPORT_CACHE_DIR="$PWD/.ab/cache-$side" timeout ${AB_S:-200} \
+      python -m ikport.bench prefill --only "$ab_only" --out "$OUT/prefill-ab-$side-${GPU}.json" \
+      ${commit:+--commit $commit} --no-plot 2>&1 | clean > "$OUT/bench-prefill-ab-$side-${GPU}.log")
+    tail -n 12 "$OUT/bench-prefill-ab-$side-${GPU}.log"
+  done
 fi
 if [ "$what" = kv ] || [ "$what" = all ]; then
   timeout ${KV_S:-300} python -m ikport.bench kvcache ${KV_QUICK:+--quick} --out "$OUT/kvcache-${GPU}.json" \

@@ -93,8 +93,14 @@ def _problem(q, k, block_table, varlen_max, fmt: tuple = ("dense",)) -> PrefillP
     return PrefillProblem(_DTYPE_NAME[q.dtype], B, Hq, k.shape[1], D, Tq, capacity, page, *fmt)
 
 
-def _scale_log2(q: torch.Tensor, scale: float | None) -> float:
-    return (1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)) * _LOG2E
+def positive_scale(q: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, float]:
+    """(q, scale * log2(e)) for the kernel, whose scale is positive: it folds the scale into its
+    exp2's FMA and takes row maxima of the unscaled scores. The same scores for any other finite
+    scale: q * scale == (-q) * -scale, and a zero scale is q * 0 at scale 1 (one copy of q)."""
+    s = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if s > 0:
+        return q, s * _LOG2E
+    return q * (-1.0 if s < 0 else 0.0), (-s if s < 0 else 1.0) * _LOG2E
 
 
 def attention(backend: Backend, q, k, v, block_table, q_lens, kv_lens, causal: bool, scale: float | None,
@@ -112,6 +118,7 @@ def attention(backend: Backend, q, k, v, block_table, q_lens, kv_lens, causal: b
     prepared = prepare(backend, problem, dev, options)
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    q, scale_log2 = positive_scale(q, scale)
     p = PrefillParams()
     p.q, p.k, p.v, p.out = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
     p.q_lens = q_lens.data_ptr() if q_lens is not None else None
@@ -129,7 +136,7 @@ def attention(backend: Backend, q, k, v, block_table, q_lens, kv_lens, causal: b
         if len(side) > 2:
             p.k_resid = side[2].data_ptr()
             p.kr_sb, p.kr_sh, p.kr_st = side_strides.k_resid
-    _finish(p, prepared, problem, causal, _scale_log2(q, scale))
+    _finish(p, prepared, problem, causal, scale_log2)
     prepared.launch(p, raw_stream(dev))
     return out
 
@@ -144,6 +151,7 @@ def varlen(backend: Backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((q.shape[1], q.shape[0]), dtype=torch.float32, device=q.device) if return_lse else None
+    q, scale_log2 = positive_scale(q, scale)
     p = PrefillParams()
     p.q, p.k, p.v, p.out = q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr()
     p.cu_q, p.cu_k = cu_seqlens_q.data_ptr(), cu_seqlens_k.data_ptr()
@@ -154,7 +162,7 @@ def varlen(backend: Backend, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: 
     if lse is not None:
         p.lse, p.lse_sh = lse.data_ptr(), lse.stride(0)
     batch = cu_seqlens_q.shape[0] - 1
-    _finish(p, prepared, problem, causal, _scale_log2(q, scale), batch)
+    _finish(p, prepared, problem, causal, scale_log2, batch)
     if batch > 0 and max_seqlen_q > 0:
         prepared.launch_batch(batch)(p, raw_stream(dev))
     elif out.numel():

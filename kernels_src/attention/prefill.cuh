@@ -276,45 +276,54 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
             mm::mma(s[mt][nt], a[mt], bk);
         }
       }
-      // Masks only where a key of the tile is past the end or past this warp's first row's diagonal.
-      const bool masked = n0 + TILE_N > seq.kv_len || (p.causal && n0 + TILE_N - 1 > w_row0 + diag);
-      // Key n0 + c of row w_row0 + r is masked where c >= key_lim or (causal) c - r > diag_lim: the
-      // element's side of each compare is a lane value plus a constant.
-      const int key_lim = seq.kv_len - n0, diag_lim = w_row0 + diag - n0;
+      // Masks only where a key of the tile is past the end or past this warp's first row's diagonal
+      // (one warp-uniform branch around the whole tile). Key n0 + c of row w_row0 + r is masked
+      // where c >= kv_len - n0 or (causal) c - r > w_row0 + diag - n0; c and r are the lane's
+      // base plus slot constants, so each side is a per-lane value against a constant.
+      if (n0 + TILE_N > seq.kv_len || (p.causal && n0 + TILE_N - 1 > w_row0 + diag)) {
+        const int lane_col = mm::c_col(0), lane_row = mm::c_row(0);
+        const int key_lim = seq.kv_len - n0 - lane_col;
+        const int diag_lim = p.causal ? w_row0 + diag - n0 - (lane_col - lane_row) : TILE_N;  // (c - r < TILE_N)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+            ik::static_for<0, mm::kCSlots>([&, mt, nt](auto js_) {
+              constexpr int js = decltype(js_)::value;
+              const int c = nt * 16 + mm::c_col_offset(js), r = mt * 16 + mm::c_row_offset(js);
+              if (c >= key_lim || c - r > diag_lim) s[mt][nt].x[js] = -IK_INFINITY;
+            });
+      }
+      // Online softmax in the log2 domain of the scaled scores, the scale folded into the exp2's
+      // FMA (s * scale_log2 - m): the row maxima are taken on the raw scores, which is the same
+      // for a positive scale (the launch makes it positive: ikport/impl/prefill.py).
+      const float c_log2 = p.scale_log2;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         float mx[mm::kCSlots];
 #pragma unroll
-        for (int js = 0; js < mm::kCSlots; ++js) mx[js] = -IK_INFINITY;
+        for (int js = 0; js < mm::kCSlots; ++js) mx[js] = s[mt][0].x[js];
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
+        for (int nt = 1; nt < NT; ++nt)
 #pragma unroll
-          for (int js = 0; js < mm::kCSlots; ++js) {
-            float x = s[mt][nt].x[js] * p.scale_log2;
-            if (masked) {
-              const int c = nt * 16 + mm::c_col(js), r = mt * 16 + mm::c_row(js);
-              if (c >= key_lim || (p.causal && c - r > diag_lim)) x = -IK_INFINITY;
-            }
-            s[mt][nt].x[js] = x;
-            mx[js] = fmaxf(mx[js], x);
-          }
-        }
+          for (int js = 0; js < mm::kCSlots; ++js) mx[js] = fmaxf(mx[js], s[mt][nt].x[js]);
         mm::row_reduce(mx, [](float x, float y) { return fmaxf(x, y); });
         // (Slot and row indices as constants, ik::static_for: see there; loop indices captured by
         // value, so the loops keep countable induction variables.)
-        float alpha[RW], sum[RW];
+        float alpha[RW], sum[RW], neg_m[RW];
         ik::static_for<0, RW>([&, mt](auto r_) {
           constexpr int r = decltype(r_)::value;
-          const float m_new = fmaxf(m[mt][r], mx[mm::c_lead_of_row(r)]);
+          const float m_new = fmaxf(m[mt][r], mx[mm::c_lead_of_row(r)] * c_log2);  // (a row with no key yet: -inf, kept out)
           alpha[r] = ik::exp2_fast(m[mt][r] - m_new);
           m[mt][r] = m_new;
+          neg_m[r] = -m_new;
           sum[r] = 0.f;
         });
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
           ik::static_for<0, mm::kCSlots>([&, mt, nt](auto js_) {
             constexpr int js = decltype(js_)::value, r = mm::c_row_index(js);
-            s[mt][nt].x[js] = ik::exp2_fast(s[mt][nt].x[js] - m[mt][r]);
+            s[mt][nt].x[js] = ik::exp2_fast(fmaf(s[mt][nt].x[js], c_log2, neg_m[r]));
             sum[r] += s[mt][nt].x[js];
           });
         }
@@ -347,7 +356,13 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   }
   ik::cp_async_wait<0>();  // no copy outlives the block (a block with no tiles issued the query's)
 
-  // The rows' sums, then out = O / l and the log-sum-exp (natural log) of rows below q_len.
+  // The rows' sums, then out = O / l and the log-sum-exp (natural log) of rows below q_len. O goes
+  // through the warp's own query rows in shared memory (done with them now), so the output leaves
+  // as whole 16-byte row chunks rather than 2-byte scattered stores; rows q_len .. pad_end - 1 as zeros.
+  T* s_ow = s_q + warp * C::kWarpRows * LD;
+  ik::warp_sync();  // the warp's last fragment loads of its query rows are done
+  const int lane_row = mm::c_row(0), lane_col = mm::c_col(0);
+  const int write_end = max(seq.q_len, pad_end);
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
     // The row sums (over the row's lanes) and maxima in slot form (ik::static_for: see there).
@@ -358,22 +373,36 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
       row_m[js] = m[mt][mm::c_row_index(js)];
     });
     mm::row_reduce(row_l, [](float x, float y) { return x + y; });
+    ik::static_for<0, mm::kCSlots>([&, mt](auto js_) {
+      constexpr int js = decltype(js_)::value;
+      const int r = mt * 16 + lane_row + mm::c_row_offset(js), row = w_row0 + r;
+      const float sum = row_l[js];
+      const bool sees_keys = row < seq.q_len && sum > 0.f;
+      const float inv = sees_keys ? 1.f / sum : 0.f;
+      T* dst = s_ow + r * LD + lane_col + mm::c_col_offset(js);
+      // Slot pairs that are neighbours in one row (NVIDIA's layout) store one 4-byte word.
+      constexpr bool kPairLead = js % 2 == 0 && js + 1 < mm::kCSlots && mm::c_row_offset(js + 1) == mm::c_row_offset(js) &&
+                                 mm::c_col_offset(js + 1) == mm::c_col_offset(js) + 1;
+      constexpr bool kPairTail = js % 2 == 1 && mm::c_row_offset(js - 1) == mm::c_row_offset(js) &&
+                                 mm::c_col_offset(js - 1) + 1 == mm::c_col_offset(js);
 #pragma unroll
-    for (int js = 0; js < mm::kCSlots; ++js) {
-      const int row = w_row0 + mt * 16 + mm::c_row(js), col = mm::c_col(js);
-      if (row < seq.q_len) {
-        const float sum = row_l[js];
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-#pragma unroll
-        for (int n = 0; n < DT; ++n) og[row * p.o_st + n * 16 + col] = ik::dtype<T>::from_float(o[mt][n].x[js] * inv);
-        if (p.lse && col == 0)
-          p.lse[seq.lse_off + hq * p.lse_sh + row] = sum > 0.f ? (row_m[js] + log2f(sum)) * prefill::kLn2 : -IK_INFINITY;
-      } else if (row < pad_end) {
-#pragma unroll
-        for (int n = 0; n < DT; ++n) og[row * p.o_st + n * 16 + col] = ik::dtype<T>::from_float(0.f);
-        if (p.lse && col == 0) p.lse[seq.lse_off + hq * p.lse_sh + row] = -IK_INFINITY;
+      for (int n = 0; n < DT; ++n) {
+        if constexpr (kPairLead) {
+          const unsigned int lo = ik::dtype<T>::bits_from_float(o[mt][n].x[js] * inv);
+          const unsigned int hi = ik::dtype<T>::bits_from_float(o[mt][n].x[js + 1] * inv);
+          *reinterpret_cast<unsigned int*>(dst + n * 16) = lo | (hi << 16);
+        } else if constexpr (!kPairTail) {
+          dst[n * 16] = ik::dtype<T>::from_float(o[mt][n].x[js] * inv);
+        }
       }
-    }
+      if (p.lse && lane_col + mm::c_col_offset(js) == 0 && row < write_end)
+        p.lse[seq.lse_off + hq * p.lse_sh + row] = sees_keys ? (row_m[js] + log2f(sum)) * prefill::kLn2 : -IK_INFINITY;
+    });
+  }
+  ik::warp_sync();
+  for (int idx = ik::lane_id(); idx < C::kWarpRows * CH; idx += ik::kWarpSize) {
+    const int r = idx / CH, ch = idx % CH, row = w_row0 + r;
+    if (row < write_end) ik::store16(og + row * p.o_st + ch * 8, ik::load16(s_ow + r * LD + ch * 8));
   }
 }
 #endif  // IK_HAS_MMA

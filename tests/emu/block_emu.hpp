@@ -336,6 +336,7 @@ IK_DEVICE float2 half2_bits_to_float2(unsigned int u) {
 IK_DEVICE unsigned short half_bits(half_t h) { return h.bits; }
 IK_DEVICE unsigned short bf16_bits(bf16_t h) { return h.bits; }
 IK_DEVICE bf16_t bf16_from_bits(unsigned short b) { return {b}; }
+IK_DEVICE unsigned short float_to_bf16_bits(float f) { return float_to_bf16(f); }
 IK_DEVICE half_t half_from_bits(unsigned short b) { return {b}; }
 // (INT4 helpers: the decode kernel does not use them; each element rounded as the dtype rounds.)
 inline unsigned int map2(unsigned int a, unsigned int b, unsigned int c, bool bf, int op) {
