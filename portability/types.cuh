@@ -43,6 +43,12 @@ struct dtype<half_t> {
   static IK_DEVICE unsigned short bits_from_float(float f) { return vendor::half_bits(from_float(f)); }
   // 1024.0: OR-ing a 4-bit code q into its low mantissa bits gives exactly 1024 + q.
   static constexpr unsigned int kInt4Base = 0x6400u;
+  // fp16's 10 mantissa bits hold a code at bits 4-7 too: 1024 + 16q exactly, which one FMA by
+  // 1/16 (0x2c00) against -(64 + z) = 960 (0x6380) - (1024 + z) turns into q - z: no shift.
+  static constexpr bool kInt4HighNibbles = true;
+  static constexpr unsigned int kInt4Sixteenth = 0x2c00u, kInt4HighShift = 0x6380u;
+  static IK_DEVICE unsigned int fma2(unsigned int a, unsigned int b, unsigned int c) { return vendor::half2_fma(a, b, c); }
+  static IK_DEVICE unsigned int mul2(unsigned int a, unsigned int b) { return vendor::half2_mul(a, b); }
   static IK_DEVICE unsigned int sub2(unsigned int a, unsigned int z) { return vendor::half2_sub(a, z); }
   static IK_DEVICE unsigned int sub_mul2(unsigned int a, unsigned int z, unsigned int s) {
     return vendor::half2_sub_mul(a, z, s);
@@ -60,6 +66,7 @@ struct dtype<bf16_t> {
   static IK_DEVICE unsigned short bits_from_float(float f) { return float_to_bf16_bits(f); }
   // 128.0 (7 mantissa bits): OR-ing a 4-bit code q into it gives exactly 128 + q.
   static constexpr unsigned int kInt4Base = 0x4300u;
+  static constexpr bool kInt4HighNibbles = false;  // bit 7 is the exponent's: every pair shifts
   static IK_DEVICE unsigned int sub2(unsigned int a, unsigned int z) { return vendor::bf162_sub(a, z); }
   static IK_DEVICE unsigned int sub_mul2(unsigned int a, unsigned int z, unsigned int s) {
     return vendor::bf162_sub_mul(a, z, s);
@@ -67,19 +74,34 @@ struct dtype<bf16_t> {
 };
 
 // INT4 -> fp16/bf16 without integer-to-float conversions ("magic number" unpacking): nibbles j
-// and j+4 of `word` become the low and high element of one packed pair, each (q - z) * s, rounded
-// once. z2 and s2 hold the zero point as base + z and the scale, each in both halves.
-template <class T>
-IK_DEVICE unsigned int int4_pair(unsigned int word, int j, unsigned int z2, unsigned int s2) {
-  constexpr unsigned int kBase2 = dtype<T>::kInt4Base * 0x10001u;
-  return dtype<T>::sub_mul2(((word >> (4 * j)) & 0x000f000fu) | kBase2, z2, s2);
-}
-
-// The same without the scale: exactly q - z (small integers), for kernels that scale later.
+// and j+4 of `word` become the low and high element of one packed pair, exactly q - z (small
+// integers, for kernels that scale later). z2 holds the zero point as base + z in both halves.
+// fp16, j odd: the codes masked in place (bits 4-7 of each half) and one FMA, so a word's four
+// pairs take one shift (by 8, for j 2 and 3) where each pair took one; the shifts and masks run
+// on the integer pipe, which bounded the W4A16 loop (docs/results/w4a16.md).
 template <class T>
 IK_DEVICE unsigned int int4_pair_unscaled(unsigned int word, int j, unsigned int z2) {
   constexpr unsigned int kBase2 = dtype<T>::kInt4Base * 0x10001u;
-  return dtype<T>::sub2(((word >> (4 * j)) & 0x000f000fu) | kBase2, z2);
+  if constexpr (dtype<T>::kInt4HighNibbles) {
+    const unsigned int w = word >> (8 * (j / 2));
+    if (j % 2 == 0) return dtype<T>::sub2((w & 0x000f000fu) | kBase2, z2);
+    return dtype<T>::fma2((w & 0x00f000f0u) | kBase2, dtype<T>::kInt4Sixteenth * 0x10001u,
+                          dtype<T>::sub2(dtype<T>::kInt4HighShift * 0x10001u, z2));
+  } else {
+    return dtype<T>::sub2(((word >> (4 * j)) & 0x000f000fu) | kBase2, z2);
+  }
+}
+
+// The same scaled: (q - z) * s, rounded once (q - z is exact). s2: the scale in both halves.
+template <class T>
+IK_DEVICE unsigned int int4_pair(unsigned int word, int j, unsigned int z2, unsigned int s2) {
+  constexpr unsigned int kBase2 = dtype<T>::kInt4Base * 0x10001u;
+  if constexpr (dtype<T>::kInt4HighNibbles) {
+    if (j % 2 == 1) return dtype<T>::mul2(int4_pair_unscaled<T>(word, j, z2), s2);
+    return dtype<T>::sub_mul2(((word >> (8 * (j / 2))) & 0x000f000fu) | kBase2, z2, s2);
+  } else {
+    return dtype<T>::sub_mul2(((word >> (4 * j)) & 0x000f000fu) | kBase2, z2, s2);
+  }
 }
 
 // Eight 16-bit elements held in one 16-byte vector <-> eight floats.

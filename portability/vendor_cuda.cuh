@@ -63,6 +63,15 @@ IK_DEVICE unsigned int half2_sub(unsigned int a, unsigned int z) {
   __half2 r = __hsub2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&z));
   return *reinterpret_cast<unsigned int*>(&r);
 }
+// a * b + c rounded once, and a * b (INT4 dequantization's high nibbles, types.cuh).
+IK_DEVICE unsigned int half2_fma(unsigned int a, unsigned int b, unsigned int c) {
+  __half2 r = __hfma2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b), *reinterpret_cast<__half2*>(&c));
+  return *reinterpret_cast<unsigned int*>(&r);
+}
+IK_DEVICE unsigned int half2_mul(unsigned int a, unsigned int b) {
+  __half2 r = __hmul2(*reinterpret_cast<__half2*>(&a), *reinterpret_cast<__half2*>(&b));
+  return *reinterpret_cast<unsigned int*>(&r);
+}
 IK_DEVICE unsigned int bf162_sub(unsigned int a, unsigned int z) {
   __nv_bfloat162 r = __hsub2(*reinterpret_cast<__nv_bfloat162*>(&a), *reinterpret_cast<__nv_bfloat162*>(&z));
   return *reinterpret_cast<unsigned int*>(&r);

@@ -9,8 +9,9 @@
 #   bash tools/device_run.sh w4a16    the w4a16 benchmark alone (W4_ONLY=W1,W2: shapes; W4_S seconds)
 #   bash tools/device_run.sh e2e      the e2e benchmark, quick (E2E_ARGS, default E1 and E1b with the
 #                                     32k capacity search; E2E_S seconds)
-#   bash tools/device_run.sh prefillab  the prefill benchmark of the tree in .ab/prev, then of this one, on
-#                                     the same warm GPU (AB_ONLY: workloads; AB_S seconds each)
+#   bash tools/device_run.sh ab       a benchmark area (AB_AREA: prefill, the default, or w4a16) of the tree
+#                                     in .ab/prev, then of this one, on the same warm GPU (AB_ONLY: its
+#                                     workloads or shapes; AB_ARGS: more flags; AB_S seconds each)
 #   bash tools/device_run.sh acc1     the real model's accuracy, first of two calls (the GGUF is 94 MiB, past
 #                                     one call's 64 MiB): carry .ab/model/part-00, kept in /tmp/acc
 #   bash tools/device_run.sh acc2     then, on the same warm machine, carry .ab/model/part-01, .ab/model/sha256,
@@ -57,17 +58,23 @@ if [ "$what" = prefill ] || [ "$what" = all ]; then
     ${PREFILL_ONLY:+--only $PREFILL_ONLY} 2>&1 | clean > "$OUT/bench-prefill-${GPU}.log"
   tail -n 30 "$OUT/bench-prefill-${GPU}.log"
 fi
-if [ "$what" = prefillab ]; then
+if [ "$what" = ab ]; then
   # a kernel change against the tree before it (.ab/prev holds `git archive` of it plus the three
   # links; .ab/prev.commit its commit): the same benchmark rows, one process each, back to back
-  ab_only=${AB_ONLY:-P1,P2,sweep-B4-L4096-D128-bf16,sweep-B4-L4096-D64-fp16,chunk-B4-T512-L8704,chunk-B4-T512-L8704-paged16}
+  area=${AB_AREA:-prefill}
+  if [ "$area" = w4a16 ]; then
+    ab_only=${AB_ONLY:-W1,W2,W3}; ab_args=${AB_ARGS:---quick}
+  else
+    ab_only=${AB_ONLY:-P1,P2,sweep-B4-L4096-D128-bf16,sweep-B4-L4096-D64-fp16,chunk-B4-T512-L8704,chunk-B4-T512-L8704-paged16}
+    ab_args=${AB_ARGS:-}
+  fi
   for side in prev new; do
     tree=$([ $side = new ] && echo "$PWD" || echo "$PWD/.ab/prev")
     commit=$([ $side = new ] && echo "${COMMIT:-}" || cat .ab/prev.commit 2>/dev/null)
     (cd "$tree" && PYTHONPATH="$tree" IKPORT_CACHE_DIR="$PWD/.ab/cache-$side" timeout ${AB_S:-200} \
-      python -m ikport.bench prefill --only "$ab_only" --out "$OUT/prefill-ab-$side-${GPU}.json" \
-      ${commit:+--commit $commit} --no-plot 2>&1 | clean > "$OUT/bench-prefill-ab-$side-${GPU}.log")
-    tail -n 12 "$OUT/bench-prefill-ab-$side-${GPU}.log"
+      python -m ikport.bench "$area" --only "$ab_only" $ab_args --out "$OUT/$area-ab-$side-${GPU}.json" \
+      ${commit:+--commit $commit} --no-plot 2>&1 | clean > "$OUT/bench-$area-ab-$side-${GPU}.log")
+    tail -n 12 "$OUT/bench-$area-ab-$side-${GPU}.log"
   done
 fi
 if [ "$what" = acc1 ]; then

@@ -355,6 +355,16 @@ inline unsigned int map2(unsigned int a, unsigned int b, unsigned int c, bool bf
 }
 IK_DEVICE unsigned int half2_sub_mul(unsigned int a, unsigned int z, unsigned int s) { return map2(a, z, s, false, 1); }
 IK_DEVICE unsigned int half2_sub(unsigned int a, unsigned int z) { return map2(a, z, 0, false, 0); }
+IK_DEVICE unsigned int half2_mul(unsigned int a, unsigned int b) { return map2(a, 0, b, false, 1); }  // a - 0 is a
+IK_DEVICE unsigned int half2_fma(unsigned int a, unsigned int b, unsigned int c) {  // one rounding
+  unsigned int r = 0;
+  for (int h = 0; h < 2; ++h) {
+    auto get = [&](unsigned int w) { return half_bits_to_float(static_cast<unsigned short>(w >> (16 * h))); };
+    r |= static_cast<unsigned int>(float_to_half_bits(static_cast<float>(
+             static_cast<double>(get(a)) * get(b) + get(c)))) << (16 * h);
+  }
+  return r;
+}
 IK_DEVICE unsigned int bf162_sub(unsigned int a, unsigned int z) { return map2(a, z, 0, true, 0); }
 IK_DEVICE unsigned int bf162_sub_mul(unsigned int a, unsigned int z, unsigned int s) { return map2(a, z, s, true, 1); }
 
