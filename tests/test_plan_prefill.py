@@ -125,14 +125,15 @@ def test_compressed_tiles_fit_every_target_and_lie_in_a_kivi_group(arch, loader,
 
 
 def test_compressed_staging_is_counted():
-    """The ring holds codes and words (and KIVI's K pairs), plus one pair of dequantized tiles."""
+    """The ring holds codes and words (and KIVI's K pairs), plus one pair of dequantized tiles; the
+    dense ring is followed by two tiles' page ids (paged caches)."""
     kw = dict(head_dim=128, tile_m=64, tile_n=32, warps=4, stages=2, pad=True, c_is_a=True)
     dense = P.smem_bytes(**kw)
     q_tile = 64 * 136 * 2
     tiles = 2 * 32 * 136 * 2
     assert P.smem_bytes(**kw, loader="int8") == 2 * 2 * (32 * 128 + 32 * 4) + tiles + q_tile
     assert P.smem_bytes(**kw, loader="kivi4_g32") == 2 * (2 * 32 * 64 + 32 * 4 + 128 * 4) + tiles + q_tile
-    assert dense == 2 * 2 * 32 * 136 * 2 + q_tile
+    assert dense == 2 * 2 * 32 * 136 * 2 + 2 * 32 * 4 + q_tile
 
 
 def test_compressed_refusals_name_the_problem():

@@ -53,7 +53,10 @@ CONFIGS = {
                                           pad=1),
     "rdna3-d128-m64-n16-w4-st2-bf16": dict(RDNA3, dtype="bf16", head_dim=128, tile_m=64, tile_n=16, warps=4, stages=2,
                                            pad=1),
-    # two 16-row tiles a warp (Q reloaded from shared memory), 64-key tiles, a 3-slot ring
+    # two 16-row tiles a warp (Q reloaded from shared memory), 64-key tiles (paged: a row's page
+    # id through shared memory, kSharedPageIds), a 2-slot ring (the H100's default) and a 3-slot one
+    "nv-d128-m128-n64-w4-st2-fp16": dict(CUDA, dtype="fp16", head_dim=128, tile_m=128, tile_n=64, warps=4, stages=2,
+                                         pad=1),
     "nv-d128-m128-n64-w4-st3-bf16": dict(CUDA, dtype="bf16", head_dim=128, tile_m=128, tile_n=64, warps=4, stages=3,
                                          pad=1),
     # the journey's unpipelined, unpadded step at an odd head_dim, and head_dim 256

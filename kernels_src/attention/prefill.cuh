@@ -180,12 +180,12 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   using KV = prefill::KVTiles<LOADER, T, HEAD_DIM, TILE_N, C::kThreads, STAGES, PAGED, PAD>;
   static_assert(KV::kSlotBytes == C::KV::kSlotBytes && KV::kTileBytes == C::KV::kTileBytes, "paged or not, one size");
   static_assert(KV::kSlotBytes % 16 == 0 && KV::kTileBytes % 16 == 0, "16-byte aligned slots and tiles");
-  T* s_ring = reinterpret_cast<T*>(smem);  // the K/V ring, then the loader's T tiles (compressed formats)
+  T* s_ring = reinterpret_cast<T*>(smem);  // the K/V ring, then the loader's own (T tiles, or dense: page ids)
   T* s_q = s_ring + C::ring_bytes() / 2;  // (int arithmetic, as the rest: T is 2 bytes)
   T* scratch = s_q + C::q_elems() + warp * mm::kCToAScratch;
   const T* qg = static_cast<const T*>(p.q) + seq.q_off + hq * p.q_sh;
   const KV kv(p, seq, b, hk, n_tiles, kv_end);
-  typename KV::Located at;  // paged: the next tile's page ids
+  typename KV::Located at;  // paged, ids in registers: the next tile's page ids
 
   // The query tile into shared memory (rows past q_len zero), in the first copy group.
   for (int idx = threadIdx.x; idx < TILE_M * CH; idx += C::kThreads) {
@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   auto issue = [&](int j) {
     if (j < n_tiles) kv.copy(p, j, s_ring, at);
     ik::cp_async_commit();
-    kv.locate(p, j + 1, at);  // paged: the next tile's page ids, in flight while this one's copies and math run
+    kv.locate(p, j + 1, s_ring, at);  // paged: the next tile's page ids, in flight while this one's copies and math run
   };
 
   // Per warp: its rows [w_row0, w_row0 + 16 * MT); per row of the lane's accumulator slots the
@@ -223,9 +223,17 @@ __global__ void __launch_bounds__(WARPS * ik::kWarpSize) attn_prefill(PrefillPar
   }
 
   if (STAGES == 1) ik::cp_async_commit();  // the query tile alone; each tile then copies and waits
-  kv.locate(p, 0, at);
+  kv.locate(p, 0, s_ring, at);
+  // Page ids in shared memory (KV::kSharedPageIds) reach every thread through a barrier before the
+  // copies that read them: here before each of the first tiles, then the loop's own barriers (tile
+  // j + 1's ids are written a barrier before its copies, over tile j - 1's, whose copies are done).
+  if constexpr (KV::kSharedPageIds) ik::block_sync();
 #pragma unroll
-  for (int j = 0; j < STAGES - 1; ++j) issue(j);  // the first group also holds the query tile
+  for (int j = 0; j < STAGES - 1; ++j) {  // the first group also holds the query tile
+    if constexpr (KV::kSharedPageIds)
+      if (j > 0) ik::block_sync();
+    issue(j);
+  }
 
   for (int j = 0; j < n_tiles; ++j) {
     if (STAGES == 1) {

@@ -5,8 +5,10 @@
 // prefill::KVTiles<LOADER, T, HEAD_DIM, TILE_N, THREADS, STAGES, PAGED, PAD> is what attn_prefill asks
 // of a format, the kernel's ring `ring` (STAGES slots, then the loader's own tiles) passed in:
 // kSlotBytes, one slot (a K/V tile as copied); kTileBytes, shared memory after the slots (the T
-// tiles a compressed format dequantizes into; 0 for dense); Located and locate(p, j, at), the page
-// ids of tile j (paged; loaded a tile ahead); copy(p, j, ring, at), tile j's async copies into
+// tiles a compressed format dequantizes into; dense: the page ids of two tiles); Located and
+// locate(p, j, ring, at), the page ids of tile j (paged; loaded a tile ahead, into registers, or
+// with kSharedPageIds into shared memory, where the kernel's barriers make them every thread's
+// before copy reads them); copy(p, j, ring, at), tile j's async copies into
 // slot j % STAGES (rows past kv_end zero-filled); land(ring, j), called by the whole block once
 // the slot has landed and the block has synchronized; k_tile(ring, j), the K tile of rows of LD
 // elements the fragment loads then read, the V tile right after it (TILE_N rows on).
@@ -33,7 +35,7 @@ template <class T, int HEAD_DIM, int TILE_N, int THREADS, int STAGES, bool PAGED
 struct KVTiles<decode::DenseLoader, T, HEAD_DIM, TILE_N, THREADS, STAGES, PAGED, PAD> {
   static constexpr int LD = HEAD_DIM + (PAD ? 8 : 0), CH = HEAD_DIM / 8;  // CH: 16-byte chunks of a row
   static constexpr int kSlotBytes = 2 * TILE_N * LD * 2;  // one K tile and one V tile
-  static constexpr int kTileBytes = 0;
+  static constexpr int kTileBytes = (2 * TILE_N * 4 + 15) / 16 * 16;  // page ids (paged or not: one size)
   static constexpr int kCopies = (TILE_N * CH + THREADS - 1) / THREADS;  // 16-byte copies a thread per tensor
   // Where a row's chunks divide the block, a thread's copies keep one 16-byte column of the rows,
   // kRowStep rows apart, and the tile's rows divide into whole steps.
@@ -52,13 +54,27 @@ struct KVTiles<decode::DenseLoader, T, HEAD_DIM, TILE_N, THREADS, STAGES, PAGED,
         n_tiles(n_tiles_), kv_end(kv_end_) {}
 
   // Paged: the page ids of a tile's copies, loaded a tile ahead (right after the previous copies
-  // are issued) so that no copy waits on its block-table read. (A variable of the kernel's,
-  // passed in: as a member of this struct it changed the dense kernel's generated code.)
+  // are issued) so that no copy waits on its block-table read. Few copies a thread: the ids of its
+  // copies in registers. Eight or more (64-key tiles of head_dim 128 at 4 warps): those stayed live
+  // across a tile's math and spilled (244 bytes on sm_90), so each row's id goes to shared memory
+  // instead, two tiles' worth, tile j's at (j % 2) * TILE_N (docs/results/prefill.md, session 18).
+  static constexpr bool kSharedPageIds = PAGED && kUniformColumn && kCopies >= 8;
+  // (A variable of the kernel's, passed in: as a member of this struct it changed the dense
+  // kernel's generated code.)
   struct Located {
-    int page[PAGED ? kCopies : 1];
+    int page[PAGED && !kSharedPageIds ? kCopies : 1];
   };
-  IK_DEVICE void locate(const PrefillParams& p, int j, Located& at) const {
-    if constexpr (PAGED) {
+  IK_DEVICE static int* page_ids(T* ring, int j) {
+    return reinterpret_cast<int*>(ring + STAGES * (kSlotBytes / 2)) + (j & 1) * TILE_N;
+  }
+  IK_DEVICE void locate(const PrefillParams& p, int j, T* ring, Located& at) const {
+    if constexpr (kSharedPageIds) {
+      int* ids = page_ids(ring, j);
+      for (int r = threadIdx.x; r < TILE_N; r += THREADS) {
+        const int t = j * TILE_N + r;
+        ids[r] = j < n_tiles && t < kv_end ? bt_row[t >> p.page_size_log2] : 0;
+      }
+    } else if constexpr (PAGED) {
 #pragma unroll
       for (int i = 0; i < kCopies; ++i) {
         const int t = j * TILE_N + (threadIdx.x + i * THREADS) / CH;
@@ -72,7 +88,21 @@ struct KVTiles<decode::DenseLoader, T, HEAD_DIM, TILE_N, THREADS, STAGES, PAGED,
   IK_DEVICE void copy(const PrefillParams& p, int j, T* ring, const Located& at) const {
     T* kd = ring + (j % STAGES) * (2 * TILE_N * LD);
     T* vd = kd + TILE_N * LD;
-    if constexpr (kUniformColumn && !PAGED) {
+    if constexpr (kSharedPageIds) {
+      // As below, each row's source from its page id (shared memory) and its row in the page.
+      const int r0 = threadIdx.x / CH, ch = threadIdx.x % CH;
+      const int left = kv_end - (j * TILE_N + r0);
+      const int* ids = page_ids(ring, j) + r0;
+      const int t0 = j * TILE_N + r0;
+#pragma unroll
+      for (int i = 0; i < kCopies; ++i) {
+        const bool valid = i * kRowStep < left;
+        const long long page = ids[i * kRowStep], off = (t0 + i * kRowStep) & page_mask;
+        T* dst = kd + (r0 + i * kRowStep) * LD + ch * 8;
+        ik::cp_async16_zfill(dst, valid ? kg + page * p.k_sb + off * p.k_st + ch * 8 : kg, valid);
+        ik::cp_async16_zfill(dst + TILE_N * LD, valid ? vg + page * p.v_sb + off * p.v_st + ch * 8 : vg, valid);
+      }
+    } else if constexpr (kUniformColumn && !PAGED) {
       // Copy i of a thread is row r0 + i * kRowStep of the tile, so its source is the previous
       // copy's plus one stride and its bound a compare with a constant (per-copy offsets and
       // bounds hoisted out of the loop held 3 x kCopies registers and spilled 128-row tiles).
@@ -165,7 +195,8 @@ struct CodeTiles {
   template <int SLOT_BYTES>
   static IK_DEVICE T* tiles(T* ring) { return ring + STAGES * SLOT_BYTES / static_cast<int>(sizeof(T)); }
 
-  IK_DEVICE void locate(const PrefillParams& p, int j, Located& at) const {
+  static constexpr bool kSharedPageIds = false;  // a thread's page ids, in registers
+  IK_DEVICE void locate(const PrefillParams& p, int j, T*, Located& at) const {
     if constexpr (PAGED) {
 #pragma unroll
       for (int i = 0; i < kCopies; ++i) {
