@@ -9,22 +9,26 @@ waves, async copies) at the tiles ikport.plan.prefill picks for head_dim 64 on s
 manifest's head_dim 64 instantiation if the manifest refuses them); `--layouts nv,cdna` adds CDNA's
 MFMA layout on 64-lane waves (synchronous copies) at gfx942's tiles as a second check.
 
-The model runs on the CPU with fp32 weights; only attention changes, through two attention
-functions registered with transformers (vanilla code and names untouched):
-  ikport-emulated  q/k/v rounded to the dtype, the emulated kernel (causal, GQA 9/3, the module's
-                   scaling), its fp16/bf16 output back to fp32
-  sdpa-cast        the same rounding of q/k/v, torch's sdpa in fp32 on those values (causal), the
-                   output rounded to the dtype and back: what the kernel's arithmetic is judged by
+The model runs on the CPU with fp32 weights; only attention changes, through attention functions
+registered with transformers (vanilla code and names untouched), each on q/k/v rounded to the dtype:
+  ikport-emulated  the emulated kernel (causal, GQA 9/3, the module's scaling), its fp16/bf16
+                   output back to fp32
+  sdpa-cast        torch's sdpa in fp32 on the rounded values (causal), the output rounded to the
+                   dtype and back: the yardstick of the kernel's arithmetic (ppl_vanilla_cast)
+  sdpa-native      torch's own CPU sdpa in the dtype (vanilla sdpa in that dtype on this machine)
+  p-rounded        a torch model of the kernel's roundings (P rounded to the dtype before P V, as
+                   FlashAttention-2 does): tells the algorithm's rounding from a kernel error
 and plain fp32 sdpa ("sdpa") once. Each window is scored on its own (no BOS), in one forward
-(prompt calls only; decode is not exercised here). Per layout and dtype: perplexity of both, the
-kernel's delta against sdpa-cast (issue 28's goal: within 0.1%) and both against fp32 sdpa, and
-the max abs error of layer 0's attention output (first window) against an fp64 oracle of the
-rounded inputs, for the kernel and for sdpa-cast. That first call fails the run (an exception, not
-a skip) if the kernel gives NaN or misses the emulator suite's tolerance (TOL of
+(prompt calls only; decode is not exercised here). Per layout and dtype: each perplexity, the
+kernel's delta against sdpa-cast (issue 28's goal: within 0.1%), against the others and each
+against fp32 sdpa, and the max and mean abs error of layer 0's attention output (first window)
+against an fp64 oracle of the rounded inputs. That first call fails the run (an exception, not a
+skip) if the kernel gives NaN or misses the emulator suite's tolerance (TOL of
 tests/test_prefill_emulation.py); NaN on any later call fails it too.
 
-The emulator runs one GPU thread at a time (~40 MFLOP/s): a 512-token window is ~9 GFLOP of
-attention over 30 layers, some 4 minutes per window and dtype. Time a small run first:
+The emulator runs one GPU thread at a time: a 512-token window is ~9 GFLOP of attention over 30
+layers, 2-3 minutes per window and dtype on a shared 2-core machine (the result file's seconds).
+Time a small run first:
 
     python tools/emulated_accuracy.py --windows 1 --window 128
     python tools/emulated_accuracy.py --windows 2 --window 512 --out docs/results/prefill-accuracy-emulated.json
