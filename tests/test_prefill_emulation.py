@@ -80,16 +80,20 @@ CONFIGS = {
 COMPRESSED = [c for c in CONFIGS if "loader" in CONFIGS[c]]
 
 
-def build_args(name: str, tmp: Path) -> tuple:
-    c = CONFIGS[name]
-    defines = {
+def defines(c: dict) -> dict:
+    """The -D values of a build of prefill_main.cpp for configuration `c` (a CONFIGS value; also
+    tools/emulated_accuracy.py's)."""
+    return {
         "IK_WARP_SIZE": c["wave"], "EMU_LANE_MASK_T": c["mask"], "EMU_ASYNC_COPY": c["async_copy"],
         "EMU_CLUSTERS": 0, "EMU_T": manifest.cpp_name("attention_prefill", "dtype", c["dtype"]),
         "EMU_HEAD_DIM": c["head_dim"], "EMU_TILE_M": c["tile_m"], "EMU_TILE_N": c["tile_n"],
         "EMU_WARPS": c["warps"], "EMU_STAGES": c["stages"], "EMU_PAD": c["pad"], MATRIX_LAYOUT[c["mma"]]: 1,
         "EMU_LOADER": manifest.cpp_name("attention_prefill", "loader", c.get("loader", "dense")),
     }
-    return KERNELS, "prefill_main.cpp", defines, tmp / f"{name}.so", emulation.CLANG
+
+
+def build_args(name: str, tmp: Path) -> tuple:
+    return KERNELS, "prefill_main.cpp", defines(CONFIGS[name]), tmp / f"{name}.so", emulation.CLANG
 
 
 @pytest.fixture(scope="module")
