@@ -30,6 +30,14 @@ IK_DEVICE float bf16_bits_to_float(unsigned int bits16) { return __uint_as_float
 // the integer rounding cost ~6 instructions an element of the prefill kernel's P.)
 IK_DEVICE unsigned short float_to_bf16_bits(float f) { return vendor::float_to_bf16_bits(f); }
 
+// A signed byte to float without a conversion instruction (NVIDIA runs I2F at 16 a clock an SM,
+// the logic op and add that replace it at 64 and 128; an INT8 cache converts every element it
+// reads): b + 128 (offset binary) OR-ed into the mantissa of 2^23, then 2^23 + 128 subtracted,
+// exactly. (NVVM already does this for small unsigned integers, KIVI's nibbles: not for signed.)
+IK_DEVICE float int8_to_float(unsigned int b) {  // the low byte of b, two's complement
+  return __uint_as_float((b & 0xffu) ^ 0x4b000080u) - 8388736.0f;
+}
+
 // Element traits: ik::dtype<T>::to_float / from_float / unpack2 (two packed elements -> float2).
 template <class T>
 struct dtype;

@@ -334,7 +334,7 @@ struct Int8Loader {
   using Code = signed char;
   // Code j (0-7) of 8 packed little-endian codes, times `s`.
   static IK_DEVICE float code(unsigned long long raw, int j, float s) {
-    return static_cast<float>(static_cast<Code>(raw >> (8 * j))) * s;
+    return ik::int8_to_float(static_cast<unsigned int>(raw >> (8 * j))) * s;
   }
   // 16 codes at `src` (shared memory) times `s` into 16 elements of T at `dst` (the matrix
   // kernels' dequantization: decode's Matrix and prefill's tiles).
