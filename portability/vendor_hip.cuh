@@ -78,11 +78,12 @@ IK_DEVICE unsigned int half2_sub_mul(unsigned int a, unsigned int z, unsigned in
 IK_DEVICE unsigned int half2_sub(unsigned int a, unsigned int z) {
   return __builtin_bit_cast(unsigned int, __builtin_bit_cast(ik_f16x2_t, a) - __builtin_bit_cast(ik_f16x2_t, z));
 }
-// a * b + c rounded once (v_pk_fma_f16), and a * b (INT4 dequantization's high nibbles, types.cuh).
+// a * b + c (contracted to v_pk_fma_f16 where the compiler fuses; hipRTC 5.2's clang has no
+// __builtin_elementwise_fma: its callers' operands make both roundings exact), and a * b (INT4
+// dequantization's high nibbles, types.cuh).
 IK_DEVICE unsigned int half2_fma(unsigned int a, unsigned int b, unsigned int c) {
-  return __builtin_bit_cast(unsigned int, __builtin_elementwise_fma(__builtin_bit_cast(ik_f16x2_t, a),
-                                                                   __builtin_bit_cast(ik_f16x2_t, b),
-                                                                   __builtin_bit_cast(ik_f16x2_t, c)));
+  return __builtin_bit_cast(unsigned int, __builtin_bit_cast(ik_f16x2_t, a) * __builtin_bit_cast(ik_f16x2_t, b) +
+                                              __builtin_bit_cast(ik_f16x2_t, c));
 }
 IK_DEVICE unsigned int half2_mul(unsigned int a, unsigned int b) {
   return __builtin_bit_cast(unsigned int, __builtin_bit_cast(ik_f16x2_t, a) * __builtin_bit_cast(ik_f16x2_t, b));

@@ -126,7 +126,8 @@ def smem_bytes(*, head_dim: int, tile_m: int, tile_n: int, warps: int, stages: i
                c_is_a: bool, loader: str = "dense") -> int:
     """Dynamic shared memory of attn_prefill (PrefillConfig::smem_bytes): the K/V ring (`stages`
     slots of the loader's tiles as copied; a compressed format's one pair of dequantized tiles after
-    them, the dense loader's page ids of two tiles), the query tile, and where C is not A's layout (AMD) each warp's scratch for P."""
+    them, the dense loader's page ids of two tiles), the query tile, and where C is not A's layout
+    (AMD) each warp's scratch for P."""
     ld = head_dim + (8 if pad else 0)
     tiles = -(-2 * tile_n * 4 // 16) * 16 if loader == "dense" else 2 * tile_n * ld * 2  # dense: two tiles' page ids
     ring = stages * kv_slot_bytes(loader, head_dim, tile_n, pad) + tiles
