@@ -10,6 +10,8 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
 from ikport.toolchain import default_jobs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,3 +101,24 @@ def poison_cache(cache, g) -> None:
             cache.k[table[b, stale // page].long(), :, stale % page] = codes
         else:
             cache.k[b, :, stale] = codes.transpose(0, 1)
+
+
+# ---- compressed caches the emulator suites fill ----------------------------------------------------
+def shuffled_table(g: torch.Generator, batch: int, length: int, page: int) -> torch.Tensor | None:
+    """A block table [batch, ceil(length / page)] of shuffled page ids, or None where page is 0."""
+    if not page:
+        return None
+    per_seq = -(-length // page)
+    return torch.randperm(batch * per_seq, generator=g).to(torch.int32).view(batch, per_seq)
+
+
+def outlier_rows(g: torch.Generator, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+    """rows(n) -> (k, v), [batch, kv_heads, n, head_dim] in `dtype`: K with persistent per-channel
+    outliers (a tenth of the channels about 4x) and offsets, as KIVI found keys to have; V plain."""
+    channel = 1 + 3 * (torch.rand(head_dim, generator=g) < 0.1) + torch.rand(head_dim, generator=g)
+    offset = torch.randn(head_dim, generator=g)
+
+    def rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k = torch.randn(batch, kv_heads, n, head_dim, generator=g) * channel + offset
+        return k.to(dtype), torch.randn(batch, kv_heads, n, head_dim, generator=g).to(dtype)
+    return rows

@@ -358,21 +358,12 @@ def kivi_cache(name: str, *, B: int, Hkv: int, L: int, lens: list[int], page: in
     c = CONFIGS[name]
     dtype, D, G = DTYPES[c["dtype"]], c["head_dim"], int(c["loader"].removeprefix("kivi4_g"))
     g = torch.Generator().manual_seed(seed)
-    table = None
-    if page:
-        per_seq = -(-L // page)
-        table = torch.randperm(B * per_seq, generator=g).to(torch.int32).view(B, per_seq)
+    table = emulation.shuffled_table(g, B, L, page)
     cache = ikport.KVCache(B, Hkv, L, D, dtype=dtype, kv_format="kivi4", kivi_group=G, page_size=page,
                            block_table=table)
     # (outliers of 4x: larger ones put the oracle's rounding of K to fp16 above the tolerance, where
     # the vector kernel keeps K in fp32; the accuracy tests in test_kvcache.py take 16x)
-    channel = 1 + 3 * (torch.rand(D, generator=g) < 0.1) + torch.rand(D, generator=g)
-    offset = torch.randn(D, generator=g)
-
-    def rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = torch.randn(B, Hkv, n, D, generator=g) * channel + offset
-        return k.to(dtype), torch.randn(B, Hkv, n, D, generator=g).to(dtype)
-
+    rows = emulation.outlier_rows(g, B, Hkv, D, dtype)
     top = max(lens)
     first = max(top - 3, 1)
     cache.append(*rows(first))

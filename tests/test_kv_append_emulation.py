@@ -103,10 +103,7 @@ def test_emulated_append_writes_what_the_torch_ops_write(libs, config, paged):
     L = sum(steps) + 8
     page = 16 if paged else 0
     g = torch.Generator().manual_seed(zlib.crc32(config.encode()) + paged)
-    table = None
-    if paged:
-        per_seq = -(-L // page)
-        table = torch.randperm(B * per_seq, generator=g).to(torch.int32).view(B, per_seq)
+    table = emulation.shuffled_table(g, B, L, page)
     kw = dict(dtype=dtype, kv_format="kivi4" if kivi else fmt, page_size=page, block_table=table,
               kivi_group=G if kivi else None)
     want = ikport.KVCache(B, Hkv, L, D, **kw)

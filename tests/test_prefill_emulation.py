@@ -256,20 +256,11 @@ def compressed_cache(name: str, *, B: int, Hkv: int, prefix: list[int], chunk: i
     dtype, D, loader = DTYPES[c["dtype"]], c["head_dim"], c["loader"]
     g = torch.Generator().manual_seed(seed)
     L = max(prefix) + chunk
-    table = None
-    if page:
-        per_seq = -(-L // page)
-        table = torch.randperm(B * per_seq, generator=g).to(torch.int32).view(B, per_seq)
+    table = emulation.shuffled_table(g, B, L, page)
     fmt = dict(kv_format="int8") if loader == "int8" else dict(kv_format="kivi4",
                                                               kivi_group=int(loader.removeprefix("kivi4_g")))
     cache = ikport.KVCache(B, Hkv, L, D, dtype=dtype, page_size=page, block_table=table, **fmt)
-    channel = 1 + 3 * (torch.rand(D, generator=g) < 0.1) + torch.rand(D, generator=g)
-    offset = torch.randn(D, generator=g)
-
-    def rows(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = torch.randn(B, Hkv, n, D, generator=g) * channel + offset
-        return k.to(dtype), torch.randn(B, Hkv, n, D, generator=g).to(dtype)
-
+    rows = emulation.outlier_rows(g, B, Hkv, D, dtype)
     top = max(prefix)
     cache.append(*rows(top - 3))
     for _ in range(3):
