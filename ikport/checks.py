@@ -15,6 +15,13 @@ MAX_DECODE_QUERY_TOKENS = 128  # where decode ends: longer queries run the prefi
 VECTOR_ELEMS = 8  # kernels read 16-byte vectors: 8 fp16/bf16 elements
 
 
+def describe(t: object) -> str:
+    """A bad argument for an error message: a tensor's dtype, shape and device, else its type."""
+    if isinstance(t, torch.Tensor):
+        return f"{t.dtype} {list(t.shape)} on {t.device}"
+    return type(t).__name__
+
+
 def _check_tensor(name: str, t: object, ndim: int) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

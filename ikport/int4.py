@@ -60,6 +60,7 @@ from typing import Union
 import torch
 
 from .backends.target import ARCH_TABLE, MATRIX_LAYOUTS, cuda_arch_from_capability
+from .checks import describe
 
 __all__ = [
     "DEFAULT_LAYOUT",
@@ -310,12 +311,6 @@ def resolve_group_size(group_size: int | None, k: int) -> int:
     return k if group_size >= k else group_size
 
 
-def _describe(t: object) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} {list(t.shape)} on {t.device}"
-    return type(t).__name__
-
-
 @dataclass(frozen=True, eq=False, repr=False)
 class Int4Weight:
     """A W4A16 weight: INT4 codes packed for one matrix-instruction layout, plus group scales.
@@ -366,13 +361,13 @@ class Int4Weight:
         groups, kp = num_groups(k, g), packed_k(k)
         qw = self.qweight
         if not isinstance(qw, torch.Tensor) or qw.dtype != torch.int32:
-            raise TypeError(f"Int4Weight.qweight must be an int32 tensor, got {_describe(qw)}")
+            raise TypeError(f"Int4Weight.qweight must be an int32 tensor, got {describe(qw)}")
         if tuple(qw.shape) != (n, kp // 8):
             raise ValueError(f"Int4Weight.qweight must have shape [N, packed_k(K) // 8] = {[n, kp // 8]}, "
                              f"got {list(qw.shape)}")
         s = self.scales
         if not isinstance(s, torch.Tensor) or s.dtype not in SCALE_DTYPES:
-            raise TypeError(f"Int4Weight.scales must be a float16 or bfloat16 tensor, got {_describe(s)}")
+            raise TypeError(f"Int4Weight.scales must be a float16 or bfloat16 tensor, got {describe(s)}")
         if tuple(s.shape) != (groups, n):
             raise ValueError(f"Int4Weight.scales must have shape [ceil(K / G), N] = {[groups, n]}, "
                              f"got {list(s.shape)}")
@@ -381,7 +376,7 @@ class Int4Weight:
         if z is not None:
             if not isinstance(z, torch.Tensor) or z.dtype != s.dtype:
                 raise TypeError(f"Int4Weight.zeros must be None or a {s.dtype} tensor like scales, "
-                                f"got {_describe(z)}")
+                                f"got {describe(z)}")
             if tuple(z.shape) != (groups, n):
                 raise ValueError(f"Int4Weight.zeros must have shape [ceil(K / G), N] = {[groups, n]}, "
                                  f"got {list(z.shape)}")
@@ -389,7 +384,7 @@ class Int4Weight:
         p = self.perm
         if p is not None:
             if not isinstance(p, torch.Tensor) or p.dtype != torch.int64:
-                raise TypeError(f"Int4Weight.perm must be None or an int64 tensor, got {_describe(p)}")
+                raise TypeError(f"Int4Weight.perm must be None or an int64 tensor, got {describe(p)}")
             if tuple(p.shape) != (k,):
                 raise ValueError(f"Int4Weight.perm must have shape [K] = [{k}], got {list(p.shape)}")
             tensors["perm"] = p
@@ -503,14 +498,14 @@ class Int4Weight:
         Tensors are made contiguous and moved to the codes' device.
         """
         if not isinstance(codes, torch.Tensor) or codes.dim() != 2:
-            raise ValueError(f"codes must be a 2-D tensor [N, K], got {_describe(codes)}")
+            raise ValueError(f"codes must be a 2-D tensor [N, K], got {describe(codes)}")
         n, k = codes.shape
         check_shape(n, k, "codes")
         g = resolve_group_size(group_size, k)
         dev = codes.device
         layout = layout_for_device(dev) if layout is None else layout
         if not isinstance(scales, torch.Tensor):
-            raise TypeError(f"scales must be a tensor, got {_describe(scales)}")
+            raise TypeError(f"scales must be a tensor, got {describe(scales)}")
         if scales.dtype == torch.float32:
             scales = scales.to(torch.float16)
         if scales.dtype not in SCALE_DTYPES:
@@ -519,7 +514,7 @@ class Int4Weight:
         scales = scales.to(dev).contiguous()
         if zeros is not None:
             if not isinstance(zeros, torch.Tensor):
-                raise TypeError(f"zeros must be None or a tensor, got {_describe(zeros)}")
+                raise TypeError(f"zeros must be None or a tensor, got {describe(zeros)}")
             zeros = zeros.to(dev, dtype=scales.dtype).contiguous()
             # The kernels read a zero point as a small integer (base + z in the fp16/bf16 bits).
             if zeros.numel() and not (torch.equal(zeros, zeros.round()) and
@@ -527,7 +522,7 @@ class Int4Weight:
                 raise ValueError("zeros must hold integer zero points in 0..15")
         if perm is not None:
             if not isinstance(perm, torch.Tensor) or perm.dtype.is_floating_point or perm.dim() != 1:
-                raise TypeError(f"perm must be an integer tensor [K], got {_describe(perm)}")
+                raise TypeError(f"perm must be an integer tensor [K], got {describe(perm)}")
             perm = perm.to(dev, dtype=torch.int64).contiguous()
             if perm.numel() != k:
                 raise ValueError(f"perm must have shape [K] = [{k}], got {list(perm.shape)}")
@@ -650,9 +645,9 @@ def quantize_weight(
     whatever the method.
     """
     if not isinstance(w, torch.Tensor):
-        raise TypeError(f"w must be a 2-D tensor [out_features, in_features], got {_describe(w)}")
+        raise TypeError(f"w must be a 2-D tensor [out_features, in_features], got {describe(w)}")
     if w.dim() != 2:
-        raise ValueError(f"w must be a 2-D tensor [out_features, in_features], got {_describe(w)}")
+        raise ValueError(f"w must be a 2-D tensor [out_features, in_features], got {describe(w)}")
     if w.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise TypeError(f"w must be float16, bfloat16 or float32, got {w.dtype}")
     method = DEFAULT_METHOD if method is None else method

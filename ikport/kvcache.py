@@ -31,16 +31,11 @@ import warnings
 import torch
 
 from . import kvquant, reference
+from .checks import describe
 from .impl import attention as _impl
 from .impl import kvcache as _append_impl
 from .plan.decode import DecodeOptions
 from .plan.prefill import PrefillOptions
-
-
-def _describe(t: object) -> str:
-    if isinstance(t, torch.Tensor):
-        return f"{t.dtype} {list(t.shape)} on {t.device}"
-    return type(t).__name__
 
 
 class KVCache:
@@ -171,7 +166,7 @@ class KVCache:
                                       or positions.dtype.is_floating_point or positions.dtype == torch.bool
                                       or positions.device != self.device):
             raise ValueError(f"KVCache.append: positions must be an integer tensor [{self.batch}] on {self.device}, "
-                             f"got {_describe(positions)}")
+                             f"got {describe(positions)}")
         if _append_impl.available(self):
             _append_impl.append(self, k_new, v_new, positions)
             return
