@@ -14,6 +14,7 @@ from .. import dispatch, manifest
 from ..kernels import Kernel, KvAppendParams, get_kernel
 from ..launch import raw_stream
 from ..plan import kv_append as append_plan
+from ..plan.decode import loader_name
 
 KVCache = Any  # an ikport.KVCache (the API layer above: not imported here)
 
@@ -22,7 +23,7 @@ _DTYPE_NAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 def kv_format(cache: KVCache) -> str:
     """The manifest's kv_format value of a cache."""
-    return f"kivi4_g{cache.kivi_group}" if cache.kv_format == "kivi4" else cache.kv_format
+    return loader_name(cache.kv_format, cache.kivi_group)
 
 
 def grid_blocks(cache: KVCache, new_tokens: int, warp_size: int) -> int:

@@ -85,7 +85,7 @@ class DecodeProblem:
     @property
     def loader(self) -> str:
         """The manifest's `loader` value for this cache format."""
-        return f"kivi4_g{self.kivi_group}" if self.kv_format == "kivi4" else self.kv_format
+        return loader_name(self.kv_format, self.kivi_group)
 
     @property
     def paged(self) -> bool:
@@ -275,6 +275,12 @@ KIVI_PAIR_BYTES = 4  # a (scale, zero) pair of fp16/bf16
 def kivi_group(loader: str) -> int:
     """G of a kivi4_g<G> loader; 0 for the others."""
     return int(loader.removeprefix("kivi4_g")) if loader.startswith("kivi4_g") else 0
+
+
+def loader_name(kv_format: str, group: int = 0) -> str:
+    """The manifest's `loader` (and kv_append's `kv_format`) value of a cache format: kivi4_g<G>
+    for KIVI with K groups of G rows, else the format's own name (kivi_group's inverse)."""
+    return f"kivi4_g{group}" if kv_format == "kivi4" else kv_format
 
 
 def vector_slot_bytes(loader: str = "dense", unroll: int = DECODE_UNROLL) -> int:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from ..backends.base import DeviceInfo
 from ..backends.target import ArchFacts, Target
 from ..manifest import KernelSpec, spec
-from .decode import C_TO_A_LD, INT8_SCALE_BYTES, KIVI_PAIR_BYTES, LOADERS, kivi_group
+from .decode import C_TO_A_LD, INT8_SCALE_BYTES, KIVI_PAIR_BYTES, LOADERS, kivi_group, loader_name
 from .launch import Launch
 from .options import Options
 
@@ -81,7 +81,7 @@ class PrefillProblem:
     @property
     def loader(self) -> str:
         """The manifest's `loader` value for this cache format."""
-        return f"kivi4_g{self.kivi_group}" if self.kv_format == "kivi4" else self.kv_format
+        return loader_name(self.kv_format, self.kivi_group)
 
     @property
     def page_size_log2(self) -> int:
