@@ -118,13 +118,13 @@ def append(cache: KVCache, k_new: torch.Tensor, v_new: torch.Tensor, positions: 
     elif positions.dtype != torch.int32 or not positions.is_contiguous():
         positions = positions.to(torch.int32).contiguous()
     table = cache.block_table
-    if table is not None and (table.dtype != torch.int32 or table.dim() != 2 or table.device != cache.device):
-        raise ValueError(f"KVCache.append: block_table must be int32 [batch, pages] on {cache.device}, got "
-                         f"{table.dtype} {list(table.shape)} on {table.device}")
     layout = (k_new.shape[2], k_new.stride(), v_new.stride(), rewrite,
-              None if table is None else (table.shape, table.stride()))
+              None if table is None else (table.shape, table.stride(), table.dtype, table.device))
     call = cache._append_calls.get(layout)
-    if call is None:
+    if call is None:  # (a new layout: the table checked once, as the dense paged path does)
+        if table is not None and (table.dtype != torch.int32 or table.dim() != 2 or table.device != cache.device):
+            raise ValueError(f"KVCache.append: block_table must be int32 [batch, pages] on {cache.device}, got "
+                             f"{table.dtype} {list(table.shape)} on {table.device}")
         backend = dispatch.backend_for(cache.device)
         dev = cache.device.index if cache.device.index is not None else torch.cuda.current_device()
         key = (backend.name, dev, cache.dtype, cache.head_dim, kv_format(cache), cache.paged)
