@@ -147,8 +147,12 @@ def _compressed(fmt: tuple, q, k, v, side: tuple, block_table, kv_lens, causal: 
     if backend is None:
         return _into(out, cpu_reference(_default_scale(q) if scale is None else float(scale)))
     if _is_prefill(q, None, options):
+        options = options or PrefillOptions()
+        if options.variant != "fa2":
+            raise ValueError(f"PrefillOptions(variant={options.variant!r}): a {fmt[0]} cache's prefill runs the fa2 "
+                             f"kernel (the naive journey step reads dense caches only)")
         return _prefill_impl.attention(backend, q, k, v, block_table, None, kv_lens, causal, scale, out,
-                                       options or PrefillOptions(), fmt=fmt, side=side, side_strides=side_strides())
+                                       options, fmt=fmt, side=side, side_strides=side_strides())
     sig = _signature((*fmt, options), q, k, v, *side, block_table, kv_lens, out)
     call = _checked.get(sig) if sig is not None else None
     if call is None:

@@ -110,9 +110,6 @@ def attention(backend: Backend, q, k, v, block_table, q_lens, kv_lens, causal: b
     `block_table`; checked by the caller. A compressed cache (ikport.KVCache): `fmt` its
     (kv_format, kivi_group), k and v its codes, `side` its scales or pairs (and KIVI's residual),
     `side_strides` their strides in 4-byte words (impl.attention._Side)."""
-    if options.variant != "fa2":
-        raise ValueError(f"PrefillOptions(variant={options.variant!r}): a {fmt[0]} cache's prefill runs the fa2 "
-                         f"kernel (the naive journey step reads dense caches only)")
     dev = _device_index(q)
     problem = _problem(q, k, block_table, None, fmt)
     prepared = prepare(backend, problem, dev, options)
