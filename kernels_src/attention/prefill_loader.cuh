@@ -180,7 +180,8 @@ struct CodeTiles {
   IK_DEVICE CodeTiles(const PrefillParams& p, int b, int hk, int n_tiles_, int kv_end_)
       : kc(static_cast<const unsigned char*>(p.k) + (PAGED ? 0 : b * p.k_sb) + hk * p.k_sh),
         vc(static_cast<const unsigned char*>(p.v) + (PAGED ? 0 : b * p.v_sb) + hk * p.v_sh),
-        kw(static_cast<const unsigned int*>(p.k_scale) + (PAGED ? 0 : b * p.ks_sb) + hk * p.ks_sh),
+        kw(K_WORDS ? static_cast<const unsigned int*>(p.k_scale) + (PAGED ? 0 : b * p.ks_sb) + hk * p.ks_sh
+                   : nullptr),  // (KIVI's K pairs are per sequence and group: its own ksbase)
         vw(static_cast<const unsigned int*>(p.v_scale) + (PAGED ? 0 : b * p.vs_sb) + hk * p.vs_sh),
         bt_row(PAGED ? p.block_table + b * p.bt_sb : nullptr), n_tiles(n_tiles_), kv_end(kv_end_) {}
 
@@ -288,19 +289,19 @@ struct KVTiles<decode::KiviLoader<G>, T, HEAD_DIM, TILE_N, THREADS, STAGES, PAGE
   using Base = CodeTiles<T, HEAD_DIM, HEAD_DIM / 2, TILE_N, THREADS, STAGES, PAGED, PAD, false>;
   using typename Base::Located;
   using Base::LD, Base::kCopies, Base::kCodeBytes, Base::kSideBytes, Base::kTileBytes, Base::in_tile, Base::row,
-      Base::col;
+      Base::col, Base::kv_end;
   using Pair = typename decode::KiviLoader<G>::Pair;
   static constexpr int CH = HEAD_DIM / 8;                         // 16-byte chunks of a row of T
   static constexpr int kKSideBytes = kCodeBytes + HEAD_DIM * 4;  // K: codes, then the group's pairs
   static constexpr int kSlotBytes = kKSideBytes + kSideBytes;
 
-  const int qlen, kv_end;
+  const int qlen;
   const long long rst;  // p.kr_st
   const Pair* ksbase;   // the sequence's and head's K pairs of group 0
   const T* rbase;       // the sequence's and head's residual row 0
 
   IK_DEVICE KVTiles(const PrefillParams& p, const Sequence& seq, int b, int hk, int n_tiles_, int kv_end_)
-      : Base(p, b, hk, n_tiles_, kv_end_), qlen(seq.kv_len & ~(G - 1)), kv_end(kv_end_), rst(p.kr_st),
+      : Base(p, b, hk, n_tiles_, kv_end_), qlen(seq.kv_len & ~(G - 1)), rst(p.kr_st),
         ksbase(static_cast<const Pair*>(p.k_scale) + b * p.ks_sb + hk * p.ks_sh),
         rbase(static_cast<const T*>(p.k_resid) + b * p.kr_sb + hk * p.kr_sh) {}
 
