@@ -166,7 +166,7 @@ template <class T, int HEAD_DIM, int G, bool PAGED>
 IK_DEVICE void append_kivi_k(const KvAppendParams& p, int b, int h) {
   constexpr int kThreads = threads<HEAD_DIM>();
   constexpr int kPairs = HEAD_DIM / 2;
-  constexpr int kSlices = kThreads / kPairs < 1 ? 1 : kThreads / kPairs;
+  constexpr int kSlices = kThreads / kPairs;  // (at least 1: the static_assert below)
   constexpr int kRows = (G + kSlices - 1) / kSlices;
   static_assert(kPairs <= kThreads, "a group block holds every channel pair of a row");
   __shared__ float part[kSlices][kPairs][4];

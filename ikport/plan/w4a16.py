@@ -275,7 +275,7 @@ def tiled_tiles(*, m: int, n: int, k: int, chunk_k: int, sm_count: int, max_smem
                          f"{tiled_smem(block_m, block_n, 2, chunk_k)} B of shared memory, the device "
                          f"allows {max_smem} B")
     stage_chunks = tiled_stage_k(chunk_k) // chunk_k
-    stages_total = -(-(-(-k // chunk_k)) // stage_chunks)
+    stages_total = -(-k // tiled_stage_k(chunk_k))  # ring stages holding real k
     col_blocks, row_blocks = -(-n // block_n), -(-m // block_m)
     num_splits = o.num_splits or max(1, min(sm_count // (col_blocks * row_blocks), TILED_MAX_SPLITS,
                                             stages_total // TILED_MIN_STAGES))
